@@ -1,0 +1,98 @@
+"""How merged units relate to the two models' units, and how to apply that to tensors.
+
+For every free space a merge keeps two 0/1 selection matrices ``P_A``, ``P_B``
+(width × n): row k says which unit of A and of B feed merged unit k.  A
+merged pair has a 1 in both; an A-only unit only in ``P_A``.  Fixed spaces
+use the identity for both.  Everything else follows:
+
+- merged features  = (P_A·x_A + P_B·x_B) / (number of models feeding each unit)
+- a weight's input columns gather with the same P (a merged input stands for
+  each unit it came from), its output rows average like features.
+
+Cat and Prod axes compose these block-diagonally and as Kronecker products,
+through ``SpaceTable.apply``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pleascc.passes.spaces import Atom, Dim, SpaceTable
+
+
+@dataclass
+class MergeMaps:
+    table: SpaceTable
+    selections: dict[int, tuple[torch.Tensor, torch.Tensor]]  # root -> (P_A, P_B)
+
+    @property
+    def widths(self) -> dict[int, int]:
+        return {root: p_a.shape[0] for root, (p_a, _) in self.selections.items()}
+
+    def size(self, dim: Dim) -> int:
+        """Width of ``dim`` in the merged model."""
+        return self.table.size(dim, self.widths)
+
+    def _matrix(self, model: int):
+        def select(atom: Atom) -> torch.Tensor | None:
+            pair = self.selections.get(atom.id)
+            return None if pair is None else pair[model]
+
+        return select
+
+    def participation(self, dim: Dim, model: int) -> torch.Tensor:
+        """1 for merged units that model ``model`` (0 = A, 1 = B) feeds, else 0."""
+        ones = torch.ones(self.table.size(dim), dtype=torch.float64)
+        return self.table.apply(ones, 0, dim, self._matrix(model))
+
+    def gather(self, x: torch.Tensor, model: int, axes: list[tuple[int, Dim]]) -> torch.Tensor:
+        """Map axes of one model's tensor to the merged layout, without averaging."""
+        for axis, dim in axes:
+            x = self.table.apply(x, axis, dim, self._matrix(model))
+        return x
+
+    def merge(self, tensors: tuple[torch.Tensor, torch.Tensor], axes: list[tuple[int, Dim]],
+              averaged: list[tuple[int, Dim]] | None = None) -> torch.Tensor:
+        """Merge A's and B's tensor along ``axes``; average over the ``averaged`` ones.
+
+        Features: every axis is averaged.  Weights: output axes are averaged,
+        input axes only gathered.
+        """
+        averaged = axes if averaged is None else averaged
+        total = self.gather(tensors[0], 0, axes) + self.gather(tensors[1], 1, axes)
+        count = self._count(total, averaged)
+        return total / count.clamp(min=1).to(total.dtype)
+
+    def _count(self, like: torch.Tensor, averaged: list[tuple[int, Dim]]) -> torch.Tensor:
+        """How many models feed each merged position (product over averaged axes)."""
+        counts = []
+        for model in (0, 1):
+            c = torch.ones([1] * like.dim(), dtype=torch.float64)
+            for axis, dim in averaged:
+                shape = [1] * like.dim()
+                shape[axis % like.dim()] = -1
+                c = c * self.participation(dim, model).reshape(shape)
+            counts.append(c)
+        return counts[0] + counts[1]
+
+
+def selections_from_pairs(n: int, pairs_a: torch.Tensor, pairs_b: torch.Tensor, width: int):
+    """Selections for width ``width``: merge the first ``2n - width`` pairs, keep the rest apart.
+
+    ``pairs_a[i]``, ``pairs_b[i]`` is the i-th pair, best first.  Layout:
+    [merged | A-only | B-only].
+    """
+    if not n <= width <= 2 * n:
+        raise ValueError(f"width {width} outside [{n}, {2 * n}]")
+    merged = 2 * n - width
+    p_a = torch.zeros(width, n, dtype=torch.float64)
+    p_b = torch.zeros(width, n, dtype=torch.float64)
+    rows = torch.arange(merged)
+    p_a[rows, pairs_a[:merged]] = 1
+    p_b[rows, pairs_b[:merged]] = 1
+    solo = n - merged
+    p_a[merged + torch.arange(solo), pairs_a[merged:]] = 1
+    p_b[merged + solo + torch.arange(solo), pairs_b[merged:]] = 1
+    return p_a, p_b

@@ -1,0 +1,91 @@
+"""Weights of the merged model: permute-and-average, and PLeaS' closed-form least squares.
+
+Every parameter first gets the *warm start*: its A and B versions mapped to the
+merged layout (output axes averaged, input axes gathered; see ``merge_maps``).
+That alone is the ``permute``/``average`` baselines.  PLeaS then refits each
+layer in closed form,
+
+    W = W0 + (T·Xᵀ − W0·X·Xᵀ) (X·Xᵀ + λI)⁻¹,
+
+the ridge solution pulled toward the warm start rather than toward zero, so
+directions the calibration data never excites keep the warm start's weights
+(and a model merged with itself, or kept side by side at 2×, comes out exact).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pleascc.passes.groups import Analysis, Layer
+from pleascc.passes.merge_maps import MergeMaps
+from pleascc.passes.stats import Problem
+
+State = dict[str, torch.Tensor]
+
+
+def merge_param(analysis: Analysis, maps: MergeMaps, name: str, a: torch.Tensor, b: torch.Tensor,
+                model: int | None = None) -> torch.Tensor:
+    """One parameter in the merged layout; ``model`` 0/1 keeps that model's own (head) values."""
+    if not a.is_floating_point():
+        return a.clone()
+    binding = analysis.params.get(name)
+    if binding is None:
+        return ((a.double() + b.double()) / 2).to(a.dtype) if model is None else (a, b)[model].clone()
+    axes = list(enumerate(binding.dims))
+    averaged = [(k, d) for k, d in axes if binding.roles[k] == "out"]
+    if model is not None:
+        in_axes = [(k, d) for k, d in axes if binding.roles[k] == "in"]
+        return maps.gather((a, b)[model].double(), model, in_axes).to(a.dtype)
+    return maps.merge((a.double(), b.double()), axes, averaged).to(a.dtype)
+
+
+def warm_start(analysis: Analysis, maps: MergeMaps, layer: Layer, states: tuple[State, State],
+               model: int | None) -> torch.Tensor:
+    """The layer's warm-start weights as (groups, outputs per group, inputs per group + 1)."""
+    def merged(name: str) -> torch.Tensor:
+        return merge_param(analysis, maps, name, states[0][name], states[1][name], model).double()
+
+    if layer.kind == "norm":
+        mean_name, var_name, eps = layer.running
+        scale = [states[k][layer.weight] / (states[k][var_name] + eps).sqrt() for k in (0, 1)]
+        shift = [states[k][layer.bias] - states[k][mean_name] * scale[k] for k in (0, 1)]
+        both = [torch.stack([scale[k], shift[k]], dim=1).double() for k in (0, 1)]
+        dim = analysis.params[layer.weight].dims[0]
+        return maps.merge(tuple(both), [(0, dim)]).unsqueeze(1)
+    weight = merged(layer.weight)
+    out = weight.shape[0]
+    groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
+    bias = merged(layer.bias) if layer.bias else torch.zeros(out, dtype=torch.float64)
+    w = weight.reshape(groups, out // groups, -1)
+    return torch.cat([w, bias.reshape(groups, out // groups, 1)], dim=2)
+
+
+def least_squares(problem: Problem, ridge: float, has_bias: bool) -> tuple[torch.Tensor, float]:
+    """The ridge fit around the warm start; returns the weights and the relative residual."""
+    xx, rx = problem.xx, problem.rx
+    if not has_bias:  # no bias to fit: drop the ones column
+        xx, rx = xx[:, :-1, :-1], rx[:, :, :-1]
+    d = xx.shape[-1]
+    scale = xx.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
+    system = xx + ridge * scale[:, None, None] * torch.eye(d, dtype=xx.dtype)
+    delta = torch.linalg.solve(system, rx.transpose(1, 2)).transpose(1, 2)
+    err = problem.rr - 2 * (delta * rx).sum() + (delta @ xx * delta).sum()
+    if not has_bias:
+        delta = torch.cat([delta, torch.zeros(*delta.shape[:2], 1, dtype=delta.dtype)], dim=2)
+    return problem.w0.double() + delta, float(err) / max(problem.tt, 1e-30)
+
+
+def layer_params(layer: Layer, w: torch.Tensor, like: State) -> State:
+    """Turn a solved (groups, out, in + 1) block back into the layer's parameters."""
+    if layer.kind == "norm":
+        mean_name, var_name, eps = layer.running
+        scale, shift = w[:, 0, 0], w[:, 0, 1]
+        ones = torch.ones_like(scale)
+        return {layer.weight: scale * (1 + eps) ** 0.5, layer.bias: shift,
+                mean_name: torch.zeros_like(scale), var_name: ones}
+    groups, out_per_group, _ = w.shape
+    shape = list(like[layer.weight].shape)
+    out = {layer.weight: w[:, :, :-1].reshape(groups * out_per_group, -1, *shape[2:])}
+    if layer.bias:
+        out[layer.bias] = w[:, :, -1].reshape(-1)
+    return out

@@ -1,0 +1,241 @@
+"""The algebra of spaces: which tensor axes must be permuted together.
+
+Every axis of every tensor in the graph gets a *dim*, built from *atoms*
+(union-find elements, one per independent space).  A dim is
+
+- ``Atom(id)``      one space: any permutation of it is allowed;
+- ``Cat(parts)``    an axis made of segments (``cat``, ``split``, channel ``pad``);
+- ``Prod(factors)`` an axis that is the row-major product of others
+                    (``flatten`` of C×H×W, grouped-conv channels G×C/G).
+
+Op rules only say "these two dims are equal" (``unify``); unifying an atom with
+a composite *refines* the atom, so structure found anywhere propagates
+everywhere.  Where two structures cannot be reconciled, the atoms involved are
+*fixed* (never permuted) with a reason: fail closed, never guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class Atom:
+    id: int
+
+
+@dataclass(frozen=True)
+class Cat:
+    parts: tuple
+
+
+@dataclass(frozen=True)
+class Prod:
+    factors: tuple
+
+
+Dim = Union[Atom, Cat, Prod]
+
+
+class SpaceTable:
+    """Union-find over atoms, with refinement into composites and fixed marks."""
+
+    def __init__(self) -> None:
+        self._parent: list[int] = []
+        self._size: list[int] = []
+        self._definition: dict[int, Dim] = {}
+        self.fixed: dict[int, str] = {}
+
+    # ----- atoms
+    def new(self, size: int, fixed: str | None = None) -> Atom:
+        self._parent.append(len(self._parent))
+        self._size.append(int(size))
+        atom = Atom(len(self._parent) - 1)
+        if fixed is not None or size <= 1:
+            self.fixed[atom.id] = fixed or "size 1"
+        return atom
+
+    def find(self, i: int) -> int:
+        root = i
+        while self._parent[root] != root:
+            root = self._parent[root]
+        while self._parent[i] != root:
+            self._parent[i], i = root, self._parent[i]
+        return root
+
+    def fixed_reason(self, atom: Atom) -> str | None:
+        return self.fixed.get(self.find(atom.id))
+
+    # ----- structure
+    def resolve(self, dim: Dim) -> Dim:
+        """The dim with every atom replaced by its root or its refinement, flattened."""
+        if isinstance(dim, Atom):
+            root = self.find(dim.id)
+            if root in self._definition:
+                return self.resolve(self._definition[root])
+            return Atom(root)
+        kind = type(dim)
+        children = getattr(dim, "parts" if kind is Cat else "factors")
+        flat: list[Dim] = []
+        for child in children:
+            child = self.resolve(child)
+            if kind is Prod and self.size(child) == 1:
+                continue
+            flat.extend(_children(child) if type(child) is kind else [child])
+        if not flat:  # a product of size-1 axes
+            return self.resolve(children[0])
+        return flat[0] if len(flat) == 1 else kind(tuple(flat))
+
+    def size(self, dim: Dim, widths: dict[int, int] | None = None) -> int:
+        """Size of ``dim``; with ``widths`` (root id -> width), its size after merging."""
+        dim = self.resolve(dim)
+        if isinstance(dim, Atom):
+            return widths.get(dim.id, self._size[dim.id]) if widths else self._size[dim.id]
+        sizes = [self.size(c, widths) for c in _children(dim)]
+        if isinstance(dim, Cat):
+            return sum(sizes)
+        out = 1
+        for s in sizes:
+            out *= s
+        return out
+
+    def atoms(self, dim: Dim) -> Iterator[Atom]:
+        """The root atoms of ``dim``, in layout order (repeats possible)."""
+        dim = self.resolve(dim)
+        if isinstance(dim, Atom):
+            yield dim
+        else:
+            for child in _children(dim):
+                yield from self.atoms(child)
+
+    def fix(self, dim: Dim, reason: str) -> None:
+        for atom in self.atoms(dim):
+            self.fixed.setdefault(atom.id, reason)
+
+    def is_fixed(self, dim: Dim) -> bool:
+        return all(a.id in self.fixed for a in self.atoms(dim))
+
+    # ----- unification
+    def unify(self, a: Dim, b: Dim, where: str = "") -> None:
+        """Declare ``a`` and ``b`` the same space; fix both if their structures clash."""
+        a, b = self.resolve(a), self.resolve(b)
+        if a == b:
+            return
+        if self.size(a) != self.size(b):
+            raise ValueError(f"internal: unify sizes {self.size(a)} and {self.size(b)} at {where}")
+        if isinstance(a, Atom) and isinstance(b, Atom):
+            self._union(a.id, b.id)
+        elif isinstance(a, Atom) or isinstance(b, Atom):
+            atom, comp = (a, b) if isinstance(a, Atom) else (b, a)
+            self._refine(atom, comp, where)
+        elif isinstance(a, Cat) and isinstance(b, Cat):
+            self._unify_cats(a, b, where)
+        elif isinstance(a, Prod) and isinstance(b, Prod) and [self.size(f) for f in a.factors] == [
+            self.size(f) for f in b.factors
+        ]:
+            for fa, fb in zip(a.factors, b.factors):
+                self.unify(fa, fb, where)
+        else:
+            reason = f"{where}: axis structures {self.describe(a)} and {self.describe(b)} cannot be related"
+            self.fix(a, reason)
+            self.fix(b, reason)
+
+    def _union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri == rj:
+            return
+        self._parent[rj] = ri
+        if rj in self.fixed:
+            self.fixed.setdefault(ri, self.fixed.pop(rj))
+
+    def _refine(self, atom: Atom, comp: Dim, where: str) -> None:
+        if any(a.id == atom.id for a in self.atoms(comp)):
+            reason = f"{where}: a space is defined in terms of itself"
+            self.fix(atom, reason)
+            self.fix(comp, reason)
+            return
+        reason = self.fixed.pop(atom.id, None)
+        self._definition[atom.id] = comp
+        if reason is not None:
+            self.fix(comp, reason)
+
+    def _unify_cats(self, a: Cat, b: Cat, where: str) -> None:
+        left, right = list(a.parts), list(b.parts)
+        while left and right:
+            x, y = left.pop(0), right.pop(0)
+            sx, sy = self.size(x), self.size(y)
+            if sx == sy:
+                self.unify(x, y, where)
+                continue
+            big, small, rest = (x, y, left) if sx > sy else (y, x, right)
+            if not isinstance(big, Atom):
+                reason = f"{where}: concatenations with different boundaries"
+                self.fix(a, reason)
+                self.fix(b, reason)
+                return
+            head, tail = self.new(self.size(small)), self.new(self.size(big) - self.size(small))
+            self._refine(big, Cat((head, tail)), where)
+            self.unify(head, small, where)
+            rest.insert(0, tail)
+
+    # ----- reading
+    def describe(self, dim: Dim) -> str:
+        dim = self.resolve(dim)
+        if isinstance(dim, Atom):
+            return f"s{dim.id}[{self._size[dim.id]}]" + ("!" if dim.id in self.fixed else "")
+        sep = " | " if isinstance(dim, Cat) else " x "
+        return "(" + sep.join(self.describe(c) for c in _children(dim)) + ")"
+
+    def apply(
+        self,
+        x: torch.Tensor,
+        axis: int,
+        dim: Dim,
+        matrix: Callable[[Atom], torch.Tensor | None],
+    ) -> torch.Tensor:
+        """Multiply axis ``axis`` of ``x`` by the matrix the dim's structure composes.
+
+        ``matrix(atom)`` gives an (out × in) matrix per atom, or None for identity.
+        Cat composes block-diagonally, Prod as a Kronecker product, without ever
+        building the big matrix.
+        """
+        dim = self.resolve(dim)
+        axis = axis % x.dim()
+        if isinstance(dim, Atom):
+            m = matrix(dim)
+            if m is None:
+                return x
+            return torch.movedim(torch.tensordot(x, m.to(x.dtype), dims=([axis], [1])), -1, axis)
+        if isinstance(dim, Cat):
+            sizes = [self.size(p) for p in dim.parts]
+            pieces = torch.split(x, sizes, dim=axis)
+            return torch.cat([self.apply(p, axis, d, matrix) for p, d in zip(pieces, dim.parts)], dim=axis)
+        sizes = [self.size(f) for f in dim.factors]
+        y = x.reshape(*x.shape[:axis], *sizes, *x.shape[axis + 1 :])
+        for k, factor in enumerate(dim.factors):
+            y = self.apply(y, axis + k, factor, matrix)
+        return y.reshape(*y.shape[:axis], -1, *y.shape[axis + len(sizes) :])
+
+    def index(self, dim: Dim, perms: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The gather index that permutes an axis laid out as ``dim``."""
+        dim = self.resolve(dim)
+        if isinstance(dim, Atom):
+            return perms.get(dim.id, torch.arange(self._size[dim.id]))
+        parts = [self.index(c, perms) for c in _children(dim)]
+        if isinstance(dim, Cat):
+            offsets, out = 0, []
+            for p in parts:
+                out.append(p + offsets)
+                offsets += len(p)
+            return torch.cat(out)
+        out = parts[0]
+        for p in parts[1:]:
+            out = (out[:, None] * len(p) + p[None, :]).reshape(-1)
+        return out
+
+
+def _children(dim: Dim) -> tuple:
+    return dim.parts if isinstance(dim, Cat) else dim.factors

@@ -1,0 +1,255 @@
+"""Calibration statistics, streamed: sums only, never stored activations.
+
+Two passes over the data, each running A and B side by side batch by batch:
+
+1. ``feature_moments``: per free space, the cross-moments of A's and B's
+   features where layers read them (what matching needs; n×n per space);
+2. ``layer_moments``: per layer, the second moments of its *merged* input and
+   its cross-moments with its merged target (what least squares needs).
+
+Two passes instead of one because the second needs the matching: gathering
+the joint (2n·k²)² im2col moments of both models in one pass would cost
+quadratically more memory and time than the merged-layout moments.
+All sums are float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pleascc.errors import PleasccError
+from pleascc.passes.groups import Analysis, Layer
+from pleascc.passes.merge_maps import MergeMaps
+from pleascc.passes.spaces import Atom, Cat, Dim, SpaceTable
+
+
+def capture(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """A copy of ``gm`` that returns the values of the named nodes (sharing parameters)."""
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            break
+        env[node.name] = graph.node_copy(node, lambda n: env[n.name])
+    graph.output(tuple(env[n] for n in names))
+    return fx.GraphModule(gm, graph)
+
+
+def observe(table: SpaceTable, x: torch.Tensor, axis: int, dim: Dim) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (space, samples × units) views of ``x``'s axis, one per free atom in ``dim``.
+
+    Other factors of a product axis (kernel or spatial positions) become samples.
+    """
+    x = torch.movedim(x, axis, -1)
+    yield from _observe(table, x.reshape(-1, x.shape[-1]), dim)
+
+
+def _observe(table: SpaceTable, x: torch.Tensor, dim: Dim):
+    dim = table.resolve(dim)
+    if isinstance(dim, Atom):
+        if dim.id not in table.fixed:
+            yield dim.id, x
+        return
+    if isinstance(dim, Cat):
+        for part, piece in zip(dim.parts, torch.split(x, [table.size(p) for p in dim.parts], dim=1)):
+            yield from _observe(table, piece, part)
+        return
+    sizes = [table.size(f) for f in dim.factors]
+    y = x.reshape(x.shape[0], *sizes)
+    for k, factor in enumerate(dim.factors):
+        yield from _observe(table, torch.movedim(y, k + 1, -1).reshape(-1, sizes[k]), factor)
+
+
+@dataclass
+class CrossMoments:
+    """Running sums for the correlation of A's units with B's units at one site."""
+
+    n: int
+    count: float = 0.0
+    sum_a: torch.Tensor = None
+    sum_b: torch.Tensor = None
+    sq_a: torch.Tensor = None
+    sq_b: torch.Tensor = None
+    cross: torch.Tensor = None
+
+    def __post_init__(self):
+        zeros = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        self.sum_a, self.sum_b, self.sq_a, self.sq_b = (zeros(self.n) for _ in range(4))
+        self.cross = zeros(self.n, self.n)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.double(), b.double()
+        self.count += a.shape[0]
+        self.sum_a += a.sum(0)
+        self.sum_b += b.sum(0)
+        self.sq_a += (a * a).sum(0)
+        self.sq_b += (b * b).sum(0)
+        self.cross += a.T @ b
+
+    def correlation(self) -> torch.Tensor:
+        mean_a, mean_b = self.sum_a / self.count, self.sum_b / self.count
+        cov = self.cross / self.count - torch.outer(mean_a, mean_b)
+        std_a = (self.sq_a / self.count - mean_a**2).clamp(min=0).sqrt()
+        std_b = (self.sq_b / self.count - mean_b**2).clamp(min=0).sqrt()
+        corr = cov / (torch.outer(std_a, std_b) + 1e-12)
+        return corr.clamp(-1, 1)
+
+
+def batches(x: torch.Tensor, batch_size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
+    starts = range(0, len(x), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+        yield x[start:start + batch_size]
+
+
+def _check_finite(value: torch.Tensor, model: str, node: str) -> None:
+    if not torch.isfinite(value).all():
+        raise PleasccError(f"model {model} produces NaN or Inf at {node} on the calibration data; "
+                           "check the checkpoint's weights and the data's preprocessing")
+
+
+def _run_pair(gms, names: list[str], x: torch.Tensor):
+    outs = []
+    for label, gm in zip("AB", gms):
+        values = gm(x)
+        for name, value in zip(names, values):
+            _check_finite(value, label, name)
+        outs.append(values)
+    return outs
+
+
+def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
+                    batch_size: int = 64, progress: bool = True) -> dict[int, torch.Tensor]:
+    """Per free space, the A×B correlation of its units, averaged over the sites that read it."""
+    sites = _input_sites(analysis)
+    names = list(sites)
+    captures = [capture(gm, names) for gm in gms]
+    moments: dict[tuple[str, int, int], CrossMoments] = {}
+    with torch.no_grad():
+        for x in batches(data, batch_size, "matching statistics", progress):
+            values_a, values_b = _run_pair(captures, names, x)
+            for name, va, vb in zip(names, values_a, values_b):
+                axis, dim = sites[name]
+                pairs = zip(observe(analysis.table, va, axis, dim), observe(analysis.table, vb, axis, dim))
+                for k, ((root, fa), (_, fb)) in enumerate(pairs):
+                    key = (name, k, root)
+                    if key not in moments:
+                        moments[key] = CrossMoments(fa.shape[1])
+                    moments[key].add(fa, fb)
+    by_root: dict[int, list[torch.Tensor]] = {}
+    for (_, _, root), m in moments.items():
+        by_root.setdefault(root, []).append(m.correlation())
+    return {root: torch.stack(corrs).mean(0) for root, corrs in by_root.items()}
+
+
+def _input_sites(analysis: Analysis) -> dict[str, tuple[int, Dim]]:
+    """The nodes layers read, with the axis and dim they read along (one entry per node)."""
+    sites: dict[str, tuple[int, Dim]] = {}
+    for layer in analysis.layers:
+        sites.setdefault(layer.source, (layer.in_axis, layer.in_dim))
+    return sites
+
+
+# ---------------------------------------------------------------- least-squares moments
+
+
+@dataclass
+class Problem:
+    """One least-squares fit: a layer and how to build its target from A's and B's outputs."""
+
+    layer: Layer
+    target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    name: str
+    w0: torch.Tensor  # warm start, (groups, out/groups, d+1); the fit solves for W − W0
+    model: int | None = None  # a separate head of model 0 or 1; None: the merged layer
+    xx: torch.Tensor | None = None  # (groups, d+1, d+1): merged inputs (+1 for the bias)
+    rx: torch.Tensor | None = None  # (groups, out/groups, d+1): residual T − W0·X against inputs
+    count: float = 0.0
+    tt: float = 0.0  # ‖T‖²
+    rr: float = 0.0  # ‖T − W0·X‖²
+
+
+def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, maps: MergeMaps,
+                  problems: list[Problem], data: torch.Tensor, batch_size: int = 64,
+                  progress: bool = True) -> None:
+    """Accumulate each problem's input and target moments, in the merged layout (in place)."""
+    names = sorted({n for p in problems for n in (p.layer.source, p.layer.node)})
+    captures = [capture(gm, names) for gm in gms]
+    with torch.no_grad():
+        for x in batches(data, batch_size, "least-squares statistics", progress):
+            values_a, values_b = _run_pair(captures, names, x)
+            va, vb = dict(zip(names, values_a)), dict(zip(names, values_b))
+            merged_inputs: dict[str, torch.Tensor] = {}
+            for p in problems:
+                layer = p.layer
+                if layer.node not in merged_inputs:
+                    merged_inputs[layer.node] = _rows(layer, maps.merge(
+                        (va[layer.source], vb[layer.source]), [(layer.in_axis, layer.in_dim)]), maps)
+                target = _target_rows(layer, p.target(va[layer.node], vb[layer.node]), maps)
+                _accumulate(p, merged_inputs[layer.node], target)
+
+
+def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
+    """Merged input as (groups, samples, features per group), with a ones column for the bias."""
+    if layer.kind == "conv":
+        groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
+        cols = _unfold(x, layer.conv)  # (N, C·k, L)
+        n, ck, length = cols.shape
+        cols = cols.reshape(n, groups, ck // groups, length).permute(1, 0, 3, 2).reshape(groups, n * length, -1)
+    elif layer.kind == "norm":  # one channel per problem: (C, samples, 1)
+        cols = torch.movedim(x, 1, -1).reshape(-1, x.shape[1]).T.unsqueeze(-1)
+    else:
+        cols = x.reshape(-1, x.shape[-1]).unsqueeze(0)
+    ones = torch.ones(*cols.shape[:2], 1, dtype=cols.dtype)
+    return torch.cat([cols, ones], dim=2)
+
+
+def _target_rows(layer: Layer, y: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
+    """Target as (groups, samples, outputs per group), matching ``_rows``."""
+    if layer.kind == "conv":
+        groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
+        n, c = y.shape[:2]
+        return y.reshape(n, groups, c // groups, -1).permute(1, 0, 3, 2).reshape(groups, -1, c // groups)
+    if layer.kind == "norm":
+        return torch.movedim(y, 1, -1).reshape(-1, y.shape[1]).T.unsqueeze(-1)
+    return y.reshape(-1, y.shape[-1]).unsqueeze(0)
+
+
+def _unfold(x: torch.Tensor, conv: dict) -> torch.Tensor:
+    """im2col for 1-, 2- and 3-D convolutions (1-D and 3-D through reshapes of 2-D)."""
+    spatial = x.dim() - 2
+    if spatial == 2:
+        if isinstance(conv["padding"], str):
+            raise PleasccError("least squares for convolutions with string padding is not supported; "
+                               "use --method permute")
+        return F.unfold(x, conv["kernel_size"], conv["dilation"], conv["padding"], conv["stride"])
+    if spatial == 1:
+        one = {k: (1, v[0]) if isinstance(v, tuple) else v for k, v in conv.items()}
+        one["padding"] = (0, conv["padding"][0])
+        return F.unfold(x.unsqueeze(2), one["kernel_size"], one["dilation"], one["padding"], one["stride"])
+    raise PleasccError("least squares for 3-D convolutions is not supported yet; use --method permute")
+
+
+def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor) -> None:
+    """Products in float32 (the bulk of the work), sums across batches in float64.
+
+    The residual against the warm start is accumulated instead of the target,
+    so where the warm start is already right (a model merged with itself) the
+    fit sees zeros rather than the difference of two large float32 sums.
+    """
+    residual = target - inputs @ p.w0.transpose(1, 2).to(inputs.dtype)
+    xx = (inputs.transpose(1, 2) @ inputs).double()
+    rx = (residual.transpose(1, 2) @ inputs).double()
+    if p.xx is None:
+        p.xx, p.rx = xx, rx
+    else:
+        p.xx += xx
+        p.rx += rx
+    p.count += inputs.shape[1]
+    p.tt += float((target.double() ** 2).sum())
+    p.rr += float((residual.double() ** 2).sum())

@@ -1,0 +1,227 @@
+"""The driver: load → trace → groups → stats → match → budget → solve → emit."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from pleascc.data import CalibrationData, check_data_fits, load_data
+from pleascc.errors import PleasccError
+from pleascc.export import export_onnx
+from pleascc.load import check_same_architecture
+from pleascc.passes import budget as budget_pass
+from pleascc.passes.emit import emit
+from pleascc.passes.groups import Analysis, Layer, analyze, coverage
+from pleascc.passes.match import match_all
+from pleascc.passes.merge_maps import MergeMaps, selections_from_pairs
+from pleascc.passes.solve import layer_params, least_squares, merge_param, warm_start
+from pleascc.passes.stats import Problem, feature_moments, layer_moments
+from pleascc.trace import check_same_graph, trace
+
+__all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
+
+# method -> (matcher, refit layers by least squares)
+METHODS = {"pleas": ("hungarian", True), "permute": ("hungarian", False), "average": ("identity", False)}
+LABELS = ("shared", "separate")
+
+
+@dataclass
+class MergeResult:
+    """The merged model (a GraphModule; with separate labels it returns (logits_A, logits_B))."""
+
+    model: fx.GraphModule
+    report: dict
+    analysis: Analysis
+
+
+def merge(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: CalibrationData | torch.Tensor | str,
+    *,
+    budget: float = 1.0,
+    labels: str | None = None,
+    method: str = "pleas",
+    samples: int | None = None,
+    batch_size: int = 64,
+    ridge: float = 1e-4,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge two models of one architecture into one of ``budget`` × the FLOPs of one.
+
+    ``data``: calibration inputs (a tensor N×…, a ``CalibrationData``, or a path
+    ``load_data`` reads).  ``labels``: "shared" (one head, fit to the mean
+    logits) or "separate" (one head per model); default separate when the heads
+    differ in size, else shared.  ``method``: "pleas", "permute" or "average".
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    if method not in METHODS:
+        raise PleasccError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if not 1.0 <= budget <= 2.0:
+        raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
+    x = _calibration_tensor(data, samples, model_a)
+    check_data_fits(model_a, CalibrationData(x))
+    gm_a = trace(model_a, "model A")
+    analysis = analyze(gm_a, (x[:2],))
+    heads = head_layers(analysis)
+    head_params = frozenset(n for layer in heads for n in (layer.weight, layer.bias) if n)
+    check_same_architecture(model_a, model_b, heads=head_params)
+    gm_b = trace(model_b, "model B")
+    check_same_graph(gm_a, gm_b)
+    states = (gm_a.state_dict(), gm_b.state_dict())
+    separate = _separate_labels(labels, heads, states)
+    timings["trace_and_analyze"] = time.perf_counter() - clock
+
+    matcher, refit = METHODS[method]
+    _check_sample_count(x)
+    clock = time.perf_counter()
+    correlations = feature_moments((gm_a, gm_b), analysis, x, batch_size, progress)
+    timings["matching_statistics"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    sizes = {root: analysis.root_size(root) for root in analysis.free_roots()}
+    matchings = match_all(correlations, sizes, matcher)
+    head_nodes = {layer.node for layer in heads}
+    costs = budget_pass.layer_costs(analysis, head_nodes, separate)
+    widths = budget_pass.choose_widths(analysis, matchings, costs, budget)
+    maps = MergeMaps(analysis.table, {
+        root: selections_from_pairs(m.n, m.pairs_a, m.pairs_b, widths[root]) for root, m in matchings.items()})
+    timings["match_and_budget"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name]) for name in states[0]}
+    head_b: dict[str, dict] = {}
+    if separate:
+        for layer in heads:
+            for name in filter(None, (layer.weight, layer.bias)):
+                state[name] = merge_param(analysis, maps, name, states[0][name], states[1][name], model=0)
+                head_b.setdefault(layer.node, {})[name] = merge_param(
+                    analysis, maps, name, states[0][name], states[1][name], model=1)
+    residuals = {}
+    if refit:
+        problems = _problems(analysis, maps, states, head_nodes if separate else set())
+        _check_least_squares_samples(problems, analysis, x)
+        layer_moments((gm_a, gm_b), analysis, maps, problems, x, batch_size, progress)
+        for p in problems:
+            has_bias = p.layer.kind == "norm" or bool(p.layer.bias)
+            w, residuals[p.name] = least_squares(p, ridge, has_bias)
+            solved = layer_params(p.layer, w, states[0])
+            (state if p.model != 1 else head_b[p.layer.node]).update(solved)
+    timings["solve"] = time.perf_counter() - clock
+
+    merged = emit(gm_a, analysis, maps, state, head_b if separate else None)
+    report = _report(analysis, model_a, merged, matchings, widths, maps, costs, residuals, timings,
+                     method=method, budget=budget, separate=separate, samples=len(x))
+    return MergeResult(merged.eval(), report, analysis)
+
+
+def _calibration_tensor(data, samples: int | None, model: nn.Module) -> torch.Tensor:
+    if isinstance(data, str):
+        data = load_data(data, samples=samples, model=model)
+    x = data.x if isinstance(data, CalibrationData) else data
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise PleasccError("calibration data must be a float tensor of preprocessed inputs (N, ...)")
+    x = x[:samples] if samples else x
+    if not torch.isfinite(x).all():
+        raise PleasccError("calibration data contains NaN or Inf: check its preprocessing")
+    return x.float()
+
+
+def head_layers(analysis: Analysis) -> list[Layer]:
+    """Layers whose outputs are the model's outputs (the classifier heads)."""
+    table = analysis.table
+    return [
+        layer for layer in analysis.layers
+        if layer.kind != "norm" and {a.id for a in table.atoms(layer.out_dim)} <= analysis.output_roots
+    ]
+
+
+def _separate_labels(labels: str | None, heads: list[Layer], states) -> bool:
+    if labels is not None and labels not in LABELS:
+        raise PleasccError(f"unknown --labels {labels!r}: choose shared or separate")
+    differ = any(states[0][layer.weight].shape != states[1][layer.weight].shape for layer in heads)
+    if labels == "shared" and differ:
+        raise PleasccError("the models' heads differ in size, so they cannot share labels: use --labels separate")
+    if labels == "separate" and not heads:
+        raise PleasccError("--labels separate needs a classifier head (a Linear or Conv whose output is the "
+                           "model's output); none was found")
+    return labels == "separate" or (labels is None and differ)
+
+
+def _problems(analysis: Analysis, maps: MergeMaps, states, separate_heads: set[str]) -> list[Problem]:
+    """One fit per layer; a separate head is two fits (one per model) on the same merged input."""
+    problems = []
+    for layer in analysis.layers:
+        if layer.kind == "conv" and len(layer.conv["kernel_size"]) == 3:
+            continue  # 3-D convolutions keep their warm start
+        if layer.node in separate_heads:
+            for model, tag in ((0, "A"), (1, "B")):
+                w0 = warm_start(analysis, maps, layer, states, model)
+                problems.append(Problem(layer, _own_output(model), f"{layer.node}[{tag}]", w0, model))
+        else:
+            target = functools.partial(_merged_output, maps, layer)
+            problems.append(Problem(layer, target, layer.node, warm_start(analysis, maps, layer, states, None)))
+    return problems
+
+
+def _merged_output(maps: MergeMaps, layer: Layer, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
+    return maps.merge((y_a, y_b), [(layer.out_axis, layer.out_dim)])
+
+
+def _own_output(model: int):
+    return lambda y_a, y_b: (y_a, y_b)[model]
+
+
+def _check_sample_count(x: torch.Tensor) -> None:
+    if len(x) < 2:
+        raise PleasccError(f"calibration data has {len(x)} sample(s); matching needs at least 2: pass more data")
+
+
+def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x: torch.Tensor) -> None:
+    """Each fit needs at least as many observations as one model's layer has unknowns per output.
+
+    (Past that, the extra unknowns of wider merged layers are held by the warm start.)
+    """
+    for p in problems:
+        layer = p.layer
+        shape = analysis.shapes[layer.node]
+        positions = math.prod(s for k, s in enumerate(shape) if k not in (0, layer.out_axis % len(shape)))
+        weight_dims = analysis.params[layer.weight].dims
+        unknowns = 2 if layer.kind == "norm" else math.prod(analysis.table.size(d) for d in weight_dims[1:]) + 1
+        needed = math.ceil(unknowns / positions)
+        if len(x) < needed:
+            raise PleasccError(f"calibration data has {len(x)} samples but least squares for layer {layer.node} "
+                               f"({unknowns} unknowns per output) needs at least {needed}: pass more data "
+                               "(--samples) or use --method permute")
+
+
+def _report(analysis, model_a, merged, matchings, widths, maps, costs, residuals, timings, **settings) -> dict:
+    groups = []
+    for root, m in matchings.items():
+        merged_pairs = 2 * m.n - widths[root]
+        groups.append({
+            "group": root, "size": m.n, "width": widths[root], "merged_pairs": merged_pairs,
+            "merged_corr_mean": float(m.corr[:merged_pairs].mean()) if merged_pairs else None,
+            "corr": [round(float(c), 4) for c in m.corr],
+        })
+    base_flops = budget_pass.flops(analysis, [budget_pass.Cost(c.dims, c.positions, 1) for c in costs], {})
+    params = sum(p.numel() for p in model_a.parameters())
+    return {
+        **settings,
+        "flops_a": base_flops, "flops_b": base_flops,
+        "flops_merged": budget_pass.flops(analysis, costs, widths),
+        "relative_flops": budget_pass.relative_flops(analysis, costs, widths),
+        "params_a": params, "params_b": params,
+        "params_merged": sum(p.numel() for p in merged.parameters()),
+        "coverage": coverage(analysis, model_a),
+        "unsupported": analysis.unsupported,
+        "groups": groups,
+        "least_squares_residuals": residuals,
+        "timings_s": timings,
+    }

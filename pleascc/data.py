@@ -1,0 +1,225 @@
+"""Calibration inputs for PLeaS: a preprocessed float tensor (and optional labels) from user files.
+
+The merge only needs activations, so the data is read once, validated up front, and every
+problem a user can cause becomes a one-line PleasccError naming the cause and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pleascc.errors import PleasccError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+TENSOR_EXTENSIONS = (".npz", ".pt", ".pth")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 224
+
+
+@dataclass
+class CalibrationData:
+    """Inputs x (float32, N×…) and, when known, integer labels y (int64, N)."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(d) for d in t.shape) + ")"
+
+
+def _subset(n: int, samples: int | None, seed: int) -> torch.Tensor:
+    """Indices of a seeded random subset of size `samples`, in ascending order (all if None)."""
+    if samples is None or samples >= n:
+        return torch.arange(n)
+    if samples < 1:
+        raise PleasccError(f"--samples is {samples}: pass a positive number of calibration samples")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:samples].sort().values
+
+
+# ---------------------------------------------------------------------------- image folders
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _list_images(root: Path) -> tuple[list[Path], list[int] | None]:
+    """Images in class subfolders (sorted names → labels 0..K-1), or unlabeled images at top level."""
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for label, d in enumerate(classes):
+        found = sorted(p for p in d.rglob("*") if _is_image(p))
+        files += found
+        labels += [label] * len(found)
+    if files:
+        return files, labels
+    flat = sorted(p for p in root.iterdir() if _is_image(p))
+    if flat:
+        return flat, None
+    raise PleasccError(
+        f"folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...): "
+        f"put images in one subfolder per class, e.g. {root}/cat/1.jpg"
+    )
+
+
+def _image_config(model: nn.Module | None) -> dict:
+    """timm's preprocessing for the model when it carries a pretrained config, else ImageNet's."""
+    if model is not None and (getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)):
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config(model=model)
+        return {"image_size": cfg["input_size"][-1], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+    return {"image_size": DEFAULT_IMAGE_SIZE, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def _read_image(path: Path, transform: Callable) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return transform(img.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise PleasccError(f"cannot read image {path} ({_first_line(exc)}): remove or replace the file") from exc
+
+
+def _load_image_folder(
+    root: Path,
+    samples: int | None,
+    image_size: int | None,
+    mean: tuple | None,
+    std: tuple | None,
+    model: nn.Module | None,
+    seed: int,
+) -> CalibrationData:
+    from torchvision import transforms
+
+    files, labels = _list_images(root)
+    cfg = _image_config(model)
+    size = image_size or cfg["image_size"]
+    transform = transforms.Compose([
+        transforms.Resize(size),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean or cfg["mean"], std or cfg["std"]),
+    ])
+    idx = _subset(len(files), samples, seed).tolist()
+    x = torch.stack([_read_image(files[i], transform) for i in idx])
+    y = None if labels is None else torch.tensor([labels[i] for i in idx], dtype=torch.int64)
+    return CalibrationData(x, y)
+
+
+# ---------------------------------------------------------------------------- tensor files
+
+
+def _read_arrays(path: Path) -> dict:
+    """The named arrays in a .npz or .pt file, without unpickling code."""
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: torch.from_numpy(npz[k]) for k in npz.files}
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise PleasccError(
+            f"cannot read {path} ({_first_line(exc)}): save plain arrays with "
+            f"numpy.savez(path, x=..., y=...) or torch.save({{'x': x, 'y': y}}, path)"
+        ) from exc
+    if isinstance(obj, torch.Tensor):
+        return {"x": obj}
+    if not isinstance(obj, dict):
+        raise PleasccError(
+            f"{path} holds a {type(obj).__name__}: save a dict with torch.save({{'x': x, 'y': y}}, path)"
+        )
+    return obj
+
+
+def _check_x(path: Path, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise PleasccError(f"'x' in {path} is a {type(x).__name__}: store x as a float tensor or array")
+    if not x.is_floating_point():
+        raise PleasccError(
+            f"'x' in {path} has dtype {x.dtype}: store already-preprocessed float inputs (convert and normalize first)"
+        )
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise PleasccError(f"'x' in {path} has shape {_shape(x)}: expected N ≥ 1 samples stacked as (N, ...)")
+    if not torch.isfinite(x).all():
+        raise PleasccError(f"'x' in {path} contains NaN or Inf: clean the inputs before saving")
+    return x.float()
+
+
+def _check_y(path: Path, y: object, n: int) -> torch.Tensor | None:
+    if y is None:
+        return None
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        kind = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+        raise PleasccError(f"'y' in {path} has type {kind}: store y as integer class labels")
+    if y.ndim != 1 or y.shape[0] != n:
+        raise PleasccError(f"'y' in {path} has shape {_shape(y)} but x has {n} samples: store one label per sample")
+    return y.long()
+
+
+def _load_tensor_file(path: Path, samples: int | None, seed: int) -> CalibrationData:
+    arrays = _read_arrays(path)
+    if "x" not in arrays:
+        keys = ", ".join(map(str, arrays)) or "none"
+        raise PleasccError(f"{path} has no 'x' (keys: {keys}): save the inputs under the name x")
+    x = _check_x(path, arrays["x"])
+    y = _check_y(path, arrays.get("y"), x.shape[0])
+    idx = _subset(x.shape[0], samples, seed)
+    return CalibrationData(x[idx].contiguous(), None if y is None else y[idx])
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def load_data(
+    path: str,
+    *,
+    samples: int | None = None,
+    image_size: int | None = None,
+    mean: tuple | None = None,
+    std: tuple | None = None,
+    model: nn.Module | None = None,
+    seed: int = 0,
+) -> CalibrationData:
+    """Load calibration inputs from an image folder or a .npz/.pt file; `samples` takes a seeded subset."""
+    p = Path(path)
+    if not p.exists():
+        raise PleasccError(f"calibration data {path} not found: check the path")
+    if p.is_dir():
+        return _load_image_folder(p, samples, image_size, mean, std, model, seed)
+    if p.suffix.lower() in TENSOR_EXTENSIONS:
+        return _load_tensor_file(p, samples, seed)
+    raise PleasccError(
+        f"calibration data {path} has unsupported type '{p.suffix or os.path.basename(path)}': "
+        f"pass a folder of images in class subfolders, or a .npz/.pt file with x (and y)"
+    )
+
+
+def check_data_fits(model: nn.Module, data: CalibrationData) -> None:
+    """Fail fast, before the expensive passes, when the inputs do not match the model's input layout."""
+    try:
+        with torch.no_grad():
+            model(data.x[:2])
+    except Exception as exc:
+        raise PleasccError(
+            f"calibration data of shape {_shape(data.x)} does not fit the model: {_first_line(exc)}; "
+            f"check --image-size or the data's layout"
+        ) from exc

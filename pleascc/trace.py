@@ -1,0 +1,97 @@
+"""Front end: turn an nn.Module into the one IR, a normalized fx GraphModule."""
+
+from __future__ import annotations
+
+import copy
+import operator
+import traceback
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from pleascc.errors import PleasccError
+
+# In-place ops overwrite values the statistics pass captures; trace them out-of-place.
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv}
+_INPLACE_METHODS = {"add_", "sub_", "mul_", "div_", "relu_", "sigmoid_", "clamp_", "hardtanh_", "tanh_"}
+# timm marks these leaves for feature extraction; tracing through them exposes F.batch_norm.
+_TRACE_THROUGH = {"BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"}
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer plus timm's leaf modules and wrapped functions, when timm is present."""
+
+    def __init__(self) -> None:
+        leaves, functions = _timm_registrations()
+        super().__init__(autowrap_functions=tuple(functions))
+        self._leaves = tuple(leaves)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+
+def _timm_registrations() -> tuple[list, list]:
+    try:
+        from timm.layers import _fx
+    except ImportError:
+        return [], []
+    leaves = [m for m in _fx._leaf_modules if m.__name__ not in _TRACE_THROUGH]
+    return leaves, list(_fx._autowrap_functions)
+
+
+def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
+    """Trace a deep copy of ``model`` (eval mode) and make every op out-of-place.
+
+    A copy, because tracing may mutate modules and a GraphModule shares
+    parameters with its source.
+    """
+    model = copy.deepcopy(model).eval()
+    for m in model.modules():
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as err:  # any failure inside user code: name the line
+        raise PleasccError(f"cannot trace {name}: {_where(err)}; make that code traceable by torch.fx "
+                           "(no data-dependent Python control flow) or wrap it with torch.fx.wrap") from None
+    gm = fx.GraphModule(model, graph, model.__class__.__name__)
+    _make_out_of_place(gm)
+    return gm
+
+
+def _where(err: Exception) -> str:
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if frames:
+        f = frames[-1]
+        return f"{type(err).__name__} at {f.filename}:{f.lineno} ({(f.line or '').strip()}): {message}"
+    return f"{type(err).__name__}: {message}"
+
+
+def _make_out_of_place(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _OUT_OF_PLACE:
+            node.target = _OUT_OF_PLACE[node.target]
+        elif node.op == "call_method" and node.target in _INPLACE_METHODS:
+            node.target = node.target[:-1]
+        if node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+    gm.recompile()
+
+
+def check_same_graph(a: fx.GraphModule, b: fx.GraphModule) -> None:
+    """Both models must trace to the same graph: the passes analyse A's and apply to both."""
+    for na, nb in zip(a.graph.nodes, b.graph.nodes):
+        if (na.op, str(na.target)) != (nb.op, str(nb.target)):
+            raise PleasccError(f"models A and B trace to different graphs at node {na.name} "
+                               f"({na.op} {na.target} vs {nb.op} {nb.target}); pleascc merges two models "
+                               "of the same architecture")
+    if len(a.graph.nodes) != len(b.graph.nodes):
+        raise PleasccError("models A and B trace to graphs of different length; pleascc merges two models "
+                           "of the same architecture")
+
+
+def example_input(data: torch.Tensor, n: int = 2) -> torch.Tensor:
+    return data[:n].float()
