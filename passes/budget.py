@@ -1,10 +1,18 @@
-"""Widths per space from a compute budget, counted on the shapes the emitter will produce.
+"""Widths per space from a compute budget, counted on the layers the emitter will produce.
 
-FLOPs (multiply-accumulates) of every layer = its weight's size at the chosen
-widths × the positions it is applied at; separate heads count twice.  Start
-with every pair merged (width n) and greedily un-merge, a step at a time, in
-the space where un-merging gives the most lost correlation back per FLOP
-added, until the next step would exceed the budget.
+A merged space of n units at width w has k = 2n − w merged units, n − k
+A-only and n − k B-only.  The emitter never computes the cross blocks
+(A-only outputs from B-only inputs and back), so a dense layer with n_out
+outputs and n_in inputs per position costs
+
+    2·n_out·n_in − k_out·k_in   multiply-accumulates × kernel size,
+
+which is n_out·n_in fully merged and twice that fully apart (the two models
+side by side).  Separate heads each read their own model's n_in units.
+Depthwise and grouped convolutions and norms cost their emitted size.
+
+Widths: start fully merged and greedily un-merge, a step at a time, where it
+gives the most lost correlation back per FLOP added, while within budget.
 """
 
 from __future__ import annotations
@@ -12,50 +20,79 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pleascc.passes.groups import Analysis
+from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.match import Matching
+from pleascc.passes.spaces import Dim
 
 
 @dataclass
 class Cost:
-    """A layer's cost as a function of widths."""
+    """One layer's cost as a function of widths."""
 
-    dims: list
+    kind: str  # "blocked" (dense layer, cross blocks skipped), "heads" (two separate heads), "plain"
+    dims: list  # blocked/heads: [out, in, *kernel]; plain: every weight dim
     positions: int
-    copies: int
 
 
-def layer_costs(analysis: Analysis, head_nodes: set[str], separate_heads: bool) -> list[Cost]:
+def is_blocked(layer: Layer) -> bool:
+    """Dense layers, whose merged form skips the cross-model blocks."""
+    return layer.kind == "linear" or (layer.kind == "conv" and layer.groups_dim is None)
+
+
+def layer_costs(analysis: Analysis, separate_heads: set[str]) -> list[Cost]:
     costs = []
     for layer in analysis.layers:
         shape = analysis.shapes[layer.node]
         axis = layer.out_axis % len(shape)
         positions = math.prod(s for k, s in enumerate(shape) if k not in (0, axis))
-        copies = 2 if separate_heads and layer.node in head_nodes else 1
-        costs.append(Cost(analysis.params[layer.weight].dims, positions, copies))
+        dims = analysis.params[layer.weight].dims
+        if layer.node in separate_heads:
+            costs.append(Cost("heads", dims, positions))
+        elif is_blocked(layer):
+            costs.append(Cost("blocked", dims, positions))
+        else:
+            costs.append(Cost("plain", dims if layer.kind != "norm" else dims[:1], positions))
     return costs
 
 
+def cost_of(analysis: Analysis, c: Cost, widths: dict[int, int]) -> int:
+    table = analysis.table
+    if c.kind == "plain":
+        return c.positions * math.prod(table.size(d, widths) for d in c.dims)
+    out, inp, *kernel = c.dims
+    per_unit = c.positions * math.prod(table.size(d) for d in kernel)
+    n_out, n_in = table.size(out), table.size(inp)
+    if c.kind == "heads":
+        return per_unit * 2 * n_out * n_in
+    return per_unit * (2 * n_out * n_in - merged_units(analysis, out, widths) * merged_units(analysis, inp, widths))
+
+
+def merged_units(analysis: Analysis, dim: Dim, widths: dict[int, int]) -> int:
+    """Units of ``dim`` that both models feed (all of a fixed space's)."""
+    merged = {root: 2 * analysis.root_size(root) - w for root, w in widths.items()}
+    return analysis.table.size(dim, merged)
+
+
 def flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int]) -> int:
-    return sum(
-        c.copies * c.positions * math.prod(analysis.table.size(d, widths) for d in c.dims) for c in costs
-    )
+    return sum(cost_of(analysis, c, widths) for c in costs)
+
+
+def base_flops(analysis: Analysis, costs: list[Cost]) -> int:
+    """One input model's FLOPs (one head)."""
+    single = [Cost("blocked" if c.kind == "heads" else c.kind, c.dims, c.positions) for c in costs]
+    return flops(analysis, single, {})
 
 
 def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
                   budget: float) -> dict[int, int]:
     """Widths meeting ``flops(merged) <= budget × flops(one model)`` (never below full merging)."""
     table = analysis.table
-    limit = budget * flops(analysis, [Cost(c.dims, c.positions, 1) for c in costs], {})
+    limit = budget * base_flops(analysis, costs)
     widths = {root: m.n for root, m in matchings.items()}
-    touching = {root: [] for root in matchings}  # the costs each space's width changes
+    touching: dict[int, list[Cost]] = {root: [] for root in matchings}  # the costs a space's width changes
     for c in costs:
         for root in {a.id for d in c.dims for a in table.atoms(d)} & touching.keys():
             touching[root].append(c)
-
-    def cost_of(c: Cost, w: dict[int, int]) -> int:
-        return c.copies * c.positions * math.prod(table.size(d, w) for d in c.dims)
-
     current = flops(analysis, costs, widths)
     steps = {root: max(1, m.n // 32) for root, m in matchings.items()}
     while True:
@@ -66,8 +103,8 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
             if step <= 0:
                 continue
             trial = {**widths, root: widths[root] + step}
-            delta = sum(cost_of(c, trial) - cost_of(c, widths) for c in touching[root])
-            if current + delta > limit:
+            delta = sum(cost_of(analysis, c, trial) - cost_of(analysis, c, widths) for c in touching[root])
+            if current + delta > limit * (1 + 1e-12):
                 continue
             gain = float((1 - m.corr[m.n - unmerged - step:m.n - unmerged]).sum())
             score = gain / max(delta, 1)
@@ -80,5 +117,4 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
 
 
 def relative_flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int]) -> float:
-    base = flops(analysis, [Cost(c.dims, c.positions, 1) for c in costs], {})
-    return flops(analysis, costs, widths) / base
+    return flops(analysis, costs, widths) / base_flops(analysis, costs)

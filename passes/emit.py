@@ -1,4 +1,4 @@
-"""Emit the merged GraphModule: new parameter shapes, rewritten width literals, heads."""
+"""Emit the merged GraphModule: new parameter shapes, rewritten width literals, blocks, heads."""
 
 from __future__ import annotations
 
@@ -8,19 +8,21 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from pleascc.passes.groups import Analysis
-from pleascc.passes.merge_maps import MergeMaps
+from pleascc.passes.groups import Analysis, Layer
+from pleascc.passes.merge_maps import Block, MergeMaps
 
 State = dict[str, torch.Tensor]
+LayerWeights = dict[tuple[str, int | None], list[tuple[Block, State]]]
 
 
 def emit(gm: fx.GraphModule, analysis: Analysis, maps: MergeMaps, state: State,
-         heads: dict[str, State] | None = None) -> fx.GraphModule:
-    """A copy of ``gm`` (A's graph) carrying ``state``, resized to the merged widths.
+         layer_weights: LayerWeights) -> fx.GraphModule:
+    """A copy of ``gm`` (A's graph) carrying the merged weights, resized to the merged widths.
 
-    ``heads`` maps each head layer's node to model B's parameters for a second
-    copy of it: the graph from the head layers to the output is duplicated and
-    the model returns ``(outputs of A's heads, outputs of B's heads)``.
+    ``layer_weights[(node, model)]`` holds each layer's solved blocks; a layer
+    fitted per model (``model`` 0 and 1: separate heads) is duplicated, with
+    everything from it to the output, and the model returns
+    ``(outputs from A's heads, outputs from B's heads)``.
     """
     merged = copy.deepcopy(gm)
     for name, value in state.items():
@@ -28,53 +30,103 @@ def emit(gm: fx.GraphModule, analysis: Analysis, maps: MergeMaps, state: State,
     modules = dict(merged.named_modules())
     for target, rewrite in analysis.module_rewrites.items():
         rewrite(modules[target], maps.size)
-    for node in merged.graph.nodes:
-        if node.name in analysis.node_rewrites:
-            analysis.node_rewrites[node.name](node, maps.size)
-    if heads:
-        _duplicate_heads(merged, heads)
+    nodes = {n.name: n for n in merged.graph.nodes}
+    for name, rewrite in analysis.node_rewrites.items():
+        rewrite(nodes[name], maps.size)
+    heads = {node for node, model in layer_weights if model == 1}
+    copies = _duplicate_heads(merged, heads) if heads else {}
+    for layer in analysis.layers:
+        for model in (None, 0, 1):
+            blocks = layer_weights.get((layer.node, model))
+            if blocks:
+                node = copies[layer.node] if model == 1 else nodes[layer.node]
+                _emit_layer(merged, node, layer, blocks)
     merged.graph.lint()
     merged.recompile()
     return merged
 
 
-def _assign(gm: nn.Module, name: str, value: torch.Tensor) -> None:
+def _assign(root: nn.Module, name: str, value: torch.Tensor) -> None:
     prefix, _, leaf = name.rpartition(".")
-    module = gm.get_submodule(prefix) if prefix else gm
+    module = root.get_submodule(prefix) if prefix else root
     if leaf in module._parameters:
         module._parameters[leaf] = nn.Parameter(value.detach().float().contiguous(), requires_grad=False)
     elif leaf in module._buffers:
-        old = module._buffers[leaf]
-        module._buffers[leaf] = value.detach().to(old.dtype).contiguous()
+        module._buffers[leaf] = value.detach().to(module._buffers[leaf].dtype).contiguous()
     else:
         setattr(module, leaf, value.detach().float())
 
 
-def _duplicate_heads(gm: fx.GraphModule, heads: dict[str, State]) -> None:
-    """Copy every node from the head layers to the output, using B's head parameters."""
+def _emit_layer(gm: fx.GraphModule, node: fx.Node, layer: Layer, blocks: list[tuple[Block, State]]) -> None:
+    """Give a layer node its weights: in place when one block covers it, else one sub-layer per block."""
+    prefix = layer.weight.rpartition(".")[0] if node.op == "call_module" else ""
+    if len(blocks) == 1 and blocks[0][0].rows is None and blocks[0][0].cols is None:
+        owner = gm.get_submodule(node.target) if node.op == "call_module" else gm
+        for name, value in blocks[0][1].items():
+            _assign(owner, name.removeprefix(prefix + ".") if prefix else name, value)
+        return
+    if node.op != "call_module":
+        raise NotImplementedError(f"block-structured emit of functional layer {node.name}")
+    graph = gm.graph
+    pieces, order = [], []
+    with graph.inserting_before(node):
+        for k, (block, params) in enumerate(blocks):
+            source = node.args[0]
+            if block.cols is not None:
+                source = graph.call_function(torch.index_select, (source, layer.in_axis, _constant(gm, block.cols)))
+            module = _sized_copy(gm.get_submodule(node.target), params, prefix)
+            name = f"{node.target.replace('.', '_')}_block{k}"
+            gm.add_submodule(name, module)
+            pieces.append(graph.call_module(name, (source,)))
+            order.append(block.rows)
+        out = pieces[0] if len(pieces) == 1 else graph.call_function(torch.cat, (pieces, layer.out_axis))
+        if any(rows is not None for rows in order):
+            inverse = torch.argsort(torch.cat([r for r in order if r is not None]))
+            if not torch.equal(inverse, torch.arange(len(inverse))):
+                out = graph.call_function(torch.index_select, (out, layer.out_axis, _constant(gm, inverse)))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+def _sized_copy(module: nn.Module, params: State, prefix: str) -> nn.Module:
+    """A copy of a Linear/Conv holding ``params``, its size attributes updated."""
+    module = copy.deepcopy(module)
+    for name, value in params.items():
+        _assign(module, name.removeprefix(prefix + "."), value)
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    else:
+        module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
+    return module
+
+
+def _constant(gm: fx.GraphModule, value: torch.Tensor) -> fx.Node:
+    """A get_attr node for an index tensor stored as a buffer of the module."""
+    k = sum(1 for name, _ in gm.named_buffers() if name.startswith("_pleascc_index"))
+    name = f"_pleascc_index{k}"
+    gm.register_buffer(name, value.clone())
+    return gm.graph.get_attr(name)
+
+
+def _duplicate_heads(gm: fx.GraphModule, heads: set[str]) -> dict[str, fx.Node]:
+    """Copy every node from the head layers to the output; return original name -> copy."""
     nodes = list(gm.graph.nodes)
     output = nodes[-1]
     downstream = _reachable({n for n in nodes if n.name in heads}, forward=True)
-    copied_nodes = [n for n in nodes if n in downstream and n in _reachable({output}, forward=False)
-                    and n is not output]
+    upstream = _reachable({output}, forward=False)
     env: dict[fx.Node, fx.Node] = {}
     with gm.graph.inserting_before(output):
-        for node in copied_nodes:
-            new = gm.graph.node_copy(node, lambda n: env.get(n, n))
-            if node.op == "call_module":
-                new.target = _copy_module(gm, node.target, heads.get(node.name, {}))
-            env[node] = new
+        for node in nodes:
+            if node in downstream and node in upstream and node is not output:
+                new = gm.graph.node_copy(node, lambda n: env.get(n, n))
+                if node.op == "call_module":
+                    new.target = node.target.replace(".", "_") + "_b"
+                    gm.add_submodule(new.target, copy.deepcopy(gm.get_submodule(node.target)))
+                env[node] = new
     value = output.args[0]
     output.args = ((value, fx.node.map_arg(value, lambda n: env.get(n, n))),)
-
-
-def _copy_module(gm: fx.GraphModule, target: str, params: State) -> str:
-    name = target.replace(".", "_") + "_b"
-    module = copy.deepcopy(gm.get_submodule(target))
-    for param, value in params.items():
-        _assign(module, param.removeprefix(target + "."), value)
-    gm.add_submodule(name, module)
-    return name
+    return {node.name: new for node, new in env.items()}
 
 
 def _reachable(start: set[fx.Node], forward: bool) -> set[fx.Node]:

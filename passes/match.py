@@ -44,7 +44,7 @@ def _sorted(rows: torch.Tensor, cols: torch.Tensor, corr: torch.Tensor) -> Match
 MATCHERS = {"hungarian": hungarian, "identity": identity}
 
 
-def match_all(correlations: dict[int, torch.Tensor], sizes: dict[int, int], matcher: str) -> dict[int, Matching]:
-    """A matching for every free space; spaces no layer reads are paired by index."""
+def match_all(scores: dict[int, torch.Tensor], sizes: dict[int, int], matcher: str) -> dict[int, Matching]:
+    """A matching for every free space, from its A×B similarity scores."""
     fn = MATCHERS[matcher]
-    return {root: fn(correlations.get(root, torch.zeros(n, n))) for root, n in sizes.items()}
+    return {root: fn(scores[root]) for root in sizes}

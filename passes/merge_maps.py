@@ -96,3 +96,37 @@ def selections_from_pairs(n: int, pairs_a: torch.Tensor, pairs_b: torch.Tensor, 
     p_a[merged + torch.arange(solo), pairs_a[merged:]] = 1
     p_b[merged + solo + torch.arange(solo), pairs_b[merged:]] = 1
     return p_a, p_b
+
+
+@dataclass
+class Block:
+    """Rows of a merged dense layer computed together, and the input units they read.
+
+    ``None`` means all.  A-only rows never read B-only inputs (and back), so
+    those cross blocks are neither fitted nor computed.
+    """
+
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+
+
+def row_blocks(maps: MergeMaps, out_dim: Dim, in_dim: Dim, model: int | None = None) -> list[Block]:
+    """Split a dense layer's outputs into [both models | A-only | B-only] blocks.
+
+    ``model`` 0 or 1: a separate head of that model, which reads only its model's units.
+    """
+    in_a, in_b = maps.participation(in_dim, 0) > 0, maps.participation(in_dim, 1) > 0
+    if model is not None:
+        return [Block(None, _subset((in_a, in_b)[model]))]
+    out_a, out_b = maps.participation(out_dim, 0) > 0, maps.participation(out_dim, 1) > 0
+    blocks = [
+        Block(_subset(~(out_a ^ out_b)), None),
+        Block(_subset(out_a & ~out_b), _subset(in_a)),
+        Block(_subset(out_b & ~out_a), _subset(in_b)),
+    ]
+    return [b for b in blocks if b.rows is None or len(b.rows)]
+
+
+def _subset(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices where ``mask`` holds, or None when it holds everywhere."""
+    return None if bool(mask.all()) else mask.nonzero().flatten()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from pleascc.passes.groups import Analysis, Layer
-from pleascc.passes.merge_maps import MergeMaps
+from pleascc.passes.merge_maps import Block, MergeMaps
 from pleascc.passes.stats import Problem
 
 State = dict[str, torch.Tensor]
@@ -58,6 +58,17 @@ def warm_start(analysis: Analysis, maps: MergeMaps, layer: Layer, states: tuple[
     bias = merged(layer.bias) if layer.bias else torch.zeros(out, dtype=torch.float64)
     w = weight.reshape(groups, out // groups, -1)
     return torch.cat([w, bias.reshape(groups, out // groups, 1)], dim=2)
+
+
+def block_slice(w: torch.Tensor, block: Block, in_width: int) -> torch.Tensor:
+    """The rows and input columns of a (groups, out, d + 1) weight that ``block`` owns (bias kept)."""
+    if block.rows is not None:
+        w = w[:, block.rows]
+    if block.cols is not None:
+        per_unit = (w.shape[2] - 1) // in_width
+        cols = (block.cols[:, None] * per_unit + torch.arange(per_unit)).flatten()
+        w = torch.cat([w[:, :, cols], w[:, :, -1:]], dim=2)
+    return w
 
 
 def least_squares(problem: Problem, ridge: float, has_bias: bool) -> tuple[torch.Tensor, float]:

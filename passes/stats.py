@@ -15,7 +15,7 @@ All sums are float64.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pleascc.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer
-from pleascc.passes.merge_maps import MergeMaps
+from pleascc.passes.merge_maps import Block, MergeMaps
 from pleascc.passes.spaces import Atom, Cat, Dim, SpaceTable
 
 
@@ -68,23 +68,23 @@ def _observe(table: SpaceTable, x: torch.Tensor, dim: Dim):
 
 @dataclass
 class CrossMoments:
-    """Running sums for the correlation of A's units with B's units at one site."""
+    """Running sums for the correlation of A's units with B's units at one site.
+
+    Sums are taken around the first batch's means (a shifted algorithm), so
+    small variances on top of large means do not cancel away.
+    """
 
     n: int
     count: float = 0.0
-    sum_a: torch.Tensor = None
-    sum_b: torch.Tensor = None
-    sq_a: torch.Tensor = None
-    sq_b: torch.Tensor = None
-    cross: torch.Tensor = None
-
-    def __post_init__(self):
-        zeros = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        self.sum_a, self.sum_b, self.sq_a, self.sq_b = (zeros(self.n) for _ in range(4))
-        self.cross = zeros(self.n, self.n)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = a.double(), b.double()
+        if not self.count:
+            self.shift_a, self.shift_b = a.mean(0), b.mean(0)
+            self.sum_a, self.sum_b = torch.zeros(self.n, dtype=torch.float64), torch.zeros(self.n, dtype=torch.float64)
+            self.sq_a, self.sq_b = torch.zeros_like(self.sum_a), torch.zeros_like(self.sum_b)
+            self.cross = torch.zeros(self.n, self.n, dtype=torch.float64)
+        a, b = a - self.shift_a, b - self.shift_b
         self.count += a.shape[0]
         self.sum_a += a.sum(0)
         self.sum_b += b.sum(0)
@@ -97,8 +97,34 @@ class CrossMoments:
         cov = self.cross / self.count - torch.outer(mean_a, mean_b)
         std_a = (self.sq_a / self.count - mean_a**2).clamp(min=0).sqrt()
         std_b = (self.sq_b / self.count - mean_b**2).clamp(min=0).sqrt()
-        corr = cov / (torch.outer(std_a, std_b) + 1e-12)
+        live = torch.outer(std_a > 0, std_b > 0)
+        corr = torch.where(live, cov / (torch.outer(std_a, std_b) + 1e-300), torch.zeros(()))
         return corr.clamp(-1, 1)
+
+
+def weight_similarity(analysis: Analysis, states: tuple[dict, dict]) -> dict[int, torch.Tensor]:
+    """Per free space, the cosine similarity of A's and B's units' sorted weight rows.
+
+    Matching uses it only to break ties between units the data cannot tell
+    apart (dead or constant units), which correlation scores as 0.  Rows are
+    sorted because their columns live in other spaces, not yet matched.
+    """
+    rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, binding in analysis.params.items():
+        for axis, (dim, role) in enumerate(zip(binding.dims, binding.roles)):
+            dim = analysis.table.resolve(dim)
+            if role == "out" and isinstance(dim, Atom) and dim.id not in analysis.table.fixed:
+                pair = [torch.movedim(s[name].double(), axis, 0).reshape(s[name].shape[axis], -1).sort(dim=1).values
+                        for s in states]
+                rows.setdefault(dim.id, []).append(tuple(pair))
+    out = {}
+    for root, pairs in rows.items():
+        a = torch.cat([p[0] for p in pairs], dim=1)
+        b = torch.cat([p[1] for p in pairs], dim=1)
+        a = a / a.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        b = b / b.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        out[root] = a @ b.T
+    return out
 
 
 def batches(x: torch.Tensor, batch_size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
@@ -167,6 +193,7 @@ class Problem:
     name: str
     w0: torch.Tensor  # warm start, (groups, out/groups, d+1); the fit solves for W − W0
     model: int | None = None  # a separate head of model 0 or 1; None: the merged layer
+    block: Block = field(default_factory=Block)  # which output rows, from which input units
     xx: torch.Tensor | None = None  # (groups, d+1, d+1): merged inputs (+1 for the bias)
     rx: torch.Tensor | None = None  # (groups, out/groups, d+1): residual T − W0·X against inputs
     count: float = 0.0
@@ -184,14 +211,21 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
         for x in batches(data, batch_size, "least-squares statistics", progress):
             values_a, values_b = _run_pair(captures, names, x)
             va, vb = dict(zip(names, values_a)), dict(zip(names, values_b))
-            merged_inputs: dict[str, torch.Tensor] = {}
+            merged: dict[str, torch.Tensor] = {}
+            rows: dict[tuple, torch.Tensor] = {}
             for p in problems:
-                layer = p.layer
-                if layer.node not in merged_inputs:
-                    merged_inputs[layer.node] = _rows(layer, maps.merge(
-                        (va[layer.source], vb[layer.source]), [(layer.in_axis, layer.in_dim)]), maps)
-                target = _target_rows(layer, p.target(va[layer.node], vb[layer.node]), maps)
-                _accumulate(p, merged_inputs[layer.node], target)
+                layer, block = p.layer, p.block
+                if layer.node not in merged:
+                    merged[layer.node] = maps.merge((va[layer.source], vb[layer.source]),
+                                                    [(layer.in_axis, layer.in_dim)])
+                key = (layer.node, None if block.cols is None else tuple(block.cols.tolist()))
+                if key not in rows:
+                    x_in = merged[layer.node]
+                    x_in = x_in if block.cols is None else x_in.index_select(layer.in_axis, block.cols)
+                    rows[key] = _rows(layer, x_in, maps)
+                y = p.target(va[layer.node], vb[layer.node])
+                y = y if block.rows is None else y.index_select(layer.out_axis, block.rows)
+                _accumulate(p, rows[key], _target_rows(layer, y, maps))
 
 
 def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:

@@ -16,12 +16,13 @@ from pleascc.errors import PleasccError
 from pleascc.export import export_onnx
 from pleascc.load import check_same_architecture
 from pleascc.passes import budget as budget_pass
+from pleascc.passes.budget import is_blocked
 from pleascc.passes.emit import emit
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
 from pleascc.passes.match import match_all
-from pleascc.passes.merge_maps import MergeMaps, selections_from_pairs
-from pleascc.passes.solve import layer_params, least_squares, merge_param, warm_start
-from pleascc.passes.stats import Problem, feature_moments, layer_moments
+from pleascc.passes.merge_maps import Block, MergeMaps, row_blocks, selections_from_pairs
+from pleascc.passes.solve import block_slice, layer_params, least_squares, merge_param, warm_start
+from pleascc.passes.stats import Problem, feature_moments, layer_moments, weight_similarity
 from pleascc.trace import check_same_graph, trace
 
 __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
@@ -29,6 +30,7 @@ __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
 # method -> (matcher, refit layers by least squares)
 METHODS = {"pleas": ("hungarian", True), "permute": ("hungarian", False), "average": ("identity", False)}
 LABELS = ("shared", "separate")
+TIE_BREAK = 1e-3  # weight of weight-row similarity in matching scores: separates units data can't tell apart
 
 
 @dataclass
@@ -86,9 +88,12 @@ def merge(
     timings["matching_statistics"] = time.perf_counter() - clock
     clock = time.perf_counter()
     sizes = {root: analysis.root_size(root) for root in analysis.free_roots()}
-    matchings = match_all(correlations, sizes, matcher)
+    ties = weight_similarity(analysis, states)
+    scores = {root: correlations.get(root, torch.zeros(n, n)) + TIE_BREAK * ties.get(root, torch.zeros(n, n))
+              for root, n in sizes.items()}
+    matchings = match_all(scores, sizes, matcher)
     head_nodes = {layer.node for layer in heads}
-    costs = budget_pass.layer_costs(analysis, head_nodes, separate)
+    costs = budget_pass.layer_costs(analysis, head_nodes if separate else set())
     widths = budget_pass.choose_widths(analysis, matchings, costs, budget)
     maps = MergeMaps(analysis.table, {
         root: selections_from_pairs(m.n, m.pairs_a, m.pairs_b, widths[root]) for root, m in matchings.items()})
@@ -96,26 +101,23 @@ def merge(
 
     clock = time.perf_counter()
     state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name]) for name in states[0]}
-    head_b: dict[str, dict] = {}
-    if separate:
-        for layer in heads:
-            for name in filter(None, (layer.weight, layer.bias)):
-                state[name] = merge_param(analysis, maps, name, states[0][name], states[1][name], model=0)
-                head_b.setdefault(layer.node, {})[name] = merge_param(
-                    analysis, maps, name, states[0][name], states[1][name], model=1)
+    problems = _problems(analysis, maps, states, head_nodes if separate else set())
     residuals = {}
     if refit:
-        problems = _problems(analysis, maps, states, head_nodes if separate else set())
         _check_least_squares_samples(problems, analysis, x)
         layer_moments((gm_a, gm_b), analysis, maps, problems, x, batch_size, progress)
-        for p in problems:
-            has_bias = p.layer.kind == "norm" or bool(p.layer.bias)
+    layer_weights: dict[tuple[str, int | None], list] = {}
+    for p in problems:
+        has_bias = p.layer.kind == "norm" or bool(p.layer.bias)
+        if refit:
             w, residuals[p.name] = least_squares(p, ridge, has_bias)
-            solved = layer_params(p.layer, w, states[0])
-            (state if p.model != 1 else head_b[p.layer.node]).update(solved)
+        else:
+            w = p.w0
+        params = layer_params(p.layer, w, states[p.model or 0])
+        layer_weights.setdefault((p.layer.node, p.model), []).append((p.block, params))
     timings["solve"] = time.perf_counter() - clock
 
-    merged = emit(gm_a, analysis, maps, state, head_b if separate else None)
+    merged = emit(gm_a, analysis, maps, state, layer_weights)
     report = _report(analysis, model_a, merged, matchings, widths, maps, costs, residuals, timings,
                      method=method, budget=budget, separate=separate, samples=len(x))
     return MergeResult(merged.eval(), report, analysis)
@@ -155,18 +157,18 @@ def _separate_labels(labels: str | None, heads: list[Layer], states) -> bool:
 
 
 def _problems(analysis: Analysis, maps: MergeMaps, states, separate_heads: set[str]) -> list[Problem]:
-    """One fit per layer; a separate head is two fits (one per model) on the same merged input."""
+    """One fit per block of every layer; a separate head is fitted once per model."""
     problems = []
     for layer in analysis.layers:
-        if layer.kind == "conv" and len(layer.conv["kernel_size"]) == 3:
-            continue  # 3-D convolutions keep their warm start
-        if layer.node in separate_heads:
-            for model, tag in ((0, "A"), (1, "B")):
-                w0 = warm_start(analysis, maps, layer, states, model)
-                problems.append(Problem(layer, _own_output(model), f"{layer.node}[{tag}]", w0, model))
-        else:
-            target = functools.partial(_merged_output, maps, layer)
-            problems.append(Problem(layer, target, layer.node, warm_start(analysis, maps, layer, states, None)))
+        for model in (0, 1) if layer.node in separate_heads else (None,):
+            w0 = warm_start(analysis, maps, layer, states, model)
+            target = _own_output(model) if model is not None else functools.partial(_merged_output, maps, layer)
+            blocks = row_blocks(maps, layer.out_dim, layer.in_dim, model) if is_blocked(layer) else [Block()]
+            for k, block in enumerate(blocks):
+                name = layer.node + ("" if model is None else f"[{'AB'[model]}]")
+                name += f"#{k}" if len(blocks) > 1 else ""
+                problems.append(Problem(layer, target, name, block_slice(w0, block, maps.size(layer.in_dim)),
+                                        model, block))
     return problems
 
 
@@ -210,7 +212,7 @@ def _report(analysis, model_a, merged, matchings, widths, maps, costs, residuals
             "merged_corr_mean": float(m.corr[:merged_pairs].mean()) if merged_pairs else None,
             "corr": [round(float(c), 4) for c in m.corr],
         })
-    base_flops = budget_pass.flops(analysis, [budget_pass.Cost(c.dims, c.positions, 1) for c in costs], {})
+    base_flops = budget_pass.base_flops(analysis, costs)
     params = sum(p.numel() for p in model_a.parameters())
     return {
         **settings,
