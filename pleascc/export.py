@@ -74,3 +74,13 @@ def _verify(path: str, example: torch.Tensor, expected: list[torch.Tensor], tole
         raise PleasccError(f"ONNX Runtime disagrees with the merged torch model: max abs diff {max(diffs):.3g} "
                            f"({relative:.3g} of the output scale > {tolerance}); please report this model")
     return {"max_abs_diff": max(diffs), "relative_diff": relative}
+
+
+def onnx_predict(path: str, x: torch.Tensor, batch_size: int = 256) -> list[np.ndarray]:
+    """Run an exported model with ONNX Runtime over ``x`` in batches; one array per output."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    chunks = [session.run(None, {name: x[i:i + batch_size].numpy()}) for i in range(0, len(x), batch_size)]
+    return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]

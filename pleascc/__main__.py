@@ -1,0 +1,5 @@
+import sys
+
+from pleascc.cli import main
+
+sys.exit(main())

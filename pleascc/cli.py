@@ -1,0 +1,240 @@
+"""Command line: ``pleascc merge | groups | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from pleascc import __version__
+from pleascc.errors import PleasccError
+
+EXAMPLES = """examples:
+  pleascc demo
+  pleascc merge a.pt b.pt --arch torchvision:resnet18 --data calib/ -o merged.onnx
+  pleascc merge a.pt b.pt --arch models.py:make_net --arch-kwargs '{"width": 2}' \\
+      --data calib.npz --budget 1.5 --labels separate --report report.json -o merged.onnx
+  pleascc groups a.pt --arch timm:resnet18
+"""
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", help="architecture for state-dict checkpoints: timm:NAME, torchvision:NAME, "
+                                  "pkg.module:factory or path/to/file.py:factory")
+    p.add_argument("--arch-kwargs", default=None, type=_json_dict, help="JSON keyword arguments for the factory")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoints that are whole pickled modules (unpickling runs code)")
+
+
+def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required, help="calibration data: a folder of images in class subfolders, "
+                                                     "or a .npz/.pt file with a float array x (N, ...)")
+    p.add_argument("--samples", type=int, default=None, help="use at most this many calibration samples")
+    p.add_argument("--image-size", type=int, default=None, help="resize/crop images to this size")
+    p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", type=_floats, default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pleascc", description="Merge two trained models of one architecture with PLeaS and emit ONNX.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pleascc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge two models into one ONNX file", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("model_a", help="checkpoint of model A (.pt, .pth, .safetensors)")
+    m.add_argument("model_b", help="checkpoint of model B")
+    m.add_argument("-o", "--output", required=True, help="where to write the merged model (.onnx)")
+    _model_options(m)
+    _data_options(m, required=True)
+    m.add_argument("--budget", type=float, default=1.0,
+                   help="FLOPs of the merged model ÷ one input model, 1.0 (fully merged) to 2.0 (side by side)")
+    m.add_argument("--labels", choices=("shared", "separate"), default=None,
+                   help="one head for both models' classes, or one per model (default: separate when the "
+                        "heads differ in size)")
+    m.add_argument("--method", choices=("pleas", "permute", "average"), default="pleas",
+                   help="pleas (default), permute (Git Re-Basin activation matching + averaging), average")
+    m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--report", help="write a JSON report here")
+    m.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    g = sub.add_parser("groups", help="print a model's permutation groups and fixed spaces")
+    g.add_argument("model", help="checkpoint, or an --arch spec alone with 'none'")
+    _model_options(g)
+    _data_options(g, required=False)
+    g.add_argument("--input-shape", type=_ints, default=None,
+                   help="one sample's shape when no --data is given, e.g. 3,224,224")
+
+    d = sub.add_parser("demo", help="train two small CNNs on scikit-learn digits, merge them, evaluate the ONNX")
+    d.add_argument("--out", default="pleascc-demo", help="folder for the checkpoints, data and ONNX files")
+    return parser
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return value
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"merge": _merge, "groups": _groups, "demo": _demo}[args.command](args)
+    except PleasccError as err:
+        print(f"pleascc: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pleascc: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+def _load(args, path: str):
+    from pleascc.load import load_model
+
+    return load_model(path, args.arch, args.arch_kwargs, args.trust_pickle)
+
+
+def _calibration(args, model):
+    from pleascc.data import load_data
+
+    return load_data(args.data, samples=args.samples, image_size=args.image_size, mean=args.mean, std=args.std,
+                     model=model)
+
+
+def _merge(args) -> int:
+    import pleascc
+
+    start = time.perf_counter()
+    _check_writable(args.output)
+    if args.report:
+        _check_writable(args.report)
+    model_a, model_b = _load(args, args.model_a), _load(args, args.model_b)
+    data = _calibration(args, model_a)
+    result = pleascc.merge(model_a, model_b, data, budget=args.budget, labels=args.labels, method=args.method,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+    check = pleascc.export_onnx(result.model, data.x[: min(len(data.x), 8)], args.output)
+    report = {**result.report, "onnx": check, "total_time_s": time.perf_counter() - start}
+    if args.report:
+        _write_json(args.report, report)
+    print(summary(report))
+    return 0
+
+
+def summary(report: dict) -> str:
+    """A short human-readable account of a merge."""
+    groups = report["groups"]
+    merged = sum(g["merged_pairs"] for g in groups)
+    units = sum(g["size"] for g in groups)
+    lines = [
+        f"method {report['method']}, budget {report['budget']}: {report['relative_flops']:.3f}x the FLOPs of one "
+        f"model, {report['params_merged']:,} parameters (one model: {report['params_a']:,})",
+        f"{len(groups)} permutation groups, {merged}/{units} unit pairs merged; "
+        f"coverage {report['coverage']:.1%} of parameters; labels {'separate' if report['separate'] else 'shared'}",
+    ]
+    if report["unsupported"]:
+        lines.append(f"ops without a rule (their spaces stay fixed): {'; '.join(report['unsupported'][:5])}")
+    if "onnx" in report:
+        onnx = report["onnx"]
+        lines.append(f"wrote {onnx['path']} (outputs {', '.join(onnx['outputs'])}); ONNX Runtime vs torch: "
+                     f"max abs diff {onnx['max_abs_diff']:.2e}")
+    return "\n".join(lines)
+
+
+def _check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise PleasccError(f"cannot write {path}: folder {folder} does not exist; create it or choose another path")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PleasccError(f"cannot write {path}: permission denied; choose another path")
+
+
+def _write_json(path: str, value: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _groups(args) -> int:
+    import torch
+
+    from pleascc.passes.groups import analyze, coverage, permutation_groups
+    from pleascc.trace import trace
+
+    if args.model == "none":
+        if not args.arch:
+            raise PleasccError("'pleascc groups none' needs --arch to build the model")
+        from pleascc.load import build_arch
+
+        model = build_arch(args.arch, args.arch_kwargs).eval()
+    else:
+        model = _load(args, args.model)
+    if args.data:
+        example = _calibration(args, model).x[:2]
+    else:
+        example = torch.randn(2, *(args.input_shape or _default_input_shape(model)))
+    analysis = analyze(trace(model), (example,))
+    print(format_groups(analysis, permutation_groups(analysis), coverage(analysis, model)))
+    return 0
+
+
+def _default_input_shape(model) -> tuple[int, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return tuple(cfg.get("input_size", (3, 224, 224)))
+
+
+def format_groups(analysis, groups, covered: float) -> str:
+    free = [g for g in groups if g.fixed is None]
+    fixed = [g for g in groups if g.fixed is not None]
+    lines = [f"{len(free)} permutation groups; {covered:.1%} of parameters in permutable groups", ""]
+    lines.append(f"{'group':>6} {'size':>6}  producers -> consumers")
+    for g in free:
+        lines.append(f"{g.root:>6} {g.size:>6}  {_short(g.producers)} -> {_short(g.consumers)}")
+    reasons: dict[str, int] = {}
+    for g in fixed:
+        reasons[g.fixed] = reasons.get(g.fixed, 0) + 1
+    lines += ["", f"{len(fixed)} fixed spaces (never permuted):"]
+    lines += [f"  {count:>4} x {reason}" for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    if analysis.unsupported:
+        lines += ["", "ops with no rule:"] + [f"  {u}" for u in analysis.unsupported]
+    return "\n".join(lines)
+
+
+def _short(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "") if names else "-"
+
+
+def _demo(args) -> int:
+    from pleascc.demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
