@@ -99,7 +99,7 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
         best, best_score, best_delta = None, -1.0, 0
         for root, m in matchings.items():
             unmerged = widths[root] - m.n  # pairs already un-merged, worst first
-            step = min(steps[root], m.n - unmerged)
+            step = 0 if root in table.keep_width else min(steps[root], m.n - unmerged)
             if step <= 0:
                 continue
             trial = {**widths, root: widths[root] + step}

@@ -354,11 +354,11 @@ def _conv(ctx: Context, node: fx.Node):
     per_group_out = m.out_channels // groups
     if groups == 1:
         in_group, groups_dim, out = chan, None, ctx.table.new(m.out_channels)
-    else:
-        in_group = ctx.table.new(m.in_channels // groups)
+    else:  # channels are (groups × per group); only the group count may widen, so groups stay whole
+        in_group = ctx.table.new(m.in_channels // groups, keep_width=True)
         groups_dim = ctx.table.new(groups)
         ctx.table.unify(chan, Prod((groups_dim, in_group)), node.name)
-        out = Prod((groups_dim, ctx.table.new(per_group_out)))
+        out = Prod((groups_dim, ctx.table.new(per_group_out, keep_width=True)))
     kernel = ctx.new_dims(m.weight.shape[2:], "kernel")
     ctx.bind(f"{node.target}.weight", [out, in_group, *kernel], ["out", "in"] + ["out"] * len(kernel))
     if m.bias is not None:
@@ -448,7 +448,8 @@ def _group_norm(ctx: Context, node: fx.Node):
     chan = dims[1]
     if 1 < m.num_groups < m.num_channels:
         groups_dim = ctx.table.new(m.num_groups)
-        ctx.table.unify(chan, Prod((groups_dim, ctx.table.new(m.num_channels // m.num_groups))), node.name)
+        per_group = ctx.table.new(m.num_channels // m.num_groups, keep_width=True)
+        ctx.table.unify(chan, Prod((groups_dim, per_group)), node.name)
         ctx.module_rewrites[node.target] = lambda mod, size: (
             setattr(mod, "num_channels", size(chan)), setattr(mod, "num_groups", size(groups_dim)))
     else:
@@ -509,7 +510,7 @@ def _reshape(ctx: Context, node: fx.Node):
     dims = ctx.dims_of(node.args[0])
     in_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node)
     out = _reshape_dims(ctx, node, dims, in_shape, out_shape)
-    if isinstance(node.target, str) or node.target is torch.reshape:
+    if node.target in ("view", "reshape", torch.reshape):
         _record_shape_literals(ctx, node, out)
     return out
 
@@ -628,13 +629,11 @@ def _split(ctx: Context, node: fx.Node):
     axis = ctx.arg(node, 2, "dim", 0) % len(dims)
     parts = [ctx.table.new(m.shape[axis]) for m in outputs]
     ctx.table.unify(dims[axis], Cat(tuple(parts)), node.name)
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-
     def rewrite(n: fx.Node, size: Size) -> None:
-        sizes = [size(p) for p in parts]
-        if name == "chunk" and len(set(sizes)) > 1:  # chunks of unequal width become a split
-            n.target = torch.split if n.op == "call_function" else "split"
-        _set_arg(n, 1, "split_size_or_sections", sizes)
+        # Always an explicit split: merged segments may no longer be equal chunks.
+        n.target = torch.split if n.op == "call_function" else "split"
+        n.args = (n.args[0], [size(p) for p in parts], axis)
+        n.kwargs = {}
 
     ctx.node_rewrites[node.name] = rewrite
     return [dims[:axis] + [p] + dims[axis + 1:] for p in parts]

@@ -48,14 +48,18 @@ class SpaceTable:
         self._size: list[int] = []
         self._definition: dict[int, Dim] = {}
         self.fixed: dict[int, str] = {}
+        self.keep_width: set[int] = set()  # permutable, but never widened (per-group axes of grouped ops)
 
     # ----- atoms
-    def new(self, size: int, fixed: str | None = None) -> Atom:
+    def new(self, size: int, fixed: str | None = None, keep_width: bool = False, piece: bool = False) -> Atom:
+        """A new space; size-1 ones are fixed (broadcast axes) unless ``piece`` of a split axis."""
         self._parent.append(len(self._parent))
         self._size.append(int(size))
         atom = Atom(len(self._parent) - 1)
-        if fixed is not None or size <= 1:
+        if fixed is not None or (size <= 1 and not piece):
             self.fixed[atom.id] = fixed or "size 1"
+        if keep_width:
+            self.keep_width.add(atom.id)
         return atom
 
     def find(self, i: int) -> int:
@@ -82,8 +86,8 @@ class SpaceTable:
         flat: list[Dim] = []
         for child in children:
             child = self.resolve(child)
-            if kind is Prod and self.size(child) == 1:
-                continue
+            if kind is Prod and self.size(child) == 1 and self.is_fixed(child):
+                continue  # a broadcast axis; size-1 pieces of a split axis may still widen
             flat.extend(_children(child) if type(child) is kind else [child])
         if not flat:  # a product of size-1 axes
             return self.resolve(children[0])
@@ -133,6 +137,10 @@ class SpaceTable:
             self._refine(atom, comp, where)
         elif isinstance(a, Cat) and isinstance(b, Cat):
             self._unify_cats(a, b, where)
+        elif isinstance(a, Cat) and isinstance(b, Prod):
+            self._unify_cats(a, self._distribute(b), where)
+        elif isinstance(a, Prod) and isinstance(b, Cat):
+            self._unify_cats(self._distribute(a), b, where)
         elif isinstance(a, Prod) and isinstance(b, Prod) and [self.size(f) for f in a.factors] == [
             self.size(f) for f in b.factors
         ]:
@@ -150,6 +158,8 @@ class SpaceTable:
         self._parent[rj] = ri
         if rj in self.fixed:
             self.fixed.setdefault(ri, self.fixed.pop(rj))
+        if rj in self.keep_width:
+            self.keep_width.add(ri)
 
     def _refine(self, atom: Atom, comp: Dim, where: str) -> None:
         if any(a.id == atom.id for a in self.atoms(comp)):
@@ -161,25 +171,62 @@ class SpaceTable:
         self._definition[atom.id] = comp
         if reason is not None:
             self.fix(comp, reason)
+        if atom.id in self.keep_width:
+            self.keep_width.update(a.id for a in self.atoms(comp))
 
     def _unify_cats(self, a: Cat, b: Cat, where: str) -> None:
+        """Align two segmentations, splitting segments at the other side's boundaries."""
         left, right = list(a.parts), list(b.parts)
         while left and right:
-            x, y = left.pop(0), right.pop(0)
+            x, y = self.resolve(left.pop(0)), self.resolve(right.pop(0))
             sx, sy = self.size(x), self.size(y)
             if sx == sy:
                 self.unify(x, y, where)
                 continue
             big, small, rest = (x, y, left) if sx > sy else (y, x, right)
-            if not isinstance(big, Atom):
-                reason = f"{where}: concatenations with different boundaries"
+            split = self._split(big, self.size(small), where)
+            if split is None:
+                reason = f"{where}: segments of {self.describe(a)} and {self.describe(b)} do not align"
                 self.fix(a, reason)
                 self.fix(b, reason)
                 return
-            head, tail = self.new(self.size(small)), self.new(self.size(big) - self.size(small))
-            self._refine(big, Cat((head, tail)), where)
-            self.unify(head, small, where)
-            rest.insert(0, tail)
+            self.unify(split[0], small, where)
+            rest.insert(0, split[1])
+
+    def _split(self, dim: Dim, at: int, where: str) -> tuple[Dim, Dim] | None:
+        """Refine ``dim`` into a head of size ``at`` and a tail, if its structure allows."""
+        if isinstance(dim, Atom):
+            head, tail = self.new(at, piece=True), self.new(self.size(dim) - at, piece=True)
+            self._refine(dim, Cat((head, tail)), where)
+            return head, tail
+        if isinstance(dim, Prod) and isinstance(dim.factors[0], Cat):
+            dim = self._distribute(dim)
+        if isinstance(dim, Cat):  # split the segment the boundary falls in
+            offset = 0
+            for k, part in enumerate(dim.parts):
+                size = self.size(part)
+                if offset + size >= at:
+                    inner = (part, None) if offset + size == at else self._split(self.resolve(part), at - offset, where)
+                    if inner is None:
+                        return None
+                    head = Cat((*dim.parts[:k], inner[0]))
+                    tail = dim.parts[k + 1:] if inner[1] is None else (inner[1], *dim.parts[k + 1:])
+                    return self.resolve(head), self.resolve(Cat(tail))
+                offset += size
+        if isinstance(dim, Prod) and isinstance(dim.factors[0], Atom):  # split whole rows of the outer factor
+            rest = dim.factors[1:]
+            row = self.size(Prod(rest)) if len(rest) > 1 else self.size(rest[0])
+            if at % row == 0:
+                outer_head, outer_tail = self._split(dim.factors[0], at // row, where)
+                return Prod((outer_head, *rest)), Prod((outer_tail, *rest))
+        return None
+
+    def _distribute(self, prod: Prod) -> Cat:
+        """(G1 | G2) x R = (G1 x R) | (G2 x R): a product as segments, for aligning with a Cat."""
+        outer, rest = prod.factors[0], prod.factors[1:]
+        if isinstance(outer, Cat):
+            return Cat(tuple(Prod((g, *rest)) for g in outer.parts))
+        return Cat((prod,))
 
     # ----- reading
     def describe(self, dim: Dim) -> str:

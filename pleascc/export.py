@@ -13,12 +13,9 @@ import torch
 import torch.nn as nn
 
 from pleascc.errors import PleasccError
+from pleascc.verify import flat_outputs
 
 
-def _flat(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    return [t for item in value for t in _flat(item)]
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, verify: bool = True,
@@ -34,7 +31,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, verify: b
                            "choose another -o path")
     model = model.eval()
     with torch.no_grad():
-        expected = _flat(model(example))
+        expected = flat_outputs(model(example))
     names = ["logits"] if len(expected) == 1 else [f"logits_{k}" for k in range(len(expected))]
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
     os.close(fd)

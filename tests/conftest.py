@@ -16,3 +16,26 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"shared data not found at {root}")
     return root
+
+
+def healthy(model, x, seed: int = 0):
+    """Random weights with BatchNorm statistics set from data, so features neither die nor explode.
+
+    Plain random initializations of deep nets (MobileNet's SE gates, say) collapse
+    to near-constant features that float32 rounding dominates; no merge can be
+    checked on those.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()

@@ -1,0 +1,46 @@
+"""Checks that an analysis is right, for tests, benchmarks and users' own models."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from pleascc.passes.groups import analyze, coverage, permutation_groups, permute_state, random_permutations
+from pleascc.trace import trace
+
+
+def permutation_invariance(model: nn.Module, example: torch.Tensor, seed: int = 0) -> dict:
+    """Permute every free group at random and measure how much the output moves.
+
+    Runs in float64 so that only a wrong group (not rounding) can move it:
+    a correct analysis gives a relative difference near 1e-15.
+    """
+    gm = trace(model)
+    analysis = analyze(gm, (example.float(),))
+    gm = copy.deepcopy(gm).double().eval()
+    x = example.double()
+    with torch.no_grad():
+        before = flat_outputs(gm(x))
+        perms = random_permutations(analysis, torch.Generator().manual_seed(seed))
+        gm.load_state_dict(permute_state(analysis, gm.state_dict(), perms))
+        after = flat_outputs(gm(x))
+    scale = max(float(t.abs().max()) for t in before) or 1.0
+    diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
+    free = [g for g in permutation_groups(analysis) if g.fixed is None]
+    return {
+        "relative_diff": diff / scale,
+        "free_groups": len(free),
+        "coverage": coverage(analysis, model),
+        "unsupported": analysis.unsupported,
+    }
+
+
+def flat_outputs(value) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order, whatever its nesting."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for item in value for t in flat_outputs(item)]
