@@ -165,8 +165,12 @@ def summary(report: dict) -> str:
 
 def _check_writable(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(folder):
+        raise PleasccError(f"cannot write {path}: {folder} is a file, not a folder; choose another path")
     if not os.path.isdir(folder):
         raise PleasccError(f"cannot write {path}: folder {folder} does not exist; create it or choose another path")
+    if os.path.isdir(path):
+        raise PleasccError(f"cannot write {path}: it is a folder; pass a file path (inside it, say)")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise PleasccError(f"cannot write {path}: permission denied; choose another path")
 
@@ -174,9 +178,13 @@ def _check_writable(path: str) -> None:
 def _write_json(path: str, value: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _groups(args) -> int:
@@ -197,9 +205,23 @@ def _groups(args) -> int:
         example = _calibration(args, model).x[:2]
     else:
         example = torch.randn(2, *(args.input_shape or _default_input_shape(model)))
+    _check_fits(model, example, "check --data" if args.data else "pass --input-shape (e.g. 3,224,224) or --data")
     analysis = analyze(trace(model), (example,))
     print(format_groups(analysis, permutation_groups(analysis), coverage(analysis, model)))
     return 0
+
+
+def _check_fits(model, example, fix: str) -> None:
+    """Run the model once, so inputs of the wrong shape fail in one line rather than inside the analysis."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PleasccError(f"inputs of shape {tuple(example.shape[1:])} do not fit the model ({first}): "
+                           f"{fix}") from None
 
 
 def _default_input_shape(model) -> tuple[int, ...]:

@@ -1,0 +1,265 @@
+"""The command line end to end: successful merges, and every bad input as exit 2 with one line and no output."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pleascc
+import pleascc.api
+from pleascc.cli import main
+from pleascc.demo import digits_cnn
+
+ARCH = ["--arch", "pleascc.demo:digits_cnn", "--arch-kwargs", '{"width": 8}']
+SAMPLES = 300
+UNTRACEABLE = """\
+import torch.nn as nn
+from pleascc.demo import digits_cnn
+
+
+class Net(nn.Sequential):
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return super().forward(x)
+
+
+def make(num_classes=5, width=8):
+    return Net(*digits_cnn(num_classes, width))
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores shared with other jobs: torch's thread pool would oversubscribe them (100× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _save_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Checkpoints, calibration files and architecture files, made once for the module."""
+    root = tmp_path_factory.mktemp("inputs")
+    torch.manual_seed(0)
+    f = {}
+    for name, width in (("a", 8), ("b", 8), ("b16", 16)):
+        f[name] = str(root / f"{name}.pt")
+        torch.save(digits_cnn(num_classes=5, width=width).state_dict(), f[name])
+    nan_model = digits_cnn(num_classes=5, width=8)
+    with torch.no_grad():
+        nan_model[0].weight[0, 0, 0, 0] = float("nan")
+    f["nan_weight"] = str(root / "nan_weight.pt")
+    torch.save(nan_model.state_dict(), f["nan_weight"])
+    f["whole"] = str(root / "whole.pt")
+    torch.save(digits_cnn(num_classes=5, width=8), f["whole"])
+    f["whole_other"] = str(root / "whole_other.pt")
+    torch.save(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 5)),
+               f["whole_other"])
+    f["junk"] = str(root / "junk.pt")
+    (root / "junk.pt").write_bytes(np.random.default_rng(0).bytes(1000))
+    x = np.random.default_rng(0).standard_normal((SAMPLES, 1, 8, 8)).astype(np.float32)
+    f["calib"] = _save_npz(root / "calib.npz", x=x)
+    f["few"] = _save_npz(root / "few.npz", x=x[:10])
+    f["three_channels"] = _save_npz(root / "three_channels.npz", x=np.repeat(x, 3, axis=1))
+    x_nan = x.copy()
+    x_nan[5, 0, 1, 1] = np.nan
+    f["nan_data"] = _save_npz(root / "nan_data.npz", x=x_nan)
+    f["no_x"] = _save_npz(root / "no_x.npz", inputs=x)
+    f["untraceable"] = str(root / "untraceable.py")
+    (root / "untraceable.py").write_text(UNTRACEABLE)
+    f["a_file"] = str(root / "somefile.txt")
+    (root / "somefile.txt").write_text("not a folder\n")
+    return f
+
+
+def _merge_args(files, out, *extra, a="a", b="b", data="calib", arch=ARCH):
+    return ["merge", files[a], files[b], *arch, "--data", files[data], "-o", str(out), "--no-progress", *extra]
+
+
+def _error(capsys, argv) -> str:
+    """Run the CLI, expecting exit 2 and a single-line 'pleascc: error:' message; return the message."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pleascc: error: "), err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    return err
+
+
+# ---------------------------------------------------------------------------- success
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pleascc {pleascc.__version__}"
+
+
+def test_merge_pleas_writes_onnx_and_report(files, tmp_path, capsys):
+    import onnxruntime as ort
+
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    argv = _merge_args(files, out, "--labels", "separate", "--budget", "1.5", "--report", str(report))
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.load(files["calib"])["x"][:3]
+    outputs = session.run(None, {session.get_inputs()[0].name: x})
+    assert [o.shape for o in outputs] == [(3, 5), (3, 5)]
+    r = json.loads(report.read_text())
+    assert {"relative_flops", "groups", "onnx", "timings_s", "least_squares_residuals"} <= set(r)
+    assert 1.0 <= r["relative_flops"] <= 1.5 + 1e-9
+    assert r["least_squares_residuals"] and r["groups"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "r.json"]  # no temporary files left
+
+
+@pytest.mark.parametrize("method", ["permute", "average"])
+def test_merge_other_methods(files, tmp_path, method):
+    out = tmp_path / "out.onnx"
+    assert main(_merge_args(files, out, "--method", method, "--labels", "separate")) == 0
+    assert out.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+
+
+def test_groups_of_checkpoint(files, capsys):
+    assert main(["groups", files["a"], *ARCH, "--input-shape", "1,8,8"]) == 0
+    assert "4 permutation groups" in capsys.readouterr().out
+    assert main(["groups", files["a"], *ARCH, "--data", files["calib"]]) == 0
+    assert "4 permutation groups" in capsys.readouterr().out
+
+
+def test_groups_of_architecture_alone(capsys):
+    assert main(["groups", "none", "--arch", "torchvision:resnet18", "--input-shape", "3,64,64"]) == 0
+    assert capsys.readouterr().out.startswith("12 permutation groups")
+
+
+# ---------------------------------------------------------------------------- bad input: exit 2, one line, no file
+
+BAD_INPUTS = {
+    # name: (merge arguments, words the message must contain)
+    "missing_checkpoint": (dict(a="missing"), ["missing.pt", "not found"]),
+    "not_a_checkpoint": (dict(a="junk"), ["junk.pt", "not a PyTorch checkpoint"]),
+    "pickled_module": (dict(a="whole", arch=[]), ["whole.pt", "--trust-pickle"]),
+    "other_width": (dict(b="b16"), ["b16.pt", "0.weight", "(16, 1, 3, 3)"]),
+    "other_factory": (dict(a="whole", b="whole_other", arch=["--trust-pickle"]), ["differ", "1.weight"]),
+    "module_not_importable": (dict(arch=["--arch", "no_such_module_xyz:make"]), ["no_such_module_xyz"]),
+    "factory_missing": (dict(arch=["--arch", "{untraceable}:no_such_factory"]), ["no_such_factory"]),
+    "untraceable": (dict(arch=["--arch", "{untraceable}:make"]), ["cannot trace", "untraceable.py:7", "x.sum()"]),
+    "wrong_data_shape": (dict(data="three_channels"), ["(300, 3, 8, 8)", "does not fit"]),
+    "too_few_samples": (dict(data="few"), ["10 samples", "needs at least 17"]),
+    "nan_data": (dict(data="nan_data"), ["nan_data.npz", "NaN"]),
+    "nan_weight": (dict(a="nan_weight"), ["model A", "NaN"]),
+    "data_without_x": (dict(data="no_x"), ["no_x.npz", "no 'x'", "inputs"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(files, tmp_path, capsys, case):
+    kwargs, words = BAD_INPUTS[case]
+    files = {**files, "missing": str(tmp_path / "missing.pt")}
+    if "arch" in kwargs:
+        kwargs = {**kwargs, "arch": [a.format(**files) for a in kwargs["arch"]]}
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    err = _error(capsys, _merge_args(files, out_dir / "out.onnx", "--report", str(out_dir / "r.json"), **kwargs))
+    for word in words:
+        assert word in err, err
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("output", ["/nonexistent_dir/out.onnx", "{a_file}/out.onnx"])
+def test_unwritable_output(files, capsys, output):
+    output = output.format(**files)
+    err = _error(capsys, _merge_args(files, output))
+    assert output in err
+    assert not os.path.exists(output)
+
+
+def test_read_only_output_folder(files, tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores folder permissions (test_unwritable_output covers a path under a file)")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        err = _error(capsys, _merge_args(files, folder / "out.onnx"))
+        assert "permission denied" in err
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)
+
+
+@pytest.mark.parametrize("which", ["output", "report"])
+def test_output_is_a_folder(files, tmp_path, capsys, which):
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    out = folder if which == "output" else tmp_path / "out.onnx"
+    extra = ["--report", str(folder)] if which == "report" else []
+    err = _error(capsys, _merge_args(files, out, *extra))
+    assert "is a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and list(folder.iterdir()) == []
+
+
+def test_groups_with_input_of_wrong_shape(files, capsys):
+    err = _error(capsys, ["groups", files["a"], *ARCH])  # default input shape 3,224,224
+    assert "(3, 224, 224)" in err and "--input-shape" in err
+
+
+# ---------------------------------------------------------------------------- exit codes of the real process
+
+
+def _run(*code_or_args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *code_or_args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_process_exit_code_on_bad_input(files, tmp_path):
+    out = tmp_path / "out.onnx"
+    proc = _run("-m", "pleascc", *_merge_args(files, out, a="junk"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("pleascc: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_interrupt(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pleascc.api, "layer_moments", _interrupt)
+    out = tmp_path / "out.onnx"
+    assert main(_merge_args(files, out, "--report", str(tmp_path / "r.json"))) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_process_exit_code_on_interrupt(files, tmp_path):
+    out = tmp_path / "out.onnx"
+    code = textwrap.dedent(f"""
+        import sys
+        import pleascc.api
+        from pleascc.cli import main
+
+        def interrupt(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        pleascc.api.layer_moments = interrupt
+        sys.exit(main({_merge_args(files, out)!r}))
+    """)
+    proc = _run("-c", code)
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted" in proc.stderr and proc.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,111 @@
+"""Unit tests of the passes on small inputs whose answers are known."""
+
+import torch
+import torch.nn as nn
+
+from pleascc.passes import budget as budget_pass
+from pleascc.passes.groups import analyze, permutation_groups
+from pleascc.passes.match import hungarian, identity
+from pleascc.passes.merge_maps import MergeMaps, row_blocks, selections_from_pairs
+from pleascc.passes.stats import CrossMoments, Problem, feature_moments
+from pleascc.passes.solve import least_squares
+from pleascc.passes.spaces import SpaceTable
+from pleascc.trace import trace
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+
+
+def test_groups_of_an_mlp():
+    analysis = analyze(trace(_mlp(0)), (torch.randn(2, 4),))
+    free = [g for g in permutation_groups(analysis) if g.fixed is None]
+    assert len(free) == 1 and free[0].size == 6
+    assert free[0].producers == ["0.weight[0]", "0.bias[0]"] and free[0].consumers == ["2.weight[1]"]
+
+
+def test_unknown_op_fixes_its_spaces_and_is_reported():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(torch.cumsum(self.a(x), dim=1))
+
+    analysis = analyze(trace(Odd()), (torch.randn(2, 4),))
+    assert [g for g in permutation_groups(analysis) if g.fixed is None] == []
+    assert any("cumsum" in u for u in analysis.unsupported)
+
+
+def test_correlation_is_one_for_identical_features_and_hungarian_recovers_a_permutation():
+    x = torch.randn(500, 5) * torch.tensor([1e-4, 1, 10, 1e3, 1]) + 50
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    moments = CrossMoments(5)
+    for chunk in x.split(100):
+        moments.add(chunk, chunk[:, perm])
+    corr = moments.correlation()
+    matching = hungarian(corr)
+    assert torch.equal(perm[matching.pairs_b], matching.pairs_a)
+    assert torch.allclose(matching.corr, torch.ones(5, dtype=torch.float64))
+    assert torch.equal(identity(corr).pairs_a, identity(corr).pairs_b)
+
+
+def test_partial_selections_layout():
+    p_a, p_b = selections_from_pairs(3, torch.tensor([2, 0, 1]), torch.tensor([0, 1, 2]), width=4)
+    # width 4 = 2 merged pairs, (2,0) and (0,1); then A-only unit 1, then B-only unit 2
+    assert p_a.argmax(1).tolist()[:3] == [2, 0, 1] and p_a[3].sum() == 0
+    assert p_b.argmax(1).tolist()[:2] == [0, 1] and p_b[2].sum() == 0 and p_b[3, 2] == 1
+
+
+def test_merge_averages_merged_units_and_blocks_skip_cross_terms():
+    table = SpaceTable()
+    inp, out = table.new(3), table.new(2)
+    maps = MergeMaps(table, {
+        inp.id: selections_from_pairs(3, torch.arange(3), torch.arange(3), 4),  # one pair apart
+        out.id: selections_from_pairs(2, torch.arange(2), torch.arange(2), 2),  # all merged
+    })
+    a, b = torch.ones(1, 3), 3 * torch.ones(1, 3)
+    assert maps.merge((a, b), [(1, inp)]).tolist() == [[2.0, 2.0, 1.0, 3.0]]
+    blocks = row_blocks(maps, out, inp)
+    assert len(blocks) == 1 and blocks[0].rows is None  # merged rows read every input
+    rows = row_blocks(maps, inp, out)  # the A-only and B-only rows read only their model's inputs
+    assert [b.rows.tolist() if b.rows is not None else None for b in rows] == [[0, 1], [2], [3]]
+
+
+def test_budget_endpoints_and_monotonicity():
+    model = _mlp(0)
+    analysis = analyze(trace(model), (torch.randn(2, 4),))
+    corr = torch.eye(6, dtype=torch.float64) * torch.linspace(1, 0.1, 6, dtype=torch.float64)
+    matchings = {root: hungarian(corr) for root in analysis.free_roots()}
+    costs = budget_pass.layer_costs(analysis, set())
+    widths = [budget_pass.choose_widths(analysis, matchings, costs, b) for b in (1.0, 1.3, 1.6, 2.0)]
+    flops = [budget_pass.relative_flops(analysis, costs, w) for w in widths]
+    assert flops[0] == 1.0 and flops[-1] == 2.0
+    assert all(f <= b + 1e-9 for f, b in zip(flops, (1.0, 1.3, 1.6, 2.0)))
+    assert flops == sorted(flops)
+
+
+def test_least_squares_recovers_a_linear_map_from_the_warm_start():
+    torch.manual_seed(0)
+    x = torch.randn(200, 4, dtype=torch.float64)
+    w_true = torch.randn(3, 4, dtype=torch.float64)
+    inputs = torch.cat([x, torch.ones(200, 1, dtype=torch.float64)], 1)[None]
+    w0 = torch.zeros(1, 3, 5, dtype=torch.float64)
+    residual = (x @ w_true.T)[None] - inputs @ w0.transpose(1, 2)
+    problem = Problem(layer=None, target=None, name="toy", w0=w0, xx=inputs.transpose(1, 2) @ inputs,
+                      rx=residual.transpose(1, 2) @ inputs, count=200, tt=float((residual ** 2).sum()),
+                      rr=float((residual ** 2).sum()))
+    w, rel = least_squares(problem, ridge=1e-10, has_bias=True)
+    assert torch.allclose(w[0, :, :4], w_true, atol=1e-6) and rel < 1e-10
+
+
+def test_feature_moments_of_a_model_and_its_twin():
+    model = _mlp(0)
+    gm = trace(model)
+    analysis = analyze(gm, (torch.randn(2, 4),))
+    (root,) = analysis.free_roots()
+    corr = feature_moments((gm, trace(model)), analysis, torch.randn(300, 4), progress=False)[root]
+    live = corr.diagonal() != 0
+    assert torch.allclose(corr.diagonal()[live], torch.ones(int(live.sum()), dtype=torch.float64))
