@@ -16,7 +16,7 @@ All sums are float64.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.fx as fx

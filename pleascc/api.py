@@ -68,59 +68,71 @@ def merge(
         raise PleasccError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if not 1.0 <= budget <= 2.0:
         raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
+    matcher, refit = METHODS[method]
     x = _calibration_tensor(data, samples, model_a)
-    check_data_fits(model_a, CalibrationData(x))
-    gm_a = trace(model_a, "model A")
-    analysis = analyze(gm_a, (x[:2],))
-    heads = head_layers(analysis)
-    head_params = frozenset(n for layer in heads for n in (layer.weight, layer.bias) if n)
-    check_same_architecture(model_a, model_b, heads=head_params)
-    gm_b = trace(model_b, "model B")
-    check_same_graph(gm_a, gm_b)
-    states = (gm_a.state_dict(), gm_b.state_dict())
+    gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
     separate = _separate_labels(labels, heads, states)
+    separate_heads = {layer.node for layer in heads} if separate else set()
     timings["trace_and_analyze"] = time.perf_counter() - clock
 
-    matcher, refit = METHODS[method]
-    _check_sample_count(x)
     clock = time.perf_counter()
-    correlations = feature_moments((gm_a, gm_b), analysis, x, batch_size, progress)
+    correlations = feature_moments(gms, analysis, x, batch_size, progress)
     timings["matching_statistics"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    sizes = {root: analysis.root_size(root) for root in analysis.free_roots()}
-    ties = weight_similarity(analysis, states)
-    scores = {root: correlations.get(root, torch.zeros(n, n)) + TIE_BREAK * ties.get(root, torch.zeros(n, n))
-              for root, n in sizes.items()}
-    matchings = match_all(scores, sizes, matcher)
-    head_nodes = {layer.node for layer in heads}
-    costs = budget_pass.layer_costs(analysis, head_nodes if separate else set())
+    matchings = _match(analysis, correlations, states, matcher)
+    costs = budget_pass.layer_costs(analysis, separate_heads)
     widths = budget_pass.choose_widths(analysis, matchings, costs, budget)
     maps = MergeMaps(analysis.table, {
         root: selections_from_pairs(m.n, m.pairs_a, m.pairs_b, widths[root]) for root, m in matchings.items()})
     timings["match_and_budget"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name]) for name in states[0]}
-    problems = _problems(analysis, maps, states, head_nodes if separate else set())
-    residuals = {}
+    problems = _problems(analysis, maps, states, separate_heads)
     if refit:
         _check_least_squares_samples(problems, analysis, x)
-        layer_moments((gm_a, gm_b), analysis, maps, problems, x, batch_size, progress)
-    layer_weights: dict[tuple[str, int | None], list] = {}
-    for p in problems:
-        has_bias = p.layer.kind == "norm" or bool(p.layer.bias)
-        if refit:
-            w, residuals[p.name] = least_squares(p, ridge, has_bias)
-        else:
-            w = p.w0
-        params = layer_params(p.layer, w, states[p.model or 0])
-        layer_weights.setdefault((p.layer.node, p.model), []).append((p.block, params))
+        layer_moments(gms, analysis, maps, problems, x, batch_size, progress)
+    layer_weights, residuals = _solve(problems, states, refit, ridge)
     timings["solve"] = time.perf_counter() - clock
 
-    merged = emit(gm_a, analysis, maps, state, layer_weights)
-    report = _report(analysis, model_a, merged, matchings, widths, maps, costs, residuals, timings,
+    state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name]) for name in states[0]}
+    merged = emit(gms[0], analysis, maps, state, layer_weights)
+    report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
                      method=method, budget=budget, separate=separate, samples=len(x))
     return MergeResult(merged.eval(), report, analysis)
+
+
+def _trace_pair(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor):
+    """Trace both models, analyse A's graph, and check B has the same graph and parameters."""
+    check_data_fits(model_a, CalibrationData(x))
+    gm_a = trace(model_a, "model A")
+    analysis = analyze(gm_a, (x[:2],))
+    heads = head_layers(analysis)
+    check_same_architecture(model_a, model_b, heads=frozenset(n for h in heads for n in (h.weight, h.bias) if n))
+    gm_b = trace(model_b, "model B")
+    check_same_graph(gm_a, gm_b)
+    return (gm_a, gm_b), analysis, heads, (gm_a.state_dict(), gm_b.state_dict())
+
+
+def _match(analysis: Analysis, correlations: dict, states, matcher: str) -> dict:
+    """Pair units per free group: correlation, plus a small weight-based tie-break."""
+    sizes = {root: analysis.root_size(root) for root in analysis.free_roots()}
+    ties = weight_similarity(analysis, states)
+    scores = {root: correlations.get(root, torch.zeros(n, n)) + TIE_BREAK * ties.get(root, torch.zeros(n, n))
+              for root, n in sizes.items()}
+    return match_all(scores, sizes, matcher)
+
+
+def _solve(problems: list[Problem], states, refit: bool, ridge: float):
+    """Each block's weights: the least-squares fit, or the warm start for the baselines."""
+    layer_weights: dict[tuple[str, int | None], list] = {}
+    residuals = {}
+    for p in problems:
+        w = p.w0
+        if refit:
+            w, residuals[p.name] = least_squares(p, ridge, has_bias=p.layer.kind == "norm" or bool(p.layer.bias))
+        params = layer_params(p.layer, w, states[p.model or 0])
+        layer_weights.setdefault((p.layer.node, p.model), []).append((p.block, params))
+    return layer_weights, residuals
 
 
 def _calibration_tensor(data, samples: int | None, model: nn.Module) -> torch.Tensor:
@@ -130,6 +142,8 @@ def _calibration_tensor(data, samples: int | None, model: nn.Module) -> torch.Te
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise PleasccError("calibration data must be a float tensor of preprocessed inputs (N, ...)")
     x = x[:samples] if samples else x
+    if len(x) < 2:
+        raise PleasccError(f"calibration data has {len(x)} sample(s); matching needs at least 2: pass more data")
     if not torch.isfinite(x).all():
         raise PleasccError("calibration data contains NaN or Inf: check its preprocessing")
     return x.float()
@@ -180,11 +194,6 @@ def _own_output(model: int):
     return lambda y_a, y_b: (y_a, y_b)[model]
 
 
-def _check_sample_count(x: torch.Tensor) -> None:
-    if len(x) < 2:
-        raise PleasccError(f"calibration data has {len(x)} sample(s); matching needs at least 2: pass more data")
-
-
 def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x: torch.Tensor) -> None:
     """Each fit needs at least as many observations as one model's layer has unknowns per output.
 
@@ -203,7 +212,7 @@ def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x:
                                "(--samples) or use --method permute")
 
 
-def _report(analysis, model_a, merged, matchings, widths, maps, costs, residuals, timings, **settings) -> dict:
+def _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings, **settings) -> dict:
     groups = []
     for root, m in matchings.items():
         merged_pairs = 2 * m.n - widths[root]

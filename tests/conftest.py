@@ -39,3 +39,15 @@ def healthy(model, x, seed: int = 0):
     with torch.no_grad():
         model(x)
     return model.eval()
+
+
+def raises(match: str, fn, *args, **kwargs) -> str:
+    """Assert a one-line PleasccError mentioning `match`; return its message."""
+    from pleascc.errors import PleasccError
+
+    with pytest.raises(PleasccError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert match in msg, msg
+    return msg

@@ -7,17 +7,10 @@ from PIL import Image
 from torch import nn
 
 from pleascc.data import CalibrationData, check_data_fits, load_data
-from pleascc.errors import PleasccError
+from conftest import raises
 
 
-def raises(match: str, fn, *args, **kwargs) -> str:
-    """Assert a one-line PleasccError mentioning `match`; return its message."""
-    with pytest.raises(PleasccError) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert "\n" not in msg
-    assert match in msg, msg
-    return msg
+
 
 
 def write_image(path, color, size=(40, 30)):

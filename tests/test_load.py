@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pleascc.errors import PleasccError
+from conftest import raises
+
 from pleascc.load import build_arch, check_same_architecture, load_checkpoint, load_model
 
 SPEC_MODULE = "tiny_arch_for_pleascc_tests"
@@ -26,14 +27,6 @@ class Tiny(nn.Sequential):
         )
 
 
-def raises(match: str, fn, *args, **kwargs) -> str:
-    """Assert a one-line PleasccError mentioning `match`; return its message."""
-    with pytest.raises(PleasccError) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert "\n" not in msg
-    assert match in msg, msg
-    return msg
 
 
 @pytest.fixture
