@@ -35,8 +35,8 @@ class Cost:
 
 
 def is_blocked(layer: Layer) -> bool:
-    """Dense layers, whose merged form skips the cross-model blocks."""
-    return layer.kind == "linear" or (layer.kind == "conv" and layer.groups_dim is None)
+    """Dense layer modules, whose merged form skips the cross-model blocks (functional ones stay dense)."""
+    return layer.is_module and (layer.kind == "linear" or (layer.kind == "conv" and layer.groups_dim is None))
 
 
 def layer_costs(analysis: Analysis, separate_heads: set[str]) -> list[Cost]:

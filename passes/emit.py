@@ -65,9 +65,7 @@ def _emit_layer(gm: fx.GraphModule, node: fx.Node, layer: Layer, blocks: list[tu
         for name, value in blocks[0][1].items():
             _assign(owner, name.removeprefix(prefix + ".") if prefix else name, value)
         return
-    if node.op != "call_module":
-        raise NotImplementedError(f"block-structured emit of functional layer {node.name}")
-    graph = gm.graph
+    graph = gm.graph  # only module layers are split into blocks (budget.is_blocked)
     pieces, order = [], []
     with graph.inserting_before(node):
         for k, (block, params) in enumerate(blocks):

@@ -54,6 +54,7 @@ class Layer:
     conv: dict = field(default_factory=dict)  # kernel_size, stride, padding, dilation
     running: tuple | None = None  # norm: (running_mean, running_var, eps)
     source: str = ""  # the node holding the layer's input
+    is_module: bool = False  # a call_module node (emit can split it into blocks)
 
 
 @dataclass
@@ -134,12 +135,14 @@ class Context:
         return [self.table.new(s, fixed) for s in shape]
 
     def bind(self, name: str, dims: list, roles: list | None = None) -> None:
-        roles = roles or ["out"] * len(dims)
+        """Record a parameter's axes; a layer rule's roles override the "out" a get_attr assumed."""
         if name in self.params:  # a parameter used twice: both uses are one space
             for old, new in zip(self.params[name].dims, dims):
                 self.table.unify(old, new, name)
+            if roles is not None:
+                self.params[name].roles = list(roles)
             return
-        self.params[name] = ParamBinding(name, list(dims), list(roles))
+        self.params[name] = ParamBinding(name, list(dims), list(roles or ["out"] * len(dims)))
 
     def fix_inputs(self, node: fx.Node, reason: str) -> None:
         for arg in node.all_input_nodes:
@@ -156,6 +159,7 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Analysis:
     nodes = {n.name: n for n in gm.graph.nodes}
     for layer in ctx.layers:
         layer.source = nodes[layer.node].args[0].name
+        layer.is_module = nodes[layer.node].op == "call_module"
     return Analysis(
         table=ctx.table,
         node_dims=ctx.dims,

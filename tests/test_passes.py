@@ -109,3 +109,26 @@ def test_feature_moments_of_a_model_and_its_twin():
     corr = feature_moments((gm, trace(model)), analysis, torch.randn(300, 4), progress=False)[root]
     live = corr.diagonal() != 0
     assert torch.allclose(corr.diagonal()[live], torch.ones(int(live.sum()), dtype=torch.float64))
+
+
+def test_functional_layers_merge_at_a_partial_budget(tmp_path):
+    """F.linear on parameters (get_attr): bound, refit, emitted dense, exported."""
+    import torch.nn.functional as F
+
+    import pleascc
+
+    class Functional(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.w1, self.b1 = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.zeros(8))
+            self.w2 = nn.Parameter(torch.randn(3, 8))
+
+        def forward(self, x):
+            return F.linear(F.relu(F.linear(x, self.w1, self.b1)), self.w2)
+
+    x = torch.randn(200, 4)
+    result = pleascc.merge(Functional(0), Functional(1), x, budget=1.5, progress=False)
+    assert 1.0 < result.report["relative_flops"] <= 1.5
+    assert result.analysis.params["w1"].roles == ["out", "in"]
+    pleascc.export_onnx(result.model, x[:4], str(tmp_path / "functional.onnx"))
