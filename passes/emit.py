@@ -42,6 +42,7 @@ def emit(gm: fx.GraphModule, analysis: Analysis, maps: MergeMaps, state: State,
                 node = copies[layer.node] if model == 1 else nodes[layer.node]
                 _emit_layer(merged, node, layer, blocks)
     merged.graph.lint()
+    merged.delete_all_unused_submodules()  # the layers replaced by their blocks
     merged.recompile()
     return merged
 
