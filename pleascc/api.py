@@ -94,7 +94,9 @@ def merge(
     layer_weights, residuals = _solve(problems, states, refit, ridge)
     timings["solve"] = time.perf_counter() - clock
 
-    state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name]) for name in states[0]}
+    own = {n for layer in heads if layer.node in separate_heads for n in (layer.weight, layer.bias)}
+    state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name])
+             for name in states[0] if name not in own}  # separate heads: from their own fits
     merged = emit(gms[0], analysis, maps, state, layer_weights)
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
                      method=method, budget=budget, separate=separate, samples=len(x))
