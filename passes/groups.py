@@ -734,6 +734,7 @@ class Group:
     fixed: str | None
     producers: list[str]
     consumers: list[str]
+    structure: set[str] = field(default_factory=set)  # "axis", "segment", "factor", "per-group"
 
 
 def permutation_groups(analysis: Analysis) -> list[Group]:
@@ -742,15 +743,26 @@ def permutation_groups(analysis: Analysis) -> list[Group]:
     table = analysis.table
     for binding in analysis.params.values():
         for axis, (dim, role) in enumerate(zip(binding.dims, binding.roles)):
-            for atom in table.atoms(dim):
+            for atom, place in _places(table, table.resolve(dim), "axis"):
                 if table.size(atom) <= 1:
                     continue
                 g = groups.setdefault(atom.id, Group(atom.id, table.size(atom), table.fixed.get(atom.id), [], []))
+                g.structure.add("per-group" if atom.id in table.keep_width else place)
                 entry = f"{binding.name}[{axis}]"
                 target = g.producers if role == "out" else g.consumers
                 if entry not in target:
                     target.append(entry)
     return sorted(groups.values(), key=lambda g: (g.fixed is not None, g.root))
+
+
+def _places(table: SpaceTable, dim: Dim, place: str):
+    """Each atom of a resolved dim with where it sits: a whole axis, a segment, or a factor."""
+    if isinstance(dim, Atom):
+        yield dim, place
+        return
+    inner = "segment" if isinstance(dim, Cat) else "factor"
+    for child in (dim.parts if isinstance(dim, Cat) else dim.factors):
+        yield from _places(table, child, inner)
 
 
 def coverage(analysis: Analysis, model: nn.Module) -> float:

@@ -233,9 +233,10 @@ def format_groups(analysis, groups, covered: float) -> str:
     free = [g for g in groups if g.fixed is None]
     fixed = [g for g in groups if g.fixed is not None]
     lines = [f"{len(free)} permutation groups; {covered:.1%} of parameters in permutable groups", ""]
-    lines.append(f"{'group':>6} {'size':>6}  producers -> consumers")
+    lines.append(f"{'group':>6} {'size':>6}  {'structure':<16} producers -> consumers")
     for g in free:
-        lines.append(f"{g.root:>6} {g.size:>6}  {_short(g.producers)} -> {_short(g.consumers)}")
+        structure = ",".join(sorted(g.structure))
+        lines.append(f"{g.root:>6} {g.size:>6}  {structure:<16} {_short(g.producers)} -> {_short(g.consumers)}")
     reasons: dict[str, int] = {}
     for g in fixed:
         reasons[g.fixed] = reasons.get(g.fixed, 0) + 1
