@@ -39,19 +39,23 @@ def is_blocked(layer: Layer) -> bool:
     return layer.is_module and (layer.kind == "linear" or (layer.kind == "conv" and layer.groups_dim is None))
 
 
+def positions(analysis: Analysis, layer: Layer) -> int:
+    """Where a layer is applied per sample: its output's size without batch and feature axes."""
+    shape = analysis.shapes[layer.node]
+    return math.prod(s for k, s in enumerate(shape) if k not in (0, layer.out_axis % len(shape)))
+
+
 def layer_costs(analysis: Analysis, separate_heads: set[str]) -> list[Cost]:
     costs = []
     for layer in analysis.layers:
-        shape = analysis.shapes[layer.node]
-        axis = layer.out_axis % len(shape)
-        positions = math.prod(s for k, s in enumerate(shape) if k not in (0, axis))
+        where = positions(analysis, layer)
         dims = analysis.params[layer.weight].dims
         if layer.node in separate_heads:
-            costs.append(Cost("heads", dims, positions))
+            costs.append(Cost("heads", dims, where))
         elif is_blocked(layer):
-            costs.append(Cost("blocked", dims, positions))
+            costs.append(Cost("blocked", dims, where))
         else:
-            costs.append(Cost("plain", dims if layer.kind != "norm" else dims[:1], positions))
+            costs.append(Cost("plain", dims if layer.kind != "norm" else dims[:1], where))
     return costs
 
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.ops import stochastic_depth
 
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
 
@@ -270,9 +271,7 @@ rule(
 )(_same)
 
 
-@rule(nn.Softmax, torch.softmax, F.softmax, "softmax")
-def _softmax(ctx: Context, node: fx.Node):
-    return _same(ctx, node)  # normalizing along an axis commutes with permuting it
+rule(nn.Softmax, torch.softmax, F.softmax, "softmax")(_same)  # normalizing an axis commutes with permuting it
 
 
 @rule("to", "type")
@@ -280,15 +279,7 @@ def _cast(ctx: Context, node: fx.Node):
     return _same(ctx, node) if ctx.shape(node) is not None else None
 
 
-def _stochastic_depth_rule():
-    try:
-        from torchvision.ops import stochastic_depth
-    except ImportError:  # torchvision is a dependency; keep the rule table importable without it
-        return
-    rule(stochastic_depth)(_same)
-
-
-_stochastic_depth_rule()
+rule(stochastic_depth)(_same)
 
 
 @rule(

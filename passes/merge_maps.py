@@ -15,7 +15,7 @@ through ``SpaceTable.apply``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ from pleascc.passes.spaces import Atom, Dim, SpaceTable
 class MergeMaps:
     table: SpaceTable
     selections: dict[int, tuple[torch.Tensor, torch.Tensor]]  # root -> (P_A, P_B)
+    _participation: dict = field(default_factory=dict, repr=False)  # (dim, model) -> vector, per batch reused
 
     @property
     def widths(self) -> dict[int, int]:
@@ -44,8 +45,11 @@ class MergeMaps:
 
     def participation(self, dim: Dim, model: int) -> torch.Tensor:
         """1 for merged units that model ``model`` (0 = A, 1 = B) feeds, else 0."""
-        ones = torch.ones(self.table.size(dim), dtype=torch.float64)
-        return self.table.apply(ones, 0, dim, self._matrix(model))
+        key = (dim, model)
+        if key not in self._participation:
+            ones = torch.ones(self.table.size(dim), dtype=torch.float64)
+            self._participation[key] = self.table.apply(ones, 0, dim, self._matrix(model))
+        return self._participation[key]
 
     def gather(self, x: torch.Tensor, model: int, axes: list[tuple[int, Dim]]) -> torch.Tensor:
         """Map axes of one model's tensor to the merged layout, without averaging."""

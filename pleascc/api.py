@@ -203,11 +203,9 @@ def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x:
     """
     for p in problems:
         layer = p.layer
-        shape = analysis.shapes[layer.node]
-        positions = math.prod(s for k, s in enumerate(shape) if k not in (0, layer.out_axis % len(shape)))
         weight_dims = analysis.params[layer.weight].dims
         unknowns = 2 if layer.kind == "norm" else math.prod(analysis.table.size(d) for d in weight_dims[1:]) + 1
-        needed = math.ceil(unknowns / positions)
+        needed = math.ceil(unknowns / budget_pass.positions(analysis, layer))
         if len(x) < needed:
             raise PleasccError(f"calibration data has {len(x)} samples but least squares for layer {layer.node} "
                                f"({unknowns} unknowns per output) needs at least {needed}: pass more data "

@@ -6,7 +6,6 @@ import copy
 import operator
 import traceback
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -91,7 +90,3 @@ def check_same_graph(a: fx.GraphModule, b: fx.GraphModule) -> None:
     if len(a.graph.nodes) != len(b.graph.nodes):
         raise PleasccError("models A and B trace to graphs of different length; pleascc merges two models "
                            "of the same architecture")
-
-
-def example_input(data: torch.Tensor, n: int = 2) -> torch.Tensor:
-    return data[:n].float()
