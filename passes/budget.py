@@ -9,7 +9,8 @@ outputs and n_in inputs per position costs
 
 which is n_out·n_in fully merged and twice that fully apart (the two models
 side by side).  Separate heads each read their own model's n_in units.
-Depthwise and grouped convolutions and norms cost their emitted size.
+Depthwise and grouped convolutions and norms cost their emitted size, and
+products of two activations (attention's q·kᵀ and ·v) theirs: whole heads.
 
 Widths: start fully merged and greedily un-merge, a step at a time, where it
 gives the most lost correlation back per FLOP added, while within budget.
@@ -30,8 +31,8 @@ class Cost:
     """One layer's cost as a function of widths."""
 
     kind: str  # "blocked" (dense layer, cross blocks skipped), "heads" (two separate heads), "plain"
-    dims: list  # blocked/heads: [out, in, *kernel]; plain: every weight dim
-    positions: int
+    dims: list  # blocked/heads: [out, in, *kernel]; plain: every dim the cost is a product of
+    positions: float
 
 
 def is_blocked(layer: Layer) -> bool:
@@ -56,6 +57,8 @@ def layer_costs(analysis: Analysis, separate_heads: set[str]) -> list[Cost]:
             costs.append(Cost("blocked", dims, where))
         else:
             costs.append(Cost("plain", dims if layer.kind != "norm" else dims[:1], where))
+    batch = analysis.shapes[next(iter(analysis.shapes))][0]  # the example's batch, the first input's axis 0
+    costs += [Cost("plain", dims, 1 / batch) for dims in analysis.products]  # attention: scores, then ·v
     return costs
 
 

@@ -7,8 +7,9 @@ import copy
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
-from pleascc.passes.groups import Analysis, Layer
+from pleascc.passes.groups import Analysis, FeatureNorm, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps
 
 State = dict[str, torch.Tensor]
@@ -33,6 +34,8 @@ def emit(gm: fx.GraphModule, analysis: Analysis, maps: MergeMaps, state: State,
     nodes = {n.name: n for n in merged.graph.nodes}
     for name, rewrite in analysis.node_rewrites.items():
         rewrite(nodes[name], maps.size)
+    for norm in analysis.feature_norms:
+        _split_feature_norm(merged, nodes[norm.node], norm, maps)
     heads = {node for node, model in layer_weights if model == 1}
     copies = _duplicate_heads(merged, heads) if heads else {}
     for layer in analysis.layers:
@@ -84,6 +87,60 @@ def _emit_layer(gm: fx.GraphModule, node: fx.Node, layer: Layer, blocks: list[tu
             if not torch.equal(inverse, torch.arange(len(inverse))):
                 out = graph.call_function(torch.index_select, (out, layer.out_axis, _constant(gm, inverse)))
     node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+class ViewwiseNorm(nn.Module):
+    """A LayerNorm/RMSNorm over a merged axis, taken over each model's units apart.
+
+    Model A's view is the units A feeds (merged and A-only), B's likewise;
+    each is normalized as its own model would, and a merged unit gets the
+    mean of its two normalizations.  At full merging it is the plain norm; with
+    nothing merged, the two models' norms side by side.
+    """
+
+    def __init__(self, kind: str, eps: float | None, views: tuple[torch.Tensor, torch.Tensor],
+                 back: tuple[torch.Tensor, torch.Tensor]) -> None:
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.register_buffer("view_a", views[0])
+        self.register_buffer("view_b", views[1])
+        self.register_buffer("back_a", back[0])
+        self.register_buffer("back_b", back[1])
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        outs = []
+        for view in (self.view_a, self.view_b):
+            w = weight.index_select(0, view) if weight is not None else None
+            shape = (view.shape[0],)
+            if self.kind == "rms":
+                outs.append(F.rms_norm(x.index_select(-1, view), shape, w, self.eps))
+            else:
+                b = bias.index_select(0, view) if bias is not None else None
+                outs.append(F.layer_norm(x.index_select(-1, view), shape, w, b, self.eps if self.eps else 1e-5))
+        y = torch.cat(outs, -1)
+        return (y.index_select(-1, self.back_a) + y.index_select(-1, self.back_b)) * 0.5
+
+
+def _split_feature_norm(gm: fx.GraphModule, node: fx.Node, norm: FeatureNorm, maps: MergeMaps) -> None:
+    """Replace a norm whose axis holds units of one model only by its ``ViewwiseNorm``."""
+    in_a, in_b = maps.participation(norm.dim, 0) > 0, maps.participation(norm.dim, 1) > 0
+    if bool((in_a & in_b).all()):
+        return
+    view_a, view_b = in_a.nonzero().flatten(), in_b.nonzero().flatten()
+    position_a = torch.full((len(in_a),), -1, dtype=torch.long)
+    position_a[view_a] = torch.arange(len(view_a))
+    position_b = torch.full((len(in_b),), -1, dtype=torch.long)
+    position_b[view_b] = torch.arange(len(view_b)) + len(view_a)
+    back_a = torch.where(in_a, position_a, position_b)  # a one-model unit reads its own view twice
+    back_b = torch.where(in_b, position_b, position_a)
+    name = f"{node.name}_viewwise"
+    gm.add_submodule(name, ViewwiseNorm(norm.kind, norm.eps, (view_a, view_b), (back_a, back_b)))
+    graph = gm.graph
+    with graph.inserting_before(node):
+        params = [graph.get_attr(p) if p is not None else None for p in (norm.weight, norm.bias)]
+        new = graph.call_module(name, (node.args[0], *params))
+    node.replace_all_uses_with(new)
     graph.erase_node(node)
 
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.models import swin_transformer as swin
 from torchvision.ops import stochastic_depth
 
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
@@ -59,6 +60,23 @@ class Layer:
 
 
 @dataclass
+class FeatureNorm:
+    """A LayerNorm/RMSNorm over one feature axis: it mixes the units it normalizes.
+
+    Merged wider than one model, that axis holds A-only and B-only units,
+    which each model's norm must not see; emit normalizes each model's view
+    apart (see ``emit``), so budget 2.0 is the two models side by side.
+    """
+
+    node: str
+    dim: Dim
+    kind: str  # "layer" | "rms"
+    weight: str | None
+    bias: str | None
+    eps: float | None
+
+
+@dataclass
 class Analysis:
     """The result of the pass: spaces plus everything later passes need."""
 
@@ -71,6 +89,9 @@ class Analysis:
     unsupported: list[str]
     output_roots: set[int]
     shapes: dict[str, Any]
+    feature_norms: list[FeatureNorm] = field(default_factory=list)
+    products: list[list] = field(default_factory=list)  # activation×activation products: [*out dims, summed dim]
+    sites: list[tuple] = field(default_factory=list)  # extra (node, axes, dims) where matching compares features
 
     def free_roots(self) -> list[int]:
         """Root atoms that may be permuted, in first-seen order."""
@@ -87,6 +108,15 @@ class Analysis:
 
 
 RULES: dict[Any, Callable] = {}
+
+
+def _timm_wrapped_functions() -> list:
+    """Functions timm registers to stay opaque to fx (none without timm)."""
+    try:
+        from timm.layers import _fx
+    except ImportError:
+        return []
+    return list(_fx._autowrap_functions)
 
 
 def rule(*keys):
@@ -113,6 +143,10 @@ class Context:
         self.node_rewrites: dict[str, Callable] = {}
         self.unsupported: list[str] = []
         self.output_roots: set[int] = set()
+        self.feature_norms: list[FeatureNorm] = []
+        self.products: list[list] = []
+        self.sites: list[tuple] = []
+        self.batch: Dim | None = None  # the first input's axis 0: the one size left dynamic
         self.modules = dict(gm.named_modules())
 
     # ----- reading
@@ -157,6 +191,7 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Analysis:
     ctx = Context(gm)
     for node in gm.graph.nodes:
         ctx.dims[node.name] = _apply_rule(ctx, node)
+    _keep_inner_factors(ctx.table, [d for b in ctx.params.values() for d in b.dims])
     nodes = {n.name: n for n in gm.graph.nodes}
     for layer in ctx.layers:
         layer.source = nodes[layer.node].args[0].name
@@ -171,13 +206,37 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Analysis:
         unsupported=ctx.unsupported,
         output_roots=ctx.output_roots,
         shapes={n.name: ctx.shape(n) for n in gm.graph.nodes},
+        feature_norms=ctx.feature_norms,
+        products=ctx.products,
+        sites=ctx.sites,
     )
+
+
+def _keep_inner_factors(table: SpaceTable, dims: list) -> None:
+    """In a product axis only the outermost free factor widens (whole heads, whole groups).
+
+    Widening two factors of one product would multiply the axis' width: two
+    models side by side would be 4× as wide, not 2×.
+    """
+    for dim in dims:
+        dim = table.resolve(dim)
+        if isinstance(dim, Prod):
+            free = [f for f in dim.factors if not table.is_fixed(f)]
+            for inner in free[1:]:
+                table.keep(inner)
+            _keep_inner_factors(table, list(dim.factors))
+        elif isinstance(dim, Cat):
+            _keep_inner_factors(table, list(dim.parts))
 
 
 def _apply_rule(ctx: Context, node: fx.Node):
     if node.op == "placeholder":
         shape = ctx.shape(node)
-        return ctx.new_dims(shape, "model input") if shape is not None else None
+        if shape is None:
+            return None
+        dims = ctx.new_dims(shape, "model input")
+        ctx.batch = ctx.batch or (dims[0] if dims else None)
+        return dims
     if node.op == "output":
         return _output(ctx, node)
     if node.op == "get_attr":
@@ -238,7 +297,7 @@ def _get_attr(ctx: Context, node: fx.Node):
     value = _getattr_path(ctx.gm, node.target)
     if not isinstance(value, torch.Tensor):
         return None
-    dims = ctx.new_dims(value.shape)
+    dims = ctx.new_dims(value.shape, None if value.is_floating_point() else "integer buffer (indices)")
     ctx.bind(node.target, dims)
     return dims
 
@@ -280,6 +339,7 @@ def _cast(ctx: Context, node: fx.Node):
 
 
 rule(stochastic_depth)(_same)
+rule("type_as")(_same)
 
 
 @rule(
@@ -302,10 +362,78 @@ def _elementwise(ctx: Context, node: fx.Node):
     return out[::-1]
 
 
+def _broadcast_batch(ctx: Context, node: fx.Node, operands: list[list], shapes: list[tuple]) -> list:
+    """Leading (batch) axes of operands broadcast like elementwise ops; returns the result's."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for k in range(rank, 0, -1):
+        sized = [d[-k] for d, s in zip(operands, shapes) if len(s) >= k and s[-k] != 1]
+        for other in sized[1:]:
+            ctx.table.unify(sized[0], other, node.name)
+        out.append(sized[0] if sized else ctx.table.new(1))
+    return out
+
+
+@rule(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
+def _matmul(ctx: Context, node: fx.Node):
+    """a @ b: a's last axis and b's second-to-last are one space, summed over; batch axes broadcast.
+
+    Between two activations the summed space keeps its width: a product of two
+    features (attention scores q·k) is scaled for its length.
+    """
+    a, b = node.args[:2]
+    dims_a, dims_b = ctx.dims_of(a), ctx.dims_of(b)
+    if dims_a is None or dims_b is None or len(dims_a) < 2 or len(dims_b) < 2:
+        return _unknown(ctx, node, node.target)
+    ctx.table.unify(dims_a[-1], dims_b[-2], node.name)
+    batch = _broadcast_batch(ctx, node, [dims_a[:-2], dims_b[:-2]],
+                             [ctx.shape(a)[:-2], ctx.shape(b)[:-2]])
+    out = batch + [dims_a[-2], dims_b[-1]]
+    if not (_is_param(a) or _is_param(b)):
+        ctx.table.keep(dims_a[-1])
+        ctx.products.append(out + [dims_a[-1]])
+        _observe_heads(ctx, a, -1)
+        _observe_heads(ctx, b, -2)
+    return out
+
+
+def _observe_heads(ctx: Context, operand: fx.Node, axis: int) -> None:
+    """Ask matching to compare an attention operand along its head dim, with the heads axis before it."""
+    dims = ctx.dims_of(operand)
+    axes = (-3, axis) if len(dims) >= 4 else (axis,)
+    ctx.sites.append((operand.name, axes, tuple(dims[a] for a in axes)))
+
+
+@rule(F.scaled_dot_product_attention)
+def _attention(ctx: Context, node: fx.Node):
+    """softmax(q·kᵀ·scale)·v over (..., tokens, head dim): heads permute as units with v's head dim.
+
+    q and k share their head dim; the head dims keep their width (the softmax
+    scale is 1/√d); the heads axis and leading axes are shared by q, k, v.
+    """
+    q, k, v = (ctx.arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+    dq, dk, dv = ctx.dims_of(q), ctx.dims_of(k), ctx.dims_of(v)
+    ctx.table.unify(dq[-1], dk[-1], node.name)
+    ctx.table.unify(dk[-2], dv[-2], node.name)
+    ctx.table.keep(dq[-1])
+    ctx.table.keep(dv[-1])
+    lead = _broadcast_batch(ctx, node, [dq[:-2], dk[:-2], dv[:-2]],
+                            [ctx.shape(q)[:-2], ctx.shape(k)[:-2], ctx.shape(v)[:-2]])
+    mask = ctx.arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node) and ctx.shape(mask) is not None:  # broadcast against the scores (..., q tokens, k tokens)
+        scores = lead + [dq[-2], dk[-2]]
+        _broadcast_batch(ctx, node, [scores, ctx.dims_of(mask)], [ctx.shape(node)[:-1] + (ctx.shape(k)[-2],),
+                                                                  ctx.shape(mask)])
+    ctx.products += [lead + [dq[-2], dk[-2], dq[-1]], lead + [dq[-2], dv[-1], dk[-2]]]  # q·kᵀ, then ·v
+    for operand in (q, k, v):
+        _observe_heads(ctx, operand, -1)
+    return lead + [dq[-2], dv[-1]]
+
+
 # ---------------------------------------------------------------- layers
 
 
-@rule(nn.Linear)
+@rule(nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 def _linear_module(ctx: Context, node: fx.Node):
     return _linear(ctx, node, node.args[0], f"{node.target}.weight",
                    f"{node.target}.bias" if ctx.module(node).bias is not None else None)
@@ -313,10 +441,28 @@ def _linear_module(ctx: Context, node: fx.Node):
 
 @rule(F.linear)
 def _linear_function(ctx: Context, node: fx.Node):
+    """``F.linear`` on a parameter; a bias computed in the graph (EVA, BEiT) is one space with the rows."""
     weight, bias = ctx.arg(node, 1, "weight"), ctx.arg(node, 2, "bias")
-    if not _is_param(weight) or (bias is not None and not _is_param(bias)):
+    if not _is_param(weight):
         return _unknown(ctx, node, F.linear)
-    return _linear(ctx, node, node.args[0], weight.target, bias.target if bias is not None else None)
+    if bias is None or _is_param(bias):
+        return _linear(ctx, node, node.args[0], weight.target, bias.target if bias is not None else None)
+    dims = ctx.dims_of(node.args[0])
+    out = ctx.table.new(ctx.shape(node)[-1])
+    ctx.bind(weight.target, [out, dims[-1]], ["out", "in"])
+    ctx.table.unify(out, ctx.dims_of(bias)[-1], node.name)
+    return dims[:-1] + [out]  # not refitted: least squares would need the computed bias
+
+
+def _reads_shape(node) -> bool:
+    """``x.shape`` or ``x.size()``."""
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target is getattr and node.args[1] == "shape")
+        or (node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs))
+
+
+def _dtype(node: fx.Node):
+    return getattr(node.meta.get("tensor_meta"), "dtype", None)
 
 
 def _is_param(arg) -> bool:
@@ -405,26 +551,32 @@ def _batch_norm_function(ctx: Context, node: fx.Node):
     return dims
 
 
-@rule(nn.LayerNorm)
+@rule(nn.LayerNorm, nn.RMSNorm)
 def _layer_norm_module(ctx: Context, node: fx.Node):
     m = ctx.module(node)
     dims = ctx.dims_of(node.args[0])
     normed = dims[len(dims) - len(m.normalized_shape):]
+    names = {}
     for name in ("weight", "bias"):
         if getattr(m, name, None) is not None:
             ctx.bind(f"{node.target}.{name}", normed)
+            names[name] = f"{node.target}.{name}"
     ctx.module_rewrites[node.target] = lambda mod, size: setattr(
         mod, "normalized_shape", tuple(size(d) for d in normed))
+    if len(normed) == 1:
+        kind = "rms" if isinstance(m, nn.RMSNorm) else "layer"
+        ctx.feature_norms.append(FeatureNorm(node.name, normed[0], kind, names.get("weight"), names.get("bias"), m.eps))
     return dims
 
 
-@rule(F.layer_norm)
+@rule(F.layer_norm, F.rms_norm)
 def _layer_norm_function(ctx: Context, node: fx.Node):
     dims = ctx.dims_of(node.args[0])
     shape = ctx.arg(node, 1, "normalized_shape")
     normed = dims[len(dims) - len(shape):]
-    for index, name in ((2, "weight"), (3, "bias")):
-        param = ctx.arg(node, index, name)
+    rms = node.target is F.rms_norm
+    params = {"weight": ctx.arg(node, 2, "weight"), "bias": None if rms else ctx.arg(node, 3, "bias")}
+    for param in params.values():
         if isinstance(param, fx.Node):
             for d, pd in zip(normed, ctx.dims_of(param)):
                 ctx.table.unify(d, pd, node.name)
@@ -433,6 +585,11 @@ def _layer_norm_function(ctx: Context, node: fx.Node):
         _set_arg(n, 1, "normalized_shape", [size(d) for d in normed])
 
     ctx.node_rewrites[node.name] = rewrite
+    if len(normed) == 1 and all(p is None or _is_param(p) for p in params.values()):
+        eps = ctx.arg(node, 3, "eps") if rms else ctx.arg(node, 4, "eps", 1e-5)
+        names = {k: p.target if p is not None else None for k, p in params.items()}
+        ctx.feature_norms.append(FeatureNorm(node.name, normed[0], "rms" if rms else "layer",
+                                             names["weight"], names["bias"], eps))
     return dims
 
 
@@ -499,14 +656,17 @@ def _reduce(ctx: Context, node: fx.Node):
 # ---------------------------------------------------------------- axis bookkeeping
 
 
-@rule(torch.flatten, "flatten", nn.Flatten, torch.reshape, "reshape", "view")
+@rule(torch.flatten, "flatten", nn.Flatten, torch.reshape, "reshape", "view", "reshape_as", "view_as")
 def _reshape(ctx: Context, node: fx.Node):
-    """Reshapes factor or merge axes; width literals among the args are rewritten."""
+    """Reshapes factor or merge axes; width arguments are rewritten."""
     dims = ctx.dims_of(node.args[0])
     in_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node)
     out = _reshape_dims(ctx, node, dims, in_shape, out_shape)
     if node.target in ("view", "reshape", torch.reshape):
         _record_shape_literals(ctx, node, out)
+    elif node.target in ("reshape_as", "view_as"):
+        for d, other in zip(out, ctx.dims_of(node.args[1])):
+            ctx.table.unify(d, other, node.name)
     return out
 
 
@@ -547,20 +707,26 @@ def _reshape_dims(ctx: Context, node: fx.Node, dims: list, in_shape: tuple, out_
 
 
 def _record_shape_literals(ctx: Context, node: fx.Node, out: list) -> None:
-    """Remember which int literals of a view/reshape are widths, to rewrite them on emit."""
+    """Remember the shape arguments of a view/reshape/expand, to rewrite those whose width changes.
+
+    An argument may be a literal or a size read at run time from another
+    tensor (``B, N, C = x.shape``), which may belong to another space; both
+    become the merged width.  -1 stays -1.
+    """
     shape_args = node.args[1:] if isinstance(node.target, str) else node.args[1:2]
     if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
         shape_args, packed = tuple(shape_args[0]), True
     else:
         packed = False
-    literal_axes = [k for k, a in enumerate(shape_args) if isinstance(a, int) and a != -1]
-    if not literal_axes:
+    if len(shape_args) != len(out):
         return
+    original = [ctx.table.size(d) for d in out]
 
     def rewrite(n: fx.Node, size: Size) -> None:
         values = list(n.args[1] if packed else n.args[1:])
-        for k in literal_axes:
-            values[k] = size(out[k])
+        for k, value in enumerate(values):
+            if value != -1 and size(out[k]) != original[k]:
+                values[k] = size(out[k])
         n.args = (n.args[0], tuple(values)) if packed else (n.args[0], *values)
 
     ctx.node_rewrites[node.name] = rewrite
@@ -597,6 +763,51 @@ def _squeeze(ctx: Context, node: fx.Node):
     axes = range(len(dims)) if axes is None else (axes if isinstance(axes, (tuple, list)) else (axes,))
     drop = {a % len(dims) for a in axes if shape[a % len(dims)] == 1}
     return [d for k, d in enumerate(dims) if k not in drop]
+
+
+@rule("expand")
+def _expand(ctx: Context, node: fx.Node):
+    """Broadcast size-1 axes (a cls token over the batch); width literals are rewritten."""
+    dims = ctx.dims_of(node.args[0])
+    in_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node)
+    new = len(out_shape) - len(in_shape)
+    out = [ctx.table.new(s) if k < new or in_shape[k - new] != out_shape[k] else dims[k - new]
+           for k, s in enumerate(out_shape)]
+    _record_shape_literals(ctx, node, out)
+    return out
+
+
+@rule(torch.unbind, "unbind")
+def _unbind(ctx: Context, node: fx.Node):
+    """Each output is one index along the axis, which is therefore fixed."""
+    dims = ctx.dims_of(node.args[0])
+    axis = ctx.arg(node, 1, "dim", 0) % len(dims)
+    ctx.table.fix(dims[axis], f"{node.name}: unbound")
+    rest = dims[:axis] + dims[axis + 1:]
+    return [list(rest) for _ in range(ctx.shape(node.args[0])[axis])]
+
+
+@rule(torch.stack)
+def _stack(ctx: Context, node: fx.Node):
+    """Stacked tensors share every axis; the new axis indexes them."""
+    tensors = ctx.arg(node, 0, "tensors")
+    all_dims = [ctx.dims_of(t) for t in tensors]
+    for dims in all_dims[1:]:
+        for d0, d in zip(all_dims[0], dims):
+            ctx.table.unify(d0, d, node.name)
+    axis = ctx.arg(node, 1, "dim", 0) % (len(all_dims[0]) + 1)
+    return all_dims[0][:axis] + [ctx.table.new(len(tensors), f"{node.name}: stacked")] + all_dims[0][axis:]
+
+
+@rule(torch.roll, "roll")
+def _roll(ctx: Context, node: fx.Node):
+    """Rolled axes are shifted, so fixed; the others pass through."""
+    dims = ctx.dims_of(node.args[0])
+    axes = ctx.arg(node, 2, "dims")
+    axes = range(len(dims)) if axes is None else (axes if isinstance(axes, (tuple, list)) else (axes,))
+    for a in axes:
+        ctx.table.fix(dims[a], f"{node.name}: rolled")
+    return dims
 
 
 @rule(torch.cat, torch.concat, torch.concatenate)
@@ -638,6 +849,8 @@ def _split(ctx: Context, node: fx.Node):
 def _getitem(ctx: Context, node: fx.Node):
     source, index = node.args
     dims = ctx.dims_of(source)
+    if _reads_shape(source) and isinstance(index, int):
+        _frozen_size(ctx, node, source.args[0], index)
     if dims is None:
         return None
     if dims and isinstance(dims[0], list):  # an element of split/chunk's tuple
@@ -646,9 +859,15 @@ def _getitem(ctx: Context, node: fx.Node):
 
 
 def _index_tensor(ctx: Context, node: fx.Node, dims: list, index):
-    """Basic indexing: full slices keep a space, anything else touching it fixes it."""
+    """Indexing: full slices keep a space, anything else touching it fixes it.
+
+    One integer index tensor (a gather, as in relative position biases) is
+    allowed: its axis is fixed and replaced by the index's axes.
+    """
     index = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in index):
+    gathers = [i for i in index if isinstance(i, fx.Node)]
+    if len(gathers) > 1 or any(isinstance(i, (list, torch.Tensor)) for i in index) or (
+            gathers and _dtype(gathers[0]) not in (torch.int64, torch.int32)):
         return _unknown(ctx, node, "advanced indexing")
     if Ellipsis in index:
         k = index.index(Ellipsis)
@@ -662,12 +881,16 @@ def _index_tensor(ctx: Context, node: fx.Node, dims: list, index):
             continue
         dim = dims[k]
         k += 1
-        if item == slice(None):
+        if isinstance(item, slice) and item == slice(None):
             out.append(dim)
             continue
         ctx.table.fix(dim, f"{node.name}: indexed by {item!r}")
         if isinstance(item, slice):
             out.append(ctx.table.new(out_shape[len(out)], "indexed"))
+        elif isinstance(item, fx.Node):  # the index's own axes, whose order the gather keeps
+            for d in ctx.dims_of(item):
+                ctx.table.fix(d, f"{node.name}: gather index")
+                out.append(d)
     out.extend(dims[k:])
     return out
 
@@ -707,10 +930,104 @@ def _pad(ctx: Context, node: fx.Node):
     return dims
 
 
-@rule(getattr, torch._assert, "size", "dim")
+# ---------------------------------------------------------------- functions libraries hide from tracing
+
+
+@rule(swin._patch_merging_pad)
+def _patch_merging(ctx: Context, node: fx.Node):
+    """(…, H, W, C) → (…, H/2, W/2, 4C): the four 2×2 neighbours' channels, concatenated."""
+    dims = ctx.dims_of(node.args[0])
+    chan = dims[-1]
+    return dims[:-3] + ctx.new_dims(ctx.shape(node)[-3:-1], "spatial") + [Cat((chan,) * 4)]
+
+
+@rule(swin._get_relative_position_bias)
+def _relative_position_bias(ctx: Context, node: fx.Node):
+    """A (positions, heads) table gathered into (1, heads, tokens, tokens)."""
+    table = ctx.dims_of(node.args[0])
+    ctx.table.fix(table[0], f"{node.name}: relative positions")
+    _, _, n, m = ctx.shape(node)
+    return [ctx.table.new(1), table[1]] + ctx.new_dims((n, m), "tokens")
+
+
+@rule(swin.shifted_window_attention)
+def _shifted_window_attention(ctx: Context, node: fx.Node):
+    """torchvision's Swin attention: the channels are (heads × head dim), read by qkv and written by proj.
+
+    It splits its input's width into heads itself (head dim = C / num_heads), so
+    the residual stream is that product; qkv and proj live inside the function
+    and are merged by their permuted average, not refitted.
+    """
+    names = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
+             "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale")
+    args = {name: ctx.arg(node, k, name) for k, name in enumerate(names)}
+    dims = ctx.dims_of(args["input"])
+    heads = ctx.table.new(args["num_heads"])
+    head_dim = ctx.table.new(ctx.shape(args["input"])[-1] // args["num_heads"], keep_width=True)
+    ctx.table.unify(dims[-1], Prod((heads, head_dim)), node.name)
+    qkv_rows = Prod((ctx.table.new(3, f"{node.name}: q, k, v"), heads, head_dim))
+    out = ctx.table.new(ctx.shape(node)[-1])
+    expected = {"qkv_weight": [qkv_rows, dims[-1]], "proj_weight": [out, dims[-1]], "qkv_bias": [qkv_rows],
+                "proj_bias": [out], "relative_position_bias": [None, heads, None, None], "logit_scale": [heads]}
+    for name, want in expected.items():
+        got = ctx.dims_of(args[name])
+        for d, w in zip(got or [], want):
+            if w is not None and ctx.table.size(d) > 1:
+                ctx.table.unify(d, w, node.name)
+
+    def rewrite(n: fx.Node, size: Size) -> None:
+        _set_arg(n, 5, "num_heads", size(heads))
+
+    ctx.node_rewrites[node.name] = rewrite
+    return dims[:-1] + [out]
+
+
+def _channels_last_passthrough(ctx: Context, node: fx.Node):
+    """Rearranges the leading axes and keeps the last (channels) one: timm's window (un)partition."""
+    dims = ctx.dims_of(node.args[0])
+    return ctx.new_dims(ctx.shape(node)[:-1], f"{node.name}: windows") + [dims[-1]]
+
+
+for _fn in _timm_wrapped_functions():
+    if _fn.__name__ in ("window_reverse", "window_partition"):
+        RULES[_fn] = _channels_last_passthrough
+
+
+@rule(getattr, torch._assert, "dim")
 def _metadata(ctx: Context, node: fx.Node):
-    """Reading a shape is harmless: at run time it reads the emitted width."""
+    """Reading metadata (``x.shape``) defines no space; see ``_frozen_size`` for reading one size."""
     return None
+
+
+@rule("size")
+def _size(ctx: Context, node: fx.Node):
+    axis = ctx.arg(node, 1, "dim")
+    if axis is not None:
+        _frozen_size(ctx, node, node.args[0], axis)
+    return None
+
+
+def _frozen_size(ctx: Context, node: fx.Node, tensor: fx.Node, axis: int) -> None:
+    """A size read at run time (``B, N, C = x.shape``) becomes its original value, the batch size excepted.
+
+    Code computes from it what the merge keeps (head dim = C // heads, the
+    softmax scale); reshapes whose widths change get their new widths from
+    their own rewrite.  The batch axis stays dynamic.
+    """
+    dims = ctx.dims_of(tensor)
+    if dims is None:
+        return
+    dim, value = dims[axis], ctx.shape(tensor)[axis]
+    batch = ctx.batch
+
+    def rewrite(n: fx.Node, size: Size) -> None:
+        if batch is not None and ctx.table.resolve(dim) == ctx.table.resolve(batch):
+            return
+        for user in list(n.users):
+            user.args = fx.node.map_aggregate(user.args, lambda a: value if a is n else a)
+            user.kwargs = fx.node.map_aggregate(user.kwargs, lambda a: value if a is n else a)
+
+    ctx.node_rewrites[node.name] = rewrite
 
 
 # ---------------------------------------------------------------- reading the result

@@ -48,3 +48,48 @@ def match_all(scores: dict[int, torch.Tensor], sizes: dict[int, int], matcher: s
     """A matching for every free space, from its A×B similarity scores."""
     fn = MATCHERS[matcher]
     return {root: fn(scores[root]) for root in sizes}
+
+
+def match_product(corr: torch.Tensor, sizes: list[int], free: list[bool], rounds: int = 3,
+                  known: dict[int, torch.Tensor] | None = None) -> list[Matching]:
+    """Jointly match the factors of a product axis (heads × head dim): one permutation per factor.
+
+    ``corr`` is the A×B correlation of the whole axis.  Matching each factor
+    on its own would pool heads over unaligned head dims; instead the outer
+    factor's units are scored by how well their inner blocks can be paired
+    (a Hungarian per pair of heads), then each factor is re-matched in turn with
+    the others held (coordinate ascent on the total correlation).  ``known``:
+    factors already matched elsewhere (B's unit for each of A's), held fixed.
+    """
+    k = len(sizes)
+    known = known or {}
+    c = torch.nan_to_num(corr.double(), nan=0.0).reshape(*sizes, *sizes)
+    perms = [known.get(f, torch.arange(n)) for f, n in enumerate(sizes)]
+    free = [is_free and f not in known for f, is_free in enumerate(free)]
+    if free[0] and k > 1:
+        outer, rest = sizes[0], corr.shape[0] // sizes[0]
+        blocks = c.reshape(outer, rest, outer, rest).permute(0, 2, 1, 3).numpy()
+        scores = np.array([[blocks[i, j][linear_sum_assignment(blocks[i, j], maximize=True)].sum()
+                            for j in range(outer)] for i in range(outer)])
+        perms[0] = torch.as_tensor(linear_sum_assignment(scores, maximize=True)[1])
+    order = [f for f in (*range(1, k), 0) if free[f]]  # inner factors first: the outer one is initialised
+    for _ in range(rounds):
+        for f in order:
+            perms[f] = torch.as_tensor(linear_sum_assignment(_factor_scores(c, perms, f).numpy(), maximize=True)[1])
+    out = []
+    for f in range(k):
+        scores = _factor_scores(c, perms, f) / (corr.shape[0] // sizes[f])
+        out.append(_sorted(torch.arange(sizes[f]), perms[f], scores))
+    return out
+
+
+def _factor_scores(c: torch.Tensor, perms: list[torch.Tensor], f: int) -> torch.Tensor:
+    """Total correlation of A's unit i with B's unit j of factor f, the other factors paired by ``perms``."""
+    k = len(perms)
+    for g in range(k):
+        if g != f:
+            c = c.index_select(k + g, perms[g])
+    letters = "abcdefghijklmnop"[:k]
+    left = "".join("i" if g == f else letters[g] for g in range(k))
+    right = "".join("j" if g == f else letters[g] for g in range(k))
+    return torch.einsum(f"{left}{right}->ij", c)

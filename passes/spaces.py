@@ -119,6 +119,10 @@ class SpaceTable:
         for atom in self.atoms(dim):
             self.fixed.setdefault(atom.id, reason)
 
+    def keep(self, dim: Dim) -> None:
+        """Permutable, but never widened (head dims, per-group channels)."""
+        self.keep_width.update(a.id for a in self.atoms(dim))
+
     def is_fixed(self, dim: Dim) -> bool:
         return all(a.id in self.fixed for a in self.atoms(dim))
 

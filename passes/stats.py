@@ -15,6 +15,7 @@ All sums are float64.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from pleascc.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps
-from pleascc.passes.spaces import Atom, Cat, Dim, SpaceTable
+from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
 
 
 def capture(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
@@ -41,13 +42,21 @@ def capture(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def observe(table: SpaceTable, x: torch.Tensor, axis: int, dim: Dim) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (space, samples × units) views of ``x``'s axis, one per free atom in ``dim``.
+JOINT_LIMIT = 4096  # widest product axis whose full correlation is kept for joint matching
+
+
+def observe(table: SpaceTable, x: torch.Tensor, axes: tuple[int, ...], dims: tuple[Dim, ...]
+            ) -> Iterator[tuple[int | tuple, torch.Tensor]]:
+    """Yield (space, samples × units) views of ``x`` along ``axes``, one per free atom in ``dims``.
 
     Other factors of a product axis (kernel or spatial positions) become samples.
+    A product of several free atoms (heads × head dim, on one axis or on
+    several) is also yielded whole, keyed by the tuple of its factors, so
+    matching can pair heads as units.
     """
-    x = torch.movedim(x, axis, -1)
-    yield from _observe(table, x.reshape(-1, x.shape[-1]), dim)
+    x = torch.movedim(x, axes, tuple(range(-len(axes), 0)))
+    units = math.prod(x.shape[-len(axes):])
+    yield from _observe(table, x.reshape(-1, units), dims[0] if len(dims) == 1 else Prod(tuple(dims)))
 
 
 def _observe(table: SpaceTable, x: torch.Tensor, dim: Dim):
@@ -60,7 +69,11 @@ def _observe(table: SpaceTable, x: torch.Tensor, dim: Dim):
         for part, piece in zip(dim.parts, torch.split(x, [table.size(p) for p in dim.parts], dim=1)):
             yield from _observe(table, piece, part)
         return
+    dim = Prod(tuple(table.resolve(f) for f in dim.factors))  # several axes: factors not yet flattened
     sizes = [table.size(f) for f in dim.factors]
+    if all(isinstance(f, Atom) for f in dim.factors) and x.shape[1] <= JOINT_LIMIT and sum(
+            f.id not in table.fixed for f in dim.factors) > 1:
+        yield tuple(f.id for f in dim.factors), x
     y = x.reshape(x.shape[0], *sizes)
     for k, factor in enumerate(dim.factors):
         yield from _observe(table, torch.movedim(y, k + 1, -1).reshape(-1, sizes[k]), factor)
@@ -134,7 +147,8 @@ def batches(x: torch.Tensor, batch_size: int, desc: str, progress: bool) -> Iter
 
 
 def _check_finite(value: torch.Tensor, model: str, node: str) -> None:
-    if not torch.isfinite(value).all():
+    """NaN and Inf survive a sum, so one reduction checks the whole tensor."""
+    if not torch.isfinite(value.sum(dtype=torch.float64)):
         raise PleasccError(f"model {model} produces NaN or Inf at {node} on the calibration data; "
                            "check the checkpoint's weights and the data's preprocessing")
 
@@ -151,34 +165,36 @@ def _run_pair(gms, names: list[str], x: torch.Tensor):
 
 def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
                     batch_size: int = 64, progress: bool = True) -> dict[int, torch.Tensor]:
-    """Per free space, the A×B correlation of its units, averaged over the sites that read it."""
-    sites = _input_sites(analysis)
-    names = list(sites)
+    """Per free space, the A×B correlation of its units, averaged over the sites that read it.
+
+    Keys are root ids, and tuples of root ids for whole product axes (see ``observe``).
+    """
+    sites = _observation_sites(analysis)
+    names = sorted({name for name, _, _ in sites})
     captures = [capture(gm, names) for gm in gms]
-    moments: dict[tuple[str, int, int], CrossMoments] = {}
+    moments: dict[tuple, CrossMoments] = {}
     with torch.no_grad():
         for x in batches(data, batch_size, "matching statistics", progress):
-            values_a, values_b = _run_pair(captures, names, x)
-            for name, va, vb in zip(names, values_a, values_b):
-                axis, dim = sites[name]
-                pairs = zip(observe(analysis.table, va, axis, dim), observe(analysis.table, vb, axis, dim))
+            values_a, values_b = (dict(zip(names, v)) for v in _run_pair(captures, names, x))
+            for site, (name, axes, dims) in enumerate(sites):
+                pairs = zip(observe(analysis.table, values_a[name], axes, dims),
+                            observe(analysis.table, values_b[name], axes, dims))
                 for k, ((root, fa), (_, fb)) in enumerate(pairs):
-                    key = (name, k, root)
+                    key = (site, k, root)
                     if key not in moments:
                         moments[key] = CrossMoments(fa.shape[1])
                     moments[key].add(fa, fb)
-    by_root: dict[int, list[torch.Tensor]] = {}
+    by_root: dict[int | tuple, list[torch.Tensor]] = {}
     for (_, _, root), m in moments.items():
         by_root.setdefault(root, []).append(m.correlation())
     return {root: torch.stack(corrs).mean(0) for root, corrs in by_root.items()}
 
 
-def _input_sites(analysis: Analysis) -> dict[str, tuple[int, Dim]]:
-    """The nodes layers read, with the axis and dim they read along (one entry per node)."""
-    sites: dict[str, tuple[int, Dim]] = {}
-    for layer in analysis.layers:
-        sites.setdefault(layer.source, (layer.in_axis, layer.in_dim))
-    return sites
+def _observation_sites(analysis: Analysis) -> list[tuple[str, tuple[int, ...], tuple[Dim, ...]]]:
+    """Where features are compared: what layers read, and what the analysis adds (attention's q and k)."""
+    sites = dict.fromkeys((layer.source, (layer.in_axis,), (layer.in_dim,)) for layer in analysis.layers)
+    sites.update(dict.fromkeys(analysis.sites))
+    return list(sites)
 
 
 # ---------------------------------------------------------------- least-squares moments

@@ -19,7 +19,7 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes.budget import is_blocked
 from pleascc.passes.emit import emit
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
-from pleascc.passes.match import match_all
+from pleascc.passes.match import match_all, match_product
 from pleascc.passes.merge_maps import Block, MergeMaps, row_blocks, selections_from_pairs
 from pleascc.passes.solve import block_slice, layer_params, least_squares, merge_param, warm_start
 from pleascc.passes.stats import Problem, feature_moments, layer_moments, weight_similarity
@@ -121,7 +121,26 @@ def _match(analysis: Analysis, correlations: dict, states, matcher: str) -> dict
     ties = weight_similarity(analysis, states)
     scores = {root: correlations.get(root, torch.zeros(n, n)) + TIE_BREAK * ties.get(root, torch.zeros(n, n))
               for root, n in sizes.items()}
-    return match_all(scores, sizes, matcher)
+    matchings = match_all(scores, sizes, matcher)
+    if matcher == "hungarian":  # product axes (heads × head dim): their factors are matched jointly
+        done: set[int] = set()
+        for key, corr in correlations.items():
+            if isinstance(key, tuple) and not set(key) <= done:
+                known = {f: _partner_of(matchings[r]) for f, r in enumerate(key) if r in done}
+                found = match_product(corr, [analysis.root_size(r) for r in key], [r in sizes for r in key],
+                                      known=known)
+                for root, m in zip(key, found):
+                    if root in sizes and root not in done:
+                        matchings[root] = m
+                done.update(r for r in key if r in sizes)
+    return matchings
+
+
+def _partner_of(m) -> torch.Tensor:
+    """B's unit for each of A's units."""
+    partner = torch.empty_like(m.pairs_b)
+    partner[m.pairs_a] = m.pairs_b
+    return partner
 
 
 def _solve(problems: list[Problem], states, refit: bool, ridge: float):

@@ -6,8 +6,10 @@ import copy
 import operator
 import traceback
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pleascc.errors import PleasccError
 
@@ -47,6 +49,7 @@ def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
     parameters with its source.
     """
     model = copy.deepcopy(model).eval()
+    _open_multihead_attention(model)
     for m in model.modules():
         if getattr(m, "inplace", False) is True:
             m.inplace = False
@@ -58,6 +61,49 @@ def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
     gm = fx.GraphModule(model, graph, model.__class__.__name__)
     _make_out_of_place(gm)
     return gm
+
+
+class SelfAttention(nn.Module):
+    """``nn.MultiheadAttention`` used as self-attention, in ops the analysis can see through.
+
+    The packed module is a leaf whose inner projections least squares could
+    not reach; this is the same computation (and the same parameter names),
+    written as a fused-qkv ``F.linear``, a head reshape and attention.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.batch_first = mha.num_heads, mha.head_dim, mha.batch_first
+        self.in_proj_weight, self.in_proj_bias, self.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
+        self.where = ""
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if key is not query or value is not query or key_padding_mask is not None or attn_mask is not None:
+            raise TypeError(f"nn.MultiheadAttention {self.where} is used with a different key/value or a mask; "
+                            "pleascc supports it as self-attention without masks")
+        x = query if self.batch_first else query.transpose(0, 1)
+        batch, tokens, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if need_weights:
+            weights = torch.softmax((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5, dim=-1)
+            out = weights @ v
+            weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            out, weights = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal), None
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+
+def _open_multihead_attention(model: nn.Module) -> None:
+    """Swap every packed-weight ``nn.MultiheadAttention`` for its traceable ``SelfAttention``."""
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.MultiheadAttention and m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn:
+            parent, _, child = name.rpartition(".")
+            opened = SelfAttention(m)
+            opened.where = name
+            setattr(model.get_submodule(parent) if parent else model, child, opened)
 
 
 def _where(err: Exception) -> str:
