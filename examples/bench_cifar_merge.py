@@ -1,10 +1,12 @@
-"""Merge two CIFAR-10 ResNet-20s (A: classes 0–4, B: 5–9) at several budgets; evaluate with ONNX Runtime.
+"""Merge two CIFAR-10 models (A: classes 0–4, B: 5–9) at several budgets; evaluate with ONNX Runtime.
 
 Needs the checkpoints of examples/train_cifar_pair.py and ../shared/data.  Writes
-examples/results/cifar_resnet20.{json,png,md}.
+examples/results/NAME.{json,png,md}.
 
     python examples/train_cifar_pair.py --out runs/cifar_resnet20
     python examples/bench_cifar_merge.py --models runs/cifar_resnet20
+    python examples/train_cifar_pair.py --arch vit --out runs/cifar_vit
+    python examples/bench_cifar_merge.py --arch vit --models runs/cifar_vit --name cifar_vit
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import load_cifar10, to_tensor  # noqa: E402
-from resnet20 import resnet20  # noqa: E402
+from train_cifar_pair import build  # noqa: E402
 
 import pleascc  # noqa: E402
 from pleascc.demo import task_accuracies  # noqa: E402
@@ -32,10 +34,10 @@ METHODS = ("average", "permute", "pleas")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def load_pair(folder: Path, width: int) -> list[torch.nn.Module]:
+def load_pair(folder: Path, arch: str, width: int) -> list[torch.nn.Module]:
     models = []
     for name in "ab":
-        model = resnet20(num_classes=5, width=width)
+        model = build(arch, width, 5)[0]
         model.load_state_dict(torch.load(folder / f"model_{name}.pt", weights_only=True, map_location="cpu"))
         models.append(model.eval())
     return models
@@ -48,12 +50,12 @@ def evaluate(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor)
         return {**task_accuracies(onnx_predict(path, x_test), y_test), "onnx_max_abs_diff": check["max_abs_diff"]}
 
 
-def run(models_dir: Path, samples: int, width: int) -> list[dict]:
+def run(models_dir: Path, samples: int, arch: str, width: int) -> list[dict]:
     torch.manual_seed(0)
     x_train, _, x_test, y_test = load_cifar10()
     pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:samples].numpy()
     calib, x_eval, y_eval = to_tensor(x_train[pick]), to_tensor(x_test), torch.as_tensor(y_test)
-    models = load_pair(models_dir, width)
+    models = load_pair(models_dir, arch, width)
     with torch.no_grad():
         ensemble = task_accuracies([m(x_eval).numpy() for m in models], y_eval)
     rows = [{"method": "ensemble (A and B side by side)", "budget": 2.0, "relative_flops": 2.0, **ensemble}]
@@ -105,17 +107,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, default=Path("runs/cifar_resnet20"))
     p.add_argument("--samples", type=int, default=2048, help="calibration images from the training split")
+    p.add_argument("--arch", choices=("resnet20", "vit"), default="resnet20")
     p.add_argument("--width", type=int, default=1)
     p.add_argument("--name", default="cifar_resnet20")
     args = p.parse_args()
     torch.set_num_threads(2)
-    rows = run(args.models, args.samples, args.width)
+    rows = run(args.models, args.samples, args.arch, args.width)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"calibration_samples": args.samples, "width": args.width,
+    meta = {"calibration_samples": args.samples, "arch": args.arch, "width": args.width,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "command": " ".join(sys.argv)}
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    plot(rows, RESULTS / f"{args.name}.png", f"CIFAR-10 ResNet-20 ×{args.width}: A (0–4) + B (5–9)")
+    title = {"resnet20": f"ResNet-20 ×{args.width}", "vit": f"ViT (dim {128 * args.width}, depth 4, 4 heads)"}
+    plot(rows, RESULTS / f"{args.name}.png", f"CIFAR-10 {title[args.arch]}: A (0–4) + B (5–9)")
     (RESULTS / f"{args.name}.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
     worse = [b for b in BUDGETS[:-1] if not all(

@@ -36,8 +36,8 @@ class Cost:
 
 
 def is_blocked(layer: Layer) -> bool:
-    """Dense layer modules, whose merged form skips the cross-model blocks (functional ones stay dense)."""
-    return layer.is_module and (layer.kind == "linear" or (layer.kind == "conv" and layer.groups_dim is None))
+    """Dense layers (Linear, F.linear on parameters, ungrouped Conv): merged, they skip the cross-model blocks."""
+    return layer.kind == "linear" or (layer.kind == "conv" and layer.groups_dim is None)
 
 
 def positions(analysis: Analysis, layer: Layer) -> int:

@@ -69,15 +69,15 @@ def _emit_layer(gm: fx.GraphModule, node: fx.Node, layer: Layer, blocks: list[tu
         for name, value in blocks[0][1].items():
             _assign(owner, name.removeprefix(prefix + ".") if prefix else name, value)
         return
-    graph = gm.graph  # only module layers are split into blocks (budget.is_blocked)
+    graph = gm.graph
     pieces, order = [], []
     with graph.inserting_before(node):
         for k, (block, params) in enumerate(blocks):
             source = node.args[0]
             if block.cols is not None:
                 source = graph.call_function(torch.index_select, (source, layer.in_axis, _constant(gm, block.cols)))
-            module = _sized_copy(gm.get_submodule(node.target), params, prefix)
-            name = f"{node.target.replace('.', '_')}_block{k}"
+            module = _block_module(gm, node, layer, params, prefix)
+            name = f"{(node.target if node.op == 'call_module' else node.name).replace('.', '_')}_block{k}"
             gm.add_submodule(name, module)
             pieces.append(graph.call_module(name, (source,)))
             order.append(block.rows)
@@ -86,8 +86,25 @@ def _emit_layer(gm: fx.GraphModule, node: fx.Node, layer: Layer, blocks: list[tu
             inverse = torch.argsort(torch.cat([r for r in order if r is not None]))
             if not torch.equal(inverse, torch.arange(len(inverse))):
                 out = graph.call_function(torch.index_select, (out, layer.out_axis, _constant(gm, inverse)))
+    inputs = node.all_input_nodes
     node.replace_all_uses_with(out)
     graph.erase_node(node)
+    for param in (n for n in inputs if n.op == "get_attr" and not n.users):  # F.linear's own weight and bias
+        graph.erase_node(param)
+        owner, _, leaf = param.target.rpartition(".")
+        delattr(gm.get_submodule(owner) if owner else gm, leaf)
+
+
+def _block_module(gm: fx.GraphModule, node: fx.Node, layer: Layer, params: State, prefix: str) -> nn.Module:
+    """One block of a layer as a module: a resized copy of a layer module, or an nn.Linear for F.linear."""
+    if node.op == "call_module":
+        return _sized_copy(gm.get_submodule(node.target), params, prefix)
+    linear = nn.Linear(1, 1, bias=layer.bias is not None)
+    _assign(linear, "weight", params[layer.weight])
+    if layer.bias is not None:
+        _assign(linear, "bias", params[layer.bias])
+    linear.out_features, linear.in_features = linear.weight.shape
+    return linear
 
 
 class ViewwiseNorm(nn.Module):

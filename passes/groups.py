@@ -56,7 +56,6 @@ class Layer:
     conv: dict = field(default_factory=dict)  # kernel_size, stride, padding, dilation
     running: tuple | None = None  # norm: (running_mean, running_var, eps)
     source: str = ""  # the node holding the layer's input
-    is_module: bool = False  # a call_module node (emit can split it into blocks)
 
 
 @dataclass
@@ -146,7 +145,6 @@ class Context:
         self.feature_norms: list[FeatureNorm] = []
         self.products: list[list] = []
         self.sites: list[tuple] = []
-        self.batch: Dim | None = None  # the first input's axis 0: the one size left dynamic
         self.modules = dict(gm.named_modules())
 
     # ----- reading
@@ -195,7 +193,6 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Analysis:
     nodes = {n.name: n for n in gm.graph.nodes}
     for layer in ctx.layers:
         layer.source = nodes[layer.node].args[0].name
-        layer.is_module = nodes[layer.node].op == "call_module"
     return Analysis(
         table=ctx.table,
         node_dims=ctx.dims,
@@ -234,9 +231,7 @@ def _apply_rule(ctx: Context, node: fx.Node):
         shape = ctx.shape(node)
         if shape is None:
             return None
-        dims = ctx.new_dims(shape, "model input")
-        ctx.batch = ctx.batch or (dims[0] if dims else None)
-        return dims
+        return ctx.new_dims(shape, "model input")
     if node.op == "output":
         return _output(ctx, node)
     if node.op == "get_attr":
@@ -1008,20 +1003,19 @@ def _size(ctx: Context, node: fx.Node):
 
 
 def _frozen_size(ctx: Context, node: fx.Node, tensor: fx.Node, axis: int) -> None:
-    """A size read at run time (``B, N, C = x.shape``) becomes its original value, the batch size excepted.
+    """A feature width read at run time (C in ``B, N, C = x.shape``) becomes its original value.
 
     Code computes from it what the merge keeps (head dim = C // heads, the
     softmax scale); reshapes whose widths change get their new widths from
-    their own rewrite.  The batch axis stays dynamic.
+    their own rewrite.  Sizes of fixed axes (batch, tokens) stay dynamic.
     """
     dims = ctx.dims_of(tensor)
     if dims is None:
         return
     dim, value = dims[axis], ctx.shape(tensor)[axis]
-    batch = ctx.batch
 
     def rewrite(n: fx.Node, size: Size) -> None:
-        if batch is not None and ctx.table.resolve(dim) == ctx.table.resolve(batch):
+        if ctx.table.is_fixed(dim):
             return
         for user in list(n.users):
             user.args = fx.node.map_aggregate(user.args, lambda a: value if a is n else a)

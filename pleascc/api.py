@@ -112,7 +112,12 @@ def _trace_pair(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor):
     check_same_architecture(model_a, model_b, heads=frozenset(n for h in heads for n in (h.weight, h.bias) if n))
     gm_b = trace(model_b, "model B")
     check_same_graph(gm_a, gm_b)
-    return (gm_a, gm_b), analysis, heads, (gm_a.state_dict(), gm_b.state_dict())
+    return (gm_a, gm_b), analysis, heads, (_tensors(gm_a), _tensors(gm_b))
+
+
+def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Parameters and every buffer, non-persistent ones too (EVA's zero k-bias is resized like the rest)."""
+    return {name: t.detach() for name, t in (*gm.named_parameters(), *gm.named_buffers())}
 
 
 def _match(analysis: Analysis, correlations: dict, states, matcher: str) -> dict:

@@ -1,0 +1,133 @@
+"""Coverage over the timm zoo: trace, permutation property, share of parameters in groups, exact self-merge.
+
+For up to ``--per-family`` architectures of every timm module (family) with at
+most ``--max-params`` parameters (random weights, 10 classes):
+
+- traced: torch.fx traces it (pleascc's tracer);
+- property: permuting every free group at random leaves the output unchanged
+  (float64, relative change < 1e-4) and no op lacks a rule;
+- coverage: share of parameters that live in a permutable group;
+- self-merge: the model merged with itself at budget 1.0 (``--method permute``,
+  8 samples), exported to ONNX, gives the model's outputs in ONNX Runtime
+  (relative difference < 1e-4);
+- seconds for all of it.
+
+Any failure is recorded with its one-line reason; a merged model is never
+accepted unchecked.  Results are appended to examples/results/zoo_timm.json as
+they come (an interrupted run resumes), then summarised in zoo_timm.md.
+
+    python examples/zoo_timm.py [--max-params 30e6] [--per-family 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import pleascc
+from pleascc.export import onnx_predict
+from pleascc.trace import trace
+from pleascc.verify import flat_outputs, permutation_invariance
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def candidates(max_params: float, per_family: int) -> list[str]:
+    """Up to ``per_family`` small architectures per timm module, smallest first (by a meta-device count)."""
+    chosen = []
+    for family in timm.list_modules():
+        sized = []
+        for name in timm.list_models(module=family):
+            try:
+                with torch.device("meta"):
+                    params = sum(p.numel() for p in timm.create_model(name, num_classes=10).parameters())
+            except Exception:
+                continue
+            if params <= max_params:
+                sized.append((params, name))
+        chosen += [name for _, name in sorted(sized)[:per_family]]
+    return chosen
+
+
+def check(name: str) -> dict:
+    """Every stage for one architecture; the first failing stage is recorded with its reason."""
+    row: dict = {"model": name, "traced": False, "property": False, "self_merge_exact": False}
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+        row["params"] = sum(p.numel() for p in model.parameters())
+        shape = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        row["input"] = list(shape)
+        x = torch.randn(8, *shape)
+        trace(model)
+        row["traced"] = True
+        result = permutation_invariance(model, x[:2])
+        row.update(relative_diff=result["relative_diff"], coverage=result["coverage"],
+                   free_groups=result["free_groups"], unsupported=sorted(set(result["unsupported"]))[:5])
+        row["property"] = result["relative_diff"] < 1e-4 and not result["unsupported"]
+        merged = pleascc.merge(model, model, x, method="permute", progress=False).model
+        with tempfile.TemporaryDirectory() as tmp:
+            pleascc.export_onnx(merged, x[:2], f"{tmp}/m.onnx")
+            got = onnx_predict(f"{tmp}/m.onnx", x)
+        with torch.no_grad():
+            want = [t.numpy() for t in flat_outputs(model(x))]
+        scale = max(abs(w).max() for w in want) or 1.0
+        row["self_merge_diff"] = float(max(abs(g - w).max() for g, w in zip(got, want)) / scale)
+        row["self_merge_exact"] = row["self_merge_diff"] < 1e-4
+    except Exception as err:  # record why, and go on
+        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def summary(rows: list[dict]) -> str:
+    traced = [r for r in rows if r["traced"]]
+    passed = [r for r in traced if r["property"] and r["self_merge_exact"]]
+    lines = [f"{len(rows)} architectures from {len({r['model'].split('_')[0] for r in rows})} name stems; "
+             f"{len(traced)} trace; {len(passed)} of those ({len(passed) / max(1, len(traced)):.0%}) pass the "
+             "property and the exact self-merge through ONNX Runtime.", "",
+             "| model | params | traced | property (rel. diff) | coverage | self-merge via ONNX | s | failure |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = f"{r['relative_diff']:.0e}" if "relative_diff" in r else "–"
+        cov = f"{r['coverage']:.0%}" if "coverage" in r else "–"
+        merge = f"{r['self_merge_diff']:.0e}" if "self_merge_diff" in r else "–"
+        why = r.get("error") or "; ".join(r.get("unsupported") or []) or ""
+        lines.append(f"| {r['model']} | {r.get('params', 0) / 1e6:.1f}M | {'yes' if r['traced'] else 'no'} | "
+                     f"{'pass' if r['property'] else 'fail'} ({diff}) | {cov} | "
+                     f"{'exact' if r['self_merge_exact'] else 'no'} ({merge}) | {r['seconds']} | "
+                     f"{why.replace('|', '/')[:120]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-params", type=float, default=30e6)
+    p.add_argument("--per-family", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS / "zoo_timm.json")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    saved = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
+    done, seen = saved["rows"], {r["model"] for r in saved["rows"]}
+    names = saved["meta"].get("models") or candidates(args.max_params, args.per_family)  # listing takes minutes
+    print(f"{len(names)} architectures, {len(seen)} already done", flush=True)
+    for name in (n for n in names if n not in seen):
+        done.append(check(name))
+        print(f"[{len(done)}/{len(names)}] {json.dumps(done[-1])}", flush=True)
+        meta = {"command": " ".join(sys.argv), "timm": timm.__version__, "torch": torch.__version__, "models": names}
+        args.out.parent.mkdir(exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "rows": done}, indent=1))
+    args.out.with_suffix(".md").write_text(summary(done))
+    print(summary(done).splitlines()[0])
+
+
+if __name__ == "__main__":
+    main()

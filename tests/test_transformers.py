@@ -1,0 +1,123 @@
+"""Transformers: the permutation property on the zoo, and exact merges of small configurations through ONNX."""
+
+import pytest
+import timm
+import torch
+import torchvision
+from test_exactness import _permuted_copy, _relative, _through_onnx
+from tiny_vit import TinyViT
+from vit_cifar import vit_cifar
+
+import pleascc
+from pleascc.verify import permutation_invariance
+
+# (source, name, resolution, extra constructor arguments): the models the transformers issue names.
+ZOO = [
+    ("torchvision", "vit_b_16", 224, {}),
+    ("torchvision", "swin_t", 224, {}),
+    ("timm", "vit_tiny_patch16_224", 224, {}),
+    ("timm", "deit_tiny_patch16_224", 224, {}),
+    ("timm", "vit_small_patch16_224", 224, {"reg_tokens": 4}),
+    ("timm", "convnext_atto", 64, {}),
+    ("timm", "swin_tiny_patch4_window7_224", 224, {}),
+    ("timm", "eva02_tiny_patch14_224", 224, {"num_classes": 10}),  # the pretrained config has no head
+    ("timm", "beit_base_patch16_224", 224, {}),
+    ("timm", "mobilevit_xxs", 256, {}),
+    ("timm", "levit_128s", 224, {}),
+    ("timm", "efficientformer_l1", 224, {}),
+    ("user", "TinyViT", 16, {}),
+]
+NOT_YET = {"mobilevit_xxs": "MobileVitBlock is a timm leaf whose unfold code branches on run-time sizes"}
+
+
+def build(source: str, name: str, kwargs: dict) -> torch.nn.Module:
+    if source == "torchvision":
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    if source == "timm":
+        return timm.create_model(name, pretrained=False, **kwargs)
+    return TinyViT(**kwargs)
+
+
+def non_degenerate(model: torch.nn.Module) -> torch.nn.Module:
+    """Zero-initialised tensors (torchvision ViT's head) get random values, so the property can fail."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+@pytest.mark.parametrize("source,name,resolution,kwargs", ZOO, ids=[z[1] for z in ZOO])
+def test_random_permutation_leaves_transformers_unchanged(source, name, resolution, kwargs):
+    if name in NOT_YET:
+        pytest.xfail(NOT_YET[name])
+    torch.manual_seed(0)
+    model = non_degenerate(build(source, name, kwargs))
+    result = permutation_invariance(model, torch.randn(2, 3, resolution, resolution))
+    assert result["relative_diff"] < 1e-4
+    assert result["unsupported"] == []
+    assert result["coverage"] > 0.99  # attention, MLP and residual groups are all permutable
+    assert result["free_groups"] > 0
+
+
+SMALL = {  # factory, input shape, calibration samples
+    "user-vit": (TinyViT, (3, 16, 16), 200),
+    "timm-vit": (lambda: vit_cifar(num_classes=10, dim=32, depth=2, heads=2), (3, 32, 32), 200),
+    "torchvision-vit": (lambda: torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10),
+        (3, 32, 32), 200),
+    "torchvision-swin": (lambda: torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10),
+        (3, 32, 32), 200),
+    "timm-swin": (lambda: timm.models.swin_transformer.SwinTransformer(
+        img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), num_classes=10),
+        (3, 32, 32), 200),
+    "timm-eva": (lambda: timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, num_classes=10),
+                 (3, 28, 28), 200),
+}
+
+
+def _small(name: str, seed: int):
+    factory, shape, n = SMALL[name]
+    torch.manual_seed(seed)
+    return non_degenerate(factory()), torch.randn(n, *shape), torch.randn(16, *shape)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_transformer_merges_that_must_be_exact(name, tmp_path):
+    """Self-merge and permuted-copy merge at 1.0 are the model; 2.0 with separate labels is A and B side by side."""
+    model, x, x_test = _small(name, 0)
+    twin = _permuted_copy(model, x)
+    with torch.no_grad():
+        want = model(x_test)
+    for other in (model, twin):
+        result = pleascc.merge(model, other, x, budget=1.0, progress=False)
+        assert result.report["relative_flops"] == pytest.approx(1.0)
+        (got,) = _through_onnx(result.model, x_test, tmp_path)
+        assert _relative(got, want) < 1e-4
+    model_b, _, _ = _small(name, 1)
+    result = pleascc.merge(model, model_b, x, budget=2.0, labels="separate", progress=False)
+    assert result.report["relative_flops"] == pytest.approx(2.0)
+    got_a, got_b = _through_onnx(result.model, x_test, tmp_path)
+    with torch.no_grad():
+        assert _relative(got_a, want) < 1e-4
+        assert _relative(got_b, model_b(x_test)) < 1e-4
+
+
+def test_head_widths_change_by_whole_heads():
+    """Between 1.0 and 2.0 the head dim keeps its width; the number of heads grows."""
+    model, x, _ = _small("timm-vit", 0)
+    other, _, _ = _small("timm-vit", 1)
+    result = pleascc.merge(model, other, x, budget=1.5, labels="separate", progress=False)
+    rows: dict[str, int] = {}
+    for name, m in result.model.named_modules():
+        if isinstance(m, torch.nn.Linear) and "qkv" in name:  # in place, or split into blocks
+            layer = name.replace(".", "_").split("_block")[0]
+            rows[layer] = rows.get(layer, 0) + m.out_features
+    assert rows and all(n % (3 * 16) == 0 for n in rows.values())  # q, k, v × whole heads of 16
+    kept = [g for g in result.report["groups"] if g["group"] in result.analysis.table.keep_width]
+    assert kept and all(g["width"] == g["size"] == 16 for g in kept)
+    assert 1.0 < result.report["relative_flops"] <= 1.5 + 1e-9
+    with torch.no_grad():
+        a, b = result.model(x[:4])
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
