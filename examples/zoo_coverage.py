@@ -18,7 +18,7 @@ import timm
 import torch
 import torchvision
 
-from pleascc.verify import permutation_invariance
+from pleascc.verify import non_degenerate, permutation_invariance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_vit import TinyViT  # noqa: E402
@@ -28,14 +28,15 @@ ZOO = [("torchvision", n, 64, {}) for n in ("resnet18", "resnet50", "mobilenet_v
                                             "efficientnet_b0", "regnet_y_400mf", "densenet121", "vgg11_bn",
                                             "squeezenet1_1", "convnext_tiny")]
 ZOO += [("timm", "resnet18", 64, {}), ("timm", "efficientnet_b0", 64, {})]
-ZOO += [("torchvision", "vit_b_16", 224, {}), ("torchvision", "swin_t", 224, {})]
-ZOO += [("timm", n, r, kw) for n, r, kw in (
+TRANSFORMERS = [("torchvision", "vit_b_16", 224, {}), ("torchvision", "swin_t", 224, {})]
+TRANSFORMERS += [("timm", n, r, kw) for n, r, kw in (
     ("vit_tiny_patch16_224", 224, {}), ("deit_tiny_patch16_224", 224, {}),
     ("vit_small_patch16_224", 224, {"reg_tokens": 4}), ("convnext_atto", 64, {}),
     ("swin_tiny_patch4_window7_224", 224, {}), ("eva02_tiny_patch14_224", 224, {"num_classes": 10}),
     ("beit_base_patch16_224", 224, {}), ("mobilevit_xxs", 256, {}), ("levit_128s", 224, {}),
     ("efficientformer_l1", 224, {}))]
-ZOO += [("user", "TinyViT", 16, {})]
+TRANSFORMERS += [("user", "TinyViT", 16, {})]
+ZOO += TRANSFORMERS
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -47,11 +48,7 @@ def build(source: str, name: str, kwargs: dict) -> torch.nn.Module:
         model = timm.create_model(name, pretrained=False, **kwargs)
     else:
         model = TinyViT(**kwargs)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.02)
-    return model.eval()
+    return non_degenerate(model)
 
 
 def main() -> None:

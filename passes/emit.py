@@ -134,7 +134,7 @@ class ViewwiseNorm(nn.Module):
                 outs.append(F.rms_norm(x.index_select(-1, view), shape, w, self.eps))
             else:
                 b = bias.index_select(0, view) if bias is not None else None
-                outs.append(F.layer_norm(x.index_select(-1, view), shape, w, b, self.eps if self.eps else 1e-5))
+                outs.append(F.layer_norm(x.index_select(-1, view), shape, w, b, self.eps))
         y = torch.cat(outs, -1)
         return (y.index_select(-1, self.back_a) + y.index_select(-1, self.back_b)) * 0.5
 
@@ -145,10 +145,7 @@ def _split_feature_norm(gm: fx.GraphModule, node: fx.Node, norm: FeatureNorm, ma
     if bool((in_a & in_b).all()):
         return
     view_a, view_b = in_a.nonzero().flatten(), in_b.nonzero().flatten()
-    position_a = torch.full((len(in_a),), -1, dtype=torch.long)
-    position_a[view_a] = torch.arange(len(view_a))
-    position_b = torch.full((len(in_b),), -1, dtype=torch.long)
-    position_b[view_b] = torch.arange(len(view_b)) + len(view_a)
+    position_a, position_b = torch.cumsum(in_a, 0) - 1, torch.cumsum(in_b, 0) - 1 + len(view_a)  # in cat(A's, B's)
     back_a = torch.where(in_a, position_a, position_b)  # a one-model unit reads its own view twice
     back_b = torch.where(in_b, position_b, position_a)
     name = f"{node.name}_viewwise"

@@ -22,6 +22,7 @@ from torchvision.models import swin_transformer as swin
 from torchvision.ops import stochastic_depth
 
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
+from pleascc.trace import timm_registrations
 
 Size = Callable[[Dim], int]  # a dim's width in the emitted model
 
@@ -107,15 +108,6 @@ class Analysis:
 
 
 RULES: dict[Any, Callable] = {}
-
-
-def _timm_wrapped_functions() -> list:
-    """Functions timm registers to stay opaque to fx (none without timm)."""
-    try:
-        from timm.layers import _fx
-    except ImportError:
-        return []
-    return list(_fx._autowrap_functions)
 
 
 def rule(*keys):
@@ -229,9 +221,7 @@ def _keep_inner_factors(table: SpaceTable, dims: list) -> None:
 def _apply_rule(ctx: Context, node: fx.Node):
     if node.op == "placeholder":
         shape = ctx.shape(node)
-        if shape is None:
-            return None
-        return ctx.new_dims(shape, "model input")
+        return ctx.new_dims(shape, "model input") if shape is not None else None
     if node.op == "output":
         return _output(ctx, node)
     if node.op == "get_attr":
@@ -348,18 +338,11 @@ def _elementwise(ctx: Context, node: fx.Node):
         return None
     operands = [(ctx.dims_of(a), ctx.shape(a)) for a in node.args if isinstance(a, fx.Node)]
     operands = [(d, s) for d, s in operands if d is not None and s is not None]
-    out = []
-    for k in range(1, len(shape) + 1):
-        candidates = [d[-k] for d, s in operands if len(s) >= k and s[-k] != 1]
-        for other in candidates[1:]:
-            ctx.table.unify(candidates[0], other, node.name)
-        out.append(candidates[0] if candidates else ctx.table.new(1))
-    return out[::-1]
+    return _broadcast(ctx, node, [d for d, _ in operands], [s for _, s in operands], len(shape))
 
 
-def _broadcast_batch(ctx: Context, node: fx.Node, operands: list[list], shapes: list[tuple]) -> list:
-    """Leading (batch) axes of operands broadcast like elementwise ops; returns the result's."""
-    rank = max(len(s) for s in shapes)
+def _broadcast(ctx: Context, node: fx.Node, operands: list[list], shapes: list[tuple], rank: int) -> list:
+    """The ``rank`` trailing axes of broadcasting operands: axes that meet with size > 1 are one space."""
     out = []
     for k in range(rank, 0, -1):
         sized = [d[-k] for d, s in zip(operands, shapes) if len(s) >= k and s[-k] != 1]
@@ -367,6 +350,11 @@ def _broadcast_batch(ctx: Context, node: fx.Node, operands: list[list], shapes: 
             ctx.table.unify(sized[0], other, node.name)
         out.append(sized[0] if sized else ctx.table.new(1))
     return out
+
+
+def _broadcast_batch(ctx: Context, node: fx.Node, operands: list[list], shapes: list[tuple]) -> list:
+    """Leading (batch) axes of matmul/attention operands broadcast like elementwise ops."""
+    return _broadcast(ctx, node, operands, shapes, max(len(s) for s in shapes))
 
 
 @rule(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
@@ -983,7 +971,7 @@ def _channels_last_passthrough(ctx: Context, node: fx.Node):
     return ctx.new_dims(ctx.shape(node)[:-1], f"{node.name}: windows") + [dims[-1]]
 
 
-for _fn in _timm_wrapped_functions():
+for _fn in timm_registrations()[1]:
     if _fn.__name__ in ("window_reverse", "window_partition"):
         RULES[_fn] = _channels_last_passthrough
 

@@ -25,7 +25,7 @@ class _Tracer(fx.Tracer):
     """fx's tracer plus timm's leaf modules and wrapped functions, when timm is present."""
 
     def __init__(self) -> None:
-        leaves, functions = _timm_registrations()
+        leaves, functions = timm_registrations()
         super().__init__(autowrap_functions=tuple(functions))
         self._leaves = tuple(leaves)
 
@@ -33,7 +33,8 @@ class _Tracer(fx.Tracer):
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
 
 
-def _timm_registrations() -> tuple[list, list]:
+def timm_registrations() -> tuple[list, list]:
+    """timm's leaf modules (less those traced through) and the functions it keeps opaque to fx; none without timm."""
     try:
         from timm.layers import _fx
     except ImportError:
@@ -71,11 +72,11 @@ class SelfAttention(nn.Module):
     written as a fused-qkv ``F.linear``, a head reshape and attention.
     """
 
-    def __init__(self, mha: nn.MultiheadAttention) -> None:
+    def __init__(self, mha: nn.MultiheadAttention, where: str) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.batch_first = mha.num_heads, mha.head_dim, mha.batch_first
         self.in_proj_weight, self.in_proj_bias, self.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
-        self.where = ""
+        self.where = where
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -101,9 +102,7 @@ def _open_multihead_attention(model: nn.Module) -> None:
     for name, m in list(model.named_modules()):
         if type(m) is nn.MultiheadAttention and m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn:
             parent, _, child = name.rpartition(".")
-            opened = SelfAttention(m)
-            opened.where = name
-            setattr(model.get_submodule(parent) if parent else model, child, opened)
+            setattr(model.get_submodule(parent) if parent else model, child, SelfAttention(m, name))
 
 
 def _where(err: Exception) -> str:

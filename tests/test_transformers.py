@@ -7,52 +7,20 @@ import torchvision
 from test_exactness import _permuted_copy, _relative, _through_onnx
 from tiny_vit import TinyViT
 from vit_cifar import vit_cifar
+from zoo_coverage import TRANSFORMERS, build
 
 import pleascc
-from pleascc.verify import permutation_invariance
+from pleascc.verify import non_degenerate, permutation_invariance
 
-# (source, name, resolution, extra constructor arguments): the models the transformers issue names.
-ZOO = [
-    ("torchvision", "vit_b_16", 224, {}),
-    ("torchvision", "swin_t", 224, {}),
-    ("timm", "vit_tiny_patch16_224", 224, {}),
-    ("timm", "deit_tiny_patch16_224", 224, {}),
-    ("timm", "vit_small_patch16_224", 224, {"reg_tokens": 4}),
-    ("timm", "convnext_atto", 64, {}),
-    ("timm", "swin_tiny_patch4_window7_224", 224, {}),
-    ("timm", "eva02_tiny_patch14_224", 224, {"num_classes": 10}),  # the pretrained config has no head
-    ("timm", "beit_base_patch16_224", 224, {}),
-    ("timm", "mobilevit_xxs", 256, {}),
-    ("timm", "levit_128s", 224, {}),
-    ("timm", "efficientformer_l1", 224, {}),
-    ("user", "TinyViT", 16, {}),
-]
 NOT_YET = {"mobilevit_xxs": "MobileVitBlock is a timm leaf whose unfold code branches on run-time sizes"}
 
 
-def build(source: str, name: str, kwargs: dict) -> torch.nn.Module:
-    if source == "torchvision":
-        return torchvision.models.get_model(name, weights=None, **kwargs)
-    if source == "timm":
-        return timm.create_model(name, pretrained=False, **kwargs)
-    return TinyViT(**kwargs)
-
-
-def non_degenerate(model: torch.nn.Module) -> torch.nn.Module:
-    """Zero-initialised tensors (torchvision ViT's head) get random values, so the property can fail."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.02)
-    return model.eval()
-
-
-@pytest.mark.parametrize("source,name,resolution,kwargs", ZOO, ids=[z[1] for z in ZOO])
+@pytest.mark.parametrize("source,name,resolution,kwargs", TRANSFORMERS, ids=[z[1] for z in TRANSFORMERS])
 def test_random_permutation_leaves_transformers_unchanged(source, name, resolution, kwargs):
     if name in NOT_YET:
         pytest.xfail(NOT_YET[name])
     torch.manual_seed(0)
-    model = non_degenerate(build(source, name, kwargs))
+    model = build(source, name, kwargs)
     result = permutation_invariance(model, torch.randn(2, 3, resolution, resolution))
     assert result["relative_diff"] < 1e-4
     assert result["unsupported"] == []

@@ -1,32 +1,24 @@
 """The analysis' property: permuting every free group at random leaves the output unchanged."""
 
 import pytest
-import timm
 import torch
 import torchvision
+from zoo_coverage import TRANSFORMERS, ZOO, build
 
 from pleascc.verify import permutation_invariance
 
-TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
-               "densenet121", "vgg11_bn", "squeezenet1_1", "convnext_tiny"]
-TIMM = ["resnet18", "efficientnet_b0"]
+CNNS = [z for z in ZOO if z not in TRANSFORMERS]  # transformers: tests/test_transformers.py
 
 
-def build(source: str, name: str) -> torch.nn.Module:
-    if source == "torchvision":
-        return torchvision.models.get_model(name, weights=None)
-    return timm.create_model(name, pretrained=False)
-
-
-@pytest.mark.parametrize("source,name", [("torchvision", n) for n in TORCHVISION] + [("timm", n) for n in TIMM])
-def test_random_permutation_leaves_output_unchanged(source, name):
+@pytest.mark.parametrize("source,name,resolution,kwargs", CNNS, ids=[f"{z[0]}-{z[1]}" for z in CNNS])
+def test_random_permutation_leaves_output_unchanged(source, name, resolution, kwargs):
     torch.manual_seed(0)
-    model = build(source, name).eval()
+    model = build(source, name, kwargs)
     for m in model.modules():  # non-trivial norm statistics, so a wrong group would show
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    result = permutation_invariance(model, torch.randn(2, 3, 64, 64))
+    result = permutation_invariance(model, torch.randn(2, 3, resolution, resolution))
     assert result["relative_diff"] < 1e-4
     assert result["free_groups"] > 0
     assert result["coverage"] > 0.99
