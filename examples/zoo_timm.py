@@ -14,15 +14,18 @@ most ``--max-params`` parameters (random weights, 10 classes):
 
 Any failure is recorded with its one-line reason; a merged model is never
 accepted unchecked.  Results are appended to examples/results/zoo_timm.json as
-they come (an interrupted run resumes), then summarised in zoo_timm.md.
+they come (an interrupted run resumes; each row names the commit it was computed
+with), then summarised in zoo_timm.md.  ``--redo-failed`` recomputes the rows
+that did not pass, after a fix.
 
-    python examples/zoo_timm.py [--max-params 30e6] [--per-family 2]
+    python examples/zoo_timm.py [--max-params 30e6] [--per-family 2] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,9 +59,17 @@ def candidates(max_params: float, per_family: int) -> list[str]:
     return chosen
 
 
-def check(name: str) -> dict:
+def code_version() -> str:
+    """The commit the rows are computed with (``+`` when the working tree differs from it)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "pleascc", "passes") else "")
+
+
+def check(name: str, version: str) -> dict:
     """Every stage for one architecture; the first failing stage is recorded with its reason."""
-    row: dict = {"model": name, "traced": False, "property": False, "self_merge_exact": False}
+    row: dict = {"model": name, "code": version, "traced": False, "property": False, "self_merge_exact": False}
     start = time.perf_counter()
     try:
         torch.manual_seed(0)
@@ -88,9 +99,13 @@ def check(name: str) -> dict:
     return row
 
 
+def _passed(row: dict) -> bool:
+    return row["traced"] and row["property"] and row["self_merge_exact"]
+
+
 def summary(rows: list[dict]) -> str:
     traced = [r for r in rows if r["traced"]]
-    passed = [r for r in traced if r["property"] and r["self_merge_exact"]]
+    passed = [r for r in traced if _passed(r)]
     lines = [f"{len(rows)} architectures from {len({r['model'].split('_')[0] for r in rows})} name stems; "
              f"{len(traced)} trace; {len(passed)} of those ({len(passed) / max(1, len(traced)):.0%}) pass the "
              "property and the exact self-merge through ONNX Runtime.", "",
@@ -113,15 +128,20 @@ def main() -> None:
     p.add_argument("--max-params", type=float, default=30e6)
     p.add_argument("--per-family", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "zoo_timm.json")
+    p.add_argument("--redo-failed", action="store_true", help="recompute the rows that did not pass")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core for other work)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     saved = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
-    done, seen = saved["rows"], {r["model"] for r in saved["rows"]}
+    done = [r for r in saved["rows"] if not (args.redo_failed and not _passed(r))]
+    seen = {r["model"] for r in done}
     names = saved["meta"].get("models") or candidates(args.max_params, args.per_family)  # listing takes minutes
     print(f"{len(names)} architectures, {len(seen)} already done", flush=True)
+    version = code_version()
     for name in (n for n in names if n not in seen):
-        done.append(check(name))
-        print(f"[{len(done)}/{len(names)}] {json.dumps(done[-1])}", flush=True)
+        done.append(check(name, version))
+        done.sort(key=names.index)
+        print(f"[{len(done)}/{len(names)}] {json.dumps(next(r for r in done if r['model'] == name))}", flush=True)
         meta = {"command": " ".join(sys.argv), "timm": timm.__version__, "torch": torch.__version__, "models": names}
         args.out.parent.mkdir(exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": done}, indent=1))

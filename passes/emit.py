@@ -13,6 +13,8 @@ from pleascc.passes.groups import Analysis, FeatureNorm, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps
 
 State = dict[str, torch.Tensor]
+LAYER_KEY = "pleascc_layer"  # node.meta: this node computes (a block of) the named layer
+SELECT_KEY = "pleascc_select"  # node.meta: this node picks a block's input columns
 LayerWeights = dict[tuple[str, int | None], list[tuple[Block, State]]]
 
 
@@ -50,6 +52,16 @@ def emit(gm: fx.GraphModule, analysis: Analysis, maps: MergeMaps, state: State,
     return merged
 
 
+def layer_inputs(merged: fx.GraphModule) -> dict[str, str]:
+    """For each layer of the analysis, the merged graph's node that feeds it (what sequential fits read)."""
+    inputs = {}
+    for node in merged.graph.nodes:
+        if LAYER_KEY in node.meta and node.meta[LAYER_KEY] not in inputs:
+            source = node.args[0]
+            inputs[node.meta[LAYER_KEY]] = (source.args[0] if source.meta.get(SELECT_KEY) else source).name
+    return inputs
+
+
 def _assign(root: nn.Module, name: str, value: torch.Tensor) -> None:
     prefix, _, leaf = name.rpartition(".")
     module = root.get_submodule(prefix) if prefix else root
@@ -65,6 +77,7 @@ def _emit_layer(gm: fx.GraphModule, node: fx.Node, layer: Layer, blocks: list[tu
     """Give a layer node its weights: in place when one block covers it, else one sub-layer per block."""
     prefix = layer.weight.rpartition(".")[0] if node.op == "call_module" else ""
     if len(blocks) == 1 and blocks[0][0].rows is None and blocks[0][0].cols is None:
+        node.meta[LAYER_KEY] = layer.node
         owner = gm.get_submodule(node.target) if node.op == "call_module" else gm
         for name, value in blocks[0][1].items():
             _assign(owner, name.removeprefix(prefix + ".") if prefix else name, value)
@@ -76,10 +89,12 @@ def _emit_layer(gm: fx.GraphModule, node: fx.Node, layer: Layer, blocks: list[tu
             source = node.args[0]
             if block.cols is not None:
                 source = graph.call_function(torch.index_select, (source, layer.in_axis, _constant(gm, block.cols)))
+                source.meta[SELECT_KEY] = True
             module = _block_module(gm, node, layer, params, prefix)
             name = f"{(node.target if node.op == 'call_module' else node.name).replace('.', '_')}_block{k}"
             gm.add_submodule(name, module)
             pieces.append(graph.call_module(name, (source,)))
+            pieces[-1].meta[LAYER_KEY] = layer.node
             order.append(block.rows)
         out = pieces[0] if len(pieces) == 1 else graph.call_function(torch.cat, (pieces, layer.out_axis))
         if any(rows is not None for rows in order):

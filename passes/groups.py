@@ -329,7 +329,8 @@ rule("type_as")(_same)
 
 @rule(
     operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
-    torch.div, torch.maximum, torch.minimum, "add", "sub", "mul", "div",
+    torch.div, torch.maximum, torch.minimum, torch.addcmul, torch.addcdiv, "add", "sub", "mul", "div", "addcmul",
+    "addcdiv",
 )
 def _elementwise(ctx: Context, node: fx.Node):
     """Broadcasting binary ops: axes that meet with size > 1 are one space."""
@@ -492,8 +493,25 @@ def _conv(ctx: Context, node: fx.Node):
                             f"{node.target}.bias" if m.bias is not None else None,
                             1, chan, 1, out, groups_dim, conv))
     ctx.module_rewrites[node.target] = lambda mod, size: _resize_conv(mod, size, chan, out, groups_dim)
-    spatial = ctx.new_dims(ctx.shape(node)[2:], "spatial")
+    spatial = [d if _pointwise(m, a) else _mixed_axis(ctx, node, d, size)
+               for a, (d, size) in enumerate(zip(dims[2:], ctx.shape(node)[2:]))]
     return [dims[0], out, *spatial]
+
+
+def _pointwise(conv: nn.Module, axis: int) -> bool:
+    """A 1-wide kernel with stride 1 and no padding maps each position to itself."""
+    padding = 0 if isinstance(conv.padding, str) else conv.padding[axis]  # "same"/"valid" pad 0 at kernel 1
+    return conv.kernel_size[axis] == 1 and conv.stride[axis] == 1 and padding == 0
+
+
+def _mixed_axis(ctx: Context, node: fx.Node, dim: Dim, out_size: int) -> Atom:
+    """An axis whose positions an op mixes (a conv window, pooling, resizing) must stay in place.
+
+    Image positions are fixed anyway; this catches a feature axis fed to such
+    an op (CoaT's Conv1d runs along the channels).
+    """
+    ctx.table.fix(dim, f"positions mixed by {node.name}")
+    return ctx.table.new(out_size, "spatial")
 
 
 def _resize_conv(module, size: Size, in_dim: Dim, out_dim: Dim, groups_dim: Dim | None) -> None:
@@ -581,21 +599,40 @@ def _group_norm(ctx: Context, node: fx.Node):
     m = ctx.module(node)
     dims = ctx.dims_of(node.args[0])
     chan = dims[1]
-    if 1 < m.num_groups < m.num_channels:
-        groups_dim = ctx.table.new(m.num_groups)
-        per_group = ctx.table.new(m.num_channels // m.num_groups, keep_width=True)
-        ctx.table.unify(chan, Prod((groups_dim, per_group)), node.name)
-        ctx.module_rewrites[node.target] = lambda mod, size: (
-            setattr(mod, "num_channels", size(chan)), setattr(mod, "num_groups", size(groups_dim)))
-    else:
-        ctx.module_rewrites[node.target] = lambda mod, size: setattr(mod, "num_channels", size(chan))
-        if m.num_groups > 1:  # one group per channel: the group count is the width
-            ctx.module_rewrites[node.target] = lambda mod, size: (
-                setattr(mod, "num_channels", size(chan)), setattr(mod, "num_groups", size(chan)))
+    groups = _channel_groups(ctx, node, chan, m.num_groups)
+    ctx.module_rewrites[node.target] = lambda mod, size: (
+        setattr(mod, "num_channels", size(chan)), setattr(mod, "num_groups", size(groups) if groups else 1))
     for name in ("weight", "bias"):
         if getattr(m, name, None) is not None:
             ctx.bind(f"{node.target}.{name}", [chan])
     return dims
+
+
+@rule(F.group_norm)
+def _group_norm_function(ctx: Context, node: fx.Node):
+    dims = ctx.dims_of(node.args[0])
+    chan = dims[1]
+    groups = _channel_groups(ctx, node, chan, ctx.arg(node, 1, "num_groups"))
+    for param in (ctx.arg(node, 2, "weight"), ctx.arg(node, 3, "bias")):
+        if isinstance(param, fx.Node):
+            ctx.table.unify(chan, ctx.dims_of(param)[0], node.name)
+    if groups is not None:
+        ctx.node_rewrites[node.name] = lambda n, size: _set_arg(n, 1, "num_groups", size(groups))
+    return dims
+
+
+def _channel_groups(ctx: Context, node: fx.Node, chan: Dim, num_groups: int) -> Dim | None:
+    """The space counting a group norm's groups: split off the channels, or the channels themselves.
+
+    Groups keep their size (the statistics stay per group), so the count
+    changes with the width; None for a single group.
+    """
+    channels = ctx.table.size(chan)
+    if 1 < num_groups < channels:
+        groups = ctx.table.new(num_groups)
+        ctx.table.unify(chan, Prod((groups, ctx.table.new(channels // num_groups, keep_width=True))), node.name)
+        return groups
+    return chan if num_groups > 1 else None
 
 
 def _set_arg(node: fx.Node, index: int, name: str, value) -> None:
@@ -621,7 +658,7 @@ def _set_arg(node: fx.Node, index: int, name: str, value) -> None:
 def _pool(ctx: Context, node: fx.Node):
     """Channels-first spatial ops: batch and channel pass through, spatial axes are new."""
     dims = ctx.dims_of(node.args[0])
-    return dims[:2] + ctx.new_dims(ctx.shape(node)[2:], "spatial")
+    return dims[:2] + [_mixed_axis(ctx, node, d, n) for d, n in zip(dims[2:], ctx.shape(node)[2:])]
 
 
 @rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
@@ -889,9 +926,10 @@ def _pad(ctx: Context, node: fx.Node):
     for p in range(len(pads) // 2):
         axis = len(dims) - 1 - p
         lo, hi = pads[2 * p], pads[2 * p + 1]
-        if lo == hi == 0:
+        computed = not (isinstance(lo, int) and isinstance(hi, int))  # amounts known only at run time
+        if not computed and lo == hi == 0:
             continue
-        if ctx.table.is_fixed(dims[axis]) or mode != "constant" or lo < 0 or hi < 0:
+        if computed or ctx.table.is_fixed(dims[axis]) or mode != "constant" or lo < 0 or hi < 0:
             ctx.table.fix(dims[axis], f"{node.name}: padded")
             dims[axis] = ctx.table.new(shape[axis], "padded")
             continue
@@ -921,7 +959,8 @@ def _patch_merging(ctx: Context, node: fx.Node):
     """(…, H, W, C) → (…, H/2, W/2, 4C): the four 2×2 neighbours' channels, concatenated."""
     dims = ctx.dims_of(node.args[0])
     chan = dims[-1]
-    return dims[:-3] + ctx.new_dims(ctx.shape(node)[-3:-1], "spatial") + [Cat((chan,) * 4)]
+    return dims[:-3] + [_mixed_axis(ctx, node, d, n) for d, n in zip(dims[-3:-1], ctx.shape(node)[-3:-1])] + [
+        Cat((chan,) * 4)]
 
 
 @rule(swin._get_relative_position_bias)

@@ -15,6 +15,7 @@ directions the calibration data never excites keep the warm start's weights
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps
@@ -100,3 +101,19 @@ def layer_params(layer: Layer, w: torch.Tensor, like: State) -> State:
     if layer.bias:
         out[layer.bias] = w[:, :, -1].reshape(-1)
     return out
+
+
+def layer_levels(gm: fx.GraphModule, analysis: Analysis) -> dict[str, int]:
+    """Each layer's level: the most layers on a path from the input to it, itself excluded.
+
+    Layers of one level never feed each other, so they can be fitted together.
+    """
+    layers = {layer.node for layer in analysis.layers}
+    depth: dict[fx.Node, int] = {}
+    levels = {}
+    for node in gm.graph.nodes:
+        level = max((depth[n] for n in node.all_input_nodes), default=0)
+        if node.name in layers:
+            levels[node.name] = level
+        depth[node] = level + (node.name in layers)
+    return levels

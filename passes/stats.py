@@ -31,11 +31,15 @@ from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
 
 
 def capture(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
-    """A copy of ``gm`` that returns the values of the named nodes (sharing parameters)."""
+    """A copy of ``gm`` that returns the values of the named nodes (sharing parameters).
+
+    It stops after the last of them: the rest of the model is not run.
+    """
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
+    wanted = set(names)
     for node in gm.graph.nodes:
-        if node.op == "output":
+        if node.op == "output" or wanted <= env.keys():
             break
         env[node.name] = graph.node_copy(node, lambda n: env[n.name])
     graph.output(tuple(env[n] for n in names))
@@ -215,25 +219,41 @@ class Problem:
     count: float = 0.0
     tt: float = 0.0  # ‖T‖²
     rr: float = 0.0  # ‖T − W0·X‖²
+    w: torch.Tensor | None = None  # the fit, once solved
 
 
 def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, maps: MergeMaps,
                   problems: list[Problem], data: torch.Tensor, batch_size: int = 64,
-                  progress: bool = True) -> None:
-    """Accumulate each problem's input and target moments, in the merged layout (in place)."""
-    names = sorted({n for p in problems for n in (p.layer.source, p.layer.node)})
+                  progress: bool = True, merged_model: tuple[fx.GraphModule, dict[str, str]] | None = None
+                  ) -> None:
+    """Accumulate each problem's input and target moments, in the merged layout (in place).
+
+    Inputs are A's and B's features mapped to the merged layout (one pass), or,
+    given ``merged_model`` (a merged GraphModule and each layer's input node
+    in it), the merged model's own features (the sequential variant).
+    """
+    targets = sorted({p.layer.node for p in problems})
+    names = targets if merged_model else sorted({*targets, *(p.layer.source for p in problems)})
     captures = [capture(gm, names) for gm in gms]
+    if merged_model:
+        sources = {p.layer.node: merged_model[1][p.layer.node] for p in problems}
+        own_names = sorted(set(sources.values()))
+        own = capture(merged_model[0], own_names)
     with torch.no_grad():
         for x in batches(data, batch_size, "least-squares statistics", progress):
             values_a, values_b = _run_pair(captures, names, x)
             va, vb = dict(zip(names, values_a)), dict(zip(names, values_b))
+            if merged_model:
+                values = dict(zip(own_names, own(x)))
+                for name, value in values.items():
+                    _check_finite(value, "merged", name)
             merged: dict[str, torch.Tensor] = {}
             rows: dict[tuple, torch.Tensor] = {}
             for p in problems:
                 layer, block = p.layer, p.block
                 if layer.node not in merged:
-                    merged[layer.node] = maps.merge((va[layer.source], vb[layer.source]),
-                                                    [(layer.in_axis, layer.in_dim)])
+                    merged[layer.node] = values[sources[layer.node]] if merged_model else maps.merge(
+                        (va[layer.source], vb[layer.source]), [(layer.in_axis, layer.in_dim)])
                 key = (layer.node, None if block.cols is None else tuple(block.cols.tolist()))
                 if key not in rows:
                     x_in = merged[layer.node]

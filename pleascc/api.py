@@ -17,11 +17,12 @@ from pleascc.export import export_onnx
 from pleascc.load import check_same_architecture
 from pleascc.passes import budget as budget_pass
 from pleascc.passes.budget import is_blocked
-from pleascc.passes.emit import emit
+from pleascc.passes.emit import emit, layer_inputs
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
 from pleascc.passes.match import match_all, match_product
 from pleascc.passes.merge_maps import Block, MergeMaps, row_blocks, selections_from_pairs
-from pleascc.passes.solve import block_slice, layer_params, least_squares, merge_param, warm_start
+from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, warm_start
+from pleascc.passes.solve import least_squares as ridge_fit
 from pleascc.passes.stats import Problem, feature_moments, layer_moments, weight_similarity
 from pleascc.trace import check_same_graph, trace
 
@@ -30,6 +31,7 @@ __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
 # method -> (matcher, refit layers by least squares)
 METHODS = {"pleas": ("hungarian", True), "permute": ("hungarian", False), "average": ("identity", False)}
 LABELS = ("shared", "separate")
+LEAST_SQUARES = ("one-pass", "sequential")  # fit inputs: the originals' features, or the merged model's own
 TIE_BREAK = 1e-3  # weight of weight-row similarity in matching scores: separates units data can't tell apart
 
 
@@ -53,6 +55,7 @@ def merge(
     samples: int | None = None,
     batch_size: int = 64,
     ridge: float = 1e-4,
+    least_squares: str = "sequential",
     progress: bool = True,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` × the FLOPs of one.
@@ -61,11 +64,16 @@ def merge(
     ``load_data`` reads).  ``labels``: "shared" (one head, fit to the mean
     logits) or "separate" (one head per model); default separate when the heads
     differ in size, else shared.  ``method``: "pleas", "permute" or "average".
+    ``least_squares`` (pleas): fit each layer on A's and B's features mapped to
+    the merged layout ("one-pass", one pass over the data), or on the merged
+    model's own features, layer by layer ("sequential", a pass per level).
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     if method not in METHODS:
         raise PleasccError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if least_squares not in LEAST_SQUARES:
+        raise PleasccError(f"unknown least-squares variant {least_squares!r}: choose {' or '.join(LEAST_SQUARES)}")
     if not 1.0 <= budget <= 2.0:
         raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
     matcher, refit = METHODS[method]
@@ -88,18 +96,22 @@ def merge(
 
     clock = time.perf_counter()
     problems = _problems(analysis, maps, states, separate_heads)
-    if refit:
-        _check_least_squares_samples(problems, analysis, x)
-        layer_moments(gms, analysis, maps, problems, x, batch_size, progress)
-    layer_weights, residuals = _solve(problems, states, refit, ridge)
-    timings["solve"] = time.perf_counter() - clock
-
     own = {n for layer in heads if layer.node in separate_heads for n in (layer.weight, layer.bias)}
     state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name])
              for name in states[0] if name not in own}  # separate heads: from their own fits
-    merged = emit(gms[0], analysis, maps, state, layer_weights)
+    emit_with = functools.partial(emit, gms[0], analysis, maps, state)
+    residuals, passes = {}, 0
+    if refit:
+        _check_least_squares_samples(problems, analysis, x)
+        fit = functools.partial(_fit, gms, analysis, maps, x, batch_size, progress, ridge)
+        residuals, passes = fit(problems) if least_squares == "one-pass" else _fit_sequentially(
+            fit, problems, layer_levels(gms[0], analysis), lambda: emit_with(_layer_weights(problems, states)))
+    timings["solve"] = time.perf_counter() - clock
+
+    merged = emit_with(_layer_weights(problems, states))
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
-                     method=method, budget=budget, separate=separate, samples=len(x))
+                     method=method, budget=budget, separate=separate, samples=len(x),
+                     least_squares=least_squares if refit else None, least_squares_passes=passes)
     return MergeResult(merged.eval(), report, analysis)
 
 
@@ -148,17 +160,37 @@ def _partner_of(m) -> torch.Tensor:
     return partner
 
 
-def _solve(problems: list[Problem], states, refit: bool, ridge: float):
-    """Each block's weights: the least-squares fit, or the warm start for the baselines."""
-    layer_weights: dict[tuple[str, int | None], list] = {}
+def _fit(gms, analysis: Analysis, maps: MergeMaps, x: torch.Tensor, batch_size: int, progress: bool,
+         ridge: float, problems: list[Problem], merged_model=None) -> tuple[dict[str, float], int]:
+    """One pass over the data, then each problem's least-squares fit (``p.w``); returns residuals and 1."""
+    layer_moments(gms, analysis, maps, problems, x, batch_size, progress, merged_model)
     residuals = {}
     for p in problems:
-        w = p.w0
-        if refit:
-            w, residuals[p.name] = least_squares(p, ridge, has_bias=p.layer.kind == "norm" or bool(p.layer.bias))
-        params = layer_params(p.layer, w, states[p.model or 0])
+        p.w, residuals[p.name] = ridge_fit(p, ridge, has_bias=p.layer.kind == "norm" or bool(p.layer.bias))
+    return residuals, 1
+
+
+def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], emit_current):
+    """Fit layers level by level, each on the inputs the merged model, refitted up to there, gives it.
+
+    A level's layers depend only on earlier levels, so this equals fitting one
+    layer at a time, in one pass over the data per level.
+    """
+    residuals: dict[str, float] = {}
+    for level in sorted(set(levels.values())):
+        todo = [p for p in problems if levels[p.layer.node] == level]
+        merged = emit_current()
+        residuals.update(fit(todo, (merged, layer_inputs(merged)))[0])
+    return residuals, len(set(levels.values()))
+
+
+def _layer_weights(problems: list[Problem], states) -> dict[tuple[str, int | None], list]:
+    """Each block's parameters: its fit where there is one, else its warm start (the baselines)."""
+    layer_weights: dict[tuple[str, int | None], list] = {}
+    for p in problems:
+        params = layer_params(p.layer, p.w0 if p.w is None else p.w, states[p.model or 0])
         layer_weights.setdefault((p.layer.node, p.model), []).append((p.block, params))
-    return layer_weights, residuals
+    return layer_weights
 
 
 def _calibration_tensor(data, samples: int | None, model: nn.Module) -> torch.Tensor:

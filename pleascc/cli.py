@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                         "heads differ in size)")
     m.add_argument("--method", choices=("pleas", "permute", "average"), default="pleas",
                    help="pleas (default), permute (Git Re-Basin activation matching + averaging), average")
+    m.add_argument("--least-squares", choices=("sequential", "one-pass"), default="sequential",
+                   help="pleas: fit each layer on the merged model's own inputs, one pass per level of layers "
+                        "(default; more accurate), or on the originals' features in a single pass (faster)")
     m.add_argument("--batch-size", type=int, default=64)
     m.add_argument("--report", help="write a JSON report here")
     m.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -134,7 +137,8 @@ def _merge(args) -> int:
     model_a, model_b = _load(args, args.model_a), _load(args, args.model_b)
     data = _calibration(args, model_a)
     result = pleascc.merge(model_a, model_b, data, budget=args.budget, labels=args.labels, method=args.method,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+                           least_squares=args.least_squares, batch_size=args.batch_size,
+                           progress=not args.no_progress)
     check = pleascc.export_onnx(result.model, data.x[: min(len(data.x), 8)], args.output)
     report = {**result.report, "onnx": check, "total_time_s": time.perf_counter() - start}
     if args.report:
@@ -154,6 +158,9 @@ def summary(report: dict) -> str:
         f"{len(groups)} permutation groups, {merged}/{units} unit pairs merged; "
         f"coverage {report['coverage']:.1%} of parameters; labels {'separate' if report['separate'] else 'shared'}",
     ]
+    if report.get("least_squares"):
+        lines.append(f"least squares: {report['least_squares']}, {report['least_squares_passes']} pass(es) over the "
+                     f"data, {report['timings_s']['solve']:.1f} s")
     if report["unsupported"]:
         lines.append(f"ops without a rule (their spaces stay fixed): {'; '.join(report['unsupported'][:5])}")
     if "onnx" in report:

@@ -50,7 +50,7 @@ def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
     parameters with its source.
     """
     model = copy.deepcopy(model).eval()
-    _open_multihead_attention(model)
+    _open_modules(model)
     for m in model.modules():
         if getattr(m, "inplace", False) is True:
             m.inplace = False
@@ -97,12 +97,57 @@ class SelfAttention(nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
 
-def _open_multihead_attention(model: nn.Module) -> None:
-    """Swap every packed-weight ``nn.MultiheadAttention`` for its traceable ``SelfAttention``."""
+def _open_multihead_attention(m: nn.MultiheadAttention, where: str) -> nn.Module | None:
+    if m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn:
+        return SelfAttention(m, where)
+    return None
+
+
+class PatchTransformer(nn.Module):
+    """timm's ``MobileVitBlock`` with its unfold and fold as one reshape and permute each.
+
+    timm's block is a leaf (its unfold reads sizes in Python); this is the same
+    computation, same parameter names, for inputs whose height and width are
+    multiples of the patch size (others fail loudly in the reshape).  Channel
+    sizes are left to ``-1`` so a merge can change them.
+    """
+
+    def __init__(self, block: nn.Module, where: str) -> None:
+        super().__init__()
+        self.patch_size = tuple(block.patch_size)
+        for name, child in block.named_children():
+            self.add_module(name, child)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.conv_1x1(self.conv_kxk(x))
+        batch, _, height, width = x.shape
+        ph, pw = self.patch_size
+        nh, nw = height // ph, width // pw
+        x = x.reshape(batch, -1, nh, ph, nw, pw).permute(0, 3, 5, 2, 4, 1).reshape(batch * ph * pw, nh * nw, -1)
+        x = self.norm(self.transformer(x))
+        x = x.reshape(batch, ph, pw, nh, nw, -1).permute(0, 5, 3, 1, 4, 2).reshape(batch, -1, height, width)
+        x = self.conv_proj(x)
+        if self.conv_fusion is not None:
+            x = self.conv_fusion(torch.cat((shortcut, x), dim=1))
+        return x
+
+
+# Leaf modules fx cannot see into -> a traceable equivalent (or None to leave one as it is); one rule per type.
+OPENERS = {
+    "torch.nn.modules.activation.MultiheadAttention": _open_multihead_attention,
+    "timm.models.mobilevit.MobileVitBlock": PatchTransformer,
+}
+
+
+def _open_modules(model: nn.Module) -> None:
+    """Swap each module an opener knows for its traceable equivalent."""
     for name, m in list(model.named_modules()):
-        if type(m) is nn.MultiheadAttention and m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn:
+        opener = OPENERS.get(f"{type(m).__module__}.{type(m).__qualname__}")
+        opened = opener(m, name) if opener else None
+        if opened is not None:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, SelfAttention(m, name))
+            setattr(model.get_submodule(parent) if parent else model, child, opened)
 
 
 def _where(err: Exception) -> str:

@@ -37,6 +37,15 @@ def permutation_invariance(model: nn.Module, example: torch.Tensor, seed: int = 
     }
 
 
+def permuted_copy(model: nn.Module, example: torch.Tensor, seed: int = 7) -> nn.Module:
+    """The same function with every free group permuted at random: a merge must undo it."""
+    analysis = analyze(trace(model), (example[:2].float(),))
+    perms = random_permutations(analysis, torch.Generator().manual_seed(seed))
+    other = copy.deepcopy(model)
+    other.load_state_dict(permute_state(analysis, model.state_dict(), perms))
+    return other
+
+
 def non_degenerate(model: nn.Module) -> nn.Module:
     """Zero-initialised tensors (torchvision ViT's head) get small random values, so the property can fail."""
     with torch.no_grad():

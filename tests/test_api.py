@@ -5,6 +5,8 @@ import torch
 
 import pleascc
 from pleascc.demo import digits_cnn
+from pleascc.passes.solve import layer_levels
+from pleascc.trace import trace
 
 
 def _pair(classes_b: int = 5):
@@ -34,8 +36,31 @@ def test_shared_labels_give_one_head_fit_to_the_mean_logits():
         assert (result.model(x) - want).abs().max() / want.abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("bad", [dict(budget=0.5), dict(budget=2.5), dict(method="zipit"), dict(labels="both")])
+@pytest.mark.parametrize("bad", [dict(budget=0.5), dict(budget=2.5), dict(method="zipit"), dict(labels="both"),
+                                 dict(least_squares="twice")])
 def test_bad_settings_are_one_line_errors(bad):
     a, b = _pair()
     with pytest.raises(pleascc.PleasccError):
         pleascc.merge(a, b, torch.randn(100, 1, 8, 8), progress=False, **bad)
+
+
+def test_sequential_least_squares_fits_each_level_on_the_merged_models_own_features():
+    """One pass per level; the last layer's residual is then the merged model's real output error.
+
+    Fitting on the merged model's own features also beats fitting on the originals'.
+    """
+    a, b = _pair()
+    x = torch.randn(300, 1, 8, 8)
+    errors, reports = {}, {}
+    for variant in ("one-pass", "sequential"):
+        result = pleascc.merge(a, b, x, labels="shared", least_squares=variant, progress=False)
+        with torch.no_grad():
+            want = (a(x) + b(x)) / 2
+            errors[variant] = float((result.model(x) - want).pow(2).sum() / want.pow(2).sum())
+        reports[variant] = result.report
+    levels = layer_levels(trace(a), result.analysis)
+    assert reports["one-pass"]["least_squares_passes"] == 1
+    assert reports["sequential"]["least_squares_passes"] == len(set(levels.values())) > 1
+    head = max(levels, key=levels.get)
+    assert reports["sequential"]["least_squares_residuals"][head] == pytest.approx(errors["sequential"], rel=1e-3)
+    assert errors["sequential"] < errors["one-pass"] / 2

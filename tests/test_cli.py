@@ -114,7 +114,8 @@ def test_merge_pleas_writes_onnx_and_report(files, tmp_path, capsys):
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     argv = _merge_args(files, out, "--labels", "separate", "--budget", "1.5", "--report", str(report))
     assert main(argv) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "least squares: sequential" in printed
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = np.load(files["calib"])["x"][:3]
     outputs = session.run(None, {session.get_inputs()[0].name: x})
@@ -123,13 +124,14 @@ def test_merge_pleas_writes_onnx_and_report(files, tmp_path, capsys):
     assert {"relative_flops", "groups", "onnx", "timings_s", "least_squares_residuals"} <= set(r)
     assert 1.0 <= r["relative_flops"] <= 1.5 + 1e-9
     assert r["least_squares_residuals"] and r["groups"]
+    assert r["least_squares"] == "sequential" and r["least_squares_passes"] > 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "r.json"]  # no temporary files left
 
 
-@pytest.mark.parametrize("method", ["permute", "average"])
-def test_merge_other_methods(files, tmp_path, method):
+@pytest.mark.parametrize("options", [("--method", "permute"), ("--method", "average"), ("--least-squares", "one-pass")])
+def test_merge_other_methods(files, tmp_path, options):
     out = tmp_path / "out.onnx"
-    assert main(_merge_args(files, out, "--method", method, "--labels", "separate")) == 0
+    assert main(_merge_args(files, out, *options, "--labels", "separate")) == 0
     assert out.is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
 
