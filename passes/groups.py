@@ -601,7 +601,7 @@ def _group_norm(ctx: Context, node: fx.Node):
     chan = dims[1]
     groups = _channel_groups(ctx, node, chan, m.num_groups)
     ctx.module_rewrites[node.target] = lambda mod, size: (
-        setattr(mod, "num_channels", size(chan)), setattr(mod, "num_groups", size(groups) if groups else 1))
+        setattr(mod, "num_channels", size(chan)), setattr(mod, "num_groups", size(groups) if groups is not None else 1))
     for name in ("weight", "bias"):
         if getattr(m, name, None) is not None:
             ctx.bind(f"{node.target}.{name}", [chan])

@@ -157,14 +157,16 @@ def _check_finite(value: torch.Tensor, model: str, node: str) -> None:
                            "check the checkpoint's weights and the data's preprocessing")
 
 
-def _run_pair(gms, names: list[str], x: torch.Tensor):
-    outs = []
-    for label, gm in zip("AB", gms):
-        values = gm(x)
-        for name, value in zip(names, values):
-            _check_finite(value, label, name)
-        outs.append(values)
-    return outs
+def _run(gm: fx.GraphModule, names: list[str], x: torch.Tensor, model: str) -> dict[str, torch.Tensor]:
+    """A capture's values by node name, each checked for NaN/Inf."""
+    values = dict(zip(names, gm(x)))
+    for name, value in values.items():
+        _check_finite(value, model, name)
+    return values
+
+
+def _run_pair(gms, names: list[str], x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    return [_run(gm, names, x, label) for label, gm in zip("AB", gms)]
 
 
 def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
@@ -179,7 +181,7 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
     moments: dict[tuple, CrossMoments] = {}
     with torch.no_grad():
         for x in batches(data, batch_size, "matching statistics", progress):
-            values_a, values_b = (dict(zip(names, v)) for v in _run_pair(captures, names, x))
+            values_a, values_b = _run_pair(captures, names, x)
             for site, (name, axes, dims) in enumerate(sites):
                 pairs = zip(observe(analysis.table, values_a[name], axes, dims),
                             observe(analysis.table, values_b[name], axes, dims))
@@ -241,12 +243,9 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
         own = capture(merged_model[0], own_names)
     with torch.no_grad():
         for x in batches(data, batch_size, "least-squares statistics", progress):
-            values_a, values_b = _run_pair(captures, names, x)
-            va, vb = dict(zip(names, values_a)), dict(zip(names, values_b))
+            va, vb = _run_pair(captures, names, x)
             if merged_model:
-                values = dict(zip(own_names, own(x)))
-                for name, value in values.items():
-                    _check_finite(value, "merged", name)
+                values = _run(own, own_names, x, "merged")
             merged: dict[str, torch.Tensor] = {}
             rows: dict[tuple, torch.Tensor] = {}
             for p in problems:

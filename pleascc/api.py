@@ -104,8 +104,12 @@ def merge(
     if refit:
         _check_least_squares_samples(problems, analysis, x)
         fit = functools.partial(_fit, gms, analysis, maps, x, batch_size, progress, ridge)
-        residuals, passes = fit(problems) if least_squares == "one-pass" else _fit_sequentially(
-            fit, problems, layer_levels(gms[0], analysis), lambda: emit_with(_layer_weights(problems, states)))
+        if least_squares == "one-pass":
+            residuals, passes = fit(problems), 1
+        else:
+            levels = layer_levels(gms[0], analysis)
+            residuals = _fit_sequentially(fit, problems, levels, lambda: emit_with(_layer_weights(problems, states)))
+            passes = len(set(levels.values()))
     timings["solve"] = time.perf_counter() - clock
 
     merged = emit_with(_layer_weights(problems, states))
@@ -161,16 +165,16 @@ def _partner_of(m) -> torch.Tensor:
 
 
 def _fit(gms, analysis: Analysis, maps: MergeMaps, x: torch.Tensor, batch_size: int, progress: bool,
-         ridge: float, problems: list[Problem], merged_model=None) -> tuple[dict[str, float], int]:
-    """One pass over the data, then each problem's least-squares fit (``p.w``); returns residuals and 1."""
+         ridge: float, problems: list[Problem], merged_model=None) -> dict[str, float]:
+    """One pass over the data, then each problem's least-squares fit (``p.w``); returns the residuals."""
     layer_moments(gms, analysis, maps, problems, x, batch_size, progress, merged_model)
     residuals = {}
     for p in problems:
         p.w, residuals[p.name] = ridge_fit(p, ridge, has_bias=p.layer.kind == "norm" or bool(p.layer.bias))
-    return residuals, 1
+    return residuals
 
 
-def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], emit_current):
+def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], emit_current) -> dict[str, float]:
     """Fit layers level by level, each on the inputs the merged model, refitted up to there, gives it.
 
     A level's layers depend only on earlier levels, so this equals fitting one
@@ -180,8 +184,8 @@ def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], emit
     for level in sorted(set(levels.values())):
         todo = [p for p in problems if levels[p.layer.node] == level]
         merged = emit_current()
-        residuals.update(fit(todo, (merged, layer_inputs(merged)))[0])
-    return residuals, len(set(levels.values()))
+        residuals.update(fit(todo, (merged, layer_inputs(merged))))
+    return residuals
 
 
 def _layer_weights(problems: list[Problem], states) -> dict[tuple[str, int | None], list]:
