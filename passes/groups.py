@@ -92,6 +92,7 @@ class Analysis:
     feature_norms: list[FeatureNorm] = field(default_factory=list)
     products: list[list] = field(default_factory=list)  # activation×activation products: [*out dims, summed dim]
     sites: list[tuple] = field(default_factory=list)  # extra (node, axes, dims) where matching compares features
+    per_head: dict[int, int] = field(default_factory=dict)  # inner root -> the factor whose units each permute it
 
     def free_roots(self) -> list[int]:
         """Root atoms that may be permuted, in first-seen order."""
@@ -198,6 +199,7 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Analysis:
         feature_norms=ctx.feature_norms,
         products=ctx.products,
         sites=ctx.sites,
+        per_head=per_head_spaces(ctx.table, [*_tensor_dims(ctx.dims)], [b.dims for b in ctx.params.values()]),
     )
 
 
@@ -259,6 +261,57 @@ def _fresh_outputs(ctx: Context, node: fx.Node, reason: str):
     if isinstance(meta, (tuple, list)) and all(hasattr(m, "shape") for m in meta):
         return [ctx.new_dims(m.shape, reason) for m in meta]
     return None
+
+
+def per_head_spaces(table: SpaceTable, activations: list[list], parameters: list[list]) -> dict[int, int]:
+    """Head dims that may be permuted differently inside every head: inner root -> heads root.
+
+    A head dim qualifies when every axis holding it is (heads × head dim) with
+    one and the same heads space, or, in an activation, its own axis beside a
+    heads axis (q as batch × heads × tokens × head dim).  A parameter holding it
+    without the heads (a LayerNorm over the head dim, shared by all heads) ties
+    the heads together: one permutation for all of them.
+    """
+    outers: dict[int, set[int]] = {}
+    loose: list[tuple[int, set[int] | None]] = []  # (atom, the tensor's whole-axis atoms; None for parameters)
+
+    def free(dim) -> bool:
+        return isinstance(dim, Atom) and dim.id not in table.fixed
+
+    def walk(dim, before, whole: set[int] | None) -> None:
+        if isinstance(dim, Atom):
+            if free(dim) and dim.id in table.keep_width and free(before):
+                outers.setdefault(dim.id, set()).add(before.id)
+            elif free(dim):
+                loose.append((dim.id, whole if before is None else None))
+            return
+        children = dim.parts if isinstance(dim, Cat) else dim.factors
+        for k, child in enumerate(children):
+            walk(child, children[k - 1] if isinstance(dim, Prod) and k else False, None)
+
+    for dims, is_param in [(d, False) for d in activations] + [(d, True) for d in parameters]:
+        dims = [table.resolve(d) for d in dims]
+        whole = None if is_param else {d.id for d in dims if isinstance(d, Atom)}
+        for dim in dims:
+            walk(dim, None, whole)
+    per_head = {inner: next(iter(o)) for inner, o in outers.items() if len(o) == 1}
+    for atom, whole in loose:
+        if atom in per_head and (whole is None or per_head[atom] not in whole):
+            del per_head[atom]
+    return per_head
+
+
+def _tensor_dims(dims):
+    """Each tensor's list of axis dims in the rule results (outputs may nest tensors)."""
+    if isinstance(dims, dict):
+        for value in dims.values():
+            yield from _tensor_dims(value)
+    elif isinstance(dims, (list, tuple)) and dims:
+        if any(isinstance(d, (Atom, Cat, Prod)) for d in dims):
+            yield [d for d in dims if isinstance(d, (Atom, Cat, Prod))]
+        else:
+            for item in dims:
+                yield from _tensor_dims(item)
 
 
 def _leaves(dims) -> list:
@@ -1106,8 +1159,14 @@ def coverage(analysis: Analysis, model: nn.Module) -> float:
 
 
 def random_permutations(analysis: Analysis, generator: torch.Generator) -> dict[int, torch.Tensor]:
-    """A random permutation for every free space (used by the invariance property)."""
-    return {r: torch.randperm(analysis.root_size(r), generator=generator) for r in analysis.free_roots()}
+    """A random permutation for every free space (used by the invariance property); head dims get one per head."""
+    def perm(root: int) -> torch.Tensor:
+        n = analysis.root_size(root)
+        heads = analysis.root_size(analysis.per_head[root]) if root in analysis.per_head else 0
+        return torch.stack([torch.randperm(n, generator=generator) for _ in range(heads)]) if heads else \
+            torch.randperm(n, generator=generator)
+
+    return {r: perm(r) for r in analysis.free_roots()}
 
 
 def permute_state(analysis: Analysis, state: dict[str, torch.Tensor], perms: dict[int, torch.Tensor]) -> dict:

@@ -16,6 +16,7 @@ class Matching:
     pairs_a: torch.Tensor
     pairs_b: torch.Tensor
     corr: torch.Tensor
+    within: torch.Tensor | None = None  # per-head spaces: row i = B's unit for each of A's, inside A's head i's pair
 
     @property
     def n(self) -> int:
@@ -48,6 +49,38 @@ def match_all(scores: dict[int, torch.Tensor], sizes: dict[int, int], matcher: s
     """A matching for every free space, from its A×B similarity scores."""
     fn = MATCHERS[matcher]
     return {root: fn(scores[root]) for root in sizes}
+
+
+def match_heads(blocks: list[torch.Tensor], heads: int) -> tuple[Matching, list[Matching]]:
+    """Heads as units, then the dims within every matched pair of heads, each pair its own.
+
+    ``blocks``: for each head dim of these heads (q·k's, v's), the A×B
+    correlation of the (heads × head dim) axis.  A pair of heads scores the best
+    pairing of its dims (a Hungarian per head pair, summed over the head dims);
+    since dims pair independently inside each pair of heads, the Hungarian over
+    heads on those scores maximizes the whole axis' correlation.
+    """
+    scores, best = np.zeros((heads, heads)), []
+    for corr in blocks:
+        dim = corr.shape[0] // heads
+        c = torch.nan_to_num(corr.double(), nan=0.0).reshape(heads, dim, heads, dim).permute(0, 2, 1, 3).numpy()
+        cols = np.empty((heads, heads, dim), dtype=np.int64)
+        for i in range(heads):
+            for j in range(heads):
+                cols[i, j] = linear_sum_assignment(c[i, j], maximize=True)[1]
+                scores[i, j] += c[i, j][np.arange(dim), cols[i, j]].sum()
+        best.append((c, cols))
+    rows, partner = linear_sum_assignment(scores, maximize=True)
+    total = sum(corr.shape[0] // heads for corr in blocks)
+    outer = _sorted(torch.as_tensor(rows), torch.as_tensor(partner), torch.as_tensor(scores / total))
+    inner = []
+    for c, cols in best:
+        within = torch.as_tensor(cols[rows, partner])  # A's head i (rows are 0..heads-1) with its partner
+        paired = torch.as_tensor(np.stack([c[i, partner[i]][np.arange(c.shape[2]), cols[i, partner[i]]]
+                                           for i in rows])).mean(0)
+        dims = torch.arange(c.shape[2])
+        inner.append(Matching(dims, dims, paired, within))
+    return outer, inner
 
 
 def match_product(corr: torch.Tensor, sizes: list[int], free: list[bool], rounds: int = 3,

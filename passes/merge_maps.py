@@ -3,7 +3,9 @@
 For every free space a merge keeps two 0/1 selection matrices ``P_A``, ``P_B``
 (width × n): row k says which unit of A and of B feed merged unit k.  A
 merged pair has a 1 in both; an A-only unit only in ``P_A``.  Fixed spaces
-use the identity for both.  Everything else follows:
+use the identity for both.  A head dim matched inside each pair of heads has
+one such pair of matrices per merged head (heads × width × n).  Everything
+else follows:
 
 - merged features  = (P_A·x_A + P_B·x_B) / (number of models feeding each unit)
 - a weight's input columns gather with the same P (a merged input stands for
@@ -30,7 +32,7 @@ class MergeMaps:
 
     @property
     def widths(self) -> dict[int, int]:
-        return {root: p_a.shape[0] for root, (p_a, _) in self.selections.items()}
+        return {root: p_a.shape[-2] for root, (p_a, _) in self.selections.items()}
 
     def size(self, dim: Dim) -> int:
         """Width of ``dim`` in the merged model."""
@@ -100,6 +102,22 @@ def selections_from_pairs(n: int, pairs_a: torch.Tensor, pairs_b: torch.Tensor, 
     p_a[merged + torch.arange(solo), pairs_a[merged:]] = 1
     p_b[merged + solo + torch.arange(solo), pairs_b[merged:]] = 1
     return p_a, p_b
+
+
+def per_head_selections(heads: tuple[torch.Tensor, torch.Tensor], within: torch.Tensor):
+    """A head dim's selections per merged head: A's dims in place, B's dims moved to their partners.
+
+    ``heads``: the heads' (P_A, P_B); ``within[i]``: B's dim for each of A's
+    dims, in A's head i and the head it is paired with.  Heads kept apart read
+    one model only, so the identity serves them.
+    """
+    p_a, p_b = heads
+    eye = torch.eye(within.shape[1], dtype=torch.float64)
+    q_a, q_b = eye.repeat(len(p_a), 1, 1), eye.repeat(len(p_a), 1, 1)
+    for k in range(len(p_a)):
+        if p_a[k].any() and p_b[k].any():
+            q_b[k] = eye[within[int(p_a[k].argmax())]]
+    return q_a, q_b
 
 
 @dataclass

@@ -246,12 +246,15 @@ class SpaceTable:
         axis: int,
         dim: Dim,
         matrix: Callable[[Atom], torch.Tensor | None],
+        outer_axis: int | None = None,
     ) -> torch.Tensor:
         """Multiply axis ``axis`` of ``x`` by the matrix the dim's structure composes.
 
-        ``matrix(atom)`` gives an (out × in) matrix per atom, or None for identity.
-        Cat composes block-diagonally, Prod as a Kronecker product, without ever
-        building the big matrix.
+        ``matrix(atom)`` gives an (out × in) matrix per atom, or None for identity,
+        or a stack of them, one per unit of the product factor just before it
+        (a head dim permuted differently in every head).  Cat composes
+        block-diagonally, Prod as a Kronecker product, without ever building the
+        big matrix.
         """
         dim = self.resolve(dim)
         axis = axis % x.dim()
@@ -259,6 +262,8 @@ class SpaceTable:
             m = matrix(dim)
             if m is None:
                 return x
+            if m.dim() == 3:
+                return _per_unit(x, outer_axis, axis, m.to(x.dtype))
             return torch.movedim(torch.tensordot(x, m.to(x.dtype), dims=([axis], [1])), -1, axis)
         if isinstance(dim, Cat):
             sizes = [self.size(p) for p in dim.parts]
@@ -266,12 +271,16 @@ class SpaceTable:
             return torch.cat([self.apply(p, axis, d, matrix) for p, d in zip(pieces, dim.parts)], dim=axis)
         sizes = [self.size(f) for f in dim.factors]
         y = x.reshape(*x.shape[:axis], *sizes, *x.shape[axis + 1 :])
-        for k, factor in enumerate(dim.factors):
-            y = self.apply(y, axis + k, factor, matrix)
+        for k, factor in enumerate(dim.factors):  # outer factors first: a per-unit inner one sees their new layout
+            y = self.apply(y, axis + k, factor, matrix, outer_axis=axis + k - 1 if k else None)
         return y.reshape(*y.shape[:axis], -1, *y.shape[axis + len(sizes) :])
 
     def index(self, dim: Dim, perms: dict[int, torch.Tensor]) -> torch.Tensor:
-        """The gather index that permutes an axis laid out as ``dim``."""
+        """The gather index that permutes an axis laid out as ``dim``.
+
+        A 2-D entry of ``perms`` holds one permutation per (new) unit of the
+        product factor just before that atom.
+        """
         dim = self.resolve(dim)
         if isinstance(dim, Atom):
             return perms.get(dim.id, torch.arange(self._size[dim.id]))
@@ -283,9 +292,19 @@ class SpaceTable:
                 offsets += len(p)
             return torch.cat(out)
         out = parts[0]
-        for p in parts[1:]:
-            out = (out[:, None] * len(p) + p[None, :]).reshape(-1)
+        for before, p in zip(parts, parts[1:]):
+            rows = p[torch.arange(len(out)) % before.shape[-1]] if p.dim() == 2 else p[None, :]
+            out = (out[:, None] * rows.shape[-1] + rows).reshape(-1)
         return out
+
+
+def _per_unit(x: torch.Tensor, outer_axis: int | None, axis: int, m: torch.Tensor) -> torch.Tensor:
+    """Multiply ``axis`` by ``m[u]`` at every unit ``u`` of ``outer_axis`` (per-head head-dim maps)."""
+    if outer_axis is None:
+        raise ValueError("internal: per-unit matrices for an axis that is not an inner product factor")
+    y = torch.movedim(x, (outer_axis, axis), (-2, -1))
+    y = torch.einsum("...ud,ued->...ue", y, m)
+    return torch.movedim(y, (-2, -1), (outer_axis, axis))
 
 
 def _children(dim: Dim) -> tuple:

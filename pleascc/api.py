@@ -19,8 +19,8 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes.budget import is_blocked
 from pleascc.passes.emit import emit, layer_inputs
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
-from pleascc.passes.match import match_all, match_product
-from pleascc.passes.merge_maps import Block, MergeMaps, row_blocks, selections_from_pairs
+from pleascc.passes.match import match_all, match_heads, match_product
+from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks, selections_from_pairs
 from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, warm_start
 from pleascc.passes.solve import least_squares as ridge_fit
 from pleascc.passes.stats import Problem, feature_moments, layer_moments, weight_similarity
@@ -90,8 +90,7 @@ def merge(
     matchings = _match(analysis, correlations, states, matcher)
     costs = budget_pass.layer_costs(analysis, separate_heads)
     widths = budget_pass.choose_widths(analysis, matchings, costs, budget)
-    maps = MergeMaps(analysis.table, {
-        root: selections_from_pairs(m.n, m.pairs_a, m.pairs_b, widths[root]) for root, m in matchings.items()})
+    maps = MergeMaps(analysis.table, _selections(analysis, matchings, widths))
     timings["match_and_budget"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -144,7 +143,7 @@ def _match(analysis: Analysis, correlations: dict, states, matcher: str) -> dict
               for root, n in sizes.items()}
     matchings = match_all(scores, sizes, matcher)
     if matcher == "hungarian":  # product axes (heads × head dim): their factors are matched jointly
-        done: set[int] = set()
+        done = _match_heads(analysis, correlations, sizes, matchings)
         for key, corr in correlations.items():
             if isinstance(key, tuple) and not set(key) <= done:
                 known = {f: _partner_of(matchings[r]) for f, r in enumerate(key) if r in done}
@@ -155,6 +154,27 @@ def _match(analysis: Analysis, correlations: dict, states, matcher: str) -> dict
                         matchings[root] = m
                 done.update(r for r in key if r in sizes)
     return matchings
+
+
+def _match_heads(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> set[int]:
+    """Heads whose head dims may differ per head: heads as units, then dims inside each pair of heads."""
+    by_heads: dict[int, list[int]] = {}
+    for inner, outer in analysis.per_head.items():
+        if inner in sizes and outer in sizes and (outer, inner) in correlations:
+            by_heads.setdefault(outer, []).append(inner)
+    for outer, inners in by_heads.items():
+        matchings[outer], found = match_heads([correlations[(outer, i)] for i in inners], sizes[outer])
+        matchings.update(zip(inners, found))
+    return {r for outer, inners in by_heads.items() for r in (outer, *inners)}
+
+
+def _selections(analysis: Analysis, matchings: dict, widths: dict) -> dict:
+    """Every free space's (P_A, P_B); per-head head dims follow their heads' pairs."""
+    selections = {root: selections_from_pairs(m.n, m.pairs_a, m.pairs_b, widths[root]) for root, m in matchings.items()}
+    for root, m in matchings.items():
+        if m.within is not None:
+            selections[root] = per_head_selections(selections[analysis.per_head[root]], m.within)
+    return selections
 
 
 def _partner_of(m) -> torch.Tensor:

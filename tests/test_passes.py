@@ -2,10 +2,11 @@
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pleascc.passes import budget as budget_pass
 from pleascc.passes.groups import analyze, permutation_groups
-from pleascc.passes.match import hungarian, identity
+from pleascc.passes.match import hungarian, identity, match_heads
 from pleascc.passes.merge_maps import MergeMaps, row_blocks, selections_from_pairs
 from pleascc.passes.stats import CrossMoments, Problem, feature_moments
 from pleascc.passes.solve import least_squares
@@ -132,3 +133,43 @@ def test_functional_layers_merge_at_a_partial_budget(tmp_path):
     assert 1.0 < result.report["relative_flops"] <= 1.5
     assert result.analysis.params["w1"].roles == ["out", "in"]
     pleascc.export_onnx(result.model, x[:4], str(tmp_path / "functional.onnx"))
+
+
+def _attention(norm_head_dim: bool) -> nn.Module:
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(4) if norm_head_dim else nn.Identity()
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(self.norm(q), self.norm(k), v)
+            return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+    torch.manual_seed(0)
+    return Attention().eval()
+
+
+def test_head_dims_permute_per_head_unless_a_parameter_ties_the_heads():
+    """q·k's and v's head dims may differ per head; a LayerNorm over the head dim (qk-norm) shares one."""
+    x = torch.randn(2, 5, 8)
+    free = analyze(trace(_attention(False)), (x,))
+    assert len(free.per_head) == 1 and free.root_size(next(iter(free.per_head))) == 4  # q, k, v: one fused head dim
+    assert analyze(trace(_attention(True)), (x,)).per_head == {}
+
+
+def test_heads_then_dims_within_each_pair_of_heads():
+    """match_heads finds which heads pair, and a different head-dim permutation inside each pair."""
+    heads, dim = 3, 4
+    x = torch.randn(400, heads, dim)
+    head_perm, within = torch.tensor([2, 0, 1]), torch.stack([torch.randperm(dim) for _ in range(heads)])
+    y = x[:, head_perm][:, torch.arange(heads)[:, None], within]  # B's head h is A's head head_perm[h], dims by within[h]
+    moments = CrossMoments(heads * dim)
+    moments.add(x.reshape(400, -1), y.reshape(400, -1))
+    outer, (inner,) = match_heads([moments.correlation()], heads)
+    partner = outer.pairs_b[torch.argsort(outer.pairs_a)]  # B's head for each of A's
+    assert torch.equal(head_perm[partner], torch.arange(heads))
+    for a in range(heads):
+        assert torch.equal(within[partner[a]][inner.within[a]], torch.arange(dim))
+    assert torch.allclose(outer.corr, torch.ones(heads, dtype=torch.float64))

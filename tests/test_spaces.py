@@ -58,3 +58,17 @@ def test_size_one_atoms_are_fixed():
     t = SpaceTable()
     assert t.is_fixed(t.new(1))
     assert isinstance(t.resolve(Prod((t.new(5), t.new(1)))), Atom)
+
+
+def test_per_head_permutations_index_and_apply_agree():
+    """A head dim permuted differently in every head: 2-D perms for index, per-head matrices for apply."""
+    t = SpaceTable()
+    qkv, heads, head_dim = t.new(3, "q, k, v"), t.new(2), t.new(3)
+    dim = Prod((qkv, heads, head_dim))
+    within = torch.tensor([[2, 0, 1], [1, 2, 0]])  # per new head
+    perms = {heads.id: torch.tensor([1, 0]), head_dim.id: within}
+    x = torch.arange(18.0)
+    index = t.index(dim, perms)
+    assert index[:6].tolist() == [3 + 2, 3 + 0, 3 + 1, 0 + 1, 0 + 2, 0 + 0]  # new head 0 is old head 1, dims by row 0
+    eye = {heads.id: torch.eye(2)[perms[heads.id]], head_dim.id: torch.eye(3)[within]}
+    assert torch.equal(x[index], t.apply(x, 0, dim, lambda atom: eye.get(atom.id)))
