@@ -140,7 +140,7 @@ def main() -> None:
     version = code_version()
     for name in (n for n in names if n not in seen):
         done.append(check(name, version))
-        done.sort(key=names.index)
+        done.sort(key=lambda r: names.index(r["model"]))
         print(f"[{len(done)}/{len(names)}] {json.dumps(next(r for r in done if r['model'] == name))}", flush=True)
         meta = {"command": " ".join(sys.argv), "timm": timm.__version__, "torch": torch.__version__, "models": names}
         args.out.parent.mkdir(exist_ok=True)
