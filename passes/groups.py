@@ -850,6 +850,25 @@ def _expand(ctx: Context, node: fx.Node):
     return out
 
 
+@rule("expand_as")
+def _expand_as(ctx: Context, node: fx.Node):
+    """x.expand_as(other): axes x broadcasts take other's spaces (a gate over channels)."""
+    dims, other = ctx.dims_of(node.args[0]), ctx.dims_of(node.args[1])
+    in_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node)
+    new = len(out_shape) - len(in_shape)
+    return [other[k] if k < new or in_shape[k - new] != out_shape[k] else dims[k - new] for k in range(len(out_shape))]
+
+
+@rule("unfold")
+def _unfold_windows(ctx: Context, node: fx.Node):
+    """x.unfold(axis, size, step): sliding windows along an axis (which is therefore fixed), each a new last axis."""
+    dims, shape = ctx.dims_of(node.args[0]), ctx.shape(node)
+    axis = ctx.arg(node, 1, "dimension") % len(dims)
+    out = list(dims)
+    out[axis] = _mixed_axis(ctx, node, dims[axis], shape[axis])
+    return out + [ctx.table.new(shape[-1], "window")]
+
+
 @rule(torch.unbind, "unbind")
 def _unbind(ctx: Context, node: fx.Node):
     """Each output is one index along the axis, which is therefore fixed."""

@@ -173,3 +173,23 @@ def test_heads_then_dims_within_each_pair_of_heads():
     for a in range(heads):
         assert torch.equal(within[partner[a]][inner.within[a]], torch.arange(dim))
     assert torch.allclose(outer.corr, torch.ones(heads, dtype=torch.float64))
+
+
+def test_sliding_windows_and_expand_as_gates_keep_channels_permutable():
+    """Tensor.unfold over positions (halo attention) and a gate expanded with expand_as (ECA)."""
+    from pleascc.verify import permutation_invariance
+
+    class Windows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Linear(6, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            y = y * torch.sigmoid(y.mean((2, 3), keepdim=True)).expand_as(y)
+            windows = y.unfold(2, 2, 2).unfold(3, 2, 2)  # N, C, H/2, W/2, 2, 2
+            return self.b(windows.amax((-1, -2)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    result = permutation_invariance(Windows().eval(), torch.randn(2, 3, 8, 8))
+    assert result["unsupported"] == [] and result["relative_diff"] < 1e-4 and result["free_groups"] == 1
