@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from pleascc.passes.merge_maps import selections_from_clusters, selections_from_pairs
+
 
 @dataclass
 class Matching:
@@ -21,6 +23,23 @@ class Matching:
     @property
     def n(self) -> int:
         return len(self.pairs_a)
+
+    def selections(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_A, P_B) at ``width``: the best pairs merged, the rest kept apart."""
+        return selections_from_pairs(self.n, self.pairs_a, self.pairs_b, width)
+
+
+@dataclass
+class Zipping(Matching):
+    """ZipIt!'s merges of one space: clusters of units from either model, redone at each width."""
+
+    joint: torch.Tensor | None = None
+    alpha: float = 0.3
+    beta: float = 0.125
+
+    def selections(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        clusters, _ = zip_units(self.joint, width, self.alpha, self.beta)
+        return selections_from_clusters(self.n, clusters)
 
 
 def hungarian(corr: torch.Tensor) -> Matching:
@@ -43,6 +62,71 @@ def _sorted(rows: torch.Tensor, cols: torch.Tensor, corr: torch.Tensor) -> Match
 
 
 MATCHERS = {"hungarian": hungarian, "identity": identity}
+
+
+def zip_units(joint: torch.Tensor, width: int, alpha: float = 0.3, beta: float = 0.125
+              ) -> tuple[list[list[int]], list[float]]:
+    """ZipIt!'s greedy merging of A's and B's 2n units into ``width`` clusters (Stoica et al., 2024).
+
+    ``joint``: the 2n×2n correlation of [A's units, B's units].  The most
+    correlated pair of clusters merges, within a model or across; a new
+    cluster's similarity to the others is the least of its parts', times
+    ``alpha`` (≤ 0: a pair is final), so clusters do not snowball.  Merges
+    inside one model are capped at ``beta`` × half the merges, per model (a
+    cluster counts as the model of its first unit); past the cap, that model's
+    clusters merge only across.  Returns the clusters (unit indices, B's offset
+    by n) and each merge's similarity, in order.
+    """
+    size = joint.shape[0]
+    n = size // 2
+    if not n <= width <= size:
+        raise ValueError(f"width {width} outside [{n}, {size}]")
+    sims = torch.nan_to_num(joint.double(), nan=0.0).clone()
+    sims.fill_diagonal_(-torch.inf)
+    clusters: list[list[int] | None] = [[i] for i in range(size)]
+    model = torch.arange(size) >= n  # False: A
+    merges = size - width
+    left = [int(merges // 2 * beta)] * 2  # same-model merges each model may still make
+    for m in (0, 1):
+        if left[m] <= 0:
+            _close_model(sims, model, m, clusters)
+    values = []
+    for _ in range(merges):
+        flat = int(torch.argmax(sims))
+        i, j = sorted(divmod(flat, size))
+        values.append(float(sims[i, j]))
+        same = bool(model[i] == model[j])
+        clusters[i] = clusters[i] + clusters[j]
+        clusters[j] = None
+        merged = torch.minimum(sims[i], sims[j]) * alpha if alpha > 0 else torch.full_like(sims[i], -torch.inf)
+        sims[i], sims[:, i] = merged, merged
+        sims[j], sims[:, j] = -torch.inf, -torch.inf
+        sims[i, i] = -torch.inf
+        if same:
+            m = int(model[i])
+            left[m] -= 1
+            if left[m] <= 0:
+                _close_model(sims, model, m, clusters)
+    return [c for c in clusters if c is not None], values
+
+
+def _close_model(sims: torch.Tensor, model: torch.Tensor, m: int, clusters: list) -> None:
+    """No more merges between two clusters of model ``m``."""
+    mine = (model == bool(m)) & torch.tensor([c is not None for c in clusters])
+    sims[mine[:, None] & mine[None, :]] = -torch.inf
+
+
+def zipit(joint: torch.Tensor, alpha: float = 0.3, beta: float = 0.125) -> Zipping:
+    """One space's ZipIt! matching; ``corr`` holds the merge similarities of zipping all the way, best first.
+
+    The budget pass reads ``corr`` to choose widths; ``selections`` then zips
+    to the chosen width (the same-model cap depends on it).
+    """
+    n = joint.shape[0] // 2
+    _, values = zip_units(joint, n, alpha, beta)
+    index = torch.arange(n)
+    return Zipping(index, index, torch.tensor(values, dtype=torch.float64).sort(descending=True).values,
+                   joint=joint, alpha=alpha, beta=beta)
 
 
 def match_all(scores: dict[int, torch.Tensor], sizes: dict[int, int], matcher: str) -> dict[int, Matching]:

@@ -104,6 +104,20 @@ def selections_from_pairs(n: int, pairs_a: torch.Tensor, pairs_b: torch.Tensor, 
     return p_a, p_b
 
 
+def selections_from_clusters(n: int, clusters: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selections for merged units that each stand for a cluster of units (B's offset by ``n``).
+
+    A cluster may hold several units of one model (ZipIt!): its merged feature
+    is their mean, and a next layer's input column is the sum of theirs.
+    """
+    p_a = torch.zeros(len(clusters), n, dtype=torch.float64)
+    p_b = torch.zeros(len(clusters), n, dtype=torch.float64)
+    for row, cluster in enumerate(sorted(clusters, key=min)):
+        for unit in cluster:
+            (p_a if unit < n else p_b)[row, unit % n] = 1
+    return p_a, p_b
+
+
 def per_head_selections(heads: tuple[torch.Tensor, torch.Tensor], within: torch.Tensor):
     """A head dim's selections per merged head: A's dims in place, B's dims moved to their partners.
 

@@ -88,34 +88,36 @@ class CrossMoments:
     """Running sums for the correlation of A's units with B's units at one site.
 
     Sums are taken around the first batch's means (a shifted algorithm), so
-    small variances on top of large means do not cancel away.
+    small variances on top of large means do not cancel away.  ``within``:
+    also A×A and B×B (ZipIt! merges units of one model too), as one joint
+    correlation of [A's units, B's units].
     """
 
     n: int
+    within: bool = False
     count: float = 0.0
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = a.double(), b.double()
         if not self.count:
-            self.shift_a, self.shift_b = a.mean(0), b.mean(0)
-            self.sum_a, self.sum_b = torch.zeros(self.n, dtype=torch.float64), torch.zeros(self.n, dtype=torch.float64)
-            self.sq_a, self.sq_b = torch.zeros_like(self.sum_a), torch.zeros_like(self.sum_b)
-            self.cross = torch.zeros(self.n, self.n, dtype=torch.float64)
-        a, b = a - self.shift_a, b - self.shift_b
-        self.count += a.shape[0]
-        self.sum_a += a.sum(0)
-        self.sum_b += b.sum(0)
-        self.sq_a += (a * a).sum(0)
-        self.sq_b += (b * b).sum(0)
-        self.cross += a.T @ b
+            self.shift = torch.cat([a.mean(0), b.mean(0)])
+            self.sum, self.sq = torch.zeros(2 * self.n, dtype=torch.float64), torch.zeros(2 * self.n, dtype=torch.float64)
+            side = 2 * self.n if self.within else self.n
+            self.cross = torch.zeros(side, side, dtype=torch.float64)
+        z = torch.cat([a, b], dim=1) - self.shift
+        self.count += z.shape[0]
+        self.sum += z.sum(0)
+        self.sq += (z * z).sum(0)
+        self.cross += z.T @ z if self.within else z[:, :self.n].T @ z[:, self.n:]
 
     def correlation(self) -> torch.Tensor:
-        mean_a, mean_b = self.sum_a / self.count, self.sum_b / self.count
-        cov = self.cross / self.count - torch.outer(mean_a, mean_b)
-        std_a = (self.sq_a / self.count - mean_a**2).clamp(min=0).sqrt()
-        std_b = (self.sq_b / self.count - mean_b**2).clamp(min=0).sqrt()
-        live = torch.outer(std_a > 0, std_b > 0)
-        corr = torch.where(live, cov / (torch.outer(std_a, std_b) + 1e-300), torch.zeros(()))
+        """A×B, or with ``within`` the joint (2n × 2n) correlation."""
+        mean = self.sum / self.count
+        std = (self.sq / self.count - mean**2).clamp(min=0).sqrt()
+        rows, cols = (slice(None), slice(None)) if self.within else (slice(0, self.n), slice(self.n, None))
+        cov = self.cross / self.count - torch.outer(mean[rows], mean[cols])
+        live = torch.outer(std[rows] > 0, std[cols] > 0)
+        corr = torch.where(live, cov / (torch.outer(std[rows], std[cols]) + 1e-300), torch.zeros(()))
         return corr.clamp(-1, 1)
 
 
@@ -170,10 +172,12 @@ def _run_pair(gms, names: list[str], x: torch.Tensor) -> list[dict[str, torch.Te
 
 
 def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
-                    batch_size: int = 64, progress: bool = True) -> dict[int, torch.Tensor]:
+                    batch_size: int = 64, progress: bool = True, within: bool = False) -> dict[int, torch.Tensor]:
     """Per free space, the A×B correlation of its units, averaged over the sites that read it.
 
-    Keys are root ids, and tuples of root ids for whole product axes (see ``observe``).
+    Keys are root ids, and tuples of root ids for whole product axes (see
+    ``observe``).  ``within``: spaces keyed by a root get the joint correlation
+    of [A's units, B's units] instead.
     """
     sites = _observation_sites(analysis)
     names = sorted({name for name, _, _ in sites})
@@ -188,7 +192,7 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
                 for k, ((root, fa), (_, fb)) in enumerate(pairs):
                     key = (site, k, root)
                     if key not in moments:
-                        moments[key] = CrossMoments(fa.shape[1])
+                        moments[key] = CrossMoments(fa.shape[1], within=within and isinstance(root, int))
                     moments[key].add(fa, fb)
     by_root: dict[int | tuple, list[torch.Tensor]] = {}
     for (_, _, root), m in moments.items():

@@ -19,8 +19,8 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes.budget import is_blocked
 from pleascc.passes.emit import emit, layer_inputs
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
-from pleascc.passes.match import match_all, match_heads, match_product
-from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks, selections_from_pairs
+from pleascc.passes.match import match_all, match_heads, match_product, zipit
+from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks
 from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, warm_start
 from pleascc.passes.solve import least_squares as ridge_fit
 from pleascc.passes.stats import Problem, feature_moments, layer_moments, weight_similarity
@@ -29,7 +29,8 @@ from pleascc.trace import check_same_graph, trace
 __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
 
 # method -> (matcher, refit layers by least squares)
-METHODS = {"pleas": ("hungarian", True), "permute": ("hungarian", False), "average": ("identity", False)}
+METHODS = {"pleas": ("hungarian", True), "permute": ("hungarian", False), "average": ("identity", False),
+           "zipit": ("zipit", False)}
 LABELS = ("shared", "separate")
 LEAST_SQUARES = ("one-pass", "sequential")  # fit inputs: the originals' features, or the merged model's own
 TIE_BREAK = 1e-3  # weight of weight-row similarity in matching scores: separates units data can't tell apart
@@ -56,6 +57,8 @@ def merge(
     batch_size: int = 64,
     ridge: float = 1e-4,
     least_squares: str = "sequential",
+    zip_alpha: float = 0.3,
+    zip_beta: float = 0.125,
     progress: bool = True,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` × the FLOPs of one.
@@ -63,7 +66,8 @@ def merge(
     ``data``: calibration inputs (a tensor N×…, a ``CalibrationData``, or a path
     ``load_data`` reads).  ``labels``: "shared" (one head, fit to the mean
     logits) or "separate" (one head per model); default separate when the heads
-    differ in size, else shared.  ``method``: "pleas", "permute" or "average".
+    differ in size, else shared.  ``method``: "pleas", "permute", "average" or
+    "zipit" (ZipIt!'s greedy zipping, ``zip_alpha`` and ``zip_beta`` as in its paper).
     ``least_squares`` (pleas): fit each layer on A's and B's features mapped to
     the merged layout ("one-pass", one pass over the data), or on the merged
     model's own features, layer by layer ("sequential", a pass per level).
@@ -84,10 +88,10 @@ def merge(
     timings["trace_and_analyze"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    correlations = feature_moments(gms, analysis, x, batch_size, progress)
+    correlations = feature_moments(gms, analysis, x, batch_size, progress, within=matcher == "zipit")
     timings["matching_statistics"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    matchings = _match(analysis, correlations, states, matcher)
+    matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
     costs = budget_pass.layer_costs(analysis, separate_heads)
     widths = budget_pass.choose_widths(analysis, matchings, costs, budget)
     maps = MergeMaps(analysis.table, _selections(analysis, matchings, widths))
@@ -135,25 +139,41 @@ def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in (*gm.named_parameters(), *gm.named_buffers())}
 
 
-def _match(analysis: Analysis, correlations: dict, states, matcher: str) -> dict:
-    """Pair units per free group: correlation, plus a small weight-based tie-break."""
+def _match(analysis: Analysis, correlations: dict, states, matcher: str, zip_options: dict) -> dict:
+    """Pair units per free group: correlation, plus a small weight-based tie-break.
+
+    ``zipit`` zips the plain spaces (``correlations`` then holds their joint
+    A+B correlations); heads, head dims and per-group channels are paired as
+    by ``hungarian``.
+    """
     sizes = {root: analysis.root_size(root) for root in analysis.free_roots()}
+    joints = {r: c for r, c in correlations.items() if r in sizes and c.shape[0] == 2 * sizes[r]}
+    correlations = {r: c[:sizes[r], sizes[r]:] if r in joints else c for r, c in correlations.items()}
     ties = weight_similarity(analysis, states)
     scores = {root: correlations.get(root, torch.zeros(n, n)) + TIE_BREAK * ties.get(root, torch.zeros(n, n))
               for root, n in sizes.items()}
-    matchings = match_all(scores, sizes, matcher)
-    if matcher == "hungarian":  # product axes (heads × head dim): their factors are matched jointly
-        done = _match_heads(analysis, correlations, sizes, matchings)
-        for key, corr in correlations.items():
-            if isinstance(key, tuple) and not set(key) <= done:
-                known = {f: _partner_of(matchings[r]) for f, r in enumerate(key) if r in done}
-                found = match_product(corr, [analysis.root_size(r) for r in key], [r in sizes for r in key],
-                                      known=known)
-                for root, m in zip(key, found):
-                    if root in sizes and root not in done:
-                        matchings[root] = m
-                done.update(r for r in key if r in sizes)
+    matchings = match_all(scores, sizes, "identity" if matcher == "identity" else "hungarian")
+    if matcher == "identity":
+        return matchings
+    done = _match_products(analysis, correlations, sizes, matchings)
+    if matcher == "zipit":
+        matchings.update({root: zipit(joint, **zip_options) for root, joint in joints.items()
+                          if root not in done and root not in analysis.table.keep_width})
     return matchings
+
+
+def _match_products(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> set[int]:
+    """Product axes (heads × head dim): their factors are matched jointly; returns the spaces matched so."""
+    done = _match_heads(analysis, correlations, sizes, matchings)
+    for key, corr in correlations.items():
+        if isinstance(key, tuple) and not set(key) <= done:
+            known = {f: _partner_of(matchings[r]) for f, r in enumerate(key) if r in done}
+            found = match_product(corr, [analysis.root_size(r) for r in key], [r in sizes for r in key], known=known)
+            for root, m in zip(key, found):
+                if root in sizes and root not in done:
+                    matchings[root] = m
+            done.update(r for r in key if r in sizes)
+    return done
 
 
 def _match_heads(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> set[int]:
@@ -170,7 +190,7 @@ def _match_heads(analysis: Analysis, correlations: dict, sizes: dict, matchings:
 
 def _selections(analysis: Analysis, matchings: dict, widths: dict) -> dict:
     """Every free space's (P_A, P_B); per-head head dims follow their heads' pairs."""
-    selections = {root: selections_from_pairs(m.n, m.pairs_a, m.pairs_b, widths[root]) for root, m in matchings.items()}
+    selections = {root: m.selections(widths[root]) for root, m in matchings.items()}
     for root, m in matchings.items():
         if m.within is not None:
             selections[root] = per_head_selections(selections[analysis.per_head[root]], m.within)

@@ -57,8 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--labels", choices=("shared", "separate"), default=None,
                    help="one head for both models' classes, or one per model (default: separate when the "
                         "heads differ in size)")
-    m.add_argument("--method", choices=("pleas", "permute", "average"), default="pleas",
-                   help="pleas (default), permute (Git Re-Basin activation matching + averaging), average")
+    m.add_argument("--method", choices=("pleas", "permute", "average", "zipit"), default="pleas",
+                   help="pleas (default), permute (Git Re-Basin activation matching + averaging), average, "
+                        "zipit (ZipIt!: greedy merging within and across the models)")
+    m.add_argument("--zip-alpha", type=float, default=0.3,
+                   help="zipit: similarity decay of a merged unit (0: pairs only, no larger clusters)")
+    m.add_argument("--zip-beta", type=float, default=0.125,
+                   help="zipit: share of the merges that may join two units of one model")
     m.add_argument("--least-squares", choices=("sequential", "one-pass"), default="sequential",
                    help="pleas: fit each layer on the merged model's own inputs, one pass per level of layers "
                         "(default; more accurate), or on the originals' features in a single pass (faster)")
@@ -138,7 +143,7 @@ def _merge(args) -> int:
     data = _calibration(args, model_a)
     result = pleascc.merge(model_a, model_b, data, budget=args.budget, labels=args.labels, method=args.method,
                            least_squares=args.least_squares, batch_size=args.batch_size,
-                           progress=not args.no_progress)
+                           zip_alpha=args.zip_alpha, zip_beta=args.zip_beta, progress=not args.no_progress)
     check = pleascc.export_onnx(result.model, data.x[: min(len(data.x), 8)], args.output)
     report = {**result.report, "onnx": check, "total_time_s": time.perf_counter() - start}
     if args.report:

@@ -36,7 +36,7 @@ def test_shared_labels_give_one_head_fit_to_the_mean_logits():
         assert (result.model(x) - want).abs().max() / want.abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("bad", [dict(budget=0.5), dict(budget=2.5), dict(method="zipit"), dict(labels="both"),
+@pytest.mark.parametrize("bad", [dict(budget=0.5), dict(budget=2.5), dict(method="zipper"), dict(labels="both"),
                                  dict(least_squares="twice")])
 def test_bad_settings_are_one_line_errors(bad):
     a, b = _pair()
@@ -64,3 +64,17 @@ def test_sequential_least_squares_fits_each_level_on_the_merged_models_own_featu
     head = max(levels, key=levels.get)
     assert reports["sequential"]["least_squares_residuals"][head] == pytest.approx(errors["sequential"], rel=1e-3)
     assert errors["sequential"] < errors["one-pass"] / 2
+
+
+@pytest.mark.parametrize("budget", [1.0, 1.5, 2.0])
+def test_zipit_merges_within_and_across_models_at_any_budget(budget):
+    """ZipIt!'s clusters may hold two units of one model; 2.0 is still the two models side by side."""
+    a, b = _pair()
+    x = torch.randn(300, 1, 8, 8)
+    result = pleascc.merge(a, b, x, budget=budget, labels="separate", method="zipit", zip_beta=0.5, progress=False)
+    assert 1.0 <= result.report["relative_flops"] <= budget + 1e-3  # separate heads: two small heads
+    with torch.no_grad():
+        got_a, got_b = result.model(x[:50])
+        if budget == 2.0:
+            assert torch.allclose(got_a, a(x[:50]), atol=1e-4) and torch.allclose(got_b, b(x[:50]), atol=1e-4)
+    assert torch.isfinite(got_a).all() and torch.isfinite(got_b).all()

@@ -104,13 +104,13 @@ def test_budget_two_with_separate_labels_is_the_two_models_side_by_side(name, tm
         assert _relative(got_b, model_b(x_test)) < 1e-4
 
 
-@pytest.mark.parametrize("method", ["average", "permute"])
+@pytest.mark.parametrize("method", ["average", "permute", "zipit"])
 def test_baselines_are_exact_on_a_permuted_copy_only_when_they_match(method, tmp_path):
-    """Averaging ignores permutations; activation matching undoes them."""
+    """Averaging ignores permutations; activation matching and zipping undo them."""
     model, x, x_test = _setup("resnet20-optionA")
     twin = permuted_copy(model, x)
     result = pleascc.merge(model, twin, x, budget=1.0, method=method, progress=False)
     with torch.no_grad():
         diff = _relative(result.model(x_test).numpy(), model(x_test))
-    assert (diff < 1e-4) == (method == "permute")
+    assert (diff < 1e-4) == (method != "average")
 

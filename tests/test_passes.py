@@ -1,13 +1,14 @@
 """Unit tests of the passes on small inputs whose answers are known."""
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pleascc.passes import budget as budget_pass
 from pleascc.passes.groups import analyze, permutation_groups
-from pleascc.passes.match import hungarian, identity, match_heads
-from pleascc.passes.merge_maps import MergeMaps, row_blocks, selections_from_pairs
+from pleascc.passes.match import hungarian, identity, match_heads, zip_units
+from pleascc.passes.merge_maps import MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
 from pleascc.passes.stats import CrossMoments, Problem, feature_moments
 from pleascc.passes.solve import least_squares
 from pleascc.passes.spaces import SpaceTable
@@ -193,3 +194,26 @@ def test_sliding_windows_and_expand_as_gates_keep_channels_permutable():
     torch.manual_seed(0)
     result = permutation_invariance(Windows().eval(), torch.randn(2, 3, 8, 8))
     assert result["unsupported"] == [] and result["relative_diff"] < 1e-4 and result["free_groups"] == 1
+
+
+def _joint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    moments = CrossMoments(a.shape[1], within=True)
+    moments.add(a, b)
+    return moments.correlation()
+
+
+def test_zipit_pairs_twins_first_and_caps_merges_within_a_model():
+    """A permuted copy zips into its twin pairs; units duplicated inside A merge only up to the beta cap."""
+    x = torch.randn(500, 6)
+    perm = torch.tensor([3, 0, 5, 1, 2, 4])
+    clusters, values = zip_units(_joint(x, x[:, perm]), width=6)
+    assert sorted(sorted(c) for c in clusters) == sorted([int(perm[j]), 6 + j] for j in range(6))
+    assert values == pytest.approx([1.0] * 6)
+    p_a, p_b = selections_from_clusters(6, clusters)
+    assert torch.equal(p_a.sum(1), torch.ones(6)) and torch.equal(p_b.sum(1), torch.ones(6))
+
+    a = torch.cat([x[:, :3], x[:, :3] + 1e-3 * torch.randn(500, 3)], dim=1)  # A's units 3..5 copy 0..2
+    b = torch.randn(500, 6)  # unrelated to A
+    for beta, within_a in ((0.0, 0), (1.0, 3)):
+        clusters, _ = zip_units(_joint(a, b), width=6, beta=beta)  # 6 merges: at most 3 × beta inside a model
+        assert sum(sum(u < 6 for u in c) - 1 for c in clusters if any(u < 6 for u in c)) == within_a
