@@ -24,6 +24,7 @@ from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row
 from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, warm_start
 from pleascc.passes.solve import least_squares as ridge_fit
 from pleascc.passes.stats import Problem, feature_moments, layer_moments, weight_similarity
+from pleascc.passes.weights import weight_matching
 from pleascc.trace import check_same_graph, trace
 
 __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
@@ -32,6 +33,7 @@ __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
 METHODS = {"pleas": ("hungarian", True), "permute": ("hungarian", False), "average": ("identity", False),
            "zipit": ("zipit", False)}
 LABELS = ("shared", "separate")
+MATCHINGS = ("activation", "weight")
 LEAST_SQUARES = ("one-pass", "sequential")  # fit inputs: the originals' features, or the merged model's own
 TIE_BREAK = 1e-3  # weight of weight-row similarity in matching scores: separates units data can't tell apart
 
@@ -57,6 +59,7 @@ def merge(
     batch_size: int = 64,
     ridge: float = 1e-4,
     least_squares: str = "sequential",
+    matching: str = "activation",
     zip_alpha: float = 0.3,
     zip_beta: float = 0.125,
     progress: bool = True,
@@ -68,6 +71,8 @@ def merge(
     logits) or "separate" (one head per model); default separate when the heads
     differ in size, else shared.  ``method``: "pleas", "permute", "average" or
     "zipit" (ZipIt!'s greedy zipping, ``zip_alpha`` and ``zip_beta`` as in its paper).
+    ``matching`` (pleas, permute): pair units by their features on the data
+    ("activation") or by their weights alone ("weight", Git Re-Basin).
     ``least_squares`` (pleas): fit each layer on A's and B's features mapped to
     the merged layout ("one-pass", one pass over the data), or on the merged
     model's own features, layer by layer ("sequential", a pass per level).
@@ -78,6 +83,9 @@ def merge(
         raise PleasccError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if least_squares not in LEAST_SQUARES:
         raise PleasccError(f"unknown least-squares variant {least_squares!r}: choose {' or '.join(LEAST_SQUARES)}")
+    if matching not in MATCHINGS or (matching == "weight" and METHODS[method][0] != "hungarian"):
+        raise PleasccError(f"unknown matching {matching!r} for method {method}: choose activation, or weight "
+                           "with pleas or permute")
     if not 1.0 <= budget <= 2.0:
         raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
     matcher, refit = METHODS[method]
@@ -88,10 +96,13 @@ def merge(
     timings["trace_and_analyze"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    correlations = feature_moments(gms, analysis, x, batch_size, progress, within=matcher == "zipit")
-    timings["matching_statistics"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
+    if matching == "weight":  # data-free: the weights alone
+        matchings = weight_matching(analysis, states)
+    else:
+        correlations = feature_moments(gms, analysis, x, batch_size, progress, within=matcher == "zipit")
+        timings["matching_statistics"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
     costs = budget_pass.layer_costs(analysis, separate_heads)
     widths = budget_pass.choose_widths(analysis, matchings, costs, budget)
     maps = MergeMaps(analysis.table, _selections(analysis, matchings, widths))
