@@ -53,10 +53,22 @@ def warm_start(analysis: Analysis, maps: MergeMaps, layer: Layer, states: tuple[
         both = [torch.stack([scale[k], shift[k]], dim=1).double() for k in (0, 1)]
         dim = analysis.params[layer.weight].dims[0]
         return maps.merge(tuple(both), [(0, dim)]).unsqueeze(1)
-    weight = merged(layer.weight)
+    return _as_rows(maps, layer, merged(layer.weight), merged(layer.bias) if layer.bias else None)
+
+
+def own_weights(analysis: Analysis, maps: MergeMaps, layer: Layer, state: State, model: int) -> torch.Tensor:
+    """One model's weights in the merged layout, rows and columns gathered, not averaged (RegMean's W_m)."""
+    def gathered(name: str) -> torch.Tensor:
+        return maps.gather(state[name].double(), model, list(enumerate(analysis.params[name].dims)))
+
+    return _as_rows(maps, layer, gathered(layer.weight), gathered(layer.bias) if layer.bias else None)
+
+
+def _as_rows(maps: MergeMaps, layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A weight and bias as (groups, outputs per group, inputs per group + 1)."""
     out = weight.shape[0]
     groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
-    bias = merged(layer.bias) if layer.bias else torch.zeros(out, dtype=torch.float64)
+    bias = bias if bias is not None else torch.zeros(out, dtype=torch.float64)
     w = weight.reshape(groups, out // groups, -1)
     return torch.cat([w, bias.reshape(groups, out // groups, 1)], dim=2)
 
@@ -85,6 +97,31 @@ def least_squares(problem: Problem, ridge: float, has_bias: bool) -> tuple[torch
     if not has_bias:
         delta = torch.cat([delta, torch.zeros(*delta.shape[:2], 1, dtype=delta.dtype)], dim=2)
     return problem.w0.double() + delta, float(err) / max(problem.tt, 1e-30)
+
+
+def regmean(problem: Problem, own: dict[int, torch.Tensor], alpha: float, ridge: float,
+            has_bias: bool) -> torch.Tensor:
+    """RegMean (Jin et al., 2023): W = (Σ G̃_m)⁻¹ Σ G̃_m W_m, with G̃ = α·G + (1 − α)·diag(G).
+
+    ``own[m]``: model m's block weights in the merged layout; the Gram
+    matrices of its inputs are ``problem.grams``.  Shrinking the Grams'
+    off-diagonals (α < 1) pulls the merge toward plain averaging.  The ridge
+    pulls toward the warm start, as in ``least_squares``, so a self-merge is exact.
+    """
+    keep = slice(None) if has_bias else slice(0, -1)  # no bias: drop the ones column
+    w0 = problem.w0.double()[:, :, keep].transpose(1, 2)
+    system, rhs = 0, 0
+    for m, gram in problem.grams.items():
+        g = gram[:, keep, keep]
+        g = alpha * g + (1 - alpha) * torch.diag_embed(g.diagonal(dim1=1, dim2=2))
+        system, rhs = system + g, rhs + g @ (own[m][:, :, keep].transpose(1, 2) - w0)
+    d = system.shape[-1]
+    scale = system.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
+    delta = torch.linalg.solve(system + ridge * scale[:, None, None] * torch.eye(d, dtype=system.dtype), rhs)
+    delta = delta.transpose(1, 2)
+    if not has_bias:
+        delta = torch.cat([delta, torch.zeros(*delta.shape[:2], 1, dtype=delta.dtype)], dim=2)
+    return problem.w0.double() + delta
 
 
 def layer_params(layer: Layer, w: torch.Tensor, like: State) -> State:

@@ -101,7 +101,8 @@ class CrossMoments:
         a, b = a.double(), b.double()
         if not self.count:
             self.shift = torch.cat([a.mean(0), b.mean(0)])
-            self.sum, self.sq = torch.zeros(2 * self.n, dtype=torch.float64), torch.zeros(2 * self.n, dtype=torch.float64)
+            self.sum = torch.zeros(2 * self.n, dtype=torch.float64)
+            self.sq = torch.zeros_like(self.sum)
             side = 2 * self.n if self.within else self.n
             self.cross = torch.zeros(side, side, dtype=torch.float64)
         z = torch.cat([a, b], dim=1) - self.shift
@@ -226,6 +227,7 @@ class Problem:
     tt: float = 0.0  # ‖T‖²
     rr: float = 0.0  # ‖T − W0·X‖²
     w: torch.Tensor | None = None  # the fit, once solved
+    grams: dict[int, torch.Tensor] = field(default_factory=dict)  # RegMean: each model's own inputs' Gram
 
 
 def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, maps: MergeMaps,
@@ -265,6 +267,39 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
                 y = p.target(va[layer.node], vb[layer.node])
                 y = y if block.rows is None else y.index_select(layer.out_axis, block.rows)
                 _accumulate(p, rows[key], _target_rows(layer, y, maps))
+
+
+def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, problems: list[Problem],
+                 data: torch.Tensor, batch_size: int = 64, progress: bool = True) -> None:
+    """RegMean's statistics: each model's own layer inputs in the merged layout, as Gram matrices (in place).
+
+    A block's rows that only one model feeds see only that model's inputs.
+    """
+    names = sorted({p.layer.source for p in problems})
+    captures = [capture(gm, names) for gm in gms]
+    with torch.no_grad():
+        for x in batches(data, batch_size, "RegMean statistics", progress):
+            values = _run_pair(captures, names, x)
+            rows: dict[tuple, torch.Tensor] = {}
+            for p in problems:
+                layer, cols = p.layer, p.block.cols
+                for model in _feeding(maps, p):
+                    key = (layer.node, model, None if cols is None else tuple(cols.tolist()))
+                    if key not in rows:
+                        x_in = maps.gather(values[model][layer.source], model, [(layer.in_axis, layer.in_dim)])
+                        x_in = x_in if cols is None else x_in.index_select(layer.in_axis, cols)
+                        r = _rows(layer, x_in, maps)
+                        rows[key] = (r.transpose(1, 2) @ r).double()
+                    p.grams[model] = p.grams.get(model, 0) + rows[key]
+
+
+def _feeding(maps: MergeMaps, p: Problem) -> list[int]:
+    """The models whose units a block's output rows stand for."""
+    if p.model is not None:
+        return [p.model]
+    fed = [maps.participation(p.layer.out_dim, m) > 0 for m in (0, 1)]
+    rows = p.block.rows
+    return [m for m in (0, 1) if bool((fed[m] if rows is None else fed[m][rows]).any())]
 
 
 def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:

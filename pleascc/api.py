@@ -21,17 +21,17 @@ from pleascc.passes.emit import emit, layer_inputs
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
 from pleascc.passes.match import match_all, match_heads, match_product, zipit
 from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks
-from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, warm_start
+from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, own_weights, regmean, warm_start
 from pleascc.passes.solve import least_squares as ridge_fit
-from pleascc.passes.stats import Problem, feature_moments, layer_moments, weight_similarity
+from pleascc.passes.stats import Problem, feature_moments, gram_moments, layer_moments, weight_similarity
 from pleascc.passes.weights import weight_matching
 from pleascc.trace import check_same_graph, trace
 
 __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
 
-# method -> (matcher, refit layers by least squares)
-METHODS = {"pleas": ("hungarian", True), "permute": ("hungarian", False), "average": ("identity", False),
-           "zipit": ("zipit", False)}
+# method -> (matcher, how layers are refitted: PLeaS least squares, RegMean, or not at all)
+METHODS = {"pleas": ("hungarian", "least-squares"), "permute": ("hungarian", None), "average": ("identity", None),
+           "zipit": ("zipit", None), "regmean": ("identity", "regmean")}
 LABELS = ("shared", "separate")
 MATCHINGS = ("activation", "weight")
 LEAST_SQUARES = ("one-pass", "sequential")  # fit inputs: the originals' features, or the merged model's own
@@ -62,6 +62,7 @@ def merge(
     matching: str = "activation",
     zip_alpha: float = 0.3,
     zip_beta: float = 0.125,
+    regmean_alpha: float = 0.9,
     progress: bool = True,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` × the FLOPs of one.
@@ -71,6 +72,8 @@ def merge(
     logits) or "separate" (one head per model); default separate when the heads
     differ in size, else shared.  ``method``: "pleas", "permute", "average" or
     "zipit" (ZipIt!'s greedy zipping, ``zip_alpha`` and ``zip_beta`` as in its paper).
+    "regmean" (RegMean: no permutation; each layer's closed-form merge from
+    both models' input Grams, their off-diagonals scaled by ``regmean_alpha``).
     ``matching`` (pleas, permute): pair units by their features on the data
     ("activation") or by their weights alone ("weight", Git Re-Basin).
     ``least_squares`` (pleas): fit each layer on A's and B's features mapped to
@@ -115,7 +118,15 @@ def merge(
              for name in states[0] if name not in own}  # separate heads: from their own fits
     emit_with = functools.partial(emit, gms[0], analysis, maps, state)
     residuals, passes = {}, 0
-    if refit:
+    if refit == "regmean":
+        blocked = [p for p in problems if is_blocked(p.layer) or p.model is not None]  # norms stay averaged
+        gram_moments(gms, maps, blocked, x, batch_size, progress)
+        for p in blocked:
+            in_width = maps.size(p.layer.in_dim)
+            own = {m: block_slice(own_weights(analysis, maps, p.layer, states[m], m), p.block, in_width)
+                   for m in p.grams}
+            p.w = regmean(p, own, regmean_alpha, ridge, has_bias=bool(p.layer.bias))
+    elif refit:
         _check_least_squares_samples(problems, analysis, x)
         fit = functools.partial(_fit, gms, analysis, maps, x, batch_size, progress, ridge)
         if least_squares == "one-pass":
@@ -129,7 +140,8 @@ def merge(
     merged = emit_with(_layer_weights(problems, states))
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
                      method=method, budget=budget, separate=separate, samples=len(x),
-                     least_squares=least_squares if refit else None, least_squares_passes=passes)
+                     least_squares=least_squares if refit == "least-squares" else None,
+                     least_squares_passes=passes)
     return MergeResult(merged.eval(), report, analysis)
 
 

@@ -57,9 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--labels", choices=("shared", "separate"), default=None,
                    help="one head for both models' classes, or one per model (default: separate when the "
                         "heads differ in size)")
-    m.add_argument("--method", choices=("pleas", "permute", "average", "zipit"), default="pleas",
+    m.add_argument("--method", choices=("pleas", "permute", "average", "zipit", "regmean"), default="pleas",
                    help="pleas (default), permute (Git Re-Basin activation matching + averaging), average, "
-                        "zipit (ZipIt!: greedy merging within and across the models)")
+                        "zipit (ZipIt!: greedy merging within and across the models), regmean (RegMean: "
+                        "no permutation, closed-form merge of each layer; for models from one base)")
     m.add_argument("--matching", choices=("activation", "weight"), default="activation",
                    help="pleas/permute: pair units by their features on the data, or by their weights alone "
                         "(Git Re-Basin weight matching, data-free)")
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="zipit: similarity decay of a merged unit (0: pairs only, no larger clusters)")
     m.add_argument("--zip-beta", type=float, default=0.125,
                    help="zipit: share of the merges that may join two units of one model")
+    m.add_argument("--regmean-alpha", type=float, default=0.9,
+                   help="regmean: scale of the input Grams' off-diagonals (1: plain least squares)")
     m.add_argument("--least-squares", choices=("sequential", "one-pass"), default="sequential",
                    help="pleas: fit each layer on the merged model's own inputs, one pass per level of layers "
                         "(default; more accurate), or on the originals' features in a single pass (faster)")
@@ -147,7 +150,7 @@ def _merge(args) -> int:
     result = pleascc.merge(model_a, model_b, data, budget=args.budget, labels=args.labels, method=args.method,
                            least_squares=args.least_squares, batch_size=args.batch_size,
                            matching=args.matching, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
-                           progress=not args.no_progress)
+                           regmean_alpha=args.regmean_alpha, progress=not args.no_progress)
     check = pleascc.export_onnx(result.model, data.x[: min(len(data.x), 8)], args.output)
     report = {**result.report, "onnx": check, "total_time_s": time.perf_counter() - start}
     if args.report:

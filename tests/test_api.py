@@ -36,7 +36,8 @@ def test_shared_labels_give_one_head_fit_to_the_mean_logits():
         assert (result.model(x) - want).abs().max() / want.abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("bad", [dict(budget=0.5), dict(budget=2.5), dict(method="zipper"), dict(labels="both"), dict(matching="weights"),
+@pytest.mark.parametrize("bad", [dict(budget=0.5), dict(budget=2.5), dict(method="zipper"), dict(labels="both"),
+                                 dict(matching="weights"),
                                  dict(method="zipit", matching="weight"),
                                  dict(least_squares="twice")])
 def test_bad_settings_are_one_line_errors(bad):
@@ -79,3 +80,38 @@ def test_zipit_merges_within_and_across_models_at_any_budget(budget):
         if budget == 2.0:
             assert torch.allclose(got_a, a(x[:50]), atol=1e-4) and torch.allclose(got_b, b(x[:50]), atol=1e-4)
     assert torch.isfinite(got_a).all() and torch.isfinite(got_b).all()
+
+
+def test_regmean_is_its_papers_closed_form():
+    """Layer 2 of an MLP: W = (G_A + G_B)⁻¹ (G_A W_A + G_B W_B), G_m the Gram of model m's own hidden features."""
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval())
+    x = torch.randn(500, 6)
+    result = pleascc.merge(*nets, x, method="regmean", regmean_alpha=1.0, labels="shared", ridge=1e-9,
+                           progress=False)
+    grams, rhs = 0, 0
+    with torch.no_grad():
+        for net in nets:
+            h = torch.cat([net[1](net[0](x)), torch.ones(len(x), 1)], dim=1).double()
+            w = torch.cat([net[2].weight, net[2].bias[:, None]], dim=1).double()
+            grams, rhs = grams + h.T @ h, rhs + h.T @ h @ w.T
+    want = torch.linalg.solve(grams, rhs).T
+    state = result.model.state_dict()
+    average = (nets[0][0].weight + nets[1][0].weight) / 2  # layer 1's inputs are shared: RegMean averages
+    order = torch.cdist(state["0.weight"], average).argmin(1)  # merged units come sorted by correlation
+    assert torch.allclose(state["0.weight"], average[order], atol=1e-5)
+    got = torch.cat([state["2.weight"], state["2.bias"][:, None]], dim=1).double()
+    assert torch.allclose(got, want[:, torch.cat([order, torch.tensor([8])])], atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [1.0, 2.0])
+def test_regmean_self_merge_and_side_by_side_are_exact(budget):
+    a, b = _pair()
+    x = torch.randn(300, 1, 8, 8)
+    other = a if budget == 1.0 else b
+    result = pleascc.merge(a, other, x, budget=budget, labels="separate", method="regmean", progress=False)
+    with torch.no_grad():
+        got_a, got_b = result.model(x[:50])
+        assert torch.allclose(got_a, a(x[:50]), atol=1e-4) and torch.allclose(got_b, other(x[:50]), atol=1e-4)

@@ -128,7 +128,9 @@ def test_merge_pleas_writes_onnx_and_report(files, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "r.json"]  # no temporary files left
 
 
-@pytest.mark.parametrize("options", [("--method", "permute"), ("--method", "average"), ("--least-squares", "one-pass")])
+@pytest.mark.parametrize("options", [("--method", "permute"), ("--method", "average"), ("--least-squares", "one-pass"),
+                                     ("--method", "zipit"), ("--method", "regmean"),
+                                     ("--method", "permute", "--matching", "weight")])
 def test_merge_other_methods(files, tmp_path, options):
     out = tmp_path / "out.onnx"
     assert main(_merge_args(files, out, *options, "--labels", "separate")) == 0

@@ -165,7 +165,7 @@ def test_heads_then_dims_within_each_pair_of_heads():
     heads, dim = 3, 4
     x = torch.randn(400, heads, dim)
     head_perm, within = torch.tensor([2, 0, 1]), torch.stack([torch.randperm(dim) for _ in range(heads)])
-    y = x[:, head_perm][:, torch.arange(heads)[:, None], within]  # B's head h is A's head head_perm[h], dims by within[h]
+    y = x[:, head_perm][:, torch.arange(heads)[:, None], within]  # B's head h: A's head head_perm[h], dims by within[h]
     moments = CrossMoments(heads * dim)
     moments.add(x.reshape(400, -1), y.reshape(400, -1))
     outer, (inner,) = match_heads([moments.correlation()], heads)
