@@ -12,8 +12,11 @@ side by side).  Separate heads each read their own model's n_in units.
 Depthwise and grouped convolutions and norms cost their emitted size, and
 products of two activations (attention's q·kᵀ and ·v) theirs: whole heads.
 
-Widths: start fully merged and greedily un-merge, a step at a time, where it
-gives the most lost correlation back per FLOP added, while within budget.
+Widths, three ways (``WIDTHS``): "greedy" starts fully merged and un-merges,
+a step at a time, where it gives the most lost correlation back per FLOP
+added, while within budget; "uniform" un-merges the same share of every
+space; "stages" keeps the deepest spaces apart first (merge early layers,
+keep late ones separate: the PLeaS code's schedule).
 """
 
 from __future__ import annotations
@@ -125,3 +128,47 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
 
 def relative_flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int]) -> float:
     return flops(analysis, costs, widths) / base_flops(analysis, costs)
+
+
+def uniform_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
+                   budget: float) -> dict[int, int]:
+    """The largest share r of every space's units kept apart (width n + ⌊r·n⌋) within budget."""
+    def at(share: float) -> dict[int, int]:
+        return {root: m.n + (0 if root in analysis.table.keep_width else int(share * m.n))
+                for root, m in matchings.items()}
+
+    limit, low, high = budget * base_flops(analysis, costs), 0.0, 1.0
+    if flops(analysis, costs, at(high)) <= limit * (1 + 1e-12):
+        return at(high)
+    for _ in range(30):  # bisection on the share
+        mid = (low + high) / 2
+        low, high = (mid, high) if flops(analysis, costs, at(mid)) <= limit * (1 + 1e-12) else (low, mid)
+    return at(low)
+
+
+def stage_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
+                 budget: float) -> dict[int, int]:
+    """Spaces kept apart whole, deepest first, while within budget; the first that does not fit, in part."""
+    limit = budget * base_flops(analysis, costs) * (1 + 1e-12)
+    widths = {root: m.n for root, m in matchings.items()}
+    for root in sorted(widths, key=_depths(analysis).get, reverse=True):
+        if root in analysis.table.keep_width:
+            continue
+        full = 2 * matchings[root].n
+        widths[root] = next((w for w in range(full, widths[root], -1)  # the widest that fits
+                             if flops(analysis, costs, {**widths, root: w}) <= limit), widths[root])
+        if widths[root] < full:
+            return widths
+    return widths
+
+
+def _depths(analysis: Analysis) -> dict[int, int]:
+    """Each root's depth: the index of the first layer that writes it (spaces no layer writes: 0)."""
+    depth: dict[int, int] = {}
+    for k, layer in enumerate(analysis.layers):
+        for atom in analysis.table.atoms(layer.out_dim):
+            depth.setdefault(atom.id, k)
+    return {root: depth.get(root, 0) for root in analysis.free_roots()}
+
+
+WIDTHS = {"greedy": choose_widths, "uniform": uniform_widths, "stages": stage_widths}

@@ -60,6 +60,7 @@ def merge(
     ridge: float = 1e-4,
     least_squares: str = "sequential",
     matching: str = "activation",
+    width_search: str = "greedy",
     zip_alpha: float = 0.3,
     zip_beta: float = 0.125,
     regmean_alpha: float = 0.9,
@@ -76,6 +77,9 @@ def merge(
     both models' input Grams, their off-diagonals scaled by ``regmean_alpha``).
     ``matching`` (pleas, permute): pair units by their features on the data
     ("activation") or by their weights alone ("weight", Git Re-Basin).
+    ``width_search``: how the budget is spread over the spaces: "greedy" (most
+    correlation back per FLOP), "uniform" (one share everywhere) or "stages"
+    (the deepest spaces kept apart first).
     ``least_squares`` (pleas): fit each layer on A's and B's features mapped to
     the merged layout ("one-pass", one pass over the data), or on the merged
     model's own features, layer by layer ("sequential", a pass per level).
@@ -89,6 +93,8 @@ def merge(
     if matching not in MATCHINGS or (matching == "weight" and METHODS[method][0] != "hungarian"):
         raise PleasccError(f"unknown matching {matching!r} for method {method}: choose activation, or weight "
                            "with pleas or permute")
+    if width_search not in budget_pass.WIDTHS:
+        raise PleasccError(f"unknown width search {width_search!r}: choose {', '.join(budget_pass.WIDTHS)}")
     if not 1.0 <= budget <= 2.0:
         raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
     matcher, refit = METHODS[method]
@@ -107,7 +113,7 @@ def merge(
         clock = time.perf_counter()
         matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
     costs = budget_pass.layer_costs(analysis, separate_heads)
-    widths = budget_pass.choose_widths(analysis, matchings, costs, budget)
+    widths = budget_pass.WIDTHS[width_search](analysis, matchings, costs, budget)
     maps = MergeMaps(analysis.table, _selections(analysis, matchings, widths))
     timings["match_and_budget"] = time.perf_counter() - clock
 
@@ -139,7 +145,7 @@ def merge(
 
     merged = emit_with(_layer_weights(problems, states))
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
-                     method=method, budget=budget, separate=separate, samples=len(x),
+                     method=method, budget=budget, separate=separate, samples=len(x), width_search=width_search,
                      least_squares=least_squares if refit == "least-squares" else None,
                      least_squares_passes=passes)
     return MergeResult(merged.eval(), report, analysis)

@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--matching", choices=("activation", "weight"), default="activation",
                    help="pleas/permute: pair units by their features on the data, or by their weights alone "
                         "(Git Re-Basin weight matching, data-free)")
+    m.add_argument("--widths", choices=("greedy", "uniform", "stages"), default="greedy",
+                   help="how the budget is spread: greedy (most correlation back per FLOP, default), uniform "
+                        "(one share of every group kept apart), stages (the deepest groups kept apart first)")
     m.add_argument("--zip-alpha", type=float, default=0.3,
                    help="zipit: similarity decay of a merged unit (0: pairs only, no larger clusters)")
     m.add_argument("--zip-beta", type=float, default=0.125,
@@ -149,7 +152,7 @@ def _merge(args) -> int:
     data = _calibration(args, model_a)
     result = pleascc.merge(model_a, model_b, data, budget=args.budget, labels=args.labels, method=args.method,
                            least_squares=args.least_squares, batch_size=args.batch_size,
-                           matching=args.matching, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
+                           matching=args.matching, width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
                            regmean_alpha=args.regmean_alpha, progress=not args.no_progress)
     check = pleascc.export_onnx(result.model, data.x[: min(len(data.x), 8)], args.output)
     report = {**result.report, "onnx": check, "total_time_s": time.perf_counter() - start}

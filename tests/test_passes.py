@@ -76,17 +76,32 @@ def test_merge_averages_merged_units_and_blocks_skip_cross_terms():
     assert [b.rows.tolist() if b.rows is not None else None for b in rows] == [[0, 1], [2], [3]]
 
 
-def test_budget_endpoints_and_monotonicity():
+@pytest.mark.parametrize("search", list(budget_pass.WIDTHS))
+def test_budget_endpoints_and_monotonicity(search):
     model = _mlp(0)
     analysis = analyze(trace(model), (torch.randn(2, 4),))
     corr = torch.eye(6, dtype=torch.float64) * torch.linspace(1, 0.1, 6, dtype=torch.float64)
     matchings = {root: hungarian(corr) for root in analysis.free_roots()}
     costs = budget_pass.layer_costs(analysis, set())
-    widths = [budget_pass.choose_widths(analysis, matchings, costs, b) for b in (1.0, 1.3, 1.6, 2.0)]
+    widths = [budget_pass.WIDTHS[search](analysis, matchings, costs, b) for b in (1.0, 1.3, 1.6, 2.0)]
     flops = [budget_pass.relative_flops(analysis, costs, w) for w in widths]
     assert flops[0] == 1.0 and flops[-1] == 2.0
     assert all(f <= b + 1e-9 for f, b in zip(flops, (1.0, 1.3, 1.6, 2.0)))
     assert flops == sorted(flops)
+
+
+def test_uniform_widths_share_one_ratio_and_stages_keep_the_deepest_apart_first():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    analysis = analyze(trace(model), (torch.randn(2, 4),))
+    first, second = analysis.free_roots()  # written by layers 0 and 2
+    matchings = {root: hungarian(torch.eye(16, dtype=torch.float64)) for root in (first, second)}
+    costs = budget_pass.layer_costs(analysis, set())
+    uniform = budget_pass.uniform_widths(analysis, matchings, costs, 1.4)
+    assert uniform[first] == uniform[second] > 16
+    stages = budget_pass.stage_widths(analysis, matchings, costs, 1.4)
+    assert stages[first] == 16 and stages[second] > 16
+    assert budget_pass.relative_flops(analysis, costs, stages) <= 1.4 + 1e-9
 
 
 def test_least_squares_recovers_a_linear_map_from_the_warm_start():
