@@ -457,7 +457,7 @@ def _attention(ctx: Context, node: fx.Node):
     lead = _broadcast_batch(ctx, node, [dq[:-2], dk[:-2], dv[:-2]],
                             [ctx.shape(q)[:-2], ctx.shape(k)[:-2], ctx.shape(v)[:-2]])
     mask = ctx.arg(node, 3, "attn_mask")
-    if isinstance(mask, fx.Node) and ctx.shape(mask) is not None:  # broadcast against the scores (..., q tokens, k tokens)
+    if isinstance(mask, fx.Node) and ctx.shape(mask) is not None:  # broadcast against the scores (.., q, k tokens)
         scores = lead + [dq[-2], dk[-2]]
         _broadcast_batch(ctx, node, [scores, ctx.dims_of(mask)], [ctx.shape(node)[:-1] + (ctx.shape(k)[-2],),
                                                                   ctx.shape(mask)])

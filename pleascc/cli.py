@@ -151,8 +151,8 @@ def _merge(args) -> int:
     model_a, model_b = _load(args, args.model_a), _load(args, args.model_b)
     data = _calibration(args, model_a)
     result = pleascc.merge(model_a, model_b, data, budget=args.budget, labels=args.labels, method=args.method,
-                           least_squares=args.least_squares, batch_size=args.batch_size,
-                           matching=args.matching, width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
+                           least_squares=args.least_squares, batch_size=args.batch_size, matching=args.matching,
+                           width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
                            regmean_alpha=args.regmean_alpha, progress=not args.no_progress)
     check = pleascc.export_onnx(result.model, data.x[: min(len(data.x), 8)], args.output)
     report = {**result.report, "onnx": check, "total_time_s": time.perf_counter() - start}

@@ -131,7 +131,8 @@ def test_merge_pleas_writes_onnx_and_report(files, tmp_path, capsys):
 @pytest.mark.parametrize("options", [("--method", "permute"), ("--method", "average"), ("--least-squares", "one-pass"),
                                      ("--method", "zipit"), ("--method", "regmean"),
                                      ("--method", "permute", "--matching", "weight"),
-                                     ("--budget", "1.5", "--widths", "uniform"), ("--budget", "1.5", "--widths", "stages")])
+                                     ("--budget", "1.5", "--widths", "uniform"),
+                                     ("--budget", "1.5", "--widths", "stages")])
 def test_merge_other_methods(files, tmp_path, options):
     out = tmp_path / "out.onnx"
     assert main(_merge_args(files, out, *options, "--labels", "separate")) == 0
