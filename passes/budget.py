@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pleascc.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.match import Matching
 from pleascc.passes.spaces import Dim
@@ -172,3 +173,19 @@ def _depths(analysis: Analysis) -> dict[int, int]:
 
 
 WIDTHS = {"greedy": choose_widths, "uniform": uniform_widths, "stages": stage_widths}
+
+
+def zip_until_widths(analysis: Analysis, matchings: dict[int, Matching], layer: str) -> dict[int, int]:
+    """ZipIt!'s partial zipping: spaces a layer after ``layer`` writes are kept apart, the others merged.
+
+    A space has one width, so one written on both sides of the cut (a
+    residual stream) is kept apart too: the zip then ends where it begins.
+    """
+    names = [(lay.node, lay.weight.rpartition(".")[0]) for lay in analysis.layers]
+    cut = next((k for k, pair in enumerate(names) if layer in pair), None)
+    if cut is None:
+        raise PleasccError(f"--zip-until {layer}: the model has no such layer; its layers are "
+                           f"{', '.join(module for _, module in names[:4])}, …, {names[-1][1]}")
+    late = {atom.id for lay in analysis.layers[cut + 1:] for atom in analysis.table.atoms(lay.out_dim)}
+    return {root: 2 * m.n if root in late and root not in analysis.table.keep_width else m.n
+            for root, m in matchings.items()}

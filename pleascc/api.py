@@ -63,6 +63,7 @@ def merge(
     width_search: str = "greedy",
     zip_alpha: float = 0.3,
     zip_beta: float = 0.125,
+    zip_until: str | None = None,
     regmean_alpha: float = 0.9,
     progress: bool = True,
 ) -> MergeResult:
@@ -72,7 +73,9 @@ def merge(
     ``load_data`` reads).  ``labels``: "shared" (one head, fit to the mean
     logits) or "separate" (one head per model); default separate when the heads
     differ in size, else shared.  ``method``: "pleas", "permute", "average" or
-    "zipit" (ZipIt!'s greedy zipping, ``zip_alpha`` and ``zip_beta`` as in its paper).
+    "zipit" (ZipIt!'s greedy zipping, ``zip_alpha`` and ``zip_beta`` as in its paper;
+    ``zip_until``, a layer name: merge up to that layer, keep both models' later
+    layers, instead of a budget).
     "regmean" (RegMean: no permutation; each layer's closed-form merge from
     both models' input Grams, their off-diagonals scaled by ``regmean_alpha``).
     ``matching`` (pleas, permute): pair units by their features on the data
@@ -95,6 +98,9 @@ def merge(
                            "with pleas or permute")
     if width_search not in budget_pass.WIDTHS:
         raise PleasccError(f"unknown width search {width_search!r}: choose {', '.join(budget_pass.WIDTHS)}")
+    if zip_until is not None and budget != 1.0:
+        raise PleasccError("--zip-until sets the widths itself (merged up to that layer, apart after it); "
+                           "leave --budget at 1.0")
     if not 1.0 <= budget <= 2.0:
         raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
     matcher, refit = METHODS[method]
@@ -113,7 +119,10 @@ def merge(
         clock = time.perf_counter()
         matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
     costs = budget_pass.layer_costs(analysis, separate_heads)
-    widths = budget_pass.WIDTHS[width_search](analysis, matchings, costs, budget)
+    if zip_until is not None:
+        widths = budget_pass.zip_until_widths(analysis, matchings, zip_until)
+    else:
+        widths = budget_pass.WIDTHS[width_search](analysis, matchings, costs, budget)
     maps = MergeMaps(analysis.table, _selections(analysis, matchings, widths))
     timings["match_and_budget"] = time.perf_counter() - clock
 
@@ -145,7 +154,8 @@ def merge(
 
     merged = emit_with(_layer_weights(problems, states))
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
-                     method=method, budget=budget, separate=separate, samples=len(x), width_search=width_search,
+                     method=method, budget=budget, separate=separate, samples=len(x),
+                     width_search="zip-until " + zip_until if zip_until else width_search,
                      least_squares=least_squares if refit == "least-squares" else None,
                      least_squares_passes=passes)
     return MergeResult(merged.eval(), report, analysis)

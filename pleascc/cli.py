@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="zipit: similarity decay of a merged unit (0: pairs only, no larger clusters)")
     m.add_argument("--zip-beta", type=float, default=0.125,
                    help="zipit: share of the merges that may join two units of one model")
+    m.add_argument("--zip-until", metavar="LAYER", default=None,
+                   help="merge up to this layer (module name) and keep both models' later layers "
+                        "(ZipIt!'s partial zipping; sets the widths instead of --budget)")
     m.add_argument("--regmean-alpha", type=float, default=0.9,
                    help="regmean: scale of the input Grams' off-diagonals (1: plain least squares)")
     m.add_argument("--least-squares", choices=("sequential", "one-pass"), default="sequential",
@@ -153,6 +156,7 @@ def _merge(args) -> int:
     result = pleascc.merge(model_a, model_b, data, budget=args.budget, labels=args.labels, method=args.method,
                            least_squares=args.least_squares, batch_size=args.batch_size, matching=args.matching,
                            width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
+                           zip_until=args.zip_until,
                            regmean_alpha=args.regmean_alpha, progress=not args.no_progress)
     check = pleascc.export_onnx(result.model, data.x[: min(len(data.x), 8)], args.output)
     report = {**result.report, "onnx": check, "total_time_s": time.perf_counter() - start}

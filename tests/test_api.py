@@ -115,3 +115,18 @@ def test_regmean_self_merge_and_side_by_side_are_exact(budget):
     with torch.no_grad():
         got_a, got_b = result.model(x[:50])
         assert torch.allclose(got_a, a(x[:50]), atol=1e-4) and torch.allclose(got_b, other(x[:50]), atol=1e-4)
+
+
+def test_zip_until_merges_the_first_stage_and_keeps_the_rest_apart():
+    """ZipIt!'s partial zipping: stage 1 (8 channels) merged, stage 2 (16) kept apart; a wrong name is an error."""
+    a, b = _pair()
+    x = torch.randn(300, 1, 8, 8)
+    result = pleascc.merge(a, b, x, labels="separate", method="zipit", zip_until="3.bn2", progress=False)
+    widths = sorted((g["size"], g["width"]) for g in result.report["groups"])
+    assert widths == [(8, 8), (8, 8), (16, 32), (16, 32)]
+    assert 1.0 < result.report["relative_flops"] < 2.0
+    assert result.report["width_search"] == "zip-until 3.bn2"
+    with pytest.raises(pleascc.PleasccError, match="no such layer"):
+        pleascc.merge(a, b, x, method="zipit", zip_until="head", progress=False)
+    with pytest.raises(pleascc.PleasccError, match="leave --budget at 1.0"):
+        pleascc.merge(a, b, x, method="zipit", zip_until="3.bn2", budget=1.5, progress=False)
