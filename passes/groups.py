@@ -551,6 +551,26 @@ def _conv(ctx: Context, node: fx.Node):
     return [dims[0], out, *spatial]
 
 
+@rule(F.conv1d, F.conv2d, F.conv3d)
+def _depthwise_conv_function(ctx: Context, node: fx.Node):
+    """``F.conv2d(x, w, groups=C)`` with a fixed per-channel filter ``w`` (C, 1, k…), as in BlurPool.
+
+    Channels pass through one to one, so they stay one space; the filter's
+    rows permute with them and the group count is rewritten to the new width.
+    Other functional convolutions have no rule.
+    """
+    weight, groups = ctx.arg(node, 1, "weight"), ctx.arg(node, 6, "groups", 1)
+    dims, shape = ctx.dims_of(node.args[0]), ctx.shape(node.args[0])
+    if not (_is_param(weight) and ctx.arg(node, 2, "bias") is None and groups == shape[1]
+            and _getattr_path(ctx.gm, weight.target).shape[:2] == (groups, 1)):
+        return _unknown(ctx, node, node.target)
+    kernel = ctx.new_dims(_getattr_path(ctx.gm, weight.target).shape[2:], "kernel")
+    ctx.bind(weight.target, [dims[1], ctx.table.new(1), *kernel])
+    ctx.node_rewrites[node.name] = lambda n, size: _set_arg(n, 6, "groups", size(dims[1]))
+    spatial = [_mixed_axis(ctx, node, d, size) for d, size in zip(dims[2:], ctx.shape(node)[2:])]
+    return [dims[0], dims[1], *spatial]
+
+
 def _pointwise(conv: nn.Module, axis: int) -> bool:
     """A 1-wide kernel with stride 1 and no padding maps each position to itself."""
     padding = 0 if isinstance(conv.padding, str) else conv.padding[axis]  # "same"/"valid" pad 0 at kernel 1

@@ -232,3 +232,27 @@ def test_zipit_pairs_twins_first_and_caps_merges_within_a_model():
     for beta, within_a in ((0.0, 0), (1.0, 3)):
         clusters, _ = zip_units(_joint(a, b), width=6, beta=beta)  # 6 merges: at most 3 × beta inside a model
         assert sum(sum(u < 6 for u in c) - 1 for c in clusters if any(u < 6 for u in c)) == within_a
+
+
+def test_blur_pool_filter_is_widened_with_its_channels():
+    """A depthwise F.conv2d on a fixed filter buffer (BlurPool): at 2.0 the merged model is the two side by side."""
+    import pleascc
+
+    class Blurred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 4)
+            self.register_buffer("filt", torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0]))
+                                 .div(16).expand(6, 1, 3, 3).clone())
+
+        def forward(self, x):
+            y = F.conv2d(torch.relu(self.conv(x)), self.filt, stride=2, padding=1, groups=6)
+            return self.head(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    a, b = Blurred().eval(), Blurred().eval()
+    x = torch.randn(64, 3, 8, 8)
+    result = pleascc.merge(a, b, x, budget=2.0, labels="separate", method="permute", progress=False)
+    with torch.no_grad():
+        got_a, got_b = result.model(x)
+        assert torch.allclose(got_a, a(x), atol=1e-5) and torch.allclose(got_b, b(x), atol=1e-5)
