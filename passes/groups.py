@@ -1102,9 +1102,17 @@ def _channels_last_passthrough(ctx: Context, node: fx.Node):
     return ctx.new_dims(ctx.shape(node)[:-1], f"{node.name}: windows") + [dims[-1]]
 
 
+def _rescaled_image(ctx: Context, node: fx.Node):
+    """timm's ``scale_image`` (CrossViT): an image resized or cropped; channels pass, positions are remade."""
+    dims, shape = ctx.dims_of(node.args[0]), ctx.shape(node)
+    return dims[:2] + [_mixed_axis(ctx, node, d, size) for d, size in zip(dims[2:], shape[2:])]
+
+
+_TIMM_FUNCTIONS = {"window_reverse": _channels_last_passthrough, "window_partition": _channels_last_passthrough,
+                   "scale_image": _rescaled_image}
 for _fn in timm_registrations()[1]:
-    if _fn.__name__ in ("window_reverse", "window_partition"):
-        RULES[_fn] = _channels_last_passthrough
+    if _fn.__name__ in _TIMM_FUNCTIONS:
+        RULES[_fn] = _TIMM_FUNCTIONS[_fn.__name__]
 
 
 @rule(getattr, torch._assert, "dim")
