@@ -737,9 +737,16 @@ def _pool(ctx: Context, node: fx.Node):
 @rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
 def _reduce(ctx: Context, node: fx.Node):
     """Reductions: reduced axes disappear (or become size 1), the rest pass through."""
-    dims = ctx.dims_of(node.args[0])
-    axes = ctx.arg(node, 1, "dim")
-    keepdim = ctx.arg(node, 2, "keepdim", False)
+    return _reduced(ctx, ctx.dims_of(node.args[0]), ctx.arg(node, 1, "dim"), ctx.arg(node, 2, "keepdim", False))
+
+
+@rule(torch.norm, torch.linalg.vector_norm, "norm")
+def _vector_norm(ctx: Context, node: fx.Node):
+    """A p-norm over axes is a reduction: its value does not depend on the order of the units."""
+    return _reduced(ctx, ctx.dims_of(node.args[0]), ctx.arg(node, 2, "dim"), ctx.arg(node, 3, "keepdim", False))
+
+
+def _reduced(ctx: Context, dims: list, axes, keepdim: bool) -> list:
     if axes is None:
         return []
     axes = {a % len(dims) for a in (axes if isinstance(axes, (tuple, list)) else (axes,))}
@@ -973,13 +980,13 @@ def _getitem(ctx: Context, node: fx.Node):
 def _index_tensor(ctx: Context, node: fx.Node, dims: list, index):
     """Indexing: full slices keep a space, anything else touching it fixes it.
 
-    One integer index tensor (a gather, as in relative position biases) is
-    allowed: its axis is fixed and replaced by the index's axes.
+    One integer index tensor (a gather, as in relative position biases) or
+    one list of positions (a fixed reordering, as CSATv2's zigzag) is allowed:
+    its axis is fixed and replaced by the index's axes.
     """
     index = index if isinstance(index, tuple) else (index,)
-    gathers = [i for i in index if isinstance(i, fx.Node)]
-    if len(gathers) > 1 or any(isinstance(i, (list, torch.Tensor)) for i in index) or (
-            gathers and _dtype(gathers[0]) not in (torch.int64, torch.int32)):
+    gathers = [i for i in index if isinstance(i, (fx.Node, list))]
+    if len(gathers) > 1 or any(isinstance(i, torch.Tensor) for i in index) or not all(map(_positions, gathers)):
         return _unknown(ctx, node, "advanced indexing")
     if Ellipsis in index:
         k = index.index(Ellipsis)
@@ -999,12 +1006,21 @@ def _index_tensor(ctx: Context, node: fx.Node, dims: list, index):
         ctx.table.fix(dim, f"{node.name}: indexed by {item!r}")
         if isinstance(item, slice):
             out.append(ctx.table.new(out_shape[len(out)], "indexed"))
+        elif isinstance(item, list):
+            out.append(ctx.table.new(len(item), "indexed"))
         elif isinstance(item, fx.Node):  # the index's own axes, whose order the gather keeps
             for d in ctx.dims_of(item):
                 ctx.table.fix(d, f"{node.name}: gather index")
                 out.append(d)
     out.extend(dims[k:])
     return out
+
+
+def _positions(index) -> bool:
+    """An integer index tensor or a list of ints (not a boolean mask)."""
+    if isinstance(index, list):
+        return all(isinstance(i, int) for i in index)
+    return _dtype(index) in (torch.int64, torch.int32)
 
 
 @rule(F.pad)

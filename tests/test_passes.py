@@ -256,3 +256,22 @@ def test_blur_pool_filter_is_widened_with_its_channels():
     with torch.no_grad():
         got_a, got_b = result.model(x)
         assert torch.allclose(got_a, a(x), atol=1e-5) and torch.allclose(got_b, b(x), atol=1e-5)
+
+
+def test_position_lists_and_vector_norms():
+    """x[:, :, [positions]] reorders positions (a fixed axis); .norm over channels ignores their order."""
+    from pleascc.verify import permutation_invariance
+
+    class Zigzag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Linear(6, 4)
+
+        def forward(self, x):
+            y = self.a(x).flatten(2)[:, :, [3, 0, 2, 1]]
+            y = y / y.norm(p=2, dim=1, keepdim=True)
+            return self.b(y.mean(2))
+
+    torch.manual_seed(0)
+    result = permutation_invariance(Zigzag().eval(), torch.randn(2, 3, 2, 2))
+    assert result["unsupported"] == [] and result["relative_diff"] < 1e-4 and result["free_groups"] == 1
