@@ -22,7 +22,7 @@ from torchvision.models import swin_transformer as swin
 from torchvision.ops import stochastic_depth
 
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
-from pleascc.trace import timm_registrations
+from pleascc.trace import grid_offsets, timm_registrations
 
 Size = Callable[[Dim], int]  # a dim's width in the emitted model
 
@@ -1129,6 +1129,12 @@ _TIMM_FUNCTIONS = {"window_reverse": _channels_last_passthrough, "window_partiti
 for _fn in timm_registrations()[1]:
     if _fn.__name__ in _TIMM_FUNCTIONS:
         RULES[_fn] = _TIMM_FUNCTIONS[_fn.__name__]
+
+
+@rule(grid_offsets)
+def _token_grid(ctx: Context, node: fx.Node):
+    """Offsets between token positions: axes of positions and of (dx, dy, d²), none a feature space."""
+    return ctx.new_dims(ctx.shape(node), f"{node.name}: token offsets")
 
 
 @rule(getattr, torch._assert, "dim")

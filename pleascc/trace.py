@@ -133,10 +133,50 @@ class PatchTransformer(nn.Module):
         return x
 
 
+@fx.wrap
+def grid_offsets(x: torch.Tensor) -> torch.Tensor:
+    """(1, N, N, 3): ConViT's offsets (dx, dy, dx² + dy²) between the N tokens of ``x``, a square grid.
+
+    Wrapped for fx (its sizes are Python ints); it reads only the token count.
+    """
+    side = int(x.shape[1] ** 0.5)
+    steps = torch.arange(side, dtype=x.dtype, device=x.device)
+    offsets = steps.view(1, -1) - steps.view(-1, 1)
+    dx = offsets.repeat(side, side)
+    dy = offsets.repeat_interleave(side, dim=0).repeat_interleave(side, dim=1)
+    return torch.stack([dx, dy, dx**2 + dy**2], dim=-1).unsqueeze(0)
+
+
+class GatedPositionalAttention(nn.Module):
+    """timm's ConViT ``GPSA`` with its cached relative offsets computed in the graph (``grid_offsets``).
+
+    timm's module is a leaf because it fills a cache in Python; this is the same
+    computation with the same parameter names.
+    """
+
+    def __init__(self, gpsa: nn.Module, where: str) -> None:
+        super().__init__()
+        self.num_heads, self.scale = gpsa.num_heads, gpsa.scale
+        self.qk, self.v, self.proj, self.pos_proj = gpsa.qk, gpsa.v, gpsa.proj, gpsa.pos_proj
+        self.gating_param = gpsa.gating_param
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        qk = self.qk(x).reshape(batch, tokens, 2, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        patch_score = ((qk[0] @ qk[1].transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        pos_score = self.pos_proj(grid_offsets(x).expand(batch, -1, -1, -1)).permute(0, 3, 1, 2).softmax(dim=-1)
+        gate = torch.sigmoid(self.gating_param.view(1, -1, 1, 1))
+        attn = (1.0 - gate) * patch_score + gate * pos_score
+        attn = attn / attn.sum(dim=-1).unsqueeze(-1)
+        v = self.v(x).reshape(batch, tokens, self.num_heads, width // self.num_heads).permute(0, 2, 1, 3)
+        return self.proj((attn @ v).transpose(1, 2).reshape(batch, tokens, width))
+
+
 # Leaf modules fx cannot see into -> a traceable equivalent (or None to leave one as it is); one rule per type.
 OPENERS = {
     "torch.nn.modules.activation.MultiheadAttention": _open_multihead_attention,
     "timm.models.mobilevit.MobileVitBlock": PatchTransformer,
+    "timm.models.convit.GPSA": GatedPositionalAttention,
 }
 
 
