@@ -1,30 +1,37 @@
-"""Merge two CIFAR-10 models (A: classes 0–4, B: 5–9) at several budgets; evaluate with ONNX Runtime.
+"""Merge two CIFAR-10 models at several budgets with every method; evaluate with ONNX Runtime.
 
-Needs the checkpoints of examples/train_cifar_pair.py and ../shared/data.  Writes
-examples/results/NAME.{json,png,md}.
+Two settings, as trained by examples/train_cifar_pair.py (read from the models'
+train.json): ``labels`` (A: classes 0-4, B: 5-9, separate heads; metrics: mean
+per-task accuracy and joint 10-way accuracy) and ``images`` (disjoint halves of
+the training images, all 10 classes, one shared head; metric: accuracy).  Each
+merge runs in a fresh process, so its peak memory (ru_maxrss) is its own.  Needs
+../shared/data.  Writes examples/results/NAME.{json,png,md}.
 
     python examples/train_cifar_pair.py --out runs/cifar_resnet20
     python examples/bench_cifar_merge.py --models runs/cifar_resnet20
     python examples/train_cifar_pair.py --arch vit --out runs/cifar_vit
     python examples/bench_cifar_merge.py --arch vit --models runs/cifar_vit --name cifar_vit
 
-``--only pleas`` recomputes those variants' rows and keeps the others from the last results.
+``--only pleas zipit`` recomputes those variants' rows and keeps the others from the last results.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import load_cifar10, to_tensor  # noqa: E402
+from mnist import load_mnist_rgb  # noqa: E402
 from train_cifar_pair import build  # noqa: E402
 
 import pleascc  # noqa: E402
@@ -32,87 +39,136 @@ from pleascc.demo import task_accuracies  # noqa: E402
 from pleascc.export import onnx_predict  # noqa: E402
 
 BUDGETS = (1.0, 1.25, 1.5, 1.75, 2.0)
-VARIANTS = {  # row label -> pleascc.merge options
+VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose the calibration set
     "average": {"method": "average"},
     "permute": {"method": "permute"},
+    "permute (weight)": {"method": "permute", "matching": "weight"},
+    "zipit": {"method": "zipit"},
+    "regmean": {"method": "regmean"},
     "pleas one-pass": {"method": "pleas", "least_squares": "one-pass"},
-    "pleas": {"method": "pleas", "least_squares": "sequential"},
+    "pleas": {"method": "pleas"},
+    "pleas uniform": {"method": "pleas", "width_search": "uniform"},
+    "pleas stages": {"method": "pleas", "width_search": "stages"},
+    "pleas 256": {"method": "pleas", "samples": 256},
+    "pleas 1024": {"method": "pleas", "samples": 1024},
+    "pleas 4096": {"method": "pleas", "samples": 4096},
+    "pleas-free": {"method": "pleas", "data": "mnist"},
 }
+DEFAULT_VARIANTS = ["average", "permute", "pleas one-pass", "pleas"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def load_pair(folder: Path, arch: str, width: int) -> list[torch.nn.Module]:
+def load_pair(folder: Path, arch: str, width: int, classes: int) -> list[torch.nn.Module]:
     models = []
     for name in "ab":
-        model = build(arch, width, 5)[0]
+        model = build(arch, width, classes)[0]
         model.load_state_dict(torch.load(folder / f"model_{name}.pt", weights_only=True, map_location="cpu"))
         models.append(model.eval())
     return models
 
 
-def evaluate(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
+def scores(logits: list[np.ndarray], y: torch.Tensor, setting: str) -> dict:
+    """``labels``: each head on its classes, their mean, joint 10-way; ``images``: the shared head's accuracy."""
+    if setting == "labels":
+        return task_accuracies(logits, y)
+    return {"accuracy": float((logits[0].argmax(1) == y.numpy()).mean())}
+
+
+def calibration(variant: dict, samples: int) -> torch.Tensor:
+    """Training images (seeded pick), or MNIST digits as RGB for PLeaS-free."""
+    count = variant.get("samples", samples)
+    generator = torch.Generator().manual_seed(0)
+    images = load_mnist_rgb() if variant.get("data") == "mnist" else load_cifar10()[0]
+    return to_tensor(images[torch.randperm(len(images), generator=generator)[:count].numpy()])
+
+
+def merge_row(job: dict) -> dict:
+    """One merge, evaluated through ONNX Runtime; run in a fresh process (its peak RSS is this merge's)."""
+    torch.set_num_threads(2)
+    setting, variant = job["setting"], VARIANTS[job["variant"]]
+    models = load_pair(Path(job["models"]), job["arch"], job["width"], 5 if setting == "labels" else 10)
+    calib = calibration(variant, job["samples"])
+    _, _, x_test, y_test = load_cifar10()
+    x_eval, y_eval = to_tensor(x_test), torch.as_tensor(y_test)
+    options = {k: v for k, v in variant.items() if k not in ("samples", "data")}
+    start = time.perf_counter()
+    result = pleascc.merge(*models, calib, budget=job["budget"], progress=False,
+                           labels="separate" if setting == "labels" else "shared", **options)
+    seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/merged.onnx"
-        check = pleascc.export_onnx(model, x_test[:8], path)
-        return {**task_accuracies(onnx_predict(path, x_test), y_test), "onnx_max_abs_diff": check["max_abs_diff"]}
+        check = pleascc.export_onnx(result.model, x_eval[:8], f"{tmp}/merged.onnx")
+        logits = onnx_predict(f"{tmp}/merged.onnx", x_eval)
+    return {"method": job["variant"], "budget": job["budget"], "relative_flops": result.report["relative_flops"],
+            "params": result.report["params_merged"], "samples": len(calib), "merge_seconds": seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "least_squares_passes": result.report["least_squares_passes"],
+            **scores(logits, y_eval, setting), "onnx_max_abs_diff": check["max_abs_diff"]}
 
 
-def run(models_dir: Path, samples: int, arch: str, width: int, variants: list[str]) -> list[dict]:
-    torch.manual_seed(0)
-    x_train, _, x_test, y_test = load_cifar10()
-    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:samples].numpy()
-    calib, x_eval, y_eval = to_tensor(x_train[pick]), to_tensor(x_test), torch.as_tensor(y_test)
-    models = load_pair(models_dir, arch, width)
+def run(args: argparse.Namespace, setting: str, variants: list[str]) -> list[dict]:
+    _, _, x_test, y_test = load_cifar10()
+    models = load_pair(args.models, args.arch, args.width, 5 if setting == "labels" else 10)
     with torch.no_grad():
-        ensemble = task_accuracies([m(x_eval).numpy() for m in models], y_eval)
+        logits = [m(to_tensor(x_test)).numpy() for m in models]
+    ensemble = scores(logits, torch.as_tensor(y_test), "labels") if setting == "labels" else \
+        scores([sum(logits) / 2], torch.as_tensor(y_test), setting)
     rows = [{"method": "ensemble (A and B side by side)", "budget": 2.0, "relative_flops": 2.0, **ensemble}]
-    for method in variants:
-        options = VARIANTS[method]
-        for budget in BUDGETS:
-            start = time.perf_counter()
-            result = pleascc.merge(*models, calib, budget=budget, labels="separate", progress=False, **options)
-            seconds = time.perf_counter() - start
-            row = {"method": method, "budget": budget, "relative_flops": result.report["relative_flops"],
-                   "params": result.report["params_merged"], "merge_seconds": seconds,
-                   "least_squares_passes": result.report["least_squares_passes"],
-                   **evaluate(result.model, x_eval, y_eval)}
+    rows += [{"method": f"model {'AB'[k]} alone", "budget": 1.0, "relative_flops": 1.0,
+              **scores([z], torch.as_tensor(y_test), setting)} for k, z in enumerate(logits) if setting == "images"]
+    jobs = [{"setting": setting, "models": str(args.models), "arch": args.arch, "width": args.width,
+             "samples": args.samples, "variant": v, "budget": b} for v in variants for b in args.budgets]
+    metric = "per_task_mean" if setting == "labels" else "accuracy"
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for row in pool.imap(merge_row, jobs):
             rows.append(row)
-            print(f"{method:14s} budget {budget:4.2f}: per-task {row['per_task_mean']:.4f} joint {row['joint']:.4f} "
-                  f"({seconds:.1f} s)", flush=True)
+            print(f"{row['method']:16s} budget {row['budget']:4.2f}: {metric} {row[metric]:.4f} "
+                  f"({row['merge_seconds']:.1f} s, {row['peak_rss_mb']:.0f} MB)", flush=True)
     return rows
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, metrics: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("per_task_mean", "joint")):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         for method in VARIANTS:
             pts = [(r["relative_flops"], r[metric]) for r in rows if r["method"] == method]
-            if not pts:
-                continue
-            ax.plot(*zip(*pts), marker="o", label=method)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
         ax.axhline(rows[0][metric], color="gray", linestyle="--", label="ensemble (2x)")
         ax.set_xlabel("FLOPs of the merged model ÷ one model")
-        ax.set_ylabel({"per_task_mean": "mean per-task accuracy", "joint": "joint 10-way accuracy"}[metric])
+        ax.set_ylabel(LABELS[metric])
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| method | budget | FLOPs ratio | task A (0–4) | task B (5–9) | per-task mean | joint 10-way | "
-             "merge s (passes) |", "|---|---|---|---|---|---|---|---|"]
+LABELS = {"per_task_mean": "mean per-task accuracy", "joint": "joint 10-way accuracy", "accuracy": "test accuracy"}
+
+
+def markdown(rows: list[dict], metrics: list[str]) -> str:
+    head = " | ".join(LABELS[m] for m in metrics)
+    lines = [f"| method | budget | FLOPs ratio | {head} | samples | merge s (passes) | peak MB |",
+             "|---|---|---|" + "---|" * len(metrics) + "---|---|---|"]
     for r in rows:
         cost = f"{r['merge_seconds']:.0f} ({r['least_squares_passes']})" if "merge_seconds" in r else "–"
-        lines.append(f"| {r['method']} | {r['budget']} | {r['relative_flops']:.3f} | {r['task_A']:.4f} | "
-                     f"{r['task_B']:.4f} | {r['per_task_mean']:.4f} | {r['joint']:.4f} | {cost} |")
+        peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "–"
+        values = " | ".join(f"{r[m]:.4f}" for m in metrics)
+        lines.append(f"| {r['method']} | {r['budget']} | {r['relative_flops']:.3f} | {values} | "
+                     f"{r.get('samples', '–')} | {cost} | {peak} |")
     return "\n".join(lines)
+
+
+def shortfalls(rows: list[dict], metric: str) -> list[str]:
+    """Where another method scores above PLeaS at the same budget below 2.0."""
+    pleas = {r["budget"]: r[metric] for r in rows if r["method"] == "pleas"}
+    return [f"{r['method']} at {r['budget']}: {r[metric]:.4f} > {pleas[r['budget']]:.4f}" for r in rows
+            if "merge_seconds" in r and r["budget"] in pleas and r["budget"] < 2.0 and r[metric] > pleas[r["budget"]]]
 
 
 def main() -> None:
@@ -122,34 +178,34 @@ def main() -> None:
     p.add_argument("--arch", choices=("resnet20", "vit"), default="resnet20")
     p.add_argument("--width", type=int, default=1)
     p.add_argument("--name", default="cifar_resnet20")
+    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    p.add_argument("--budgets", nargs="*", type=float, default=list(BUDGETS))
     p.add_argument("--only", nargs="*", choices=list(VARIANTS),
                    help="recompute these variants and keep the other rows of the existing results")
     args = p.parse_args()
-    torch.set_num_threads(2)
-    rows = run(args.models, args.samples, args.arch, args.width, args.only or list(VARIANTS))
+    setting = json.loads((args.models / "train.json").read_text()).get("setting", "labels")
+    rows = run(args, setting, args.only or args.variants)
     out = RESULTS / f"{args.name}.json"
-    meta = {"calibration_samples": args.samples, "arch": args.arch, "width": args.width,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    meta = {"calibration_samples": args.samples, "arch": args.arch, "width": args.width, "setting": setting,
             "command": " ".join(sys.argv)}
     if args.only:  # the other variants' rows, and the commands that made them, from the last results
         old = json.loads(out.read_text())
-        rows = rows[:1] + [r for r in old["rows"][1:] if r["method"] not in args.only] + rows[1:]
+        rows = [r for r in rows if "merge_seconds" not in r] + [
+            r for r in old["rows"] if "merge_seconds" in r and r["method"] not in args.only] + [
+            r for r in rows if "merge_seconds" in r]
         rows.sort(key=lambda r: list(VARIANTS).index(r["method"]) if r["method"] in VARIANTS else -1)
         meta["earlier"] = old["meta"]
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    metrics = ["per_task_mean", "joint"] if setting == "labels" else ["accuracy"]
     title = {"resnet20": f"ResNet-20 ×{args.width}", "vit": f"ViT (dim {128 * args.width}, depth 4, 4 heads)"}
-    plot(rows, RESULTS / f"{args.name}.png", f"CIFAR-10 {title[args.arch]}: A (0–4) + B (5–9)")
-    (RESULTS / f"{args.name}.md").write_text(markdown(rows) + "\n")
-    print(markdown(rows))
-    worse = [b for b in BUDGETS[:-1] if not all(
-        _get(rows, "pleas", b)["per_task_mean"] > _get(rows, m, b)["per_task_mean"] for m in ("average", "permute"))]
-    print("PLeaS beats permute and average at every budget below 2.0" if not worse
-          else f"PLeaS does NOT beat both baselines at budgets {worse}")
-
-
-def _get(rows: list[dict], method: str, budget: float) -> dict:
-    return next(r for r in rows if r["method"] == method and r["budget"] == budget)
+    what = "A (0–4) + B (5–9)" if setting == "labels" else "A and B on disjoint halves of the images"
+    plot(rows, RESULTS / f"{args.name}.png", f"CIFAR-10 {title[args.arch]}: {what}", metrics)
+    (RESULTS / f"{args.name}.md").write_text(markdown(rows, metrics) + "\n")
+    print(markdown(rows, metrics))
+    behind = shortfalls(rows, metrics[0])
+    print("PLeaS is at or above every other method at every budget below 2.0" if not behind
+          else "PLeaS is behind: " + "; ".join(behind))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Train two models on disjoint CIFAR-10 halves (A: classes 0-4, B: 5-9) from different seeds.
+"""Train two models on disjoint CIFAR-10 halves from different seeds.
 
-They are the pair PLeaS merges: same architecture, different initialisation and task.
+Two settings (the PLeaS paper's): ``labels`` (default) gives A classes 0-4 and B
+classes 5-9, each with a 5-way head; ``images`` gives each model half of the
+training images, all 10 classes, one shared label space.
 Usage: python examples/train_cifar_pair.py --out runs/cifar_resnet20 [--arch resnet20|vit] [--width 1]
-       [--epochs E] [--seeds 0 1]
+       [--setting labels|images] [--epochs E] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -78,17 +80,25 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.o
     return total / len(steps)
 
 
-def train_one(name: str, seed: int, arch: str, width: int, epochs: int,
-              data: tuple[np.ndarray, ...]) -> tuple[nn.Module, dict]:
-    """Train one model on its task's five classes (labels 0..4) and measure test accuracy on them."""
+def task_data(name: str, setting: str, data: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Model ``name``'s training and test split: its five classes (``labels``) or its half of the images."""
     x_tr, y_tr, x_te, y_te = data
-    xa, ya = select_classes(x_tr, y_tr, TASKS[name])
-    xt, yt = select_classes(x_te, y_te, TASKS[name])
+    if setting == "labels":
+        return (*select_classes(x_tr, y_tr, TASKS[name]), *select_classes(x_te, y_te, TASKS[name]))
+    half = np.random.default_rng(0).permutation(len(x_tr)).reshape(2, -1)["ab".index(name)]
+    return x_tr[half], y_tr[half], x_te, y_te
+
+
+def train_one(name: str, seed: int, arch: str, width: int, epochs: int, setting: str,
+              data: tuple[np.ndarray, ...]) -> tuple[nn.Module, dict]:
+    """Train one model on its part of the data and measure its test accuracy there."""
+    xa, ya, xt, yt = task_data(name, setting, data)
     xa, ya, xt, yt = to_tensor(xa), torch.from_numpy(ya), to_tensor(xt), torch.from_numpy(yt)
+    classes = TASKS[name] if setting == "labels" else list(range(10))
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model, opt, lr = build(arch, width, len(TASKS[name]))
+    model, opt, lr = build(arch, width, len(classes))
     model = model.to(memory_format=torch.channels_last)  # ~15% faster convolutions on CPU
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * (len(xa) // BATCH), pct_start=0.15)
 
@@ -98,8 +108,9 @@ def train_one(name: str, seed: int, arch: str, width: int, epochs: int,
         print(f"model_{name} epoch {epoch + 1}/{epochs} loss {loss:.4f} ({time.time() - start:.0f} s)", flush=True)
     seconds = time.time() - start
     acc = accuracy(model, xt, yt)
-    print(f"model_{name}: test accuracy {acc:.4f} on classes {TASKS[name]} in {seconds:.0f} s", flush=True)
-    return model, {"seed": seed, "classes": TASKS[name], "test_accuracy": acc, "seconds": round(seconds, 1)}
+    print(f"model_{name}: test accuracy {acc:.4f} on classes {classes} in {seconds:.0f} s", flush=True)
+    return model, {"seed": seed, "classes": classes, "train_images": len(xa), "test_accuracy": acc,
+                   "seconds": round(seconds, 1)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output directory for model_a.pt, model_b.pt, train.json")
     p.add_argument("--arch", choices=sorted(EPOCHS), default="resnet20")
     p.add_argument("--width", type=int, default=1, help="channel multiplier (ResNet-20: of 16/32/64; ViT: of 128)")
+    p.add_argument("--setting", choices=("labels", "images"), default="labels",
+                   help="disjoint label sets (A: classes 0-4, B: 5-9) or disjoint halves of the images, 10 classes")
     p.add_argument("--epochs", type=int, help=f"epochs per model (default {EPOCHS})")
     p.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("SEED_A", "SEED_B"))
     return p.parse_args(argv)
@@ -118,9 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_cifar10()
     epochs = args.epochs or EPOCHS[args.arch]
-    report: dict = {"arch": args.arch, "width": args.width, "epochs": epochs, "batch": BATCH}
+    report: dict = {"arch": args.arch, "width": args.width, "setting": args.setting, "epochs": epochs, "batch": BATCH}
     for name, seed in zip(TASKS, args.seeds):
-        model, info = train_one(name, seed, args.arch, args.width, epochs, data)
+        model, info = train_one(name, seed, args.arch, args.width, epochs, args.setting, data)
         torch.save(model.to(memory_format=torch.contiguous_format).state_dict(), args.out / f"model_{name}.pt")
         report[f"model_{name}"] = info
     (args.out / "train.json").write_text(json.dumps(report, indent=2) + "\n")

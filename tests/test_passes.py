@@ -191,24 +191,43 @@ def test_heads_then_dims_within_each_pair_of_heads():
     assert torch.allclose(outer.corr, torch.ones(heads, dtype=torch.float64))
 
 
-def test_sliding_windows_and_expand_as_gates_keep_channels_permutable():
-    """Tensor.unfold over positions (halo attention) and a gate expanded with expand_as (ECA)."""
+class _ConvBodyHead(nn.Module):
+    """Conv2d(3, 6, 1), then ``body`` (the ops under test, ending at (N, 6)), then Linear(6, 4)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.a, self.b, self.body = nn.Conv2d(3, 6, 1), nn.Linear(6, 4), body
+
+    def forward(self, x):
+        return self.b(self.body(self.a(x)))
+
+
+def _assert_one_free_group_permutes(body, shape) -> None:
     from pleascc.verify import permutation_invariance
 
-    class Windows(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Linear(6, 4)
-
-        def forward(self, x):
-            y = self.a(x)
-            y = y * torch.sigmoid(y.mean((2, 3), keepdim=True)).expand_as(y)
-            windows = y.unfold(2, 2, 2).unfold(3, 2, 2)  # N, C, H/2, W/2, 2, 2
-            return self.b(windows.amax((-1, -2)).mean((2, 3)))
-
     torch.manual_seed(0)
-    result = permutation_invariance(Windows().eval(), torch.randn(2, 3, 8, 8))
+    result = permutation_invariance(_ConvBodyHead(body).eval(), torch.randn(2, *shape))
     assert result["unsupported"] == [] and result["relative_diff"] < 1e-4 and result["free_groups"] == 1
+
+
+def _gate_then_windows(y):
+    y = y * torch.sigmoid(y.mean((2, 3), keepdim=True)).expand_as(y)
+    return y.unfold(2, 2, 2).unfold(3, 2, 2).amax((-1, -2)).mean((2, 3))  # windows: N, C, H/2, W/2, 2, 2
+
+
+def test_sliding_windows_and_expand_as_gates_keep_channels_permutable():
+    """Tensor.unfold over positions (halo attention) and a gate expanded with expand_as (ECA)."""
+    _assert_one_free_group_permutes(_gate_then_windows, (3, 8, 8))
+
+
+def _zigzag_then_norm(y):
+    y = y.flatten(2)[:, :, [3, 0, 2, 1]]
+    return (y / y.norm(p=2, dim=1, keepdim=True)).mean(2)
+
+
+def test_position_lists_and_vector_norms():
+    """x[:, :, [positions]] reorders positions (a fixed axis); .norm over channels ignores their order."""
+    _assert_one_free_group_permutes(_zigzag_then_norm, (3, 2, 2))
 
 
 def _joint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -256,22 +275,3 @@ def test_blur_pool_filter_is_widened_with_its_channels():
     with torch.no_grad():
         got_a, got_b = result.model(x)
         assert torch.allclose(got_a, a(x), atol=1e-5) and torch.allclose(got_b, b(x), atol=1e-5)
-
-
-def test_position_lists_and_vector_norms():
-    """x[:, :, [positions]] reorders positions (a fixed axis); .norm over channels ignores their order."""
-    from pleascc.verify import permutation_invariance
-
-    class Zigzag(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Linear(6, 4)
-
-        def forward(self, x):
-            y = self.a(x).flatten(2)[:, :, [3, 0, 2, 1]]
-            y = y / y.norm(p=2, dim=1, keepdim=True)
-            return self.b(y.mean(2))
-
-    torch.manual_seed(0)
-    result = permutation_invariance(Zigzag().eval(), torch.randn(2, 3, 2, 2))
-    assert result["unsupported"] == [] and result["relative_diff"] < 1e-4 and result["free_groups"] == 1
