@@ -1,4 +1,4 @@
-"""Command line: ``pleascc merge | groups | demo``."""
+"""Command line: ``pleascc merge | eval | groups | demo``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   pleascc merge a.pt b.pt --arch torchvision:resnet18 --data calib/ -o merged.onnx
   pleascc merge a.pt b.pt --arch models.py:make_net --arch-kwargs '{"width": 2}' \\
       --data calib.npz --budget 1.5 --labels separate --report report.json -o merged.onnx
+  pleascc eval merged.onnx --data test.npz
   pleascc groups a.pt --arch timm:resnet18
 """
 
@@ -83,6 +84,18 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--report", help="write a JSON report here")
     m.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    e = sub.add_parser("eval", help="accuracy per head and latency of an ONNX model, with ONNX Runtime",
+                       epilog="examples:\n  pleascc eval merged.onnx --data test.npz\n"
+                              "  pleascc eval merged.onnx --data test_images/ --image-size 32 --head-classes 0-4,5-9",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("model", help="an ONNX file (as written by 'pleascc merge')")
+    _data_options(e, required=True)
+    e.add_argument("--head-classes", default=None,
+                   help="the labels each output head predicts, e.g. 0-4,5-9 (default: consecutive blocks, "
+                        "in output order, as wide as each head)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--report", help="write the results as JSON here")
+
     g = sub.add_parser("groups", help="print a model's permutation groups and fixed spaces")
     g.add_argument("model", help="checkpoint, or an --arch spec alone with 'none'")
     _model_options(g)
@@ -122,7 +135,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"merge": _merge, "groups": _groups, "demo": _demo}[args.command](args)
+        return {"merge": _merge, "eval": _eval, "groups": _groups, "demo": _demo}[args.command](args)
     except PleasccError as err:
         print(f"pleascc: error: {err}", file=sys.stderr)
         return 2
@@ -211,6 +224,25 @@ def _write_json(path: str, value: dict) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _eval(args) -> int:
+    from pleascc.data import load_data
+    from pleascc.evaluate import evaluate_onnx
+
+    if args.report:
+        _check_writable(args.report)
+    data = load_data(args.data, samples=args.samples, image_size=args.image_size, mean=args.mean, std=args.std)
+    report = evaluate_onnx(args.model, data.x, data.y, args.head_classes, args.batch_size)
+    if args.report:
+        _write_json(args.report, report)
+    scores = {k: v for k, v in report.items() if k in ("accuracy", "per_head_mean", "joint") or k.startswith("head_")}
+    print(f"{args.model}: {report['samples']} samples, outputs {', '.join(report['outputs'])}")
+    print("  " + (", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None) or "no labels in the data: "
+                  "latency only"))
+    print("  latency: " + ", ".join(f"{k[:-3].replace('_', ' ')} {v:.2f} ms" for k, v in report.items()
+                                    if k.endswith("_ms")))
+    return 0
 
 
 def _groups(args) -> int:

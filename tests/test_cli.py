@@ -15,6 +15,7 @@ import pleascc
 import pleascc.api
 from pleascc.cli import main
 from pleascc.demo import digits_cnn
+from pleascc.export import onnx_predict
 
 ARCH = ["--arch", "pleascc.demo:digits_cnn", "--arch-kwargs", '{"width": 8}']
 SAMPLES = 300
@@ -269,3 +270,35 @@ def test_process_exit_code_on_interrupt(files, tmp_path):
     assert proc.returncode == 130, proc.stderr
     assert "interrupted" in proc.stderr and proc.stderr.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_reports_accuracy_per_head_and_latency(files, tmp_path, capsys):
+    """The merged model with separate heads: head 0 on labels 0-4, head 1 on 5-9, and the joint argmax."""
+    out = tmp_path / "out.onnx"
+    assert main(_merge_args(files, out, "--labels", "separate", "--method", "permute")) == 0
+    x = np.load(files["calib"])["x"][:40]
+    labeled = _save_npz(tmp_path / "test.npz", x=x, y=np.arange(40) % 10)
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--data", labeled, "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(report.read_text())
+    assert {"head_0", "head_1", "per_head_mean", "joint", "batch_1_ms"} <= result.keys()
+    assert "joint" in printed and "latency" in printed
+    logits_0, logits_1 = onnx_predict(str(out), torch.from_numpy(x))
+    y = np.arange(40) % 10
+    assert result["head_0"] == pytest.approx(float((logits_0[y < 5].argmax(1) == y[y < 5]).mean()))
+    assert result["head_1"] == pytest.approx(float((logits_1[y >= 5].argmax(1) + 5 == y[y >= 5]).mean()))
+
+
+@pytest.mark.parametrize("case", ["missing", "not_onnx", "bad_ranges", "wrong_shape"])
+def test_eval_bad_inputs_are_one_line_errors(files, tmp_path, capsys, case):
+    out = tmp_path / "out.onnx"
+    if case != "missing":
+        assert main(_merge_args(files, out, "--method", "average")) == 0
+    args = {"missing": ["eval", str(tmp_path / "none.onnx"), "--data", files["calib"]],
+            "not_onnx": ["eval", files["a"], "--data", files["calib"]],
+            "bad_ranges": ["eval", str(out), "--data", files["calib"], "--head-classes", "0-9,x"],
+            "wrong_shape": ["eval", str(out), "--data", files["three_channels"]]}[case]
+    message = _error(capsys, args)
+    assert {"missing": "not found", "not_onnx": "not an ONNX model", "bad_ranges": "--head-classes",
+            "wrong_shape": "does not fit"}[case] in message
