@@ -65,6 +65,7 @@ def merge(
     zip_beta: float = 0.125,
     zip_until: str | None = None,
     regmean_alpha: float = 0.9,
+    seed: int = 0,
     progress: bool = True,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` × the FLOPs of one.
@@ -80,6 +81,7 @@ def merge(
     both models' input Grams, their off-diagonals scaled by ``regmean_alpha``).
     ``matching`` (pleas, permute): pair units by their features on the data
     ("activation") or by their weights alone ("weight", Git Re-Basin).
+    ``seed``: the sample subset of a data path, and weight matching's random order.
     ``width_search``: how the budget is spread over the spaces: "greedy" (most
     correlation back per FLOP), "uniform" (one share everywhere) or "stages"
     (the deepest spaces kept apart first).
@@ -104,7 +106,7 @@ def merge(
     if not 1.0 <= budget <= 2.0:
         raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
     matcher, refit = METHODS[method]
-    x = _calibration_tensor(data, samples, model_a)
+    x = _calibration_tensor(data, samples, model_a, seed)
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
     separate = _separate_labels(labels, heads, states)
     separate_heads = {layer.node for layer in heads} if separate else set()
@@ -112,7 +114,7 @@ def merge(
 
     clock = time.perf_counter()
     if matching == "weight":  # data-free: the weights alone
-        matchings = weight_matching(analysis, states)
+        matchings = weight_matching(analysis, states, seed=seed)
     else:
         correlations = feature_moments(gms, analysis, x, batch_size, progress, within=matcher == "zipit")
         timings["matching_statistics"] = time.perf_counter() - clock
@@ -276,9 +278,9 @@ def _layer_weights(problems: list[Problem], states) -> dict[tuple[str, int | Non
     return layer_weights
 
 
-def _calibration_tensor(data, samples: int | None, model: nn.Module) -> torch.Tensor:
+def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int) -> torch.Tensor:
     if isinstance(data, str):
-        data = load_data(data, samples=samples, model=model)
+        data = load_data(data, samples=samples, model=model, seed=seed)
     x = data.x if isinstance(data, CalibrationData) else data
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise PleasccError("calibration data must be a float tensor of preprocessed inputs (N, ...)")

@@ -34,6 +34,9 @@ def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--data", required=required, help="calibration data: a folder of images in class subfolders, "
                                                      "or a .npz/.pt file with a float array x (N, ...)")
     p.add_argument("--samples", type=int, default=None, help="use at most this many calibration samples")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sample subset (and of weight matching's order): same inputs and seed, "
+                        "byte-identical output")
     p.add_argument("--image-size", type=int, default=None, help="resize/crop images to this size")
     p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
     p.add_argument("--std", type=_floats, default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
@@ -154,7 +157,7 @@ def _calibration(args, model):
     from pleascc.data import load_data
 
     return load_data(args.data, samples=args.samples, image_size=args.image_size, mean=args.mean, std=args.std,
-                     model=model)
+                     model=model, seed=args.seed)
 
 
 def _merge(args) -> int:
@@ -170,7 +173,7 @@ def _merge(args) -> int:
                            least_squares=args.least_squares, batch_size=args.batch_size, matching=args.matching,
                            width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
                            zip_until=args.zip_until,
-                           regmean_alpha=args.regmean_alpha, progress=not args.no_progress)
+                           regmean_alpha=args.regmean_alpha, seed=args.seed, progress=not args.no_progress)
     check = pleascc.export_onnx(result.model, data.x[: min(len(data.x), 8)], args.output)
     report = {**result.report, "onnx": check, "total_time_s": time.perf_counter() - start}
     if args.report:
@@ -232,7 +235,8 @@ def _eval(args) -> int:
 
     if args.report:
         _check_writable(args.report)
-    data = load_data(args.data, samples=args.samples, image_size=args.image_size, mean=args.mean, std=args.std)
+    data = load_data(args.data, samples=args.samples, image_size=args.image_size, mean=args.mean, std=args.std,
+                     seed=args.seed)
     report = evaluate_onnx(args.model, data.x, data.y, args.head_classes, args.batch_size)
     if args.report:
         _write_json(args.report, report)

@@ -302,3 +302,15 @@ def test_eval_bad_inputs_are_one_line_errors(files, tmp_path, capsys, case):
     message = _error(capsys, args)
     assert {"missing": "not found", "not_onnx": "not an ONNX model", "bad_ranges": "--head-classes",
             "wrong_shape": "does not fit"}[case] in message
+
+
+def test_same_inputs_and_seed_give_a_byte_identical_onnx_file(files, tmp_path):
+    """Two merges in fresh processes (a subset of the data, partial budget, least squares): the same bytes."""
+    outputs = []
+    for k in range(2):
+        out = tmp_path / f"m{k}.onnx"
+        argv = _merge_args(files, out, "--budget", "1.5", "--labels", "separate", "--samples", "200", "--seed", "3")
+        subprocess.run([sys.executable, "-m", "pleascc", *argv], check=True, capture_output=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
