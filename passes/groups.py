@@ -172,7 +172,7 @@ class Context:
 
     def fix_inputs(self, node: fx.Node, reason: str) -> None:
         for arg in node.all_input_nodes:
-            for dim in _leaves(self.dims_of(arg)):
+            for dim in leaves(self.dims_of(arg)):
                 self.table.fix(dim, reason)
 
 
@@ -314,18 +314,18 @@ def _tensor_dims(dims):
                 yield from _tensor_dims(item)
 
 
-def _leaves(dims) -> list:
+def leaves(dims) -> list:
     """All dims in a (possibly nested) output structure."""
     if dims is None:
         return []
     if isinstance(dims, (Atom, Cat, Prod)):
         return [dims]
-    return [d for item in dims for d in _leaves(item)]
+    return [d for item in dims for d in leaves(item)]
 
 
 def _output(ctx: Context, node: fx.Node):
     for arg in node.all_input_nodes:
-        for dim in _leaves(ctx.dims_of(arg)):
+        for dim in leaves(ctx.dims_of(arg)):
             ctx.table.fix(dim, "model output")
             ctx.output_roots.update(a.id for a in ctx.table.atoms(dim))
     return None

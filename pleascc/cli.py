@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="pleas: fit each layer on the merged model's own inputs, one pass per level of layers "
                         "(default; more accurate), or on the originals' features in a single pass (faster)")
     m.add_argument("--batch-size", type=int, default=64)
-    m.add_argument("--report", help="write a JSON report here")
+    m.add_argument("--report", help="write a JSON report here, and its PNG summary beside it (same name, .png)")
     m.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     e = sub.add_parser("eval", help="accuracy per head and latency of an ONNX model, with ONNX Runtime",
@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     _data_options(g, required=False)
     g.add_argument("--input-shape", type=_ints, default=None,
                    help="one sample's shape when no --data is given, e.g. 3,224,224")
+    g.add_argument("--draw", metavar="PNG", help="also draw the groups over the model graph into this PNG")
 
     d = sub.add_parser("demo", help="train two small CNNs on scikit-learn digits, merge them, evaluate the ONNX")
     d.add_argument("--out", default="pleascc-demo", help="folder for the checkpoints, data and ONNX files")
@@ -177,7 +178,10 @@ def _merge(args) -> int:
     check = pleascc.export_onnx(result.model, data.x[: min(len(data.x), 8)], args.output)
     report = {**result.report, "onnx": check, "total_time_s": time.perf_counter() - start}
     if args.report:
+        from pleascc.plots import draw_report
+
         _write_json(args.report, report)
+        draw_report(report, _png_beside(args.report))
     print(summary(report))
     return 0
 
@@ -203,6 +207,11 @@ def summary(report: dict) -> str:
         lines.append(f"wrote {onnx['path']} (outputs {', '.join(onnx['outputs'])}); ONNX Runtime vs torch: "
                      f"max abs diff {onnx['max_abs_diff']:.2e}")
     return "\n".join(lines)
+
+
+def _png_beside(path: str) -> str:
+    """report.json -> report.png: the picture of a JSON report."""
+    return os.path.splitext(path)[0] + ".png"
 
 
 def _check_writable(path: str) -> None:
@@ -268,8 +277,16 @@ def _groups(args) -> int:
     else:
         example = torch.randn(2, *(args.input_shape or _default_input_shape(model)))
     _check_fits(model, example, "check --data" if args.data else "pass --input-shape (e.g. 3,224,224) or --data")
-    analysis = analyze(trace(model), (example,))
+    if args.draw:
+        _check_writable(args.draw)
+    gm = trace(model)
+    analysis = analyze(gm, (example,))
     print(format_groups(analysis, permutation_groups(analysis), coverage(analysis, model)))
+    if args.draw:
+        from pleascc.plots import draw_groups
+
+        draw_groups(gm, analysis, args.draw)
+        print(f"drew the groups into {args.draw}")
     return 0
 
 

@@ -126,7 +126,8 @@ def test_merge_pleas_writes_onnx_and_report(files, tmp_path, capsys):
     assert 1.0 <= r["relative_flops"] <= 1.5 + 1e-9
     assert r["least_squares_residuals"] and r["groups"]
     assert r["least_squares"] == "sequential" and r["least_squares_passes"] > 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "r.json"]  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "r.json", "r.png"]  # no temporary files left
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # widths, correlations, residuals
 
 
 @pytest.mark.parametrize("options", [("--method", "permute"), ("--method", "average"), ("--least-squares", "one-pass"),
@@ -141,9 +142,10 @@ def test_merge_other_methods(files, tmp_path, options):
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
 
 
-def test_groups_of_checkpoint(files, capsys):
-    assert main(["groups", files["a"], *ARCH, "--input-shape", "1,8,8"]) == 0
+def test_groups_of_checkpoint(files, capsys, tmp_path):
+    assert main(["groups", files["a"], *ARCH, "--input-shape", "1,8,8", "--draw", str(tmp_path / "g.png")]) == 0
     assert "4 permutation groups" in capsys.readouterr().out
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == ["g.png"]
     assert main(["groups", files["a"], *ARCH, "--data", files["calib"]]) == 0
     assert "4 permutation groups" in capsys.readouterr().out
 
