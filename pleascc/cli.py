@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("model_a", help="checkpoint of model A (.pt, .pth, .safetensors)")
     m.add_argument("model_b", help="checkpoint of model B")
     m.add_argument("-o", "--output", required=True, help="where to write the merged model (.onnx)")
+    m.add_argument("--format", choices=("onnx", "pt"), default="onnx",
+                   help="onnx (default; weights past 1.8 GB go to OUTPUT.data beside it), or pt: the state dict at "
+                        "OUTPUT and a torch.export archive (.pt2) beside it, for work in PyTorch")
     _model_options(m)
     _data_options(m, required=True)
     m.add_argument("--budget", type=float, default=1.0,
@@ -175,8 +178,14 @@ def _merge(args) -> int:
                            width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
                            zip_until=args.zip_until,
                            regmean_alpha=args.regmean_alpha, seed=args.seed, progress=not args.no_progress)
-    check = pleascc.export_onnx(result.model, data.x[: min(len(data.x), 8)], args.output)
-    report = {**result.report, "onnx": check, "total_time_s": time.perf_counter() - start}
+    example = data.x[: min(len(data.x), 8)]
+    if args.format == "pt":
+        from pleascc.export import export_torch
+
+        check = {"torch": export_torch(result.model, example, args.output)}
+    else:
+        check = {"onnx": pleascc.export_onnx(result.model, example, args.output)}
+    report = {**result.report, **check, "total_time_s": time.perf_counter() - start}
     if args.report:
         from pleascc.plots import draw_report
 
@@ -205,7 +214,12 @@ def summary(report: dict) -> str:
     if "onnx" in report:
         onnx = report["onnx"]
         lines.append(f"wrote {onnx['path']} (outputs {', '.join(onnx['outputs'])}); ONNX Runtime vs torch: "
-                     f"max abs diff {onnx['max_abs_diff']:.2e}")
+                     f"max abs diff {onnx['max_abs_diff']:.2e}"
+                     + (f"; weights in {onnx['external_data']}" if onnx.get("external_data") else ""))
+    if "torch" in report:
+        saved = report["torch"]
+        lines.append(f"wrote {saved['path']} (state dict) and {saved['archive']} (torch.export archive; reloaded vs "
+                     f"merged: max abs diff {saved['max_abs_diff']:.2e})")
     return "\n".join(lines)
 
 

@@ -15,48 +15,85 @@ import torch.nn as nn
 from pleascc.errors import PleasccError
 from pleascc.verify import flat_outputs
 
-
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, verify: bool = True,
-                tolerance: float = 1e-3) -> dict:
+                tolerance: float = 1e-3, external_data: bool | None = None) -> dict:
     """Export ``model`` to ``path`` with a dynamic batch axis; verify with ONNX Runtime.
 
-    The file appears only when everything succeeded (written to a temporary file
-    in the same folder, then renamed).  Returns the check's figures.
+    Weights above ~1.8 GB (or ``external_data=True``) go to ``path + ".data"``
+    beside the graph, as ONNX requires past 2 GB.  The files appear only when
+    everything succeeded (written in a temporary folder beside ``path``, then
+    moved).  Returns the check's figures.
     """
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise PleasccError(f"cannot write {path}: folder {folder} does not exist or is not writable; "
                            "choose another -o path")
     model = model.eval()
+    if external_data is None:
+        external_data = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > EXTERNAL_DATA_BYTES
     with torch.no_grad():
         expected = flat_outputs(model(example))
     names = ["logits"] if len(expected) == 1 else [f"logits_{k}" for k in range(len(expected))]
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
-    os.close(fd)
-    try:
-        _export(model, example, tmp, names)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".pleascc-") as tmp_folder:
+        tmp = os.path.join(tmp_folder, os.path.basename(path))
+        _export(model, example, tmp, names, external_data)
         check = _verify(tmp, example, expected, tolerance) if verify else {}
+        if external_data:
+            os.replace(tmp + ".data", path + ".data")
         os.replace(tmp, path)
-    finally:
-        for leftover in (tmp, tmp + ".data"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-    return {"path": path, "outputs": names, **check}
+    return {"path": path, "outputs": names, "external_data": path + ".data" if external_data else None, **check}
 
 
-def _export(model: nn.Module, example: torch.Tensor, path: str, names: list[str]) -> None:
+def export_torch(model: nn.Module, example: torch.Tensor, path: str, tolerance: float = 1e-5) -> dict:
+    """Save the merged model for PyTorch: its state dict at ``path`` and a torch.export archive (``.pt2``) beside it.
+
+    The archive runs without pleascc (``torch.export.load(p).module()``), with
+    a dynamic batch axis; it is reloaded and checked before anything is moved
+    into place.
+    """
+    archive = os.path.splitext(path)[0] + ".pt2"
+    folder = os.path.dirname(os.path.abspath(path))
+    model = model.eval()
+    with torch.no_grad():
+        expected = flat_outputs(model(example))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".pleascc-") as tmp_folder:
+        tmp_state, tmp_archive = os.path.join(tmp_folder, "state.pt"), os.path.join(tmp_folder, "model.pt2")
+        try:
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            torch.export.save(program, tmp_archive)
+            with torch.no_grad():
+                got = flat_outputs(torch.export.load(tmp_archive).module()(example))
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PleasccError(f"torch.export failed: {first}; use --format onnx, or keep the model from the "
+                               "Python API (pleascc.merge)") from None
+        diff = max(float((g - e).abs().max()) for g, e in zip(got, expected))
+        if diff > tolerance * (max(float(e.abs().max()) for e in expected) or 1.0):
+            raise PleasccError(f"the reloaded torch.export archive disagrees with the merged model (max abs diff "
+                               f"{diff:.3g}); please report this model")
+        torch.save(model.state_dict(), tmp_state)
+        os.replace(tmp_archive, archive)
+        os.replace(tmp_state, path)
+    return {"path": path, "archive": archive, "max_abs_diff": diff}
+
+
+def _export(model: nn.Module, example: torch.Tensor, path: str, names: list[str], external_data: bool) -> None:
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, (example,), path, dynamo=True, input_names=["input"], output_names=names,
-                              dynamic_shapes=({0: batch},), external_data=False, optimize=True, verbose=False)
+                              dynamic_shapes=({0: batch},), external_data=external_data, optimize=True,
+                              verbose=False)
         except Exception as err:  # report the exporter's own reason in one line
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise PleasccError(f"ONNX export failed: {first}; the merged model is still available "
                                "through the Python API (pleascc.merge)") from None
+    if external_data and not os.path.exists(path + ".data"):
+        raise PleasccError(f"ONNX export wrote no external data file beside {path}; please report this model")
 
 
 def _verify(path: str, example: torch.Tensor, expected: list[torch.Tensor], tolerance: float) -> dict:

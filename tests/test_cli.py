@@ -316,3 +316,26 @@ def test_same_inputs_and_seed_give_a_byte_identical_onnx_file(files, tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+def test_format_pt_writes_a_state_dict_and_a_torch_export_archive(files, tmp_path):
+    out = tmp_path / "merged.pt"
+    assert main(_merge_args(files, out, "--format", "pt", "--labels", "separate", "--budget", "1.5")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.pt", "merged.pt2"]
+    program = torch.export.load(str(tmp_path / "merged.pt2")).module()
+    x = torch.from_numpy(np.load(files["calib"])["x"][:5])
+    logits_a, logits_b = program(x)  # any batch size
+    assert logits_a.shape == (5, 5) and logits_b.shape == (5, 5)
+    state = torch.load(out, weights_only=True)
+    assert sum(t.numel() for t in state.values()) > sum(t.numel() for t in torch.load(files["a"]).values())
+
+
+def test_large_weights_go_to_an_external_data_file(tmp_path):
+    """Past protobuf's 2 GB the weights must live beside the graph; forced here on a small model."""
+    model = digits_cnn(5, width=8).eval()
+    x = torch.randn(4, 1, 8, 8)
+    check = pleascc.export_onnx(model, x, str(tmp_path / "m.onnx"), external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert check["external_data"] == str(tmp_path / "m.onnx.data")
+    with torch.no_grad():
+        assert np.allclose(onnx_predict(str(tmp_path / "m.onnx"), x)[0], model(x).numpy(), atol=1e-5)
