@@ -178,11 +178,14 @@ WIDTHS = {"greedy": choose_widths, "uniform": uniform_widths, "stages": stage_wi
 def zip_until_widths(analysis: Analysis, matchings: dict[int, Matching], layer: str) -> dict[int, int]:
     """ZipIt!'s partial zipping: spaces a layer after ``layer`` writes are kept apart, the others merged.
 
-    A space has one width, so one written on both sides of the cut (a
-    residual stream) is kept apart too: the zip then ends where it begins.
+    ``layer`` names a layer (module or node) or a module holding several (a
+    stage, ``layer3``): the cut is after its last layer.  A space has one width,
+    so one written on both sides of the cut (a residual stream) is kept apart
+    too: the zip then ends where it begins.
     """
     names = [(lay.node, lay.weight.rpartition(".")[0]) for lay in analysis.layers]
-    cut = next((k for k, pair in enumerate(names) if layer in pair), None)
+    inside = [k for k, (node, module) in enumerate(names) if layer in (node, module) or module.startswith(layer + ".")]
+    cut = inside[-1] if inside else None
     if cut is None:
         raise PleasccError(f"--zip-until {layer}: the model has no such layer; its layers are "
                            f"{', '.join(module for _, module in names[:4])}, …, {names[-1][1]}")

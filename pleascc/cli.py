@@ -22,6 +22,17 @@ EXAMPLES = """examples:
 """
 
 
+MERGE_EXAMPLES = """examples:
+  pleascc merge a.pt b.pt --arch torchvision:resnet18 --data calib/ -o merged.onnx
+  pleascc merge a.pt b.pt --arch models.py:make_net --data calib.npz --budget 1.5 --labels separate \\
+      --report report.json -o merged.onnx
+  pleascc merge a.pt b.pt --arch timm:resnet18 --data other_domain/ -o merged.onnx     # PLeaS-free
+  pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --method zipit --zip-until layer3 -o zipped.onnx
+  pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --method permute --matching weight -o rebasin.onnx
+  pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --format pt -o merged.pt
+"""
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture for state-dict checkpoints: timm:NAME, torchvision:NAME, "
                                   "pkg.module:factory or path/to/file.py:factory")
@@ -49,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pleascc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("merge", help="merge two models into one ONNX file", epilog=EXAMPLES,
+    m = sub.add_parser("merge", help="merge two models into one ONNX file", epilog=MERGE_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("model_a", help="checkpoint of model A (.pt, .pth, .safetensors)")
     m.add_argument("model_b", help="checkpoint of model B")
@@ -102,7 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--report", help="write the results as JSON here")
 
-    g = sub.add_parser("groups", help="print a model's permutation groups and fixed spaces")
+    g = sub.add_parser("groups", help="print a model's permutation groups and fixed spaces",
+                       epilog="examples:\n  pleascc groups a.pt --arch timm:resnet18\n"
+                              "  pleascc groups none --arch timm:vit_tiny_patch16_224 --draw groups.png\n"
+                              "  pleascc groups a.pt --arch models.py:make_net --input-shape 3,32,32",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("model", help="checkpoint, or an --arch spec alone with 'none'")
     _model_options(g)
     _data_options(g, required=False)
@@ -110,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="one sample's shape when no --data is given, e.g. 3,224,224")
     g.add_argument("--draw", metavar="PNG", help="also draw the groups over the model graph into this PNG")
 
-    d = sub.add_parser("demo", help="train two small CNNs on scikit-learn digits, merge them, evaluate the ONNX")
+    d = sub.add_parser("demo", help="train two small CNNs on scikit-learn digits, merge them, evaluate the ONNX",
+                       epilog="examples:\n  pleascc demo\n  pleascc demo --out /tmp/pleascc-demo",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--out", default="pleascc-demo", help="folder for the checkpoints, data and ONNX files")
     return parser
 

@@ -126,6 +126,8 @@ def test_zip_until_merges_the_first_stage_and_keeps_the_rest_apart():
     assert widths == [(8, 8), (8, 8), (16, 32), (16, 32)]
     assert 1.0 < result.report["relative_flops"] < 2.0
     assert result.report["width_search"] == "zip-until 3.bn2"
+    whole_block = pleascc.merge(a, b, x, labels="separate", method="zipit", zip_until="3", progress=False)
+    assert sorted((g["size"], g["width"]) for g in whole_block.report["groups"]) == widths  # cut after its last layer
     with pytest.raises(pleascc.PleasccError, match="no such layer"):
         pleascc.merge(a, b, x, method="zipit", zip_until="head", progress=False)
     with pytest.raises(pleascc.PleasccError, match="leave --budget at 1.0"):
