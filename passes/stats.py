@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pleascc import distributed
 from pleascc.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps
@@ -111,6 +112,19 @@ class CrossMoments:
         self.sq += (z * z).sum(0)
         self.cross += z.T @ z if self.within else z[:, :self.n].T @ z[:, self.n:]
 
+    def reduce(self) -> None:
+        """Add every rank's sums (``pleascc.distributed``), re-centred on rank 0's shift first."""
+        if not distributed.active():
+            return
+        common = distributed.rank_zero_first(self.shift)
+        d, n = self.shift - common, self.count
+        left, right = (d, d) if self.within else (d[:self.n], d[self.n:])
+        sum_left, sum_right = (self.sum, self.sum) if self.within else (self.sum[:self.n], self.sum[self.n:])
+        cross = self.cross + torch.outer(left, sum_right) + torch.outer(sum_left, right) + n * torch.outer(left, right)
+        sq = self.sq + 2 * d * self.sum + n * d * d
+        self.cross, self.sq = distributed.total(cross), distributed.total(sq)
+        self.sum, self.count, self.shift = distributed.total(self.sum + n * d), distributed.total(n), common
+
     def correlation(self) -> torch.Tensor:
         """A×B, or with ``within`` the joint (2n × 2n) correlation."""
         mean = self.sum / self.count
@@ -149,7 +163,7 @@ def weight_similarity(analysis: Analysis, states: tuple[dict, dict]) -> dict[int
 
 def batches(x: torch.Tensor, batch_size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
     starts = range(0, len(x), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+    for start in tqdm(starts, desc=desc, disable=not progress or distributed.rank() > 0, leave=False, unit="batch"):
         yield x[start:start + batch_size]
 
 
@@ -196,6 +210,8 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
                         moments[key] = CrossMoments(fa.shape[1], within=within and isinstance(root, int))
                     moments[key].add(fa, fb)
     by_root: dict[int | tuple, list[torch.Tensor]] = {}
+    for m in moments.values():  # the same keys in the same order on every rank
+        m.reduce()
     for (_, _, root), m in moments.items():
         by_root.setdefault(root, []).append(m.correlation())
     return {root: torch.stack(corrs).mean(0) for root, corrs in by_root.items()}
@@ -267,6 +283,9 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
                 y = p.target(va[layer.node], vb[layer.node])
                 y = y if block.rows is None else y.index_select(layer.out_axis, block.rows)
                 _accumulate(p, rows[key], _target_rows(layer, y, maps))
+    for p in problems:  # sums over every rank's shard
+        p.xx, p.rx = distributed.total(p.xx), distributed.total(p.rx)
+        p.count, p.tt, p.rr = distributed.total(p.count), distributed.total(p.tt), distributed.total(p.rr)
 
 
 def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, problems: list[Problem],
@@ -291,6 +310,8 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
                         r = _rows(layer, x_in, maps)
                         rows[key] = (r.transpose(1, 2) @ r).double()
                     p.grams[model] = p.grams.get(model, 0) + rows[key]
+    for p in problems:
+        p.grams = {m: distributed.total(g) for m, g in sorted(p.grams.items())}
 
 
 def _feeding(maps: MergeMaps, p: Problem) -> list[int]:

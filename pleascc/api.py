@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from pleascc import distributed
 from pleascc.data import CalibrationData, check_data_fits, load_data
 from pleascc.errors import PleasccError
 from pleascc.export import export_onnx
@@ -108,6 +109,7 @@ def merge(
     matcher, refit = METHODS[method]
     x = _calibration_tensor(data, samples, model_a, seed)
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
+    local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
     separate = _separate_labels(labels, heads, states)
     separate_heads = {layer.node for layer in heads} if separate else set()
     timings["trace_and_analyze"] = time.perf_counter() - clock
@@ -116,7 +118,7 @@ def merge(
     if matching == "weight":  # data-free: the weights alone
         matchings = weight_matching(analysis, states, seed=seed)
     else:
-        correlations = feature_moments(gms, analysis, x, batch_size, progress, within=matcher == "zipit")
+        correlations = feature_moments(gms, analysis, local, batch_size, progress, within=matcher == "zipit")
         timings["matching_statistics"] = time.perf_counter() - clock
         clock = time.perf_counter()
         matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
@@ -137,7 +139,7 @@ def merge(
     residuals, passes = {}, 0
     if refit == "regmean":
         blocked = [p for p in problems if is_blocked(p.layer) or p.model is not None]  # norms stay averaged
-        gram_moments(gms, maps, blocked, x, batch_size, progress)
+        gram_moments(gms, maps, blocked, local, batch_size, progress)
         for p in blocked:
             in_width = maps.size(p.layer.in_dim)
             own = {m: block_slice(own_weights(analysis, maps, p.layer, states[m], m), p.block, in_width)
@@ -145,7 +147,7 @@ def merge(
             p.w = regmean(p, own, regmean_alpha, ridge, has_bias=bool(p.layer.bias))
     elif refit:
         _check_least_squares_samples(problems, analysis, x)
-        fit = functools.partial(_fit, gms, analysis, maps, x, batch_size, progress, ridge)
+        fit = functools.partial(_fit, gms, analysis, maps, local, batch_size, progress, ridge)
         if least_squares == "one-pass":
             residuals, passes = fit(problems), 1
         else:
@@ -290,6 +292,15 @@ def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int) 
     if not torch.isfinite(x).all():
         raise PleasccError("calibration data contains NaN or Inf: check its preprocessing")
     return x.float()
+
+
+def _shard(x: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the calibration data (``pleascc.distributed``); every rank needs some."""
+    local = distributed.shard(x)
+    if len(local) == 0:
+        raise PleasccError(f"calibration data has {len(x)} samples, fewer than the processes sharing it; "
+                           "pass more data or start fewer processes")
+    return local
 
 
 def head_layers(analysis: Analysis) -> list[Layer]:

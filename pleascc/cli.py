@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="pleas: fit each layer on the merged model's own inputs, one pass per level of layers "
                         "(default; more accurate), or on the originals' features in a single pass (faster)")
     m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--distributed", action="store_true",
+                   help="shard the calibration data over the processes torchrun starts (all-reducing the "
+                        "statistics with torch.distributed; on by itself under torchrun); rank 0 writes")
     m.add_argument("--report", help="write a JSON report here, and its PNG summary beside it (same name, .png)")
     m.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -183,8 +186,11 @@ def _calibration(args, model):
 
 def _merge(args) -> int:
     import pleascc
+    from pleascc import distributed
 
     start = time.perf_counter()
+    if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        distributed.init_from_environment()
     _check_writable(args.output)
     if args.report:
         _check_writable(args.report)
@@ -195,6 +201,8 @@ def _merge(args) -> int:
                            width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
                            zip_until=args.zip_until,
                            regmean_alpha=args.regmean_alpha, seed=args.seed, progress=not args.no_progress)
+    if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
+        return 0
     example = data.x[: min(len(data.x), 8)]
     if args.format == "pt":
         from pleascc.export import export_torch
