@@ -84,7 +84,7 @@ def calibration(variant: dict, samples: int) -> torch.Tensor:
 
 def merge_row(job: dict) -> dict:
     """One merge, evaluated through ONNX Runtime; run in a fresh process (its peak RSS is this merge's)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(job["threads"])
     setting, variant = job["setting"], VARIANTS[job["variant"]]
     models = load_pair(Path(job["models"]), job["arch"], job["width"], 5 if setting == "labels" else 10)
     calib = calibration(variant, job["samples"])
@@ -116,7 +116,8 @@ def run(args: argparse.Namespace, setting: str, variants: list[str]) -> list[dic
     rows += [{"method": f"model {'AB'[k]} alone", "budget": 1.0, "relative_flops": 1.0,
               **scores([z], torch.as_tensor(y_test), setting)} for k, z in enumerate(logits) if setting == "images"]
     jobs = [{"setting": setting, "models": str(args.models), "arch": args.arch, "width": args.width,
-             "samples": args.samples, "variant": v, "budget": b} for v in variants for b in args.budgets]
+             "samples": args.samples, "threads": args.threads, "variant": v, "budget": b}
+            for v in variants for b in args.budgets]
     metric = "per_task_mean" if setting == "labels" else "accuracy"
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         for row in pool.imap(merge_row, jobs):
@@ -180,6 +181,7 @@ def main() -> None:
     p.add_argument("--name", default="cifar_resnet20")
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
     p.add_argument("--budgets", nargs="*", type=float, default=list(BUDGETS))
+    p.add_argument("--threads", type=int, default=2, help="torch threads per merge")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS),
                    help="recompute these variants and keep the other rows of the existing results")
     args = p.parse_args()
@@ -187,6 +189,7 @@ def main() -> None:
     rows = run(args, setting, args.only or args.variants)
     out = RESULTS / f"{args.name}.json"
     meta = {"calibration_samples": args.samples, "arch": args.arch, "width": args.width, "setting": setting,
+            "threads": args.threads,
             "command": " ".join(sys.argv)}
     if args.only:  # the other variants' rows, and the commands that made them, from the last results
         old = json.loads(out.read_text())
