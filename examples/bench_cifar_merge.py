@@ -157,7 +157,7 @@ def markdown(rows: list[dict], metrics: list[str]) -> str:
     lines = [f"| method | budget | FLOPs ratio | {head} | samples | merge s (passes) | peak MB |",
              "|---|---|---|" + "---|" * len(metrics) + "---|---|---|"]
     for r in rows:
-        cost = f"{r['merge_seconds']:.0f} ({r['least_squares_passes']})" if "merge_seconds" in r else "–"
+        cost = f"{r['merge_seconds']:.0f} ({r.get('least_squares_passes', '–')})" if "merge_seconds" in r else "–"
         peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "–"
         values = " | ".join(f"{r[m]:.4f}" for m in metrics)
         lines.append(f"| {r['method']} | {r['budget']} | {r['relative_flops']:.3f} | {values} | "
@@ -184,10 +184,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per merge")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS),
                    help="recompute these variants and keep the other rows of the existing results")
+    p.add_argument("--replot", action="store_true", help="only rebuild the table and plot from the saved JSON")
     args = p.parse_args()
     setting = json.loads((args.models / "train.json").read_text()).get("setting", "labels")
-    rows = run(args, setting, args.only or args.variants)
     out = RESULTS / f"{args.name}.json"
+    if args.replot:
+        return report(args, json.loads(out.read_text())["rows"], setting)
+    rows = run(args, setting, args.only or args.variants)
     meta = {"calibration_samples": args.samples, "arch": args.arch, "width": args.width, "setting": setting,
             "threads": args.threads,
             "command": " ".join(sys.argv)}
@@ -200,6 +203,11 @@ def main() -> None:
         meta["earlier"] = old["meta"]
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report(args, rows, setting)
+
+
+def report(args: argparse.Namespace, rows: list[dict], setting: str) -> None:
+    """The table (.md), the plot (.png), and where PLeaS is behind, from the rows."""
     metrics = ["per_task_mean", "joint"] if setting == "labels" else ["accuracy"]
     title = {"resnet20": f"ResNet-20 ×{args.width}", "vit": f"ViT (dim {128 * args.width}, depth 4, 4 heads)"}
     what = "A (0–4) + B (5–9)" if setting == "labels" else "A and B on disjoint halves of the images"
