@@ -115,13 +115,19 @@ def run(args: argparse.Namespace, setting: str, variants: list[str]) -> list[dic
     rows = [{"method": "ensemble (A and B side by side)", "budget": 2.0, "relative_flops": 2.0, **ensemble}]
     rows += [{"method": f"model {'AB'[k]} alone", "budget": 1.0, "relative_flops": 1.0,
               **scores([z], torch.as_tensor(y_test), setting)} for k, z in enumerate(logits) if setting == "images"]
+    partial = RESULTS / f"{args.name}.partial.json"  # every finished merge, so an interrupted run can resume
+    done = json.loads(partial.read_text()) if args.resume and partial.exists() else []
+    rows += done
     jobs = [{"setting": setting, "models": str(args.models), "arch": args.arch, "width": args.width,
              "samples": args.samples, "threads": args.threads, "variant": v, "budget": b}
-            for v in variants for b in args.budgets]
+            for v in variants for b in args.budgets
+            if not any(r["method"] == v and r["budget"] == b for r in done)]
     metric = "per_task_mean" if setting == "labels" else "accuracy"
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         for row in pool.imap(merge_row, jobs):
             rows.append(row)
+            done.append(row)
+            partial.write_text(json.dumps(done, indent=1))
             print(f"{row['method']:16s} budget {row['budget']:4.2f}: {metric} {row[metric]:.4f} "
                   f"({row['merge_seconds']:.1f} s, {row['peak_rss_mb']:.0f} MB)", flush=True)
     return rows
@@ -184,6 +190,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per merge")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS),
                    help="recompute these variants and keep the other rows of the existing results")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the merges an interrupted run saved in NAME.partial.json")
     p.add_argument("--replot", action="store_true", help="only rebuild the table and plot from the saved JSON")
     args = p.parse_args()
     setting = json.loads((args.models / "train.json").read_text()).get("setting", "labels")
@@ -203,6 +211,7 @@ def main() -> None:
         meta["earlier"] = old["meta"]
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
     report(args, rows, setting)
 
 
