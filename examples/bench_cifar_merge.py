@@ -53,6 +53,9 @@ VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose 
     "pleas 1024": {"method": "pleas", "samples": 1024},
     "pleas 4096": {"method": "pleas", "samples": 4096},
     "pleas-free": {"method": "pleas", "data": "mnist"},
+    "average (reset BN)": {"method": "average", "reset_bn": True},  # as ZipIt! and Git Re-Basin evaluate
+    "permute (reset BN)": {"method": "permute", "reset_bn": True},
+    "zipit (reset BN)": {"method": "zipit", "reset_bn": True},
 }
 DEFAULT_VARIANTS = ["average", "permute", "pleas one-pass", "pleas"]
 RESULTS = Path(__file__).resolve().parent / "results"

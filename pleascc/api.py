@@ -24,7 +24,7 @@ from pleascc.passes.match import match_all, match_heads, match_product, zipit
 from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks
 from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, own_weights, regmean, warm_start
 from pleascc.passes.solve import least_squares as ridge_fit
-from pleascc.passes.stats import Problem, feature_moments, gram_moments, layer_moments, weight_similarity
+from pleascc.passes.stats import Problem, batches, feature_moments, gram_moments, layer_moments, weight_similarity
 from pleascc.passes.weights import weight_matching
 from pleascc.trace import check_same_graph, trace
 
@@ -67,6 +67,7 @@ def merge(
     zip_until: str | None = None,
     regmean_alpha: float = 0.9,
     seed: int = 0,
+    reset_bn: bool = False,
     progress: bool = True,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` × the FLOPs of one.
@@ -83,6 +84,8 @@ def merge(
     ``matching`` (pleas, permute): pair units by their features on the data
     ("activation") or by their weights alone ("weight", Git Re-Basin).
     ``seed``: the sample subset of a data path, and weight matching's random order.
+    ``reset_bn``: recompute the merged model's BatchNorm statistics on the data
+    (the reset ZipIt! and Git Re-Basin evaluate with; PLeaS's fit needs none).
     ``width_search``: how the budget is spread over the spaces: "greedy" (most
     correlation back per FLOP), "uniform" (one share everywhere) or "stages"
     (the deepest spaces kept apart first).
@@ -157,6 +160,8 @@ def merge(
     timings["solve"] = time.perf_counter() - clock
 
     merged = emit_with(_layer_weights(problems, states))
+    if reset_bn:
+        reset_batch_norm(merged, local, batch_size, progress)
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
                      method=method, budget=budget, separate=separate, samples=len(x),
                      width_search="zip-until " + zip_until if zip_until else width_search,
@@ -292,6 +297,25 @@ def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int) 
     if not torch.isfinite(x).all():
         raise PleasccError("calibration data contains NaN or Inf: check its preprocessing")
     return x.float()
+
+
+def reset_batch_norm(model: nn.Module, x: torch.Tensor, batch_size: int = 64, progress: bool = False) -> None:
+    """Recompute every BatchNorm module's running statistics on ``x`` (a cumulative average over its batches).
+
+    Under torch.distributed each rank's statistics are averaged over the ranks.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for batch in batches(x, batch_size, "BatchNorm statistics", progress):
+            model(batch)
+    model.eval()
+    for m in norms:
+        m.running_mean.copy_(distributed.mean(m.running_mean))
+        m.running_var.copy_(distributed.mean(m.running_var))
 
 
 def _shard(x: torch.Tensor) -> torch.Tensor:

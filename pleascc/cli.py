@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--zip-until", metavar="LAYER", default=None,
                    help="merge up to this layer (module name) and keep both models' later layers "
                         "(ZipIt!'s partial zipping; sets the widths instead of --budget)")
+    m.add_argument("--reset-bn", action="store_true",
+                   help="recompute the merged model's BatchNorm statistics on --data (as ZipIt! and Git Re-Basin "
+                        "evaluate their merges; PLeaS's least squares needs none)")
     m.add_argument("--regmean-alpha", type=float, default=0.9,
                    help="regmean: scale of the input Grams' off-diagonals (1: plain least squares)")
     m.add_argument("--least-squares", choices=("sequential", "one-pass"), default="sequential",
@@ -200,7 +203,8 @@ def _merge(args) -> int:
                            least_squares=args.least_squares, batch_size=args.batch_size, matching=args.matching,
                            width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
                            zip_until=args.zip_until,
-                           regmean_alpha=args.regmean_alpha, seed=args.seed, progress=not args.no_progress)
+                           regmean_alpha=args.regmean_alpha, seed=args.seed, reset_bn=args.reset_bn,
+                           progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0
     example = data.x[: min(len(data.x), 8)]

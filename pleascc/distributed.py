@@ -49,6 +49,11 @@ def total(value: torch.Tensor | float) -> torch.Tensor | float:
     return t if isinstance(value, torch.Tensor) else float(t)
 
 
+def mean(t: torch.Tensor) -> torch.Tensor:
+    """The average of ``t`` over all ranks, in its own dtype."""
+    return (total(t) / dist.get_world_size()).to(t.dtype) if active() else t
+
+
 def rank_zero_first(t: torch.Tensor) -> torch.Tensor:
     """Rank 0's ``t`` on every rank (a common reference, e.g. the shift of running moments)."""
     if not active():

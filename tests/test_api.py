@@ -132,3 +132,20 @@ def test_zip_until_merges_the_first_stage_and_keeps_the_rest_apart():
         pleascc.merge(a, b, x, method="zipit", zip_until="head", progress=False)
     with pytest.raises(pleascc.PleasccError, match="leave --budget at 1.0"):
         pleascc.merge(a, b, x, method="zipit", zip_until="3.bn2", budget=1.5, progress=False)
+
+
+def test_reset_bn_recomputes_the_merged_batch_norm_statistics():
+    """After the reset, each BatchNorm's running statistics are those of its inputs on the calibration data."""
+    a, b = _pair()
+    x = torch.randn(256, 1, 8, 8)
+    result = pleascc.merge(a, b, x, method="permute", labels="separate", reset_bn=True, progress=False)
+    model = result.model
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    handle = norm.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    features = seen[0].transpose(0, 1).flatten(1)
+    assert torch.allclose(norm.running_mean, features.mean(1), atol=1e-4)
+    assert torch.allclose(norm.running_var, features.var(1), rtol=1e-2)

@@ -131,7 +131,7 @@ def test_merge_pleas_writes_onnx_and_report(files, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options", [("--method", "permute"), ("--method", "average"), ("--least-squares", "one-pass"),
-                                     ("--method", "zipit"), ("--method", "regmean"),
+                                     ("--method", "zipit", "--reset-bn"), ("--method", "regmean"),
                                      ("--method", "permute", "--matching", "weight"),
                                      ("--budget", "1.5", "--widths", "uniform"),
                                      ("--budget", "1.5", "--widths", "stages")])
