@@ -1118,14 +1118,9 @@ def _channels_last_passthrough(ctx: Context, node: fx.Node):
     return ctx.new_dims(ctx.shape(node)[:-1], f"{node.name}: windows") + [dims[-1]]
 
 
-def _rescaled_image(ctx: Context, node: fx.Node):
-    """timm's ``scale_image`` (CrossViT): an image resized or cropped; channels pass, positions are remade."""
-    dims, shape = ctx.dims_of(node.args[0]), ctx.shape(node)
-    return dims[:2] + [_mixed_axis(ctx, node, d, size) for d, size in zip(dims[2:], shape[2:])]
-
-
+# timm's functions hidden from fx; CrossViT's scale_image resizes or crops an image, a spatial op like pooling
 _TIMM_FUNCTIONS = {"window_reverse": _channels_last_passthrough, "window_partition": _channels_last_passthrough,
-                   "scale_image": _rescaled_image}
+                   "scale_image": _pool}
 for _fn in timm_registrations()[1]:
     if _fn.__name__ in _TIMM_FUNCTIONS:
         RULES[_fn] = _TIMM_FUNCTIONS[_fn.__name__]
@@ -1231,9 +1226,10 @@ def random_permutations(analysis: Analysis, generator: torch.Generator) -> dict[
     """A random permutation for every free space (used by the invariance property); head dims get one per head."""
     def perm(root: int) -> torch.Tensor:
         n = analysis.root_size(root)
-        heads = analysis.root_size(analysis.per_head[root]) if root in analysis.per_head else 0
-        return torch.stack([torch.randperm(n, generator=generator) for _ in range(heads)]) if heads else \
-            torch.randperm(n, generator=generator)
+        if root not in analysis.per_head:
+            return torch.randperm(n, generator=generator)
+        heads = analysis.root_size(analysis.per_head[root])
+        return torch.stack([torch.randperm(n, generator=generator) for _ in range(heads)])
 
     return {r: perm(r) for r in analysis.free_roots()}
 

@@ -296,13 +296,14 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
     """
     names = sorted({p.layer.source for p in problems})
     captures = [capture(gm, names) for gm in gms]
+    feeding = [_feeding(maps, p) for p in problems]
     with torch.no_grad():
         for x in batches(data, batch_size, "RegMean statistics", progress):
             values = _run_pair(captures, names, x)
             rows: dict[tuple, torch.Tensor] = {}
-            for p in problems:
+            for p, models in zip(problems, feeding):
                 layer, cols = p.layer, p.block.cols
-                for model in _feeding(maps, p):
+                for model in models:
                     key = (layer.node, model, None if cols is None else tuple(cols.tolist()))
                     if key not in rows:
                         x_in = maps.gather(values[model][layer.source], model, [(layer.in_axis, layer.in_dim)])

@@ -34,7 +34,7 @@ def weight_matching(analysis: Analysis, states: tuple[State, State], rounds: int
             perms[root] = cols
         if not changed:
             break
-    return {root: _matching(analysis, states, perms, root) for root in sizes}
+    return _matchings(analysis, states, perms)
 
 
 def _inner_products(analysis: Analysis, a: State, b: State, roots: set[int]) -> dict:
@@ -52,12 +52,16 @@ def _inner_products(analysis: Analysis, a: State, b: State, roots: set[int]) -> 
     return out
 
 
-def _matching(analysis: Analysis, states: tuple[State, State], perms: dict, root: int) -> Matching:
-    """The final pairing of one space, its pairs scored by the cosine of their weights."""
+def _matchings(analysis: Analysis, states: tuple[State, State], perms: dict) -> dict[int, Matching]:
+    """The final pairing of every space, its pairs scored by the cosine of their weights."""
     aligned = permute_state(analysis, states[1], perms)
-    cross = _inner_products(analysis, states[0], aligned, {root})[root].diagonal()
-    norm_a = _inner_products(analysis, states[0], states[0], {root})[root].diagonal().sqrt()
-    norm_b = _inner_products(analysis, aligned, aligned, {root})[root].diagonal().sqrt()
-    cosine = cross / (norm_a * norm_b).clamp(min=1e-30)
-    order = torch.argsort(cosine, descending=True, stable=True)
-    return Matching(order, perms[root][order], cosine[order])
+    roots = set(perms)
+    cross = _inner_products(analysis, states[0], aligned, roots)
+    norm_a = _inner_products(analysis, states[0], states[0], roots)
+    norm_b = _inner_products(analysis, aligned, aligned, roots)
+    out = {}
+    for root in perms:
+        cosine = cross[root].diagonal() / (norm_a[root].diagonal() * norm_b[root].diagonal()).sqrt().clamp(min=1e-30)
+        order = torch.argsort(cosine, descending=True, stable=True)
+        out[root] = Matching(order, perms[root][order], cosine[order])
+    return out

@@ -75,12 +75,12 @@ def merge(
     ``data``: calibration inputs (a tensor N×…, a ``CalibrationData``, or a path
     ``load_data`` reads).  ``labels``: "shared" (one head, fit to the mean
     logits) or "separate" (one head per model); default separate when the heads
-    differ in size, else shared.  ``method``: "pleas", "permute", "average" or
-    "zipit" (ZipIt!'s greedy zipping, ``zip_alpha`` and ``zip_beta`` as in its paper;
-    ``zip_until``, a layer name: merge up to that layer, keep both models' later
-    layers, instead of a budget).
-    "regmean" (RegMean: no permutation; each layer's closed-form merge from
-    both models' input Grams, their off-diagonals scaled by ``regmean_alpha``).
+    differ in size, else shared.  ``method``: "pleas", "permute", "average",
+    "zipit" (ZipIt!'s greedy zipping, ``zip_alpha`` and ``zip_beta`` as in its
+    paper) or "regmean" (RegMean: no permutation; each layer's closed-form
+    merge from both models' input Grams, their off-diagonals scaled by
+    ``regmean_alpha``).  ``zip_until``, a layer or module name: merge up to it
+    and keep both models' later layers, instead of a budget.
     ``matching`` (pleas, permute): pair units by their features on the data
     ("activation") or by their weights alone ("weight", Git Re-Basin).
     ``seed``: the sample subset of a data path, and weight matching's random order.
@@ -145,9 +145,9 @@ def merge(
         gram_moments(gms, maps, blocked, local, batch_size, progress)
         for p in blocked:
             in_width = maps.size(p.layer.in_dim)
-            own = {m: block_slice(own_weights(analysis, maps, p.layer, states[m], m), p.block, in_width)
-                   for m in p.grams}
-            p.w = regmean(p, own, regmean_alpha, ridge, has_bias=bool(p.layer.bias))
+            per_model = {m: block_slice(own_weights(analysis, maps, p.layer, states[m], m), p.block, in_width)
+                         for m in p.grams}
+            p.w = regmean(p, per_model, regmean_alpha, ridge, has_bias=bool(p.layer.bias))
     elif refit:
         _check_least_squares_samples(problems, analysis, x)
         fit = functools.partial(_fit, gms, analysis, maps, local, batch_size, progress, ridge)
@@ -305,15 +305,17 @@ def reset_batch_norm(model: nn.Module, x: torch.Tensor, batch_size: int = 64, pr
     Under torch.distributed each rank's statistics are averaged over the ranks.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None
+        m.momentum = None  # a cumulative average over the batches
     model.train()
     with torch.no_grad():
         for batch in batches(x, batch_size, "BatchNorm statistics", progress):
             model(batch)
     model.eval()
-    for m in norms:
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum  # as the user's model had it, should they train the merged one
         m.running_mean.copy_(distributed.mean(m.running_mean))
         m.running_var.copy_(distributed.mean(m.running_var))
 

@@ -10,7 +10,7 @@ import tempfile
 import time
 
 from pleascc import __version__
-from pleascc.errors import PleasccError
+from pleascc.errors import PleasccError, first_line
 
 EXAMPLES = """examples:
   pleascc demo
@@ -282,13 +282,11 @@ def _write_json(path: str, value: dict) -> None:
 
 
 def _eval(args) -> int:
-    from pleascc.data import load_data
     from pleascc.evaluate import evaluate_onnx
 
     if args.report:
         _check_writable(args.report)
-    data = load_data(args.data, samples=args.samples, image_size=args.image_size, mean=args.mean, std=args.std,
-                     seed=args.seed)
+    data = _calibration(args, None)
     report = evaluate_onnx(args.model, data.x, data.y, args.head_classes, args.batch_size)
     if args.report:
         _write_json(args.report, report)
@@ -341,7 +339,7 @@ def _check_fits(model, example, fix: str) -> None:
         with torch.no_grad():
             model(example)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise PleasccError(f"inputs of shape {tuple(example.shape[1:])} do not fit the model ({first}): "
                            f"{fix}") from None
 

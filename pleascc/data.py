@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pleascc.errors import PleasccError
+from pleascc.errors import PleasccError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TENSOR_EXTENSIONS = (".npz", ".pt", ".pth")
@@ -33,11 +33,6 @@ class CalibrationData:
 
     def __len__(self) -> int:
         return self.x.shape[0]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -97,7 +92,7 @@ def _read_image(path: Path, transform: Callable) -> torch.Tensor:
         with Image.open(path) as img:
             return transform(img.convert("RGB"))
     except (OSError, ValueError) as exc:
-        raise PleasccError(f"cannot read image {path} ({_first_line(exc)}): remove or replace the file") from exc
+        raise PleasccError(f"cannot read image {path} ({first_line(exc)}): remove or replace the file") from exc
 
 
 def _load_image_folder(
@@ -138,7 +133,7 @@ def _read_arrays(path: Path) -> dict:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:
         raise PleasccError(
-            f"cannot read {path} ({_first_line(exc)}): save plain arrays with "
+            f"cannot read {path} ({first_line(exc)}): save plain arrays with "
             f"numpy.savez(path, x=..., y=...) or torch.save({{'x': x, 'y': y}}, path)"
         ) from exc
     if isinstance(obj, torch.Tensor):
@@ -220,6 +215,6 @@ def check_data_fits(model: nn.Module, data: CalibrationData) -> None:
             model(data.x[:2])
     except Exception as exc:
         raise PleasccError(
-            f"calibration data of shape {_shape(data.x)} does not fit the model: {_first_line(exc)}; "
+            f"calibration data of shape {_shape(data.x)} does not fit the model: {first_line(exc)}; "
             f"check --image-size or the data's layout"
         ) from exc

@@ -3,3 +3,9 @@
 
 class PleasccError(Exception):
     """A user-facing error: the message names the cause and the fix, on one line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when empty), to embed in a PleasccError."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pleascc.errors import PleasccError
+from pleascc.errors import PleasccError, first_line
+from pleascc.export import session_predict
 
 
 def open_session(path: str):
@@ -21,7 +22,7 @@ def open_session(path: str):
     try:
         return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise PleasccError(f"{path} is not an ONNX model ONNX Runtime can load ({first[:200]}); "
                            "pass a file written by 'pleascc merge'") from None
 
@@ -76,14 +77,12 @@ def evaluate_onnx(path: str, x: torch.Tensor, y: torch.Tensor | None, spec: str 
                   batch_size: int = 64) -> dict:
     """Accuracy per head (when labels are known) and latency of the ONNX model at ``path`` on ``x``."""
     session = open_session(path)
-    name = session.get_inputs()[0].name
     try:
-        chunks = [session.run(None, {name: x[i:i + batch_size].numpy()}) for i in range(0, len(x), batch_size)]
+        logits = session_predict(session, x, batch_size)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise PleasccError(f"the data of shape {tuple(x.shape[1:])} does not fit {path} ({first[:200]}); "
                            "check --image-size or the data's layout") from None
-    logits = [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
     classes = head_classes([z.shape[1] for z in logits], spec)
     report = {"model": path, "samples": len(x), "outputs": [o.name for o in session.get_outputs()],
               **latency(session, x, batch_size)}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pleascc.errors import PleasccError
+from pleascc.errors import PleasccError, first_line
 from pleascc.verify import flat_outputs
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph
@@ -67,7 +67,7 @@ def export_torch(model: nn.Module, example: torch.Tensor, path: str, tolerance: 
             with torch.no_grad():
                 got = flat_outputs(torch.export.load(tmp_archive).module()(example))
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise PleasccError(f"torch.export failed: {first}; use --format onnx, or keep the model from the "
                                "Python API (pleascc.merge)") from None
         diff = max(float((g - e).abs().max()) for g, e in zip(got, expected))
@@ -89,7 +89,7 @@ def _export(model: nn.Module, example: torch.Tensor, path: str, names: list[str]
                               dynamic_shapes=({0: batch},), external_data=external_data, optimize=True,
                               verbose=False)
         except Exception as err:  # report the exporter's own reason in one line
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise PleasccError(f"ONNX export failed: {first}; the merged model is still available "
                                "through the Python API (pleascc.merge)") from None
     if external_data and not os.path.exists(path + ".data"):
@@ -114,7 +114,11 @@ def onnx_predict(path: str, x: torch.Tensor, batch_size: int = 256) -> list[np.n
     """Run an exported model with ONNX Runtime over ``x`` in batches; one array per output."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session_predict(ort.InferenceSession(path, providers=["CPUExecutionProvider"]), x, batch_size)
+
+
+def session_predict(session, x: torch.Tensor, batch_size: int) -> list[np.ndarray]:
+    """An ONNX Runtime session's outputs over ``x``, run in batches; one array per output."""
     name = session.get_inputs()[0].name
     chunks = [session.run(None, {name: x[i:i + batch_size].numpy()}) for i in range(0, len(x), batch_size)]
     return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]

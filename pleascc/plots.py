@@ -48,7 +48,8 @@ def draw_groups(gm: fx.GraphModule, analysis: Analysis, path: str) -> None:
     for node in gm.graph.nodes:
         graph.add_node(node.name)
         graph.add_edges_from((arg.name, node.name) for arg in node.all_input_nodes)
-    for depth, layer in enumerate(nx.topological_generations(graph)):
+    generations = list(nx.topological_generations(graph))
+    for depth, layer in enumerate(generations):
         for name in layer:
             graph.nodes[name]["depth"] = depth
     pos = nx.multipartite_layout(graph, subset_key="depth")
@@ -56,9 +57,8 @@ def draw_groups(gm: fx.GraphModule, analysis: Analysis, path: str) -> None:
     roots = sorted({g for g in groups.values() if g is not None})
     palette = plt.get_cmap("tab20")
     colour = {root: palette(k % 20) for k, root in enumerate(roots)}
-    depth = max(nx.get_node_attributes(graph, "depth").values(), default=0) + 1
-    breadth = max(len(layer) for layer in nx.topological_generations(graph))
-    fig, ax = plt.subplots(figsize=(min(4 + depth * 0.35, 60), min(3 + breadth * 0.8, 20)))
+    breadth = max(len(layer) for layer in generations)
+    fig, ax = plt.subplots(figsize=(min(4 + len(generations) * 0.35, 60), min(3 + breadth * 0.8, 20)))
     nx.draw_networkx_edges(graph, pos, ax=ax, alpha=0.35, width=0.6, arrows=True, arrowsize=6,
                            connectionstyle="arc3,rad=0.25")  # arcs: a skip connection stands out from the chain
     for name, (x, y) in pos.items():

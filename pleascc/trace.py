@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pleascc.errors import PleasccError
+from pleascc.errors import PleasccError, first_line
 
 # In-place ops overwrite values the statistics pass captures; trace them out-of-place.
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -192,7 +192,7 @@ def _open_modules(model: nn.Module) -> None:
 
 def _where(err: Exception) -> str:
     frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    message = first_line(err)
     if frames:
         f = frames[-1]
         return f"{type(err).__name__} at {f.filename}:{f.lineno} ({(f.line or '').strip()}): {message}"
