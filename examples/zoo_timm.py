@@ -19,11 +19,17 @@ with), then summarised in zoo_timm.md.  ``--redo-failed`` recomputes the rows
 that did not pass, after a fix.
 
     python examples/zoo_timm.py [--max-params 30e6] [--per-family 2] [--threads 2]
+
+Tracing and ONNX export are mostly single-threaded Python, so on a small
+machine two workers of one thread each finish sooner than one of two threads:
+
+    python examples/zoo_timm.py --threads 1 --shard 0/2 & python examples/zoo_timm.py --threads 1 --shard 1/2
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import subprocess
 import sys
@@ -123,6 +129,18 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(path: Path, row: dict, names: list[str]) -> list[dict]:
+    """Add one row to the results file under a lock (workers of other shards write to it too)."""
+    path.parent.mkdir(exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text())["rows"] if path.exists() else []
+        rows = sorted([r for r in rows if r["model"] != row["model"]] + [row], key=lambda r: names.index(r["model"]))
+        meta = {"command": " ".join(sys.argv), "timm": timm.__version__, "torch": torch.__version__, "models": names}
+        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-params", type=float, default=30e6)
@@ -130,24 +148,23 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "zoo_timm.json")
     p.add_argument("--redo-failed", action="store_true", help="recompute the rows that did not pass")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core for other work)")
+    p.add_argument("--shard", default="0/1", help="K/N: this worker checks every N-th model from the K-th")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    shard, shards = (int(v) for v in args.shard.split("/"))
     saved = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
-    done = [r for r in saved["rows"] if not (args.redo_failed and not _passed(r))]
-    seen = {r["model"] for r in done}
+    rows = saved["rows"]
+    seen = {r["model"] for r in rows if not (args.redo_failed and not _passed(r))}
     names = saved["meta"].get("models") or candidates(args.max_params, args.per_family)  # listing takes minutes
-    print(f"{len(names)} architectures, {len(seen)} already done", flush=True)
+    todo = [n for n in names[shard::shards] if n not in seen]
+    print(f"{len(names)} architectures, {len(seen)} already done, {len(todo)} for this worker", flush=True)
     version = code_version()
-    for name in (n for n in names if n not in seen):
-        done.append(check(name, version))
-        done.sort(key=lambda r: names.index(r["model"]))
-        print(f"[{len(done)}/{len(names)}] {json.dumps(next(r for r in done if r['model'] == name))}", flush=True)
-        meta = {"command": " ".join(sys.argv), "timm": timm.__version__, "torch": torch.__version__, "models": names}
-        args.out.parent.mkdir(exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": done}, indent=1))
-    args.out.with_suffix(".md").write_text(summary(done))
-    print(summary(done).splitlines()[0])
-
+    for name in todo:
+        row = check(name, version)
+        rows = _save(args.out, row, names)
+        print(f"[{len(rows)}/{len(names)}] {json.dumps(row)}", flush=True)
+    args.out.with_suffix(".md").write_text(summary(rows))
+    print(summary(rows).splitlines()[0])
 
 if __name__ == "__main__":
     main()
