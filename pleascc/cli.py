@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--format", choices=("onnx", "pt"), default="onnx",
                    help="onnx (default; weights past 1.8 GB go to OUTPUT.data beside it), or pt: the state dict at "
                         "OUTPUT and a torch.export archive (.pt2) beside it, for work in PyTorch")
+    m.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="precision of the written model's weights and input (merging itself is float32; "
+                        "bfloat16 with --format pt only)")
     _model_options(m)
     _data_options(m, required=True)
     m.add_argument("--budget", type=float, default=1.0,
@@ -190,11 +193,13 @@ def _calibration(args, model):
 def _merge(args) -> int:
     import pleascc
     from pleascc import distributed
+    from pleascc.export import output_dtype
 
     start = time.perf_counter()
     if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         distributed.init_from_environment()
     _check_writable(args.output)
+    dtype = output_dtype(args.dtype, args.format)
     if args.report:
         _check_writable(args.report)
     model_a, model_b = _load(args, args.model_a), _load(args, args.model_b)
@@ -211,10 +216,10 @@ def _merge(args) -> int:
     if args.format == "pt":
         from pleascc.export import export_torch
 
-        check = {"torch": export_torch(result.model, example, args.output)}
+        check = {"torch": export_torch(result.model, example, args.output, dtype=dtype)}
     else:
-        check = {"onnx": pleascc.export_onnx(result.model, example, args.output)}
-    report = {**result.report, **check, "total_time_s": time.perf_counter() - start}
+        check = {"onnx": pleascc.export_onnx(result.model, example, args.output, dtype=dtype)}
+    report = {**result.report, **check, "dtype": args.dtype, "total_time_s": time.perf_counter() - start}
     if args.report:
         from pleascc.plots import draw_report
 

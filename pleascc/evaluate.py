@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pleascc.errors import PleasccError, first_line
-from pleascc.export import session_predict
+from pleascc.export import session_feed, session_predict
 
 
 def open_session(path: str):
@@ -59,10 +59,9 @@ def accuracies(logits: list[np.ndarray], y: np.ndarray, classes: list[range]) ->
 
 def latency(session, x: torch.Tensor, batch_size: int, repeats: int = 10) -> dict[str, float]:
     """Median ms per batch of 1 and per batch of ``batch_size`` (after one warm-up run each)."""
-    name = session.get_inputs()[0].name
     out = {}
     for label, batch in (("batch_1_ms", x[:1]), (f"batch_{min(batch_size, len(x))}_ms", x[:batch_size])):
-        feed = {name: batch.numpy()}
+        feed = session_feed(session, batch)
         session.run(None, feed)
         times = []
         for _ in range(repeats):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import tempfile
@@ -16,26 +17,50 @@ from pleascc.errors import PleasccError, first_line
 from pleascc.verify import flat_outputs
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HALF_TOLERANCE = 3e-2  # half-precision outputs against the float32 merged model, relative to their scale
+
+
+def output_dtype(name: str, fmt: str = "onnx") -> torch.dtype:
+    """The dtype a model is written in; bfloat16 only for PyTorch files (ONNX Runtime has no CPU kernels for it)."""
+    if fmt == "onnx" and name == "bfloat16":
+        raise PleasccError("ONNX Runtime has no CPU kernels for bfloat16 models; use --dtype float16 for ONNX, "
+                           "or --format pt for bfloat16")
+    return DTYPES[name]
+
+
+def _cast(model: nn.Module, example: torch.Tensor, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+    """The model and example to write in ``dtype`` (merging itself is always float32)."""
+    if dtype == torch.float32:
+        return model, example
+    return copy.deepcopy(model).to(dtype), example.to(dtype)
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, verify: bool = True,
-                tolerance: float = 1e-3, external_data: bool | None = None) -> dict:
+                tolerance: float | None = None, external_data: bool | None = None,
+                dtype: torch.dtype = torch.float32) -> dict:
     """Export ``model`` to ``path`` with a dynamic batch axis; verify with ONNX Runtime.
 
-    Weights above ~1.8 GB (or ``external_data=True``) go to ``path + ".data"``
-    beside the graph, as ONNX requires past 2 GB.  The files appear only when
-    everything succeeded (written in a temporary folder beside ``path``, then
-    moved).  Returns the check's figures.
+    ``dtype`` float16 writes half-precision weights and input, checked against
+    the float32 model (bfloat16 has no ONNX Runtime CPU kernels, so it is for
+    ``export_torch`` only).  Weights above ~1.8 GB (or ``external_data=True``)
+    go to ``path + ".data"`` beside the graph, as ONNX requires past 2 GB.  The
+    files appear only when everything succeeded (written in a temporary folder
+    beside ``path``, then moved).  Returns the check's figures.
     """
+    output_dtype(str(dtype).removeprefix("torch."))
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise PleasccError(f"cannot write {path}: folder {folder} does not exist or is not writable; "
                            "choose another -o path")
     model = model.eval()
-    if external_data is None:
-        external_data = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > EXTERNAL_DATA_BYTES
     with torch.no_grad():
         expected = flat_outputs(model(example))
+    model, example = _cast(model, example, dtype)
+    if external_data is None:
+        external_data = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > EXTERNAL_DATA_BYTES
+    if tolerance is None:
+        tolerance = 1e-3 if dtype == torch.float32 else HALF_TOLERANCE
     names = ["logits"] if len(expected) == 1 else [f"logits_{k}" for k in range(len(expected))]
     with tempfile.TemporaryDirectory(dir=folder, prefix=".pleascc-") as tmp_folder:
         tmp = os.path.join(tmp_folder, os.path.basename(path))
@@ -47,18 +72,22 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, verify: b
     return {"path": path, "outputs": names, "external_data": path + ".data" if external_data else None, **check}
 
 
-def export_torch(model: nn.Module, example: torch.Tensor, path: str, tolerance: float = 1e-5) -> dict:
+def export_torch(model: nn.Module, example: torch.Tensor, path: str, tolerance: float | None = None,
+                 dtype: torch.dtype = torch.float32) -> dict:
     """Save the merged model for PyTorch: its state dict at ``path`` and a torch.export archive (``.pt2``) beside it.
 
     The archive runs without pleascc (``torch.export.load(p).module()``), with
-    a dynamic batch axis; it is reloaded and checked before anything is moved
-    into place.
+    a dynamic batch axis, in ``dtype``; it is reloaded and checked against the
+    float32 model before anything is moved into place.
     """
     archive = os.path.splitext(path)[0] + ".pt2"
     folder = os.path.dirname(os.path.abspath(path))
     model = model.eval()
     with torch.no_grad():
         expected = flat_outputs(model(example))
+    model, example = _cast(model, example, dtype)
+    if tolerance is None:
+        tolerance = 1e-5 if dtype == torch.float32 else HALF_TOLERANCE
     with tempfile.TemporaryDirectory(dir=folder, prefix=".pleascc-") as tmp_folder:
         tmp_state, tmp_archive = os.path.join(tmp_folder, "state.pt"), os.path.join(tmp_folder, "model.pt2")
         try:
@@ -70,7 +99,7 @@ def export_torch(model: nn.Module, example: torch.Tensor, path: str, tolerance: 
             first = first_line(err)
             raise PleasccError(f"torch.export failed: {first}; use --format onnx, or keep the model from the "
                                "Python API (pleascc.merge)") from None
-        diff = max(float((g - e).abs().max()) for g, e in zip(got, expected))
+        diff = max(float((g.float() - e).abs().max()) for g, e in zip(got, expected))
         if diff > tolerance * (max(float(e.abs().max()) for e in expected) or 1.0):
             raise PleasccError(f"the reloaded torch.export archive disagrees with the merged model (max abs diff "
                                f"{diff:.3g}); please report this model")
@@ -100,7 +129,7 @@ def _verify(path: str, example: torch.Tensor, expected: list[torch.Tensor], tole
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: example.numpy()})
+    got = session.run(None, session_feed(session, example))
     diffs = [float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected)]
     scale = max(float(e.abs().max()) for e in expected) or 1.0
     relative = max(diffs) / scale
@@ -117,8 +146,13 @@ def onnx_predict(path: str, x: torch.Tensor, batch_size: int = 256) -> list[np.n
     return session_predict(ort.InferenceSession(path, providers=["CPUExecutionProvider"]), x, batch_size)
 
 
+def session_feed(session, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """``x`` as the session's input, in the model's input type (float16 models take float16)."""
+    inp = session.get_inputs()[0]
+    return {inp.name: x.numpy().astype(np.float16 if inp.type == "tensor(float16)" else np.float32)}
+
+
 def session_predict(session, x: torch.Tensor, batch_size: int) -> list[np.ndarray]:
     """An ONNX Runtime session's outputs over ``x``, run in batches; one array per output."""
-    name = session.get_inputs()[0].name
-    chunks = [session.run(None, {name: x[i:i + batch_size].numpy()}) for i in range(0, len(x), batch_size)]
+    chunks = [session.run(None, session_feed(session, x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
     return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]

@@ -330,6 +330,23 @@ def test_format_pt_writes_a_state_dict_and_a_torch_export_archive(files, tmp_pat
     assert sum(t.numel() for t in state.values()) > sum(t.numel() for t in torch.load(files["a"]).values())
 
 
+def test_half_precision_outputs_stay_close_to_the_float32_merge(files, tmp_path, capsys):
+    """float16 ONNX (input and weights) and a bfloat16 state dict; bfloat16 ONNX is refused before merging."""
+    x = torch.from_numpy(np.load(files["calib"])["x"][:40])
+    full, half = tmp_path / "full.onnx", tmp_path / "half.onnx"
+    assert main(_merge_args(files, full, "--method", "permute")) == 0
+    assert main(_merge_args(files, half, "--method", "permute", "--dtype", "float16")) == 0
+    want, got = onnx_predict(str(full), x)[0], onnx_predict(str(half), x)[0]
+    assert got.dtype == np.float16 and np.abs(got - want).max() < 3e-2 * np.abs(want).max()
+    assert main(["eval", str(half), "--data", files["calib"]]) == 0  # eval feeds float16 to it
+    out = tmp_path / "m.pt"
+    assert main(_merge_args(files, out, "--method", "permute", "--dtype", "bfloat16", "--format", "pt")) == 0
+    assert {t.dtype for t in torch.load(out, weights_only=True).values() if t.is_floating_point()} == {torch.bfloat16}
+    capsys.readouterr()
+    assert "bfloat16" in _error(capsys, _merge_args(files, tmp_path / "b.onnx", "--dtype", "bfloat16"))
+    assert not (tmp_path / "b.onnx").exists()
+
+
 def test_large_weights_go_to_an_external_data_file(tmp_path):
     """Past protobuf's 2 GB the weights must live beside the graph; forced here on a small model."""
     model = digits_cnn(5, width=8).eval()
