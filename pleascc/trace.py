@@ -220,3 +220,13 @@ def check_same_graph(a: fx.GraphModule, b: fx.GraphModule) -> None:
     if len(a.graph.nodes) != len(b.graph.nodes):
         raise PleasccError("models A and B trace to graphs of different length; pleascc merges two models "
                            "of the same architecture")
+    shapes = [_output_structure(gm) for gm in (a, b)]
+    if shapes[0] != shapes[1]:
+        raise PleasccError(f"models A and B return differently structured outputs ({shapes[0]} vs {shapes[1]}); "
+                           "make both forward methods return the same tensors, tuples and dicts")
+
+
+def _output_structure(gm: fx.GraphModule) -> str:
+    """What a graph returns, with each tensor as ``T``: ``(T, {'aux': T})``, say."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return str(fx.node.map_arg(output.args[0], lambda _: "T"))

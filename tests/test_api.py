@@ -46,6 +46,23 @@ def test_bad_settings_are_one_line_errors(bad):
         pleascc.merge(a, b, torch.randn(100, 1, 8, 8), progress=False, **bad)
 
 
+class _Returning(torch.nn.Module):
+    """The demo network, returning its logits inside ``wrap``."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.net, self.wrap = digits_cnn(5, width=8), wrap
+
+    def forward(self, x):
+        return self.wrap(self.net(x))
+
+
+def test_outputs_of_different_structure_are_an_error():
+    a, b = _Returning(lambda y: y), _Returning(lambda y: {"logits": y})
+    with pytest.raises(pleascc.PleasccError, match="differently structured outputs"):
+        pleascc.merge(a, b, torch.randn(100, 1, 8, 8), progress=False)
+
+
 def test_sequential_least_squares_fits_each_level_on_the_merged_models_own_features():
     """One pass per level; the last layer's residual is then the merged model's real output error.
 
