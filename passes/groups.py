@@ -242,9 +242,14 @@ def _describe_target(key) -> str:
 
 
 def _unknown(ctx: Context, node: fx.Node, key) -> Any:
+    """No rule: every space the op touches is fixed, and the op is reported.
+
+    A function of no tensor at all (a position grid built from sizes) is a
+    constant: its fixed output spaces are all it needs, so it is not reported.
+    """
     tensor_inputs = [a for a in node.all_input_nodes if ctx.dims_of(a) is not None]
     out = _fresh_outputs(ctx, node, f"{node.name}: no rule for {_describe_target(key)}")
-    if tensor_inputs or out is not None:
+    if tensor_inputs or (out is not None and node.op != "call_function"):
         reason = f"{node.name}: no rule for {_describe_target(key)}"
         ctx.fix_inputs(node, reason)
         ctx.unsupported.append(reason)
@@ -364,11 +369,12 @@ rule(
     F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
     F.sigmoid, F.tanh, F.dropout, F.softplus, operator.neg,
     "relu", "sigmoid", "tanh", "contiguous", "clone", "float", "detach", "exp", "abs", "neg",
-    "sqrt", "square",
+    "sqrt", "square", torch.sin, torch.cos, "sin", "cos",
 )(_same)
 
 
-rule(nn.Softmax, torch.softmax, F.softmax, "softmax")(_same)  # normalizing an axis commutes with permuting it
+# normalizing an axis commutes with permuting it
+rule(nn.Softmax, torch.softmax, F.softmax, "softmax", F.normalize)(_same)
 
 
 @rule("to", "type")
@@ -1056,6 +1062,21 @@ def _pad(ctx: Context, node: fx.Node):
             _set_arg(n, 1, "pad", tuple(new))
 
         ctx.node_rewrites[node.name] = rewrite
+    return dims
+
+
+@rule(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+      nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+      nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+def _pad_module(ctx: Context, node: fx.Node):
+    """Padding modules pad trailing (spatial) axes: each padded axis becomes a new, fixed one."""
+    dims = list(ctx.dims_of(node.args[0]))
+    padding = ctx.module(node).padding
+    for p in range(len(padding) // 2):
+        if padding[2 * p] or padding[2 * p + 1]:
+            axis = len(dims) - 1 - p
+            ctx.table.fix(dims[axis], f"{node.name}: padded")
+            dims[axis] = ctx.table.new(ctx.shape(node)[axis], "padded")
     return dims
 
 

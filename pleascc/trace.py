@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import traceback
 
@@ -172,11 +173,73 @@ class GatedPositionalAttention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(batch, tokens, width))
 
 
+@fx.wrap
+def fourier_positions(shape: tuple[int, int, int], channels: int, temperature: float) -> torch.Tensor:
+    """(batch, 2·channels, H, W): sine and cosine features of each position's (y, x), as timm's EdgeNeXt makes.
+
+    Wrapped for fx (its sizes are Python ints); a function of sizes alone, so a
+    constant to the analysis.
+    """
+    batch, height, width = shape
+    y = torch.arange(1, height + 1, dtype=torch.float32).view(1, -1, 1).expand(batch, height, width)
+    x = torch.arange(1, width + 1, dtype=torch.float32).view(1, 1, -1).expand(batch, height, width)
+    y, x = y / (height + 1e-6) * 2 * math.pi, x / (width + 1e-6) * 2 * math.pi
+    steps = temperature ** (2 * torch.div(torch.arange(channels), 2, rounding_mode="floor") / channels)
+    features = []
+    for grid in (y, x):
+        phases = grid[..., None] / steps
+        features.append(torch.stack((phases[..., 0::2].sin(), phases[..., 1::2].cos()), dim=4).flatten(3))
+    return torch.cat(features, dim=3).permute(0, 3, 1, 2)
+
+
+class FourierPositionEncoding(nn.Module):
+    """timm's EdgeNeXt ``PositionalEncodingFourier``: constant Fourier features, then a learnt 1×1 projection.
+
+    timm's module is a leaf because fx cannot trace its ``torch.arange`` over
+    sizes; here that part is a wrapped constant and the projection is visible.
+    """
+
+    def __init__(self, encoding: nn.Module, where: str) -> None:
+        super().__init__()
+        self.token_projection = encoding.token_projection
+        self.hidden_dim, self.temperature = encoding.hidden_dim, encoding.temperature
+
+    def forward(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        features = fourier_positions(shape, self.hidden_dim, self.temperature)
+        return self.token_projection(features.to(self.token_projection.weight.dtype))
+
+
+class LinearAttention(nn.Module):
+    """timm's EfficientViT ``LiteMLA`` (ReLU linear attention over multi-scale q, k, v), with the same parameters.
+
+    timm's module is a leaf because it turns autocast off after checking the
+    device, which fx cannot trace; pleascc computes in float32 anyway.
+    """
+
+    def __init__(self, mla: nn.Module, where: str) -> None:
+        super().__init__()
+        self.dim, self.eps = mla.dim, mla.eps
+        self.qkv, self.aggreg, self.kernel_func, self.proj = mla.qkv, mla.aggreg, mla.kernel_func, mla.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        qkv = self.qkv(x)
+        qkv = torch.cat([qkv] + [scale(qkv) for scale in self.aggreg], dim=1)
+        q, k, v = qkv.reshape(batch, -1, 3 * self.dim, height * width).transpose(-1, -2).chunk(3, dim=-1)
+        q, k = self.kernel_func(q), self.kernel_func(k)
+        v = F.pad(v, (0, 1), mode="constant", value=1.0)  # a ones column: its output is the normaliser
+        out = q @ (k.transpose(-1, -2) @ v)
+        out = out[..., :-1] / (out[..., -1:] + self.eps)
+        return self.proj(out.transpose(-1, -2).reshape(batch, -1, height, width))
+
+
 # Leaf modules fx cannot see into -> a traceable equivalent (or None to leave one as it is); one rule per type.
 OPENERS = {
     "torch.nn.modules.activation.MultiheadAttention": _open_multihead_attention,
     "timm.models.mobilevit.MobileVitBlock": PatchTransformer,
     "timm.models.convit.GPSA": GatedPositionalAttention,
+    "timm.models.efficientvit_mit.LiteMLA": LinearAttention,
+    "timm.models.edgenext.PositionalEncodingFourier": FourierPositionEncoding,
 }
 
 

@@ -230,6 +230,28 @@ def test_position_lists_and_vector_norms():
     _assert_one_free_group_permutes(_zigzag_then_norm, (3, 2, 2))
 
 
+@torch.fx.wrap
+def _position_code(shape) -> torch.Tensor:
+    """A constant made from sizes alone (as position encodings are)."""
+    return torch.arange(shape[2] * shape[3], dtype=torch.float32).view(1, 1, shape[2], shape[3]) / 10
+
+
+class _PaddedNormalized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.ZeroPad2d(1)
+
+    def forward(self, y):
+        y = self.pad(y)
+        y = F.normalize(y, dim=1) + _position_code(y.shape).sin().cos()
+        return y.mean((2, 3))
+
+
+def test_padding_modules_normalize_and_constants_of_sizes():
+    """nn.ZeroPad2d pads positions; F.normalize over channels ignores their order; a function of sizes is a constant."""
+    _assert_one_free_group_permutes(_PaddedNormalized(), (3, 4, 4))
+
+
 def _joint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     moments = CrossMoments(a.shape[1], within=True)
     moments.add(a, b)

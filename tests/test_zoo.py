@@ -5,6 +5,7 @@ import torch
 import torchvision
 from zoo_coverage import TRANSFORMERS, ZOO, build
 
+from pleascc.trace import trace
 from pleascc.verify import permutation_invariance
 
 CNNS = [z for z in ZOO if z not in TRANSFORMERS]  # transformers: tests/test_transformers.py
@@ -23,6 +24,20 @@ def test_random_permutation_leaves_output_unchanged(source, name, resolution, kw
     assert result["free_groups"] > 0
     assert result["coverage"] > 0.99
     assert result["unsupported"] == []
+
+
+@pytest.mark.parametrize("name", ["convit_tiny", "efficientvit_b0", "edgenext_xx_small"])
+def test_opened_timm_leaves_compute_the_same_and_stay_permutable(name):
+    """Leaves fx cannot trace, replaced by equivalents (trace.OPENERS): same outputs, every op with a rule."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    with torch.no_grad():
+        assert torch.allclose(trace(model)(x), model(x), atol=1e-5)
+    result = permutation_invariance(model, x)
+    assert result["unsupported"] == [] and result["relative_diff"] < 1e-4
 
 
 def test_a_wrong_group_is_caught():
