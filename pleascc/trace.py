@@ -233,6 +233,49 @@ class LinearAttention(nn.Module):
         return self.proj(out.transpose(-1, -2).reshape(batch, -1, height, width))
 
 
+class WindowedCascadedAttention(nn.Module):
+    """timm's EfficientViT (MSRA) ``LocalWindowAttention``: windows around cascaded group attention, same parameters.
+
+    timm's module is a leaf because its windowing branches on the input size,
+    and its attention keeps a bias cache outside its parameters (stale once the
+    weights change).  Here the windows follow the size the model was built for,
+    and the biases are gathered from the parameter in every forward.
+    """
+
+    def __init__(self, local: nn.Module, where: str) -> None:
+        super().__init__()
+        self.attn, self.resolution = local.attn, local.resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ws, side = self.attn.resolution, self.resolution
+        if side == ws:
+            return self._attention(x)
+        batch, channels = x.shape[0], x.shape[1]
+        pad = (ws - side % ws) % ws
+        windows = (side + pad) // ws
+        x = F.pad(x.permute(0, 2, 3, 1), (0, 0, 0, pad, 0, pad))
+        x = x.view(batch, windows, ws, windows, ws, channels).transpose(2, 3)
+        x = self._attention(x.reshape(-1, ws, ws, channels).permute(0, 3, 1, 2))
+        x = x.permute(0, 2, 3, 1).view(batch, windows, windows, ws, ws, channels)
+        x = x.transpose(2, 3).reshape(batch, windows * ws, windows * ws, channels)
+        return x[:, :side, :side].permute(0, 3, 1, 2)
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        batch, _, height, width = x.shape
+        chunks = x.chunk(len(attn.qkvs), dim=1)
+        biases = attn.attention_biases[:, attn.attention_bias_idxs]
+        feat, outputs = chunks[0], []
+        for head, (qkv, dw) in enumerate(zip(attn.qkvs, attn.dws)):
+            feat = qkv(feat if head == 0 else feat + chunks[head])
+            q, k, v = feat.view(batch, -1, height, width).split([attn.key_dim, attn.key_dim, attn.val_dim], dim=1)
+            q, k, v = dw(q).flatten(2), k.flatten(2), v.flatten(2)
+            scores = ((q * attn.scale).transpose(-2, -1) @ k + biases[head]).softmax(dim=-1)
+            feat = (v @ scores.transpose(-2, -1)).view(batch, attn.val_dim, height, width)
+            outputs.append(feat)
+        return attn.proj(torch.cat(outputs, 1))
+
+
 # Leaf modules fx cannot see into -> a traceable equivalent (or None to leave one as it is); one rule per type.
 OPENERS = {
     "torch.nn.modules.activation.MultiheadAttention": _open_multihead_attention,
@@ -240,6 +283,7 @@ OPENERS = {
     "timm.models.convit.GPSA": GatedPositionalAttention,
     "timm.models.efficientvit_mit.LiteMLA": LinearAttention,
     "timm.models.edgenext.PositionalEncodingFourier": FourierPositionEncoding,
+    "timm.models.efficientvit_msra.LocalWindowAttention": WindowedCascadedAttention,
 }
 
 
