@@ -276,6 +276,33 @@ class WindowedCascadedAttention(nn.Module):
         return attn.proj(torch.cat(outputs, 1))
 
 
+class StridedConvAttention(nn.Module):
+    """timm's CPUBone ``ConvAttention`` (attention on a strided projection, upsampled back), same parameters.
+
+    timm's module is a leaf because it pads only when the size is odd; here the
+    pad is always applied, with amounts computed from the size (zero when even).
+    """
+
+    def __init__(self, attention: nn.Module, where: str) -> None:
+        super().__init__()
+        for name in ("num_heads", "head_dim", "num_keys", "att_stride", "small_kernels", "o_proj_inpdim"):
+            setattr(self, name, getattr(attention, name))
+        self.conv_proj, self.pwise = attention.conv_proj, attention.pwise
+        self.o_proj, self.upsampling = attention.o_proj, attention.upsampling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        if self.small_kernels and self.att_stride > 1:
+            x = F.pad(x, (0, (-width) % self.att_stride, 0, (-height) % self.att_stride))
+        xout = self.pwise(self.conv_proj(x))
+        batch, _, h, w = xout.shape
+        qkv = xout.reshape(batch, self.num_heads, self.num_keys * self.head_dim, h * w).permute(0, 1, 3, 2)
+        q, k, v = qkv.chunk(3, dim=3)
+        values = F.scaled_dot_product_attention(q, k, v)
+        o = self.o_proj(values.permute(0, 1, 3, 2).reshape(batch, self.o_proj_inpdim, h, w))
+        return self.upsampling(o)[..., :height, :width]
+
+
 # Leaf modules fx cannot see into -> a traceable equivalent (or None to leave one as it is); one rule per type.
 OPENERS = {
     "torch.nn.modules.activation.MultiheadAttention": _open_multihead_attention,
@@ -284,6 +311,7 @@ OPENERS = {
     "timm.models.efficientvit_mit.LiteMLA": LinearAttention,
     "timm.models.edgenext.PositionalEncodingFourier": FourierPositionEncoding,
     "timm.models.efficientvit_msra.LocalWindowAttention": WindowedCascadedAttention,
+    "timm.models.cpubone.ConvAttention": StridedConvAttention,
 }
 
 
