@@ -26,7 +26,10 @@ def test_random_permutation_leaves_output_unchanged(source, name, resolution, kw
     assert result["unsupported"] == []
 
 
-@pytest.mark.parametrize("name", ["convit_tiny", "efficientvit_b0", "edgenext_xx_small", "efficientvit_m0", "cpubone_nano"])
+OPENED = ["convit_tiny", "efficientvit_b0", "edgenext_xx_small", "efficientvit_m0", "cpubone_nano"]
+
+
+@pytest.mark.parametrize("name", OPENED)
 def test_opened_timm_leaves_compute_the_same_and_stay_permutable(name):
     """Leaves fx cannot trace, replaced by equivalents (trace.OPENERS): same outputs, every op with a rule."""
     import timm
