@@ -210,7 +210,7 @@ def main() -> None:
         rows = [r for r in rows if "merge_seconds" not in r] + [
             r for r in old["rows"] if "merge_seconds" in r and r["method"] not in args.only] + [
             r for r in rows if "merge_seconds" in r]
-        rows.sort(key=lambda r: list(VARIANTS).index(r["method"]) if r["method"] in VARIANTS else -1)
+        rows.sort(key=lambda r: (list(VARIANTS).index(r["method"]) if r["method"] in VARIANTS else -1, r["budget"]))
         meta["earlier"] = old["meta"]
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
