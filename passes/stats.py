@@ -1,4 +1,4 @@
-"""Calibration statistics, streamed: sums only, never stored activations.
+"""Calibration statistics, streamed: sums only (sequential least squares may keep a bounded ``Frontier``).
 
 Two passes over the data, each running A and B side by side batch by batch:
 
@@ -246,28 +246,104 @@ class Problem:
     grams: dict[int, torch.Tensor] = field(default_factory=dict)  # RegMean: each model's own inputs' Gram
 
 
+class Frontier:
+    """Node values kept between the passes of sequential least squares, per batch: each pass resumes the last.
+
+    Every level needs A's and B's outputs and the merged model's inputs at its
+    layers; run from the input each time, the passes together cost levels ×
+    depth / 2 forward layers.  Keeping the values that nodes not yet run still
+    read makes them cost about one forward pass of each model.  Those values
+    grow with the samples, so past ``limit_bytes`` they are dropped for good
+    and each pass starts from the input again: memory stays bounded.  The
+    merged model is re-emitted between passes with the same node names; only
+    values of nodes before the layers being fitted are kept, and those no
+    longer change.
+    """
+
+    def __init__(self, limit_bytes: float = 0) -> None:
+        self.limit = limit_bytes
+        self.values: dict[tuple[str, int], dict[str, object]] = {}  # (model, batch) -> node name -> value
+        self.peak_bytes = 0
+
+    def run(self, gm: fx.GraphModule, model: str, batch: int, x: torch.Tensor, names: list[str]
+            ) -> dict[str, torch.Tensor]:
+        """The named nodes' values on batch ``batch`` (whose input is ``x``), computing only what is missing."""
+        env = dict(self.values.get((model, batch), {}))
+        nodes = {node.name: node for node in gm.graph.nodes}
+        needed, stack = set(), [nodes[name] for name in names]
+        while stack:
+            node = stack.pop()
+            if node.name not in env and node.name not in needed:
+                needed.add(node.name)
+                stack.extend(node.all_input_nodes)
+        for node in gm.graph.nodes:
+            if node.name in needed:
+                env[node.name] = _execute(gm, node, env, x)
+        if self.limit > 0:
+            self.values[(model, batch)] = {n: v for n, v in env.items() if nodes[n].op != "get_attr" and any(
+                user.name not in env for user in nodes[n].users)}
+        values = {name: env[name] for name in names}
+        for name, value in values.items():
+            _check_finite(value, model, name)
+        return values
+
+    def end_pass(self) -> None:
+        """Drop every kept value, for good, once they outgrow the limit."""
+        size = sum(_nbytes(v) for env in self.values.values() for v in env.values())
+        self.peak_bytes = max(self.peak_bytes, size)
+        if size > self.limit:
+            self.values.clear()
+            self.limit = 0
+
+
+def _execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch.Tensor):
+    """One node's value from its inputs' values in ``env`` (an fx.Interpreter step that can start anywhere)."""
+    if node.op == "placeholder":
+        return x
+    if node.op == "get_attr":
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
+    args = fx.node.map_arg(node.args, lambda n: env[n.name])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return gm.get_submodule(node.target)(*args, **kwargs)
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
 def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, maps: MergeMaps,
                   problems: list[Problem], data: torch.Tensor, batch_size: int = 64,
-                  progress: bool = True, merged_model: tuple[fx.GraphModule, dict[str, str]] | None = None
-                  ) -> None:
+                  progress: bool = True, merged_model: tuple[fx.GraphModule, dict[str, str]] | None = None,
+                  frontier: Frontier | None = None) -> None:
     """Accumulate each problem's input and target moments, in the merged layout (in place).
 
     Inputs are A's and B's features mapped to the merged layout (one pass), or,
     given ``merged_model`` (a merged GraphModule and each layer's input node
-    in it), the merged model's own features (the sequential variant).
+    in it), the merged model's own features (the sequential variant), resumed
+    from ``frontier`` where it keeps the last pass's values.
     """
     targets = sorted({p.layer.node for p in problems})
     names = targets if merged_model else sorted({*targets, *(p.layer.source for p in problems)})
-    captures = [capture(gm, names) for gm in gms]
+    frontier = frontier or Frontier()
     if merged_model:
         sources = {p.layer.node: merged_model[1][p.layer.node] for p in problems}
         own_names = sorted(set(sources.values()))
-        own = capture(merged_model[0], own_names)
     with torch.no_grad():
-        for x in batches(data, batch_size, "least-squares statistics", progress):
-            va, vb = _run_pair(captures, names, x)
+        for batch, x in enumerate(batches(data, batch_size, "least-squares statistics", progress)):
+            va, vb = (frontier.run(gm, label, batch, x, names) for gm, label in zip(gms, "AB"))
             if merged_model:
-                values = _run(own, own_names, x, "merged")
+                values = frontier.run(merged_model[0], "merged", batch, x, own_names)
             merged: dict[str, torch.Tensor] = {}
             rows: dict[tuple, torch.Tensor] = {}
             for p in problems:
@@ -283,6 +359,7 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
                 y = p.target(va[layer.node], vb[layer.node])
                 y = y if block.rows is None else y.index_select(layer.out_axis, block.rows)
                 _accumulate(p, rows[key], _target_rows(layer, y, maps))
+    frontier.end_pass()
     for p in problems:  # sums over every rank's shard
         p.xx, p.rx = distributed.total(p.xx), distributed.total(p.rx)
         p.count, p.tt, p.rr = distributed.total(p.count), distributed.total(p.tt), distributed.total(p.rr)

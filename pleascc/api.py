@@ -24,7 +24,8 @@ from pleascc.passes.match import match_all, match_heads, match_product, zipit
 from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks
 from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, own_weights, regmean, warm_start
 from pleascc.passes.solve import least_squares as ridge_fit
-from pleascc.passes.stats import Problem, batches, feature_moments, gram_moments, layer_moments, weight_similarity
+from pleascc.passes.stats import (Frontier, Problem, batches, feature_moments, gram_moments, layer_moments,
+                                  weight_similarity)
 from pleascc.passes.weights import weight_matching
 from pleascc.trace import check_same_graph, trace
 
@@ -68,6 +69,7 @@ def merge(
     regmean_alpha: float = 0.9,
     seed: int = 0,
     reset_bn: bool = False,
+    cache_gb: float = 2.0,
     progress: bool = True,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` × the FLOPs of one.
@@ -92,6 +94,9 @@ def merge(
     ``least_squares`` (pleas): fit each layer on A's and B's features mapped to
     the merged layout ("one-pass", one pass over the data), or on the merged
     model's own features, layer by layer ("sequential", a pass per level).
+    ``cache_gb``: memory for the activations sequential least squares keeps
+    between its passes, so that each resumes the last (0: every pass starts
+    from the input; past the limit, the same).
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -139,7 +144,7 @@ def merge(
     state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name])
              for name in states[0] if name not in own}  # separate heads: from their own fits
     emit_with = functools.partial(emit, gms[0], analysis, maps, state)
-    residuals, passes = {}, 0
+    residuals, passes, cache_mb = {}, 0, 0.0
     if refit == "regmean":
         blocked = [p for p in problems if is_blocked(p.layer) or p.model is not None]  # norms stay averaged
         gram_moments(gms, maps, blocked, local, batch_size, progress)
@@ -155,8 +160,10 @@ def merge(
             residuals, passes = fit(problems), 1
         else:
             levels = layer_levels(gms[0], analysis)
-            residuals = _fit_sequentially(fit, problems, levels, lambda: emit_with(_layer_weights(problems, states)))
-            passes = len(set(levels.values()))
+            frontier = Frontier(cache_gb * 2**30)
+            residuals = _fit_sequentially(functools.partial(fit, frontier=frontier), problems, levels,
+                                          lambda: emit_with(_layer_weights(problems, states)))
+            passes, cache_mb = len(set(levels.values())), frontier.peak_bytes / 2**20
     timings["solve"] = time.perf_counter() - clock
 
     merged = emit_with(_layer_weights(problems, states))
@@ -166,7 +173,7 @@ def merge(
                      method=method, budget=budget, separate=separate, samples=len(x),
                      width_search="zip-until " + zip_until if zip_until else width_search,
                      least_squares=least_squares if refit == "least-squares" else None,
-                     least_squares_passes=passes)
+                     least_squares_passes=passes, least_squares_cache_mb=cache_mb)
     return MergeResult(merged.eval(), report, analysis)
 
 
@@ -253,9 +260,10 @@ def _partner_of(m) -> torch.Tensor:
 
 
 def _fit(gms, analysis: Analysis, maps: MergeMaps, x: torch.Tensor, batch_size: int, progress: bool,
-         ridge: float, problems: list[Problem], merged_model=None) -> dict[str, float]:
+         ridge: float, problems: list[Problem], merged_model=None, frontier: Frontier | None = None
+         ) -> dict[str, float]:
     """One pass over the data, then each problem's least-squares fit (``p.w``); returns the residuals."""
-    layer_moments(gms, analysis, maps, problems, x, batch_size, progress, merged_model)
+    layer_moments(gms, analysis, maps, problems, x, batch_size, progress, merged_model, frontier)
     residuals = {}
     for p in problems:
         p.w, residuals[p.name] = ridge_fit(p, ridge, has_bias=p.layer.kind == "norm" or bool(p.layer.bias))

@@ -103,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--least-squares", choices=("sequential", "one-pass"), default="sequential",
                    help="pleas: fit each layer on the merged model's own inputs, one pass per level of layers "
                         "(default; more accurate), or on the originals' features in a single pass (faster)")
+    m.add_argument("--cache-gb", type=float, default=2.0,
+                   help="sequential least squares: memory for the activations kept between its passes, so each "
+                        "resumes the last (about one forward pass of each model in all); 0 or past the limit: "
+                        "every pass starts from the input")
     m.add_argument("--batch-size", type=int, default=64)
     m.add_argument("--distributed", action="store_true",
                    help="shard the calibration data over the processes torchrun starts (all-reducing the "
@@ -208,7 +212,7 @@ def _merge(args) -> int:
                            least_squares=args.least_squares, batch_size=args.batch_size, matching=args.matching,
                            width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
                            zip_until=args.zip_until,
-                           regmean_alpha=args.regmean_alpha, seed=args.seed, reset_bn=args.reset_bn,
+                           regmean_alpha=args.regmean_alpha, seed=args.seed, reset_bn=args.reset_bn, cache_gb=args.cache_gb,
                            progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0

@@ -46,6 +46,17 @@ def test_bad_settings_are_one_line_errors(bad):
         pleascc.merge(a, b, torch.randn(100, 1, 8, 8), progress=False, **bad)
 
 
+@pytest.mark.parametrize("cache_gb", [2.0, 1e-6])  # 1e-6: the kept values outgrow it and are dropped
+def test_sequential_passes_resumed_from_kept_activations_give_the_same_merge(cache_gb):
+    a, b = _pair()
+    x = torch.randn(300, 1, 8, 8)
+    kept = pleascc.merge(a, b, x, budget=1.5, labels="separate", cache_gb=cache_gb, progress=False)
+    fresh = pleascc.merge(a, b, x, budget=1.5, labels="separate", cache_gb=0, progress=False)
+    assert kept.report["least_squares_cache_mb"] > 0 and fresh.report["least_squares_cache_mb"] == 0
+    for (name, got), want in zip(kept.model.state_dict().items(), fresh.model.state_dict().values()):
+        assert torch.allclose(got, want, atol=1e-6), name
+
+
 class _Returning(torch.nn.Module):
     """The demo network, returning its logits inside ``wrap``."""
 
