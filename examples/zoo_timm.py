@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,12 @@ def main() -> None:
     p.add_argument("--redo-failed", action="store_true", help="recompute the rows that did not pass")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core for other work)")
     p.add_argument("--shard", default="0/1", help="K/N: this worker checks every N-th model from the K-th")
+    p.add_argument("--memory-gb", type=float, default=9.0,
+                   help="cap on this worker's data memory: a model needing more fails with an allocation error "
+                        "(recorded) instead of the machine killing the worker")
     args = p.parse_args()
+    limit = int(args.memory_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     torch.set_num_threads(args.threads)
     shard, shards = (int(v) for v in args.shard.split("/"))
     saved = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
