@@ -892,6 +892,25 @@ def _expand_as(ctx: Context, node: fx.Node):
     return [other[k] if k < new or in_shape[k - new] != out_shape[k] else dims[k - new] for k in range(len(out_shape))]
 
 
+@rule(torch.repeat_interleave, "repeat_interleave")
+def _repeat_interleave(ctx: Context, node: fx.Node):
+    """Each entry repeated r times along an axis: (units × r), so a permutation moves whole blocks of r.
+
+    Repeats known only at run time (or per entry) leave that axis mixed;
+    without an axis the input is flattened, so every axis is.
+    """
+    dims, shape = list(ctx.dims_of(node.args[0])), ctx.shape(node)
+    repeats, dim = ctx.arg(node, 1, "repeats"), ctx.arg(node, 2, "dim")
+    if dim is None:
+        return [_mixed_axis(ctx, node, Prod(tuple(dims)), shape[0])]
+    axis = dim % len(dims)
+    if isinstance(repeats, int):
+        dims[axis] = Prod((dims[axis], ctx.table.new(repeats, f"{node.name}: repeats")))
+    else:
+        dims[axis] = _mixed_axis(ctx, node, dims[axis], shape[axis])
+    return dims
+
+
 @rule("unfold")
 def _unfold_windows(ctx: Context, node: fx.Node):
     """x.unfold(axis, size, step): sliding windows along an axis (which is therefore fixed), each a new last axis."""
@@ -1139,9 +1158,17 @@ def _channels_last_passthrough(ctx: Context, node: fx.Node):
     return ctx.new_dims(ctx.shape(node)[:-1], f"{node.name}: windows") + [dims[-1]]
 
 
+def _channels_first_passthrough(ctx: Context, node: fx.Node):
+    """Rearranges every axis but the channels (axis 1): timm's NCHW window and grid reversal."""
+    dims, shape = ctx.dims_of(node.args[0]), ctx.shape(node)
+    return [ctx.table.new(shape[0], f"{node.name}: windows"), dims[1]] + ctx.new_dims(shape[2:], "spatial")
+
+
 # timm's functions hidden from fx; CrossViT's scale_image resizes or crops an image, a spatial op like pooling
 _TIMM_FUNCTIONS = {"window_reverse": _channels_last_passthrough, "window_partition": _channels_last_passthrough,
-                   "scale_image": _pool}
+                   "grid_reverse": _channels_last_passthrough, "deblockify": _channels_last_passthrough,
+                   "window_reverse_nchw": _channels_first_passthrough,
+                   "grid_reverse_nchw": _channels_first_passthrough, "scale_image": _pool}
 for _fn in timm_registrations()[1]:
     if _fn.__name__ in _TIMM_FUNCTIONS:
         RULES[_fn] = _TIMM_FUNCTIONS[_fn.__name__]

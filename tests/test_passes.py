@@ -252,6 +252,16 @@ def test_padding_modules_normalize_and_constants_of_sizes():
     _assert_one_free_group_permutes(_PaddedNormalized(), (3, 4, 4))
 
 
+def _repeated(y):
+    n, c, h, w = y.shape
+    y = y.repeat_interleave(2, dim=1).view(n, c, 2, h, w).amax(2)  # channels (units × 2): blocks move together
+    return y.repeat_interleave(n // y.shape[0], dim=0).mean((2, 3))  # repeats known at run time: a batch axis
+
+
+def test_repeat_interleave_keeps_repeated_units_together():
+    _assert_one_free_group_permutes(_repeated, (3, 2, 2))
+
+
 def _joint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     moments = CrossMoments(a.shape[1], within=True)
     moments.add(a, b)
