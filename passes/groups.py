@@ -389,14 +389,14 @@ rule("type_as")(_same)
 @rule(
     operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
     torch.div, torch.maximum, torch.minimum, torch.addcmul, torch.addcdiv, "add", "sub", "mul", "div", "addcmul",
-    "addcdiv",
+    "addcdiv", torch.clamp, torch.clip, "clamp", "clip", "clamp_min", "clamp_max",
 )
 def _elementwise(ctx: Context, node: fx.Node):
-    """Broadcasting binary ops: axes that meet with size > 1 are one space."""
+    """Broadcasting elementwise ops (tensor clamp bounds too): axes that meet with size > 1 are one space."""
     shape = ctx.shape(node)
     if shape is None:
         return None
-    operands = [(ctx.dims_of(a), ctx.shape(a)) for a in node.args if isinstance(a, fx.Node)]
+    operands = [(ctx.dims_of(a), ctx.shape(a)) for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
     operands = [(d, s) for d, s in operands if d is not None and s is not None]
     return _broadcast(ctx, node, [d for d, _ in operands], [s for _, s in operands], len(shape))
 

@@ -262,6 +262,10 @@ def test_repeat_interleave_keeps_repeated_units_together():
     _assert_one_free_group_permutes(_repeated, (3, 2, 2))
 
 
+def test_clamp_with_a_per_channel_bound_is_elementwise():
+    _assert_one_free_group_permutes(lambda y: torch.clamp(y, max=y.mean((2, 3), keepdim=True)).mean((2, 3)), (3, 2, 2))
+
+
 def _joint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     moments = CrossMoments(a.shape[1], within=True)
     moments.add(a, b)
