@@ -134,6 +134,24 @@ class PatchTransformer(nn.Module):
         return x
 
 
+class PatchLinearTransformer(PatchTransformer):
+    """timm's ``MobileVitV2Block``: (B, C, pixels of a patch, patches) through linear attention, same parameters.
+
+    The same unfold/fold as one reshape and permute each as ``PatchTransformer``,
+    in V2's channels-first layout; no shortcut fusion.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_1x1(self.conv_kxk(x))
+        batch, _, height, width = x.shape
+        ph, pw = self.patch_size
+        nh, nw = height // ph, width // pw
+        x = x.reshape(batch, -1, nh, ph, nw, pw).permute(0, 1, 3, 5, 2, 4).reshape(batch, -1, ph * pw, nh * nw)
+        x = self.norm(self.transformer(x))
+        x = x.reshape(batch, -1, ph, pw, nh, nw).permute(0, 1, 4, 2, 5, 3).reshape(batch, -1, height, width)
+        return self.conv_proj(x)
+
+
 @fx.wrap
 def grid_offsets(x: torch.Tensor) -> torch.Tensor:
     """(1, N, N, 3): ConViT's offsets (dx, dy, dx² + dy²) between the N tokens of ``x``, a square grid.
@@ -307,6 +325,7 @@ class StridedConvAttention(nn.Module):
 OPENERS = {
     "torch.nn.modules.activation.MultiheadAttention": _open_multihead_attention,
     "timm.models.mobilevit.MobileVitBlock": PatchTransformer,
+    "timm.models.mobilevit.MobileVitV2Block": PatchLinearTransformer,
     "timm.models.convit.GPSA": GatedPositionalAttention,
     "timm.models.efficientvit_mit.LiteMLA": LinearAttention,
     "timm.models.edgenext.PositionalEncodingFourier": FourierPositionEncoding,
