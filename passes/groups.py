@@ -911,6 +911,33 @@ def _repeat_interleave(ctx: Context, node: fx.Node):
     return dims
 
 
+@rule("repeat", "tile", torch.tile)
+def _tile(ctx: Context, node: fx.Node):
+    """Whole copies of an axis, r times: (r × units), so every copy is permuted alike; leading new axes are fixed."""
+    dims, shape = list(ctx.dims_of(node.args[0])), ctx.shape(node)
+    reps = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
+    reps = [1] * (len(dims) - len(reps)) + list(reps)
+    out = ctx.new_dims(shape[:len(reps) - len(dims)], f"{node.name}: tiles")
+    for dim, r, size in zip(dims, reps[len(reps) - len(dims):], shape[len(shape) - len(dims):]):
+        if r == 1:
+            out.append(dim)
+        elif isinstance(r, int):
+            out.append(Prod((ctx.table.new(r, f"{node.name}: tiles"), dim)))
+        else:
+            out.append(_mixed_axis(ctx, node, dim, size))
+    return out
+
+
+@rule(nn.Unfold, F.unfold)
+def _im2col(ctx: Context, node: fx.Node):
+    """(N, C, H, W) → (N, C·window, positions): each channel's window stays together, channel outer."""
+    dims, shape = ctx.dims_of(node.args[0]), ctx.shape(node)
+    for dim, size in zip(dims[2:], ctx.shape(node.args[0])[2:]):
+        _mixed_axis(ctx, node, dim, size)
+    window = ctx.table.new(shape[1] // ctx.shape(node.args[0])[1], f"{node.name}: window")
+    return [dims[0], Prod((dims[1], window)), ctx.table.new(shape[2], "spatial")]
+
+
 @rule("unfold")
 def _unfold_windows(ctx: Context, node: fx.Node):
     """x.unfold(axis, size, step): sliding windows along an axis (which is therefore fixed), each a new last axis."""

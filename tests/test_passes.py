@@ -266,6 +266,23 @@ def test_clamp_with_a_per_channel_bound_is_elementwise():
     _assert_one_free_group_permutes(lambda y: torch.clamp(y, max=y.mean((2, 3), keepdim=True)).mean((2, 3)), (3, 2, 2))
 
 
+class _WindowsAndTiles(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.unfold = nn.Unfold(2, stride=2)
+
+    def forward(self, y):
+        n, c = y.shape[:2]
+        windows = self.unfold(y).view(n, c, 4, -1).amax(2)  # im2col: (channels × window, positions)
+        tiled = y.mean((2, 3)).tile(1, 2).view(n, 2, c).mean(1)  # (copies × channels)
+        repeated = y.mean((2, 3), keepdim=True).repeat(1, 1, 2, 2).mean((2, 3))
+        return windows.mean(2) + tiled + repeated
+
+
+def test_im2col_tile_and_repeat_keep_channels_permutable():
+    _assert_one_free_group_permutes(_WindowsAndTiles(), (3, 4, 4))
+
+
 def _joint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     moments = CrossMoments(a.shape[1], within=True)
     moments.add(a, b)
