@@ -79,7 +79,8 @@ def check(source: str, name: str, resolution: int, kwargs: dict, samples: int) -
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | self-merge 1.0 | permuted copy 1.0 | side by side 2.0 | exact | s |", "|---|---|---|---|---|---|"]
+    lines = ["| model | self-merge 1.0 | permuted copy 1.0 | side by side 2.0 | exact | s |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r[k]:.1e}" if k in r else "–" for k in ("self", "permuted_copy", "side_by_side")]
         verdict = "yes" if r["exact"] else f"no: {r.get('error', 'difference above 1e-4')}"

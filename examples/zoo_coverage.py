@@ -65,7 +65,8 @@ def main() -> None:
              "|---|---|---|---|---|"]
     for r in rows:
         stops = "; ".join(r["unsupported"]) or "none"
-        lines.append(f"| {r['model']} | {r['free_groups']} | {r['coverage']:.2%} | {r['relative_diff']:.1e} | {stops} |")
+        lines.append(f"| {r['model']} | {r['free_groups']} | {r['coverage']:.2%} | {r['relative_diff']:.1e} | "
+                     f"{stops} |")
     (RESULTS / "zoo_coverage.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
