@@ -211,9 +211,8 @@ def _merge(args) -> int:
     result = pleascc.merge(model_a, model_b, data, budget=args.budget, labels=args.labels, method=args.method,
                            least_squares=args.least_squares, batch_size=args.batch_size, matching=args.matching,
                            width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
-                           zip_until=args.zip_until,
-                           regmean_alpha=args.regmean_alpha, seed=args.seed, reset_bn=args.reset_bn, cache_gb=args.cache_gb,
-                           progress=not args.no_progress)
+                           zip_until=args.zip_until, regmean_alpha=args.regmean_alpha, seed=args.seed,
+                           reset_bn=args.reset_bn, cache_gb=args.cache_gb, progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0
     example = data.x[: min(len(data.x), 8)]
