@@ -260,12 +260,16 @@ def _unknown(ctx: Context, node: fx.Node, key) -> Any:
 
 
 def _fresh_outputs(ctx: Context, node: fx.Node, reason: str):
-    meta = node.meta.get("tensor_meta")
-    if hasattr(meta, "shape"):
-        return ctx.new_dims(meta.shape, reason)
-    if isinstance(meta, (tuple, list)) and all(hasattr(m, "shape") for m in meta):
-        return [ctx.new_dims(m.shape, reason) for m in meta]
-    return None
+    """New fixed spaces for every tensor an op returns, in the nesting it returns them (an LSTM's (y, (h, c)))."""
+
+    def fresh(meta):
+        if hasattr(meta, "shape"):
+            return ctx.new_dims(meta.shape, reason)
+        if isinstance(meta, (tuple, list)):
+            return [fresh(m) for m in meta]
+        return None
+
+    return fresh(node.meta.get("tensor_meta"))
 
 
 def per_head_spaces(table: SpaceTable, activations: list[list], parameters: list[list]) -> dict[int, int]:
@@ -389,7 +393,7 @@ rule("type_as")(_same)
 @rule(
     operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
     torch.div, torch.maximum, torch.minimum, torch.addcmul, torch.addcdiv, "add", "sub", "mul", "div", "addcmul",
-    "addcdiv", torch.clamp, torch.clip, "clamp", "clip", "clamp_min", "clamp_max",
+    "addcdiv", torch.clamp, torch.clip, "clamp", "clip", "clamp_min", "clamp_max", operator.pow, torch.pow, "pow",
 )
 def _elementwise(ctx: Context, node: fx.Node):
     """Broadcasting elementwise ops (tensor clamp bounds too): axes that meet with size > 1 are one space."""
@@ -1024,7 +1028,7 @@ def _getitem(ctx: Context, node: fx.Node):
         _frozen_size(ctx, node, source.args[0], index)
     if dims is None:
         return None
-    if dims and isinstance(dims[0], list):  # an element of split/chunk's tuple
+    if dims and (dims[0] is None or isinstance(dims[0], list)):  # an element of a tuple (split, chunk, a leaf)
         return dims[index]
     return _index_tensor(ctx, node, dims, index)
 
@@ -1180,22 +1184,27 @@ def _shifted_window_attention(ctx: Context, node: fx.Node):
 
 
 def _channels_last_passthrough(ctx: Context, node: fx.Node):
-    """Rearranges the leading axes and keeps the last (channels) one: timm's window (un)partition."""
+    """Mixes the leading axes (which stay in place) and keeps the last, channels: timm's windows, resampling."""
     dims = ctx.dims_of(node.args[0])
-    return ctx.new_dims(ctx.shape(node)[:-1], f"{node.name}: windows") + [dims[-1]]
+    for dim in dims[:-1]:
+        ctx.table.fix(dim, f"positions mixed by {node.name}")
+    return ctx.new_dims(ctx.shape(node)[:-1], "positions") + [dims[-1]]
 
 
 def _channels_first_passthrough(ctx: Context, node: fx.Node):
-    """Rearranges every axis but the channels (axis 1): timm's NCHW window and grid reversal."""
+    """Mixes every axis but the channels (axis 1): timm's NCHW window and grid reversal."""
     dims, shape = ctx.dims_of(node.args[0]), ctx.shape(node)
-    return [ctx.table.new(shape[0], f"{node.name}: windows"), dims[1]] + ctx.new_dims(shape[2:], "spatial")
+    for dim in dims[:1] + dims[2:]:
+        ctx.table.fix(dim, f"positions mixed by {node.name}")
+    return [ctx.table.new(shape[0], "positions"), dims[1]] + ctx.new_dims(shape[2:], "positions")
 
 
 # timm's functions hidden from fx; CrossViT's scale_image resizes or crops an image, a spatial op like pooling
 _TIMM_FUNCTIONS = {"window_reverse": _channels_last_passthrough, "window_partition": _channels_last_passthrough,
                    "grid_reverse": _channels_last_passthrough, "deblockify": _channels_last_passthrough,
                    "window_reverse_nchw": _channels_first_passthrough,
-                   "grid_reverse_nchw": _channels_first_passthrough, "scale_image": _pool}
+                   "grid_reverse_nchw": _channels_first_passthrough, "scale_image": _pool,
+                   "resample_abs_pos_embed": _channels_last_passthrough}
 for _fn in timm_registrations()[1]:
     if _fn.__name__ in _TIMM_FUNCTIONS:
         RULES[_fn] = _TIMM_FUNCTIONS[_fn.__name__]

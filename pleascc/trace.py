@@ -227,6 +227,42 @@ class FourierPositionEncoding(nn.Module):
         return self.token_projection(features.to(self.token_projection.weight.dtype))
 
 
+class FourierPositionEncodingXCiT(FourierPositionEncoding):
+    """timm's XCiT ``PositionalEncodingFourier``: EdgeNeXt's, called with (B, H, W) and tiled over the batch."""
+
+    def forward(self, batch: int, height: int, width: int) -> torch.Tensor:
+        return super().forward((1, height, width)).repeat(batch, 1, 1, 1)
+
+
+class WindowedBlock(nn.Module):
+    """timm's TinyViT ``TinyVitBlock``: window attention, a depthwise conv and an MLP, same parameters.
+
+    timm's block is a leaf because it pads only when the size needs it; here
+    the pad (zero when not needed) and the crop are always applied, with amounts
+    computed from the size, and one window is the general case's nH = nW = 1.
+    """
+
+    def __init__(self, block: nn.Module, where: str) -> None:
+        super().__init__()
+        self.window_size = block.window_size
+        for name, child in block.named_children():
+            self.add_module(name, child)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        ws = self.window_size
+        pad_b, pad_r = (ws - height % ws) % ws, (ws - width % ws) % ws
+        nh, nw = (height + pad_b) // ws, (width + pad_r) // ws
+        y = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        y = y.view(batch, nh, ws, nw, ws, channels).transpose(2, 3).reshape(batch * nh * nw, ws * ws, channels)
+        y = self.attn(y).view(batch, nh, nw, ws, ws, channels).transpose(2, 3)
+        y = y.reshape(batch, nh * ws, nw * ws, channels)[:, :height, :width]
+        x = x + self.drop_path1(y)
+        x = self.local_conv(x.permute(0, 3, 1, 2)).reshape(batch, channels, height * width).transpose(1, 2)
+        x = x + self.drop_path2(self.mlp(x))
+        return x.view(batch, height, width, channels)
+
+
 class LinearAttention(nn.Module):
     """timm's EfficientViT ``LiteMLA`` (ReLU linear attention over multi-scale q, k, v), with the same parameters.
 
@@ -329,6 +365,8 @@ OPENERS = {
     "timm.models.convit.GPSA": GatedPositionalAttention,
     "timm.models.efficientvit_mit.LiteMLA": LinearAttention,
     "timm.models.edgenext.PositionalEncodingFourier": FourierPositionEncoding,
+    "timm.models.xcit.PositionalEncodingFourier": FourierPositionEncodingXCiT,
+    "timm.models.tiny_vit.TinyVitBlock": WindowedBlock,
     "timm.models.efficientvit_msra.LocalWindowAttention": WindowedCascadedAttention,
     "timm.models.cpubone.ConvAttention": StridedConvAttention,
 }

@@ -1,0 +1,152 @@
+"""What a merge costs: time against its floor, peak memory, and how both scale.
+
+The floor is one forward pass of A and B over the calibration data; a merge
+also gathers statistics (two passes in one-pass least squares, more in the
+sequential variant, resumed from kept activations) and solves small dense
+systems.  Each measurement runs in a fresh process, so its peak resident memory
+(``ru_maxrss``, from the OS) is its own; the forward floor is timed in that same
+process, just before the merge, so the ratio compares like with like.  Random
+weights and random inputs: timing and memory do not depend on them.
+
+    python benchmarks/bench_scale.py ratio     # resnet50, vit_small at 224: 512 and 2048 samples, both LS variants
+    python benchmarks/bench_scale.py samples   # CIFAR ResNet-20 ×1: 256 … 4096 samples
+    python benchmarks/bench_scale.py width     # CIFAR ResNet-20 ×1, ×2, ×4, ×8 at 1024 samples
+    python benchmarks/bench_scale.py ratio --smoke   # a minute-long check of the script itself
+
+Writes benchmarks/results/scale_PART.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def build(arch: str, seed: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """A randomly initialised model and its input shape."""
+    torch.manual_seed(seed)
+    if arch == "resnet50":
+        import torchvision
+
+        return torchvision.models.resnet50(num_classes=10).eval(), (3, 224, 224)
+    if arch == "vit_small":
+        import timm
+
+        return timm.create_model("vit_small_patch16_224", num_classes=10).eval(), (3, 224, 224)
+    if arch == "resnet18-smoke":
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=10).eval(), (3, 96, 96)
+    sys.path.insert(0, str(EXAMPLES))
+    from resnet20 import resnet20
+
+    width = int(arch.removeprefix("resnet20x"))
+    return resnet20(num_classes=5, width=width).eval(), (3, 32, 32)
+
+
+def measure(job: dict) -> dict:
+    """One merge in this (fresh) process: the forward floor, the merge, and the process's peak memory."""
+    import pleascc
+
+    torch.set_num_threads(job["threads"])
+    (model_a, shape), (model_b, _) = build(job["arch"], 0), build(job["arch"], 1)
+    x = torch.randn(job["samples"], *shape, generator=torch.Generator().manual_seed(2))
+    start = time.perf_counter()
+    with torch.no_grad():
+        for model in (model_a, model_b):
+            for k in range(0, len(x), 64):
+                model(x[k:k + 64])
+    forward = time.perf_counter() - start
+    start = time.perf_counter()
+    result = pleascc.merge(model_a, model_b, x, least_squares=job["least_squares"], labels="separate",
+                           progress=False)
+    merge = time.perf_counter() - start
+    return {**job, "forward_s": forward, "merge_s": merge, "ratio": merge / forward,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "passes": 2 + max(result.report["least_squares_passes"] - 1, 0),
+            "cache_mb": result.report["least_squares_cache_mb"], "timings_s": result.report["timings_s"]}
+
+
+def jobs(part: str, smoke: bool, threads: int) -> list[dict]:
+    if part == "ratio":
+        archs, counts = (["resnet18-smoke"], [520, 1040]) if smoke else (["resnet50", "vit_small"], [512, 2048])
+        return [{"arch": a, "samples": n, "least_squares": ls, "threads": threads}
+                for a in archs for n in counts for ls in ("one-pass", "sequential")]
+    if part == "samples":
+        counts = [64, 128] if smoke else [256, 512, 1024, 2048, 4096]
+        return [{"arch": "resnet20x1", "samples": n, "least_squares": "sequential", "threads": threads}
+                for n in counts]
+    widths = [1, 2] if smoke else [1, 2, 4, 8]
+    return [{"arch": f"resnet20x{w}", "samples": 128 if smoke else 1024, "least_squares": "sequential",
+             "threads": threads} for w in widths]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | samples | least squares | passes | forward A+B s | merge s | merge ÷ forward | peak MB | "
+             "kept activations MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['arch']} | {r['samples']} | {r['least_squares']} | {r['passes']} | {r['forward_s']:.1f} | "
+              f"{r['merge_s']:.1f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['cache_mb']:.0f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], part: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = {"samples": "samples", "width": "arch"}.get(part)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    if key is None:  # ratio: one bar per merge
+        labels = [f"{r['arch']}\n{r['samples']}, {r['least_squares']}" for r in rows]
+        axes[0].bar(labels, [r["ratio"] for r in rows])
+        axes[0].axhline(3, color="gray", linestyle="--", label="target 3")
+        axes[0].set(ylabel="merge time ÷ forward A+B")
+        axes[0].legend()
+        axes[1].bar(labels, [r["peak_rss_mb"] / 1024 for r in rows])
+        axes[1].set(ylabel="peak RSS, GB")
+        for ax in axes:
+            ax.tick_params(axis="x", labelsize=6, rotation=45)
+    else:
+        xs = [r[key] for r in rows]
+        axes[0].plot(xs, [r["merge_s"] for r in rows], marker="o", label="merge")
+        axes[0].plot(xs, [r["forward_s"] for r in rows], marker="o", label="forward A+B (floor)")
+        axes[0].set(ylabel="seconds", xlabel=key)
+        axes[0].legend()
+        axes[1].plot(xs, [r["peak_rss_mb"] / 1024 for r in rows], marker="o")
+        axes[1].set(ylabel="peak RSS, GB", xlabel=key)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=("ratio", "samples", "width"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="tiny settings, to check the script")
+    args = p.parse_args()
+    rows = []
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for row in pool.imap(measure, jobs(args.part, args.smoke, args.threads)):
+            rows.append(row)
+            print(markdown([row]).splitlines()[-1], flush=True)
+    name = f"scale_{args.part}{'_smoke' if args.smoke else ''}"
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"command": " ".join(sys.argv), "torch": torch.__version__, "threads": args.threads}
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(rows))
+    plot(rows, args.part, RESULTS / f"{name}.png")
+
+
+if __name__ == "__main__":
+    main()
