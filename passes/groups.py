@@ -22,7 +22,7 @@ from torchvision.models import swin_transformer as swin
 from torchvision.ops import stochastic_depth
 
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
-from pleascc.trace import grid_offsets, timm_registrations
+from pleascc.trace import STANDARDIZED_CONVS, grid_offsets, timm_classes, timm_registrations
 
 Size = Callable[[Dim], int]  # a dim's width in the emitted model
 
@@ -534,7 +534,7 @@ def _resize_linear(module: nn.Linear, size: Size, in_dim: Dim, out_dim: Dim) -> 
 
 
 @rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def _conv(ctx: Context, node: fx.Node):
+def _conv(ctx: Context, node: fx.Node, refit: bool = True):
     """Convolutions; grouped ones split channels into (groups × per-group) spaces."""
     m = ctx.module(node)
     dims = ctx.dims_of(node.args[0])
@@ -552,9 +552,10 @@ def _conv(ctx: Context, node: fx.Node):
     if m.bias is not None:
         ctx.bind(f"{node.target}.bias", [out])
     conv = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation)
-    ctx.layers.append(Layer(node.name, "conv", f"{node.target}.weight",
-                            f"{node.target}.bias" if m.bias is not None else None,
-                            1, chan, 1, out, groups_dim, conv))
+    if refit:
+        ctx.layers.append(Layer(node.name, "conv", f"{node.target}.weight",
+                                f"{node.target}.bias" if m.bias is not None else None,
+                                1, chan, 1, out, groups_dim, conv))
     ctx.module_rewrites[node.target] = lambda mod, size: _resize_conv(mod, size, chan, out, groups_dim)
     spatial = [d if _pointwise(m, a) else _mixed_axis(ctx, node, d, size)
                for a, (d, size) in enumerate(zip(dims[2:], ctx.shape(node)[2:]))]
@@ -579,6 +580,21 @@ def _depthwise_conv_function(ctx: Context, node: fx.Node):
     ctx.node_rewrites[node.name] = lambda n, size: _set_arg(n, 6, "groups", size(dims[1]))
     spatial = [_mixed_axis(ctx, node, d, size) for d, size in zip(dims[2:], ctx.shape(node)[2:])]
     return [dims[0], dims[1], *spatial]
+
+
+@rule(*STANDARDIZED_CONVS)
+def _standardized_conv(ctx: Context, node: fx.Node):
+    """Weight-standardized convolutions (timm's StdConv2d, NFNet's ScaledStdConv2d), kept whole by the tracer.
+
+    A filter's standardization ignores the order of its inputs, so they permute
+    like any convolution (the gain with the filters); they are merged by their
+    permuted average, not refitted, since forward re-standardizes whatever
+    least squares would fit.
+    """
+    dims = _conv(ctx, node, refit=False)
+    if getattr(ctx.module(node), "gain", None) is not None:
+        ctx.bind(f"{node.target}.gain", [dims[1], *ctx.new_dims((1, 1, 1))])
+    return dims
 
 
 def _pointwise(conv: nn.Module, axis: int) -> bool:
@@ -737,6 +753,7 @@ def _set_arg(node: fx.Node, index: int, name: str, value) -> None:
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate,
+    *timm_classes("timm.layers.pool2d_same", "MaxPool2dSame", "AvgPool2dSame"),  # padded to "same" first
 )
 def _pool(ctx: Context, node: fx.Node):
     """Channels-first spatial ops: batch and channel pass through, spatial axes are new."""
@@ -748,6 +765,23 @@ def _pool(ctx: Context, node: fx.Node):
 def _reduce(ctx: Context, node: fx.Node):
     """Reductions: reduced axes disappear (or become size 1), the rest pass through."""
     return _reduced(ctx, ctx.dims_of(node.args[0]), ctx.arg(node, 1, "dim"), ctx.arg(node, 2, "keepdim", False))
+
+
+@rule(torch.max, torch.min, "max", "min")
+def _extremum(ctx: Context, node: fx.Node):
+    """max/min over an axis: (values, indices), both reduced; over everything: a scalar; of two tensors: elementwise.
+
+    The indices of a maximum over channels would name units, so that axis is fixed.
+    """
+    other = ctx.arg(node, 1, "dim")
+    if isinstance(other, fx.Node):
+        return _elementwise(ctx, node)
+    dims = ctx.dims_of(node.args[0])
+    if other is None:
+        return []
+    ctx.table.fix(dims[other % len(dims)], f"{node.name}: arg-extremum indices")
+    reduced = _reduced(ctx, dims, other, ctx.arg(node, 2, "keepdim", False))
+    return [reduced, list(reduced)]
 
 
 @rule(torch.norm, torch.linalg.vector_norm, "norm")
@@ -940,6 +974,17 @@ def _im2col(ctx: Context, node: fx.Node):
         _mixed_axis(ctx, node, dim, size)
     window = ctx.table.new(shape[1] // ctx.shape(node.args[0])[1], f"{node.name}: window")
     return [dims[0], Prod((dims[1], window)), ctx.table.new(shape[2], "spatial")]
+
+
+@rule(nn.Fold, F.fold)
+def _col2im(ctx: Context, node: fx.Node):
+    """(N, C·window, positions) → (N, C, H, W), im2col's inverse: channel outer, window inner, positions mixed."""
+    dims, shape = ctx.dims_of(node.args[0]), ctx.shape(node)
+    channels = ctx.table.new(shape[1])
+    ctx.table.unify(dims[1], Prod((channels, ctx.table.new(ctx.shape(node.args[0])[1] // shape[1], "window"))),
+                    node.name)
+    ctx.table.fix(dims[2], f"positions mixed by {node.name}")
+    return [dims[0], channels] + ctx.new_dims(shape[2:], "positions")
 
 
 @rule("unfold")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import operator
 import traceback
@@ -41,7 +42,21 @@ def timm_registrations() -> tuple[list, list]:
     except ImportError:
         return [], []
     leaves = [m for m in _fx._leaf_modules if m.__name__ not in _TRACE_THROUGH]
-    return leaves, list(_fx._autowrap_functions)
+    return leaves + [m for m in STANDARDIZED_CONVS if m not in leaves], list(_fx._autowrap_functions)
+
+
+def timm_classes(module: str, *names: str) -> list[type]:
+    """Classes of a timm module, for rules and openers keyed by them; none without timm."""
+    try:
+        found = importlib.import_module(module)
+    except ImportError:
+        return []
+    return [getattr(found, name) for name in names if hasattr(found, name)]
+
+
+# weight-standardized convolutions, kept whole so that one rule sees a convolution
+STANDARDIZED_CONVS = timm_classes("timm.layers.std_conv", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
+                                  "ScaledStdConv2dSame")
 
 
 def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
@@ -263,6 +278,35 @@ class WindowedBlock(nn.Module):
         return x.view(batch, height, width, channels)
 
 
+class NormFreeResidual(nn.Module):
+    """timm's NFNet ``NormFreeBlock`` with its skip-init gain applied out of place, same parameters.
+
+    timm's block is a leaf because fx loses its in-place ``out.mul_(gain)``.
+    """
+
+    def __init__(self, block: nn.Module, where: str) -> None:
+        super().__init__()
+        for name in ("downsample", "conv1", "act1", "conv2", "act2", "conv2b", "act2b", "attn", "conv3", "act3",
+                     "attn_last", "drop_path", "skipinit_gain", "alpha", "beta", "attn_gain"):
+            setattr(self, name, getattr(block, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(x) * self.beta
+        shortcut = x if self.downsample is None else self.downsample(out)
+        out = self.conv2(self.act2(self.conv1(out)))
+        if self.conv2b is not None:
+            out = self.conv2b(self.act2b(out))
+        if self.attn is not None:
+            out = self.attn_gain * self.attn(out)
+        out = self.conv3(self.act3(out))
+        if self.attn_last is not None:
+            out = self.attn_gain * self.attn_last(out)
+        out = self.drop_path(out)
+        if self.skipinit_gain is not None:
+            out = out * self.skipinit_gain
+        return out * self.alpha + shortcut
+
+
 class LinearAttention(nn.Module):
     """timm's EfficientViT ``LiteMLA`` (ReLU linear attention over multi-scale q, k, v), with the same parameters.
 
@@ -367,6 +411,7 @@ OPENERS = {
     "timm.models.edgenext.PositionalEncodingFourier": FourierPositionEncoding,
     "timm.models.xcit.PositionalEncodingFourier": FourierPositionEncodingXCiT,
     "timm.models.tiny_vit.TinyVitBlock": WindowedBlock,
+    "timm.models.nfnet.NormFreeBlock": NormFreeResidual,
     "timm.models.efficientvit_msra.LocalWindowAttention": WindowedCascadedAttention,
     "timm.models.cpubone.ConvAttention": StridedConvAttention,
 }

@@ -276,10 +276,11 @@ class _WindowsAndTiles(nn.Module):
         windows = self.unfold(y).view(n, c, 4, -1).amax(2)  # im2col: (channels × window, positions)
         tiled = y.mean((2, 3)).tile(1, 2).view(n, 2, c).mean(1)  # (copies × channels)
         repeated = y.mean((2, 3), keepdim=True).repeat(1, 1, 2, 2).mean((2, 3))
-        return windows.mean(2) + tiled + repeated
+        folded = F.fold(self.unfold(y), y.shape[2:], 2, stride=2).max(dim=3)[0].amax(2)  # col2im undoes im2col
+        return windows.mean(2) + tiled + repeated + folded
 
 
-def test_im2col_tile_and_repeat_keep_channels_permutable():
+def test_im2col_col2im_tile_repeat_and_max_keep_channels_permutable():
     _assert_one_free_group_permutes(_WindowsAndTiles(), (3, 4, 4))
 
 
