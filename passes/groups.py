@@ -57,6 +57,7 @@ class Layer:
     conv: dict = field(default_factory=dict)  # kernel_size, stride, padding, dilation
     running: tuple | None = None  # norm: (running_mean, running_var, eps)
     source: str = ""  # the node holding the layer's input
+    refit: bool = True  # False: counted and observed like any layer, merged by its permuted average
 
 
 @dataclass
@@ -552,10 +553,9 @@ def _conv(ctx: Context, node: fx.Node, refit: bool = True):
     if m.bias is not None:
         ctx.bind(f"{node.target}.bias", [out])
     conv = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation)
-    if refit:
-        ctx.layers.append(Layer(node.name, "conv", f"{node.target}.weight",
-                                f"{node.target}.bias" if m.bias is not None else None,
-                                1, chan, 1, out, groups_dim, conv))
+    ctx.layers.append(Layer(node.name, "conv", f"{node.target}.weight",
+                            f"{node.target}.bias" if m.bias is not None else None,
+                            1, chan, 1, out, groups_dim, conv, refit=refit))
     ctx.module_rewrites[node.target] = lambda mod, size: _resize_conv(mod, size, chan, out, groups_dim)
     spatial = [d if _pointwise(m, a) else _mixed_axis(ctx, node, d, size)
                for a, (d, size) in enumerate(zip(dims[2:], ctx.shape(node)[2:]))]
@@ -587,10 +587,13 @@ def _standardized_conv(ctx: Context, node: fx.Node):
     """Weight-standardized convolutions (timm's StdConv2d, NFNet's ScaledStdConv2d), kept whole by the tracer.
 
     A filter's standardization ignores the order of its inputs, so they permute
-    like any convolution (the gain with the filters); they are merged by their
-    permuted average, not refitted, since forward re-standardizes whatever
-    least squares would fit.
+    like any convolution (the gain with the filters), but its statistics (and
+    NFNet's fan-in scale) change with their number: the input channels keep
+    their width.  Merged by their permuted average, not refitted, since forward
+    re-standardizes whatever least squares would fit.
     """
+    in_channels = ctx.shape(node.args[0])[1]
+    ctx.table.unify(ctx.dims_of(node.args[0])[1], ctx.table.new(in_channels, keep_width=True), node.name)
     dims = _conv(ctx, node, refit=False)
     if getattr(ctx.module(node), "gain", None) is not None:
         ctx.bind(f"{node.target}.gain", [dims[1], *ctx.new_dims((1, 1, 1))])

@@ -361,7 +361,7 @@ def _separate_labels(labels: str | None, heads: list[Layer], states) -> bool:
 def _problems(analysis: Analysis, maps: MergeMaps, states, separate_heads: set[str]) -> list[Problem]:
     """One fit per block of every layer; a separate head is fitted once per model."""
     problems = []
-    for layer in analysis.layers:
+    for layer in (layer for layer in analysis.layers if layer.refit):
         for model in (0, 1) if layer.node in separate_heads else (None,):
             w0 = warm_start(analysis, maps, layer, states, model)
             target = _own_output(model) if model is not None else functools.partial(_merged_output, maps, layer)

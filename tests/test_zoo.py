@@ -44,6 +44,21 @@ def test_opened_timm_leaves_compute_the_same_and_stay_permutable(name):
     assert result["unsupported"] == [] and result["relative_diff"] < 1e-4
 
 
+def test_weight_standardized_convs_count_in_the_budget_and_keep_their_input_width():
+    """NFNet's convs re-standardize their filters: never widened on the input side, so a self-merge is exact."""
+    import timm
+
+    import pleascc
+
+    torch.manual_seed(0)
+    model = non_degenerate(timm.create_model("test_nfnet", num_classes=10))
+    x = torch.randn(8, *model.pretrained_cfg["input_size"])
+    result = pleascc.merge(model, model, x, method="permute", budget=1.5, progress=False)
+    assert result.report["relative_flops"] <= 1.5
+    with torch.no_grad():
+        assert (result.model(x) - model(x)).abs().max() < 1e-4 * model(x).abs().max()
+
+
 def test_a_wrong_group_is_caught():
     """The property has teeth: permuting one weight alone changes the output."""
     model = torchvision.models.resnet18(weights=None).eval()
