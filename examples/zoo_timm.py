@@ -5,7 +5,9 @@ most ``--max-params`` parameters (random weights, 10 classes):
 
 - traced: torch.fx traces it (pleascc's tracer);
 - property: permuting every free group at random leaves the output unchanged
-  (float64, relative change < 1e-4) and no op lacks a rule;
+  (float64, relative change < 1e-4) and no op lacks a rule; all-zero
+  parameters (zero-initialised heads) get small random values first, or an
+  output of zeros would pass every check;
 - coverage: share of parameters that live in a permutable group;
 - self-merge: the model merged with itself at budget 1.0 (``--method permute``,
   8 samples), exported to ONNX, gives the model's outputs in ONNX Runtime
@@ -44,7 +46,7 @@ import torch
 import pleascc
 from pleascc.export import onnx_predict
 from pleascc.trace import trace
-from pleascc.verify import flat_outputs, permutation_invariance
+from pleascc.verify import flat_outputs, non_degenerate, permutation_invariance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -80,7 +82,7 @@ def check(name: str, version: str) -> dict:
     start = time.perf_counter()
     try:
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+        model = non_degenerate(timm.create_model(name, pretrained=False, num_classes=10))  # zero heads: no check
         row["params"] = sum(p.numel() for p in model.parameters())
         shape = model.pretrained_cfg.get("input_size", (3, 224, 224))
         row["input"] = list(shape)
@@ -110,19 +112,31 @@ def _passed(row: dict) -> bool:
     return row["traced"] and row["property"] and row["self_merge_exact"]
 
 
+def _reason(row: dict) -> str:
+    error = row.get("error") or ""
+    if "can't allocate memory" in error:
+        return "needs more memory than the worker's --memory-gb cap"
+    return error or "; ".join(row.get("unsupported") or [])
+
+
 def summary(rows: list[dict]) -> str:
     traced = [r for r in rows if r["traced"]]
     passed = [r for r in traced if _passed(r)]
+    failed = [r for r in rows if not _passed(r)]
     lines = [f"{len(rows)} architectures from {len({r['model'].split('_')[0] for r in rows})} name stems; "
              f"{len(traced)} trace; {len(passed)} of those ({len(passed) / max(1, len(traced)):.0%}) pass the "
              "property and the exact self-merge through ONNX Runtime.", "",
+             "Failing: " + "; ".join(f"{r['model']} ({_reason(r)[:90]})" for r in failed) + ".", "",
+             "Rows by the commit they were computed with: " + ", ".join(
+                 f"{code} {sum(str(r.get('code')) == code for r in rows)}" for code in sorted(
+                     {str(r.get("code")) for r in rows})) + ".", "",
              "| model | params | traced | property (rel. diff) | coverage | self-merge via ONNX | s | failure |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = f"{r['relative_diff']:.0e}" if "relative_diff" in r else "–"
         cov = f"{r['coverage']:.0%}" if "coverage" in r else "–"
         merge = f"{r['self_merge_diff']:.0e}" if "self_merge_diff" in r else "–"
-        why = r.get("error") or "; ".join(r.get("unsupported") or []) or ""
+        why = _reason(r)
         lines.append(f"| {r['model']} | {r.get('params', 0) / 1e6:.1f}M | {'yes' if r['traced'] else 'no'} | "
                      f"{'pass' if r['property'] else 'fail'} ({diff}) | {cov} | "
                      f"{'exact' if r['self_merge_exact'] else 'no'} ({merge}) | {r['seconds']} | "
@@ -148,19 +162,24 @@ def main() -> None:
     p.add_argument("--per-family", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "zoo_timm.json")
     p.add_argument("--redo-failed", action="store_true", help="recompute the rows that did not pass")
+    p.add_argument("--redo", nargs="*", default=[], help="recompute these models' rows")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core for other work)")
     p.add_argument("--shard", default="0/1", help="K/N: this worker checks every N-th model from the K-th")
     p.add_argument("--memory-gb", type=float, default=9.0,
                    help="cap on this worker's data memory: a model needing more fails with an allocation error "
                         "(recorded) instead of the machine killing the worker")
+    p.add_argument("--summarize", action="store_true", help="only rewrite the summary (.md) from the results")
     args = p.parse_args()
+    if args.summarize:
+        args.out.with_suffix(".md").write_text(summary(json.loads(args.out.read_text())["rows"]))
+        return
     limit = int(args.memory_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     torch.set_num_threads(args.threads)
     shard, shards = (int(v) for v in args.shard.split("/"))
     saved = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
     rows = saved["rows"]
-    seen = {r["model"] for r in rows if not (args.redo_failed and not _passed(r))}
+    seen = {r["model"] for r in rows if not (args.redo_failed and not _passed(r)) and r["model"] not in args.redo}
     names = saved["meta"].get("models") or candidates(args.max_params, args.per_family)  # listing takes minutes
     todo = [n for n in names[shard::shards] if n not in seen]
     print(f"{len(names)} architectures, {len(seen)} already done, {len(todo)} for this worker", flush=True)
