@@ -263,11 +263,21 @@ class Frontier:
     def __init__(self, limit_bytes: float = 0) -> None:
         self.limit = limit_bytes
         self.values: dict[tuple[str, int], dict[str, object]] = {}  # (model, batch) -> node name -> value
+        self.graphs: dict[str, tuple] = {}  # model -> its graph's code, node by node, when the values were kept
         self.peak_bytes = 0
 
     def run(self, gm: fx.GraphModule, model: str, batch: int, x: torch.Tensor, names: list[str]
             ) -> dict[str, torch.Tensor]:
-        """The named nodes' values on batch ``batch`` (whose input is ``x``), computing only what is missing."""
+        """The named nodes' values on batch ``batch`` (whose input is ``x``), computing only what is missing.
+
+        Kept values are used only if the graph's code is the one they were
+        computed with (a re-emitted merged model whose nodes were renamed
+        starts from the input).
+        """
+        code = tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
+        if self.graphs.get(model) != code:
+            self.values = {key: env for key, env in self.values.items() if key[0] != model}
+            self.graphs[model] = code
         env = dict(self.values.get((model, batch), {}))
         nodes = {node.name: node for node in gm.graph.nodes}
         needed, stack = set(), [nodes[name] for name in names]
@@ -297,9 +307,13 @@ class Frontier:
 
 
 def _execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch.Tensor):
-    """One node's value from its inputs' values in ``env`` (an fx.Interpreter step that can start anywhere)."""
+    """One node's value from its inputs' values in ``env`` (an fx.Interpreter step that can start anywhere).
+
+    The model is called with ``x`` alone: later placeholders take their defaults.
+    """
     if node.op == "placeholder":
-        return x
+        first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        return x if node is first else (node.args[0] if node.args else None)
     if node.op == "get_attr":
         value = gm
         for part in node.target.split("."):
