@@ -116,6 +116,8 @@ def _reason(row: dict) -> str:
     error = row.get("error") or ""
     if "can't allocate memory" in error:
         return "needs more memory than the worker's --memory-gb cap"
+    if not error and row.get("unsupported") == [] and not row["property"]:
+        return f"a wrong group: the property moves the output by {row['relative_diff']:.0e}"
     return error or "; ".join(row.get("unsupported") or [])
 
 
