@@ -263,7 +263,7 @@ class Frontier:
     def __init__(self, limit_bytes: float = 0) -> None:
         self.limit = limit_bytes
         self.values: dict[tuple[str, int], dict[str, object]] = {}  # (model, batch) -> node name -> value
-        self.graphs: dict[str, tuple] = {}  # model -> its graph's code, node by node, when the values were kept
+        self.graphs: dict[str, tuple] = {}  # model -> (the graph last run, its code node by node)
         self.peak_bytes = 0
 
     def run(self, gm: fx.GraphModule, model: str, batch: int, x: torch.Tensor, names: list[str]
@@ -274,10 +274,12 @@ class Frontier:
         computed with (a re-emitted merged model whose nodes were renamed
         starts from the input).
         """
-        code = tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
-        if self.graphs.get(model) != code:
-            self.values = {key: env for key, env in self.values.items() if key[0] != model}
-            self.graphs[model] = code
+        last, code = self.graphs.get(model, (None, None))
+        if gm is not last:  # once per graph, not per batch
+            new_code = tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
+            if new_code != code:
+                self.values = {key: env for key, env in self.values.items() if key[0] != model}
+            self.graphs[model] = (gm, new_code)
         env = dict(self.values.get((model, batch), {}))
         nodes = {node.name: node for node in gm.graph.nodes}
         needed, stack = set(), [nodes[name] for name in names]

@@ -22,11 +22,17 @@ HALF_TOLERANCE = 3e-2  # half-precision outputs against the float32 merged model
 
 
 def output_dtype(name: str, fmt: str = "onnx") -> torch.dtype:
-    """The dtype a model is written in; bfloat16 only for PyTorch files (ONNX Runtime has no CPU kernels for it)."""
-    if fmt == "onnx" and name == "bfloat16":
+    """The dtype a model is written in, checked against the format before any work is done."""
+    dtype = DTYPES[name]
+    if fmt == "onnx":
+        _check_onnx_dtype(dtype)
+    return dtype
+
+
+def _check_onnx_dtype(dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16:
         raise PleasccError("ONNX Runtime has no CPU kernels for bfloat16 models; use --dtype float16 for ONNX, "
                            "or --format pt for bfloat16")
-    return DTYPES[name]
 
 
 def _cast(model: nn.Module, example: torch.Tensor, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
@@ -48,7 +54,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, verify: b
     files appear only when everything succeeded (written in a temporary folder
     beside ``path``, then moved).  Returns the check's figures.
     """
-    output_dtype(str(dtype).removeprefix("torch."))
+    _check_onnx_dtype(dtype)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise PleasccError(f"cannot write {path}: folder {folder} does not exist or is not writable; "

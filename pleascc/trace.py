@@ -119,6 +119,14 @@ def _open_multihead_attention(m: nn.MultiheadAttention, where: str) -> nn.Module
     return None
 
 
+def _adopt(opened: nn.Module, block: nn.Module, *attributes: str) -> None:
+    """Give an opened module the block's children (so its parameter names stay) and the named plain attributes."""
+    for name, child in block.named_children():
+        opened.add_module(name, child)
+    for name in attributes:
+        setattr(opened, name, getattr(block, name))
+
+
 class PatchTransformer(nn.Module):
     """timm's ``MobileVitBlock`` with its unfold and fold as one reshape and permute each.
 
@@ -130,9 +138,8 @@ class PatchTransformer(nn.Module):
 
     def __init__(self, block: nn.Module, where: str) -> None:
         super().__init__()
+        _adopt(self, block)
         self.patch_size = tuple(block.patch_size)
-        for name, child in block.named_children():
-            self.add_module(name, child)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -259,9 +266,7 @@ class WindowedBlock(nn.Module):
 
     def __init__(self, block: nn.Module, where: str) -> None:
         super().__init__()
-        self.window_size = block.window_size
-        for name, child in block.named_children():
-            self.add_module(name, child)
+        _adopt(self, block, "window_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
@@ -286,9 +291,8 @@ class NormFreeResidual(nn.Module):
 
     def __init__(self, block: nn.Module, where: str) -> None:
         super().__init__()
-        for name in ("downsample", "conv1", "act1", "conv2", "act2", "conv2b", "act2b", "attn", "conv3", "act3",
-                     "attn_last", "drop_path", "skipinit_gain", "alpha", "beta", "attn_gain"):
-            setattr(self, name, getattr(block, name))
+        _adopt(self, block, "downsample", "conv2b", "act2b", "attn", "attn_last", "skipinit_gain", "alpha", "beta",
+               "attn_gain")  # children that may be None, a parameter that may be None, and scalars
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(x) * self.beta
@@ -383,10 +387,7 @@ class StridedConvAttention(nn.Module):
 
     def __init__(self, attention: nn.Module, where: str) -> None:
         super().__init__()
-        for name in ("num_heads", "head_dim", "num_keys", "att_stride", "small_kernels", "o_proj_inpdim"):
-            setattr(self, name, getattr(attention, name))
-        self.conv_proj, self.pwise = attention.conv_proj, attention.pwise
-        self.o_proj, self.upsampling = attention.o_proj, attention.upsampling
+        _adopt(self, attention, "num_heads", "head_dim", "num_keys", "att_stride", "small_kernels", "o_proj_inpdim")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2], x.shape[-1]
