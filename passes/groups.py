@@ -140,6 +140,7 @@ class Context:
         self.products: list[list] = []
         self.sites: list[tuple] = []
         self.modules = dict(gm.named_modules())
+        self.saved = set(gm.state_dict())  # tensors the merge writes; the others are rebuilt by their modules
 
     # ----- reading
     def dims_of(self, arg) -> Any:
@@ -345,7 +346,13 @@ def _get_attr(ctx: Context, node: fx.Node):
     value = _getattr_path(ctx.gm, node.target)
     if not isinstance(value, torch.Tensor):
         return None
-    dims = ctx.new_dims(value.shape, None if value.is_floating_point() else "integer buffer (indices)")
+    if not value.is_floating_point():
+        fixed = "integer buffer (indices)"
+    elif node.target not in ctx.saved:
+        fixed = "constant tensor (a non-persistent buffer, outside the state dict)"
+    else:
+        fixed = None
+    dims = ctx.new_dims(value.shape, fixed)
     ctx.bind(node.target, dims)
     return dims
 

@@ -284,6 +284,23 @@ def test_im2col_col2im_tile_repeat_and_max_keep_channels_permutable():
     _assert_one_free_group_permutes(_WindowsAndTiles(), (3, 4, 4))
 
 
+class _MetaPositionBias(nn.Module):
+    """A small MLP over a non-persistent buffer of coordinates (SwinV2's continuous position bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.meta = nn.Linear(2, 6)
+        self.register_buffer("coordinates", torch.randn(5, 2), persistent=False)
+
+    def forward(self, y):
+        return y.mean((2, 3)) + self.meta(self.coordinates).mean(0)
+
+
+def test_a_buffer_outside_the_state_dict_is_a_constant():
+    """A merge cannot permute what it does not write: the coordinates' axis stays fixed, so meta's input does."""
+    _assert_one_free_group_permutes(_MetaPositionBias(), (3, 2, 2))
+
+
 def _joint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     moments = CrossMoments(a.shape[1], within=True)
     moments.add(a, b)
