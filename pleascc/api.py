@@ -144,7 +144,7 @@ def merge(
     state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name])
              for name in states[0] if name not in own}  # separate heads: from their own fits
     emit_with = functools.partial(emit, gms[0], analysis, maps, state)
-    residuals, passes, cache_mb = {}, 0, 0.0
+    residuals, passes, cache_mb, underdetermined = {}, 0, 0.0, []
     if refit == "regmean":
         blocked = [p for p in problems if is_blocked(p.layer) or p.model is not None]  # norms stay averaged
         gram_moments(gms, maps, blocked, local, batch_size, progress)
@@ -154,7 +154,7 @@ def merge(
                          for m in p.grams}
             p.w = regmean(p, per_model, regmean_alpha, ridge, has_bias=bool(p.layer.bias))
     elif refit:
-        _check_least_squares_samples(problems, analysis, x)
+        underdetermined = _check_least_squares_samples(problems, analysis, x)
         fit = functools.partial(_fit, gms, analysis, maps, local, batch_size, progress, ridge)
         if least_squares == "one-pass":
             residuals, passes = fit(problems), 1
@@ -173,7 +173,8 @@ def merge(
                      method=method, budget=budget, separate=separate, samples=len(x),
                      width_search="zip-until " + zip_until if zip_until else width_search,
                      least_squares=least_squares if refit == "least-squares" else None,
-                     least_squares_passes=passes, least_squares_cache_mb=cache_mb)
+                     least_squares_passes=passes, least_squares_cache_mb=cache_mb,
+                     underdetermined_layers=underdetermined)
     return MergeResult(merged.eval(), report, analysis)
 
 
@@ -382,20 +383,34 @@ def _own_output(model: int):
     return lambda y_a, y_b: (y_a, y_b)[model]
 
 
-def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x: torch.Tensor) -> None:
-    """Each fit needs at least as many observations as one model's layer has unknowns per output.
+def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x: torch.Tensor) -> list[str]:
+    """The layers whose fits have fewer observations than one model's layer has unknowns per output.
 
-    (Past that, the extra unknowns of wider merged layers are held by the warm start.)
+    Such a fit is still defined: the ridge toward the warm start picks the
+    smallest change that fits the data, where gradient descent from the warm
+    start would converge.  So a few of them (a wide classifier on a small
+    calibration set) are reported; when they hold most of the fitted weights,
+    the data are too few and the merge stops.  (Past one model's unknowns, the
+    extra inputs of wider merged layers are held by the warm start.)
     """
+    needs: list[tuple[int, int, str]] = []  # (samples needed, weights fitted, layer)
     for p in problems:
         layer = p.layer
         weight_dims = analysis.params[layer.weight].dims
         unknowns = 2 if layer.kind == "norm" else math.prod(analysis.table.size(d) for d in weight_dims[1:]) + 1
-        needed = math.ceil(unknowns / budget_pass.positions(analysis, layer))
-        if len(x) < needed:
-            raise PleasccError(f"calibration data has {len(x)} samples but least squares for layer {layer.node} "
-                               f"({unknowns} unknowns per output) needs at least {needed}: pass more data "
-                               "(--samples) or use --method permute")
+        needs.append((math.ceil(unknowns / budget_pass.positions(analysis, layer)), p.w0.numel(), layer.node))
+    fitted = sum(weights for _, weights, _ in needs)
+
+    def underdetermined(samples: int) -> int:
+        return sum(weights for needed, weights, _ in needs if samples < needed)
+
+    if 2 * underdetermined(len(x)) > fitted:
+        enough = min(needed for needed, _, _ in needs if 2 * underdetermined(needed) <= fitted)
+        largest = max((n for n in needs if len(x) < n[0]), key=lambda n: n[1])[2]
+        raise PleasccError(f"calibration data has {len(x)} samples but least squares needs at least {enough} to "
+                           f"determine most layers (e.g. {largest}): pass more data (--samples) "
+                           "or use --method permute")
+    return sorted({layer for needed, _, layer in needs if len(x) < needed})
 
 
 def _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings, **settings) -> dict:

@@ -246,6 +246,9 @@ def summary(report: dict) -> str:
     if report.get("least_squares"):
         lines.append(f"least squares: {report['least_squares']}, {report['least_squares_passes']} pass(es) over the "
                      f"data, {report['timings_s']['solve']:.1f} s")
+    if report["underdetermined_layers"]:
+        lines.append("fewer observations than unknowns (the fit keeps the warm start outside the data's span): "
+                     + ", ".join(report["underdetermined_layers"][:5]))
     if report["unsupported"]:
         lines.append(f"ops without a rule (their spaces stay fixed): {'; '.join(report['unsupported'][:5])}")
     if "onnx" in report:

@@ -73,7 +73,8 @@ def files(tmp_path_factory):
     (root / "junk.pt").write_bytes(np.random.default_rng(0).bytes(1000))
     x = np.random.default_rng(0).standard_normal((SAMPLES, 1, 8, 8)).astype(np.float32)
     f["calib"] = _save_npz(root / "calib.npz", x=x)
-    f["few"] = _save_npz(root / "few.npz", x=x[:10])
+    f["few"] = _save_npz(root / "few.npz", x=x[:6])  # most layers underdetermined
+    f["ten"] = _save_npz(root / "ten.npz", x=x[:10])  # only the classifier (17 unknowns) underdetermined
     f["three_channels"] = _save_npz(root / "three_channels.npz", x=np.repeat(x, 3, axis=1))
     x_nan = x.copy()
     x_nan[5, 0, 1, 1] = np.nan
@@ -142,6 +143,14 @@ def test_merge_other_methods(files, tmp_path, options):
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
 
 
+def test_an_underdetermined_classifier_is_reported_not_refused(files, tmp_path, capsys):
+    """Fewer samples than the classifier's unknowns: its fit is the smallest change from the warm start."""
+    out = tmp_path / "out.onnx"
+    assert main(_merge_args(files, out, "--report", str(tmp_path / "report.json"), data="ten")) == 0
+    assert "fewer observations than unknowns" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["underdetermined_layers"] == ["_10"]
+
+
 def test_groups_of_checkpoint(files, capsys, tmp_path):
     assert main(["groups", files["a"], *ARCH, "--input-shape", "1,8,8", "--draw", str(tmp_path / "g.png")]) == 0
     assert "4 permutation groups" in capsys.readouterr().out
@@ -168,7 +177,7 @@ BAD_INPUTS = {
     "factory_missing": (dict(arch=["--arch", "{untraceable}:no_such_factory"]), ["no_such_factory"]),
     "untraceable": (dict(arch=["--arch", "{untraceable}:make"]), ["cannot trace", "untraceable.py:7", "x.sum()"]),
     "wrong_data_shape": (dict(data="three_channels"), ["(300, 3, 8, 8)", "does not fit"]),
-    "too_few_samples": (dict(data="few"), ["10 samples", "needs at least 17"]),
+    "too_few_samples": (dict(data="few"), ["6 samples", "needs at least 10", "_7_conv1"]),
     "nan_data": (dict(data="nan_data"), ["nan_data.npz", "NaN"]),
     "nan_weight": (dict(a="nan_weight"), ["model A", "NaN"]),
     "data_without_x": (dict(data="no_x"), ["no_x.npz", "no 'x'", "inputs"]),
