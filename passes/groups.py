@@ -541,32 +541,67 @@ def _resize_linear(module: nn.Linear, size: Size, in_dim: Dim, out_dim: Dim) -> 
     module.in_features, module.out_features = size(in_dim), size(out_dim)
 
 
-@rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def _conv(ctx: Context, node: fx.Node, refit: bool = True):
-    """Convolutions; grouped ones split channels into (groups × per-group) spaces."""
-    m = ctx.module(node)
-    dims = ctx.dims_of(node.args[0])
-    chan, groups = dims[1], m.groups
-    per_group_out = m.out_channels // groups
-    if groups == 1:
-        in_group, groups_dim, out = chan, None, ctx.table.new(m.out_channels)
-    else:  # channels are (groups × per group); only the group count may widen, so groups stay whole
-        in_group = ctx.table.new(m.in_channels // groups, keep_width=True)
-        groups_dim = ctx.table.new(groups)
-        ctx.table.unify(chan, Prod((groups_dim, in_group)), node.name)
-        out = Prod((groups_dim, ctx.table.new(per_group_out, keep_width=True)))
-    kernel = ctx.new_dims(m.weight.shape[2:], "kernel")
-    ctx.bind(f"{node.target}.weight", [out, in_group, *kernel], ["out", "in"] + ["out"] * len(kernel))
+def _conv_channels(ctx: Context, node: fx.Node, chan: Dim, m: nn.Module) -> tuple[Dim, Dim | None, Dim, Dim]:
+    """A convolution's input units per group, group count, output channels and output units per group.
+
+    Grouped ones split channels into (groups × per group) spaces; only the
+    group count may widen, so groups stay whole.
+    """
+    if m.groups == 1:
+        out = ctx.table.new(m.out_channels)
+        return chan, None, out, out
+    in_group = ctx.table.new(m.in_channels // m.groups, keep_width=True)
+    groups_dim = ctx.table.new(m.groups)
+    ctx.table.unify(chan, Prod((groups_dim, in_group)), node.name)
+    out_group = ctx.table.new(m.out_channels // m.groups, keep_width=True)
+    return in_group, groups_dim, Prod((groups_dim, out_group)), out_group
+
+
+def _conv_layer(ctx: Context, node: fx.Node, m: nn.Module, dims: list, out: Dim, groups_dim: Dim | None,
+                refit: bool) -> list:
+    """Record a convolution (weight already bound) as a layer; its output's positions are new unless pointwise."""
     if m.bias is not None:
         ctx.bind(f"{node.target}.bias", [out])
     conv = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation)
     ctx.layers.append(Layer(node.name, "conv", f"{node.target}.weight",
                             f"{node.target}.bias" if m.bias is not None else None,
-                            1, chan, 1, out, groups_dim, conv, refit=refit))
-    ctx.module_rewrites[node.target] = lambda mod, size: _resize_conv(mod, size, chan, out, groups_dim)
+                            1, dims[1], 1, out, groups_dim, conv, refit=refit))
+    ctx.module_rewrites[node.target] = lambda mod, size: _resize_conv(mod, size, dims[1], out, groups_dim)
     spatial = [d if _pointwise(m, a) else _mixed_axis(ctx, node, d, size)
                for a, (d, size) in enumerate(zip(dims[2:], ctx.shape(node)[2:]))]
     return [dims[0], out, *spatial]
+
+
+@rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv(ctx: Context, node: fx.Node, refit: bool = True):
+    """Convolutions: weight (out, in/groups, k…)."""
+    m = ctx.module(node)
+    dims = ctx.dims_of(node.args[0])
+    in_group, groups_dim, out, _ = _conv_channels(ctx, node, dims[1], m)
+    kernel = ctx.new_dims(m.weight.shape[2:], "kernel")
+    ctx.bind(f"{node.target}.weight", [out, in_group, *kernel], ["out", "in"] + ["out"] * len(kernel))
+    return _conv_layer(ctx, node, m, dims, out, groups_dim, refit)
+
+
+@rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv_transpose(ctx: Context, node: fx.Node):
+    """Transposed convolutions (learned upsampling): weight (in, out/groups, k…), a convolution's axes swapped.
+
+    Counted and permuted like a convolution; merged by their permuted average,
+    not refitted, since least squares builds its rows by im2col, which has no
+    transposed counterpart here.  Grouped, axis 0 holds the groups, which the
+    outputs follow: it is averaged like an output axis (its units per group
+    keep their width, so they are always merged).
+    """
+    m = ctx.module(node)
+    if len(node.args) > 1 or node.kwargs:  # an output_size argument
+        return _unknown(ctx, node, type(m))
+    dims = ctx.dims_of(node.args[0])
+    _, groups_dim, out, out_group = _conv_channels(ctx, node, dims[1], m)
+    kernel = ctx.new_dims(m.weight.shape[2:], "kernel")
+    roles = ["in" if groups_dim is None else "out", "out"] + ["out"] * len(kernel)
+    ctx.bind(f"{node.target}.weight", [dims[1], out_group, *kernel], roles)
+    return _conv_layer(ctx, node, m, dims, out, groups_dim, refit=False)
 
 
 @rule(F.conv1d, F.conv2d, F.conv3d)

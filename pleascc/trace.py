@@ -379,15 +379,17 @@ class WindowedCascadedAttention(nn.Module):
 
 
 class StridedConvAttention(nn.Module):
-    """timm's CPUBone ``ConvAttention`` (attention on a strided projection, upsampled back), same parameters.
+    """timm's CPUBone and LowFormer ``ConvAttention`` (attention on a strided projection, upsampled back).
 
-    timm's module is a leaf because it pads only when the size is odd; here the
-    pad is always applied, with amounts computed from the size (zero when even).
+    timm's modules are leaves: CPUBone's pads only when the size is odd (here
+    the pad is always applied, with amounts computed from the size, zero when
+    even); LowFormer's does not pad at all.
     """
 
     def __init__(self, attention: nn.Module, where: str) -> None:
         super().__init__()
-        _adopt(self, attention, "num_heads", "head_dim", "num_keys", "att_stride", "small_kernels", "o_proj_inpdim")
+        _adopt(self, attention, "num_heads", "head_dim", "num_keys", "att_stride", "o_proj_inpdim")
+        self.small_kernels = getattr(attention, "small_kernels", False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2], x.shape[-1]
@@ -415,6 +417,7 @@ OPENERS = {
     "timm.models.nfnet.NormFreeBlock": NormFreeResidual,
     "timm.models.efficientvit_msra.LocalWindowAttention": WindowedCascadedAttention,
     "timm.models.cpubone.ConvAttention": StridedConvAttention,
+    "timm.models.lowformer.ConvAttention": StridedConvAttention,
 }
 
 

@@ -284,6 +284,27 @@ def test_im2col_col2im_tile_repeat_and_max_keep_channels_permutable():
     _assert_one_free_group_permutes(_WindowsAndTiles(), (3, 4, 4))
 
 
+def _upsampler() -> nn.Module:
+    """Conv, then a dense and a depthwise transposed conv (learned upsampling), pooled into a Linear."""
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1),
+                         nn.ReLU(), nn.ConvTranspose2d(4, 4, 3, padding=1, groups=4), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_transposed_convs_permute_and_merge_by_their_permuted_average():
+    import pleascc
+    from pleascc.verify import permutation_invariance, permuted_copy
+
+    torch.manual_seed(0)
+    model, x = _upsampler().eval(), torch.randn(64, 3, 6, 6)
+    result = permutation_invariance(model, x[:2])
+    assert result["unsupported"] == [] and result["relative_diff"] < 1e-4 and result["free_groups"] == 2
+    for budget in (1.0, 1.5, 2.0):  # a permuted copy merged back: exact at any width
+        merged = pleascc.merge(model, permuted_copy(model, x), x, method="permute", budget=budget, progress=False)
+        with torch.no_grad():
+            assert (merged.model(x) - model(x)).abs().max() < 1e-4 * model(x).abs().max()
+
+
 class _MetaPositionBias(nn.Module):
     """A small MLP over a non-persistent buffer of coordinates (SwinV2's continuous position bias)."""
 

@@ -27,7 +27,7 @@ def test_random_permutation_leaves_output_unchanged(source, name, resolution, kw
 
 
 OPENED = ["convit_tiny", "efficientvit_b0", "edgenext_xx_small", "efficientvit_m0", "cpubone_nano", "mobilevitv2_050",
-          "xcit_nano_12_p8_224", "tiny_vit_5m_224", "nf_regnet_b0"]
+          "xcit_nano_12_p8_224", "tiny_vit_5m_224", "nf_regnet_b0", "lowformer_b0"]
 
 
 @pytest.mark.parametrize("name", OPENED)
