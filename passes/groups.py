@@ -140,7 +140,7 @@ class Context:
         self.products: list[list] = []
         self.sites: list[tuple] = []
         self.modules = dict(gm.named_modules())
-        self.saved = set(gm.state_dict())  # tensors the merge writes; the others are rebuilt by their modules
+        self.saved = set(gm.state_dict())  # learned tensors; the others are inputs the model computes for itself
 
     # ----- reading
     def dims_of(self, arg) -> Any:
@@ -348,13 +348,18 @@ def _get_attr(ctx: Context, node: fx.Node):
         return None
     if not value.is_floating_point():
         fixed = "integer buffer (indices)"
-    elif node.target not in ctx.saved:
+    elif node.target not in ctx.saved and not _uniform(value):
         fixed = "constant tensor (a non-persistent buffer, outside the state dict)"
     else:
         fixed = None
     dims = ctx.new_dims(value.shape, fixed)
     ctx.bind(node.target, dims)
     return dims
+
+
+def _uniform(value: torch.Tensor) -> bool:
+    """All entries equal (EVA's zero k-bias): every permutation and every merge leave it as it is, so it fixes nothing."""
+    return value.numel() == 0 or bool((value == value.reshape(-1)[0]).all())
 
 
 def _getattr_path(root, path: str):

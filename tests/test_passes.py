@@ -318,7 +318,10 @@ class _MetaPositionBias(nn.Module):
 
 
 def test_a_buffer_outside_the_state_dict_is_a_constant():
-    """A merge cannot permute what it does not write: the coordinates' axis stays fixed, so meta's input does."""
+    """Coordinates the model computes for itself are an input, not a weight: their axis stays fixed, so meta's input does.
+
+    Averaging A's x column with B's y column would mix two different inputs.
+    """
     _assert_one_free_group_permutes(_MetaPositionBias(), (3, 2, 2))
 
 
