@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_coverage import RESULTS, TRANSFORMERS, build  # noqa: E402
+from zoo_timm import code_version  # noqa: E402
 
 import pleascc  # noqa: E402
 from pleascc.export import onnx_predict  # noqa: E402
@@ -52,7 +53,7 @@ def _relative(got: list, want: list[torch.Tensor]) -> float:
 
 def check(source: str, name: str, resolution: int, kwargs: dict, samples: int) -> dict:
     """The three merges of one model; each difference is recorded, failures with their reason."""
-    row: dict = {"model": f"{source}:{name}", "resolution": resolution}
+    row: dict = {"model": f"{source}:{name}", "resolution": resolution, "code": code_version()}
     start = time.perf_counter()
     try:
         torch.manual_seed(0)
@@ -79,12 +80,12 @@ def check(source: str, name: str, resolution: int, kwargs: dict, samples: int) -
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | self-merge 1.0 | permuted copy 1.0 | side by side 2.0 | exact | s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | self-merge 1.0 | permuted copy 1.0 | side by side 2.0 | exact | s | code |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r[k]:.1e}" if k in r else "–" for k in ("self", "permuted_copy", "side_by_side")]
         verdict = "yes" if r["exact"] else f"no: {r.get('error', 'difference above 1e-4')}"
-        lines.append(f"| {r['model']} | {' | '.join(cells)} | {verdict} | {r['seconds']} |")
+        lines.append(f"| {r['model']} | {' | '.join(cells)} | {verdict} | {r['seconds']} | {r['code']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -99,9 +100,13 @@ def main() -> None:
             rows.append(check(source, name, resolution, kwargs, args.samples))
             print(json.dumps(rows[-1]), flush=True)
     out = RESULTS / "exact_merges.json"
-    if args.only and out.exists():  # update those rows, keep the others
+    if args.only and out.exists():  # update those rows, keep the others (each row names its commit)
         fresh = {r["model"] for r in rows}
-        rows = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in fresh] + rows
+        old = json.loads(out.read_text())
+        code = old["meta"].get("code", "?").split()[0]
+        order = [f"{source}:{name}" for source, name, _, _ in TRANSFORMERS]
+        rows = sorted([{"code": code, **r} for r in old["rows"] if r["model"] not in fresh] + rows,
+                      key=lambda r: order.index(r["model"]))
     RESULTS.mkdir(exist_ok=True)
     meta = {"command": " ".join(sys.argv), "tolerance": TOLERANCE, "method": "permute"}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
