@@ -33,6 +33,7 @@ import pleascc.api  # noqa: E402
 from pleascc.passes.solve import least_squares  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RELATIVE_TIE = 1e-6  # closer residuals are a tie: BatchNorm blocks fit to ~1e-15, where the two differ by float noise
 
 
 def gradient_descent(problem, has_bias: bool, steps: int = 400, lr: float = 5e-4) -> tuple[float, float]:
@@ -93,7 +94,9 @@ def main() -> None:
     pleascc.merge(*pair(args), calib, budget=args.budget, labels="separate", least_squares="one-pass", progress=False)
     totals = {"closed_form_seconds": sum(r["closed_form_seconds"] for r in rows),
               "gd_seconds": sum(r["gd_seconds"] for r in rows),
-              "blocks_gd_not_worse": sum(r["gd_residual"] <= r["closed_form_residual"] * (1 + 1e-9) for r in rows),
+              "blocks_gd_lower": sum(r["gd_residual"] < r["closed_form_residual"] * (1 - RELATIVE_TIE) for r in rows),
+              "blocks_closed_form_lower": sum(r["closed_form_residual"] < r["gd_residual"] * (1 - RELATIVE_TIE)
+                                              for r in rows),
               "blocks": len(rows)}
     totals["speedup"] = totals["gd_seconds"] / totals["closed_form_seconds"]
     RESULTS.mkdir(exist_ok=True)
@@ -109,7 +112,8 @@ def main() -> None:
     (RESULTS / "closed_form_vs_gd.md").write_text("\n".join(lines) + "\n")
     plot(rows, RESULTS / "closed_form_vs_gd.png")
     print("\n".join(lines[-1:]))
-    print(f"GD's residual is at or below the closed form's on {totals['blocks_gd_not_worse']} of {len(rows)} blocks")
+    print(f"of {len(rows)} blocks, the closed form's residual is lower on {totals['blocks_closed_form_lower']}, "
+          f"GD's on {totals['blocks_gd_lower']}, the rest tie (within {RELATIVE_TIE:g} relative)")
 
 
 def plot(rows: list[dict], path: Path) -> None:
