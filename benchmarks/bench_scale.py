@@ -11,7 +11,7 @@ weights and random inputs: timing and memory do not depend on them.
     python benchmarks/bench_scale.py ratio     # resnet50, vit_small at 224: 512 and 2048 samples, both LS variants
     python benchmarks/bench_scale.py samples   # CIFAR ResNet-20 ×1: 256 … 4096 samples
     python benchmarks/bench_scale.py width     # CIFAR ResNet-20 ×1, ×2, ×4, ×8 at 1024 samples
-    python benchmarks/bench_scale.py ratio --samples 512   # the ratio alone, without the 2048-sample memory rows
+    python benchmarks/bench_scale.py ratio --samples 512 --least-squares one-pass   # a subset of the ratio rows
     python benchmarks/bench_scale.py ratio --smoke   # a minute-long check of the script itself
 
 Writes benchmarks/results/scale_PART.{json,md,png}.
@@ -78,11 +78,12 @@ def measure(job: dict) -> dict:
             "cache_mb": result.report["least_squares_cache_mb"], "timings_s": result.report["timings_s"]}
 
 
-def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None) -> list[dict]:
+def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
+         variants: list[str] | None = None) -> list[dict]:
     if part == "ratio":
         archs, default = (["resnet18-smoke"], [520, 1040]) if smoke else (["resnet50", "vit_small"], [512, 2048])
         return [{"arch": a, "samples": n, "least_squares": ls, "threads": threads}
-                for a in archs for n in counts or default for ls in ("one-pass", "sequential")]
+                for a in archs for n in counts or default for ls in variants or ("one-pass", "sequential")]
     if part == "samples":
         counts = [64, 128] if smoke else [256, 512, 1024, 2048, 4096]
         return [{"arch": "resnet20x1", "samples": n, "least_squares": "sequential", "threads": threads}
@@ -137,13 +138,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="tiny settings, to check the script")
     p.add_argument("--samples", type=int, nargs="*", help="ratio: these sample counts only (default 512 2048)")
+    p.add_argument("--least-squares", nargs="*", choices=("one-pass", "sequential"),
+                   help="ratio: these variants only (default both)")
     args = p.parse_args()
     name = f"scale_{args.part}{'_smoke' if args.smoke else ''}"
     RESULTS.mkdir(exist_ok=True)
     meta = {"command": " ".join(sys.argv), "torch": torch.__version__, "threads": args.threads}
     rows = []
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        for row in pool.imap(measure, jobs(args.part, args.smoke, args.threads, args.samples)):
+        for row in pool.imap(measure, jobs(args.part, args.smoke, args.threads, args.samples, args.least_squares)):
             rows.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
             write(rows, meta, args.part, name)  # after every row: a stopped run keeps what it measured
