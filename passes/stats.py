@@ -253,8 +253,9 @@ class Frontier:
     layers; run from the input each time, the passes together cost levels ×
     depth / 2 forward layers.  Keeping the values that nodes not yet run still
     read makes them cost about one forward pass of each model.  Those values
-    grow with the samples, so past ``limit_bytes`` they are dropped for good
-    and each pass starts from the input again: memory stays bounded.  The
+    grow with the samples, so past ``limit_bytes`` (checked as each batch's
+    values are kept, not at the end of a pass) they are dropped for good and
+    each pass starts from the input again: memory stays bounded.  The
     merged model is re-emitted between passes with the same node names; only
     values of nodes before the layers being fitted are kept, and those no
     longer change.
@@ -264,6 +265,7 @@ class Frontier:
         self.limit = limit_bytes
         self.values: dict[tuple[str, int], dict[str, object]] = {}  # (model, batch) -> node name -> value
         self.graphs: dict[str, tuple] = {}  # model -> (the graph last run, its code node by node)
+        self.bytes = 0  # of the values kept now
         self.peak_bytes = 0
 
     def run(self, gm: fx.GraphModule, model: str, batch: int, x: torch.Tensor, names: list[str]
@@ -279,6 +281,7 @@ class Frontier:
             new_code = tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
             if new_code != code:
                 self.values = {key: env for key, env in self.values.items() if key[0] != model}
+                self.bytes = sum(_nbytes(v) for env in self.values.values() for v in env.values())
             self.graphs[model] = (gm, new_code)
         env = dict(self.values.get((model, batch), {}))
         nodes = {node.name: node for node in gm.graph.nodes}
@@ -292,20 +295,21 @@ class Frontier:
             if node.name in needed:
                 env[node.name] = _execute(gm, node, env, x)
         if self.limit > 0:
-            self.values[(model, batch)] = {n: v for n, v in env.items() if nodes[n].op != "get_attr" and any(
-                user.name not in env for user in nodes[n].users)}
+            self._keep((model, batch), {n: v for n, v in env.items() if nodes[n].op != "get_attr" and any(
+                user.name not in env for user in nodes[n].users)})
         values = {name: env[name] for name in names}
         for name, value in values.items():
             _check_finite(value, model, name)
         return values
 
-    def end_pass(self) -> None:
-        """Drop every kept value, for good, once they outgrow the limit."""
-        size = sum(_nbytes(v) for env in self.values.values() for v in env.values())
-        self.peak_bytes = max(self.peak_bytes, size)
-        if size > self.limit:
+    def _keep(self, key: tuple[str, int], env: dict[str, object]) -> None:
+        """Keep one batch's values; once all kept values outgrow the limit, drop them for good, mid-pass if need be."""
+        self.bytes += sum(_nbytes(v) for v in env.values()) - sum(_nbytes(v) for v in self.values.get(key, {}).values())
+        self.values[key] = env
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        if self.bytes > self.limit:
             self.values.clear()
-            self.limit = 0
+            self.bytes, self.limit = 0, 0
 
 
 def _execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch.Tensor):
@@ -375,7 +379,6 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
                 y = p.target(va[layer.node], vb[layer.node])
                 y = y if block.rows is None else y.index_select(layer.out_axis, block.rows)
                 _accumulate(p, rows[key], _target_rows(layer, y, maps))
-    frontier.end_pass()
     for p in problems:  # sums over every rank's shard
         p.xx, p.rx = distributed.total(p.xx), distributed.total(p.rx)
         p.count, p.tt, p.rr = distributed.total(p.count), distributed.total(p.tt), distributed.total(p.rr)
