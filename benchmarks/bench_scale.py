@@ -157,5 +157,6 @@ def write(rows: list[dict], meta: dict, part: str, name: str) -> None:
     (RESULTS / f"{name}.md").write_text(markdown(rows))
     plot(rows, part, RESULTS / f"{name}.png")
 
+
 if __name__ == "__main__":
     main()

@@ -358,7 +358,7 @@ def _get_attr(ctx: Context, node: fx.Node):
 
 
 def _uniform(value: torch.Tensor) -> bool:
-    """All entries equal (EVA's zero k-bias): every permutation and every merge leave it as it is, so it fixes nothing."""
+    """All entries equal (EVA's zero k-bias): no permutation or merge changes it, so it fixes nothing."""
     return value.numel() == 0 or bool((value == value.reshape(-1)[0]).all())
 
 

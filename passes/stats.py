@@ -281,7 +281,7 @@ class Frontier:
             new_code = tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
             if new_code != code:
                 self.values = {key: env for key, env in self.values.items() if key[0] != model}
-                self.bytes = sum(_nbytes(v) for env in self.values.values() for v in env.values())
+                self.bytes = sum(_env_bytes(env) for env in self.values.values())
             self.graphs[model] = (gm, new_code)
         env = dict(self.values.get((model, batch), {}))
         nodes = {node.name: node for node in gm.graph.nodes}
@@ -304,7 +304,7 @@ class Frontier:
 
     def _keep(self, key: tuple[str, int], env: dict[str, object]) -> None:
         """Keep one batch's values; once all kept values outgrow the limit, drop them for good, mid-pass if need be."""
-        self.bytes += sum(_nbytes(v) for v in env.values()) - sum(_nbytes(v) for v in self.values.get(key, {}).values())
+        self.bytes += _env_bytes(env) - _env_bytes(self.values.get(key, {}))
         self.values[key] = env
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         if self.bytes > self.limit:
@@ -332,6 +332,10 @@ def _execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     return gm.get_submodule(node.target)(*args, **kwargs)
+
+
+def _env_bytes(env: dict[str, object]) -> int:
+    return sum(_nbytes(v) for v in env.values())
 
 
 def _nbytes(value) -> int:
