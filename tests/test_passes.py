@@ -318,7 +318,7 @@ class _MetaPositionBias(nn.Module):
 
 
 def test_a_buffer_outside_the_state_dict_is_a_constant():
-    """Coordinates the model computes for itself are an input, not a weight: their axis, and so meta's input, stay fixed.
+    """Coordinates the model computes for itself are an input: their axis, and so meta's input, stay fixed.
 
     Averaging A's x column with B's y column would mix two different inputs.
     """
