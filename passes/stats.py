@@ -10,7 +10,7 @@ Two passes over the data, each running A and B side by side batch by batch:
 Two passes instead of one because the second needs the matching: gathering
 the joint (2n·k²)² im2col moments of both models in one pass would cost
 quadratically more memory and time than the merged-layout moments.
-All sums are float64.
+All sums are float64 (the products within one batch are float32).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pleascc import distributed
+from pleascc.data import NpyRows, read_rows
 from pleascc.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps
@@ -99,18 +100,19 @@ class CrossMoments:
     count: float = 0.0
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a, b = a.double(), b.double()
+        """One batch: products in float32 (the bulk of the work, on centred values), sums in float64."""
+        z = torch.cat([a, b], dim=1).float()
         if not self.count:
-            self.shift = torch.cat([a.mean(0), b.mean(0)])
+            self.shift = z.mean(0, dtype=torch.float64)
             self.sum = torch.zeros(2 * self.n, dtype=torch.float64)
             self.sq = torch.zeros_like(self.sum)
             side = 2 * self.n if self.within else self.n
             self.cross = torch.zeros(side, side, dtype=torch.float64)
-        z = torch.cat([a, b], dim=1) - self.shift
+        z = z - self.shift.float()
         self.count += z.shape[0]
-        self.sum += z.sum(0)
-        self.sq += (z * z).sum(0)
-        self.cross += z.T @ z if self.within else z[:, :self.n].T @ z[:, self.n:]
+        self.sum += z.sum(0, dtype=torch.float64)
+        self.sq += (z * z).sum(0, dtype=torch.float64)
+        self.cross += (z.T @ z if self.within else z[:, :self.n].T @ z[:, self.n:]).double()
 
     def reduce(self) -> None:
         """Add every rank's sums (``pleascc.distributed``), re-centred on rank 0's shift first."""
@@ -161,10 +163,29 @@ def weight_similarity(analysis: Analysis, states: tuple[dict, dict]) -> dict[int
     return out
 
 
-def batches(x: torch.Tensor, batch_size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
+BATCH_BYTES = 2 * 2**30  # the activations one batch may hold in the statistics passes (all models together)
+MAX_BATCH = 64
+
+
+def batch_size_for(analysis: Analysis, limit_bytes: float = BATCH_BYTES) -> int:
+    """The largest batch (up to ``MAX_BATCH``) whose captured values fit in ``limit_bytes``.
+
+    A pass holds, per model, every layer's input and output for the whole batch
+    (the fx code frees the rest as it goes), and A, B and the merged model run
+    together; one 224² ResNet-50 image is ~60 MB of them, so a fixed batch of
+    64 would need ~10 GB.  Sizes come from ShapeProp's shapes on the example.
+    """
+    example = analysis.shapes[next(iter(analysis.shapes))][0]
+    names = {n for layer in analysis.layers for n in (layer.source, layer.node)} | {s[0] for s in analysis.sites}
+    per_sample = sum(math.prod(analysis.shapes[n]) for n in names if analysis.shapes.get(n)) * 4 / example
+    return int(max(1, min(MAX_BATCH, limit_bytes // (3 * per_sample))))
+
+
+def batches(x: torch.Tensor | NpyRows, batch_size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
+    """The data in batches, each read from disk only now if it is ``NpyRows``."""
     starts = range(0, len(x), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress or distributed.rank() > 0, leave=False, unit="batch"):
-        yield x[start:start + batch_size]
+        yield read_rows(x[start:start + batch_size])
 
 
 def _check_finite(value: torch.Tensor, model: str, node: str) -> None:

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from pleascc import distributed
-from pleascc.data import CalibrationData, check_data_fits, load_data
+from pleascc.data import CalibrationData, NpyRows, check_data_fits, load_data, read_rows
 from pleascc.errors import PleasccError
 from pleascc.export import export_onnx
 from pleascc.load import check_same_architecture
@@ -24,8 +24,8 @@ from pleascc.passes.match import match_all, match_heads, match_product, zipit
 from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks
 from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, own_weights, regmean, warm_start
 from pleascc.passes.solve import least_squares as ridge_fit
-from pleascc.passes.stats import (Frontier, Problem, batches, feature_moments, gram_moments, layer_moments,
-                                  weight_similarity)
+from pleascc.passes.stats import (Frontier, Problem, batch_size_for, batches, feature_moments, gram_moments,
+                                  layer_moments, weight_similarity)
 from pleascc.passes.weights import weight_matching
 from pleascc.trace import check_same_graph, trace
 
@@ -58,7 +58,7 @@ def merge(
     labels: str | None = None,
     method: str = "pleas",
     samples: int | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     ridge: float = 1e-4,
     least_squares: str = "sequential",
     matching: str = "activation",
@@ -94,6 +94,8 @@ def merge(
     ``least_squares`` (pleas): fit each layer on A's and B's features mapped to
     the merged layout ("one-pass", one pass over the data), or on the merged
     model's own features, layer by layer ("sequential", a pass per level).
+    ``batch_size``: samples per batch in the statistics passes; by default the
+    most (up to 64) whose activations fit in 2 GB (``stats.batch_size_for``).
     ``cache_gb``: memory for the activations sequential least squares keeps
     between its passes, so that each resumes the last (0: every pass starts
     from the input; past the limit, the same).
@@ -117,6 +119,9 @@ def merge(
     matcher, refit = METHODS[method]
     x = _calibration_tensor(data, samples, model_a, seed)
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
+    if batch_size is not None and batch_size < 1:
+        raise PleasccError(f"batch size {batch_size} is not positive: pass --batch-size 1 or more, or leave it out")
+    batch_size = batch_size or batch_size_for(analysis)
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
     separate = _separate_labels(labels, heads, states)
     separate_heads = {layer.node for layer in heads} if separate else set()
@@ -170,7 +175,7 @@ def merge(
     if reset_bn:
         reset_batch_norm(merged, local, batch_size, progress)
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
-                     method=method, budget=budget, separate=separate, samples=len(x),
+                     method=method, budget=budget, separate=separate, samples=len(x), batch_size=batch_size,
                      width_search="zip-until " + zip_until if zip_until else width_search,
                      least_squares=least_squares if refit == "least-squares" else None,
                      least_squares_passes=passes, least_squares_cache_mb=cache_mb,
@@ -182,7 +187,7 @@ def _trace_pair(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor):
     """Trace both models, analyse A's graph, and check B has the same graph and parameters."""
     check_data_fits(model_a, CalibrationData(x))
     gm_a = trace(model_a, "model A")
-    analysis = analyze(gm_a, (x[:2],))
+    analysis = analyze(gm_a, (read_rows(x[:2]),))
     heads = head_layers(analysis)
     check_same_architecture(model_a, model_b, heads=frozenset(n for h in heads for n in (h.weight, h.bias) if n))
     gm_b = trace(model_b, "model B")
@@ -294,15 +299,18 @@ def _layer_weights(problems: list[Problem], states) -> dict[tuple[str, int | Non
     return layer_weights
 
 
-def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int) -> torch.Tensor:
+def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int) -> torch.Tensor | NpyRows:
+    """The calibration inputs, checked; a ``NpyRows`` stays on disk (its batches are checked as they are read)."""
     if isinstance(data, str):
         data = load_data(data, samples=samples, model=model, seed=seed)
     x = data.x if isinstance(data, CalibrationData) else data
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+    if not isinstance(x, NpyRows) and (not isinstance(x, torch.Tensor) or not x.is_floating_point()):
         raise PleasccError("calibration data must be a float tensor of preprocessed inputs (N, ...)")
     x = x[:samples] if samples else x
     if len(x) < 2:
         raise PleasccError(f"calibration data has {len(x)} sample(s); matching needs at least 2: pass more data")
+    if isinstance(x, NpyRows):
+        return x
     if not torch.isfinite(x).all():
         raise PleasccError("calibration data contains NaN or Inf: check its preprocessing")
     return x.float()

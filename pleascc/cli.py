@@ -107,7 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="sequential least squares: memory for the activations kept between its passes, so each "
                         "resumes the last (about one forward pass of each model in all); 0 or past the limit: "
                         "every pass starts from the input")
-    m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--batch-size", type=int, default=None,
+                   help="samples per batch in the statistics passes (default: the most, up to 64, whose "
+                        "activations fit in 2 GB)")
     m.add_argument("--distributed", action="store_true",
                    help="shard the calibration data over the processes torchrun starts (all-reducing the "
                         "statistics with torch.distributed; on by itself under torchrun); rank 0 writes")
@@ -197,6 +199,7 @@ def _calibration(args, model):
 def _merge(args) -> int:
     import pleascc
     from pleascc import distributed
+    from pleascc.data import read_rows
     from pleascc.export import output_dtype
 
     start = time.perf_counter()
@@ -215,7 +218,7 @@ def _merge(args) -> int:
                            reset_bn=args.reset_bn, cache_gb=args.cache_gb, progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0
-    example = data.x[: min(len(data.x), 8)]
+    example = read_rows(data.x[: min(len(data.x), 8)])
     if args.format == "pt":
         from pleascc.export import export_torch
 
@@ -313,6 +316,7 @@ def _eval(args) -> int:
 def _groups(args) -> int:
     import torch
 
+    from pleascc.data import read_rows
     from pleascc.passes.groups import analyze, coverage, permutation_groups
     from pleascc.trace import trace
 
@@ -325,7 +329,7 @@ def _groups(args) -> int:
     else:
         model = _load(args, args.model)
     if args.data:
-        example = _calibration(args, model).x[:2]
+        example = read_rows(_calibration(args, model).x[:2])
     else:
         example = torch.randn(2, *(args.input_shape or _default_input_shape(model)))
     _check_fits(model, example, "check --data" if args.data else "pass --input-shape (e.g. 3,224,224) or --data")

@@ -6,6 +6,7 @@ problem a user can cause becomes a one-line PleasccError naming the cause and th
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,16 +20,81 @@ from pleascc.errors import PleasccError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TENSOR_EXTENSIONS = (".npz", ".pt", ".pth")
+STREAMED_EXTENSIONS = (".npy",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
 
 
+class NpyRows:
+    """The samples of a float ``.npy`` file, read from disk only when a batch is taken.
+
+    Memory then stays flat however many samples calibrate.  Plain reads, not
+    ``np.load(mmap_mode=...)``: mapped pages that were read count as the
+    process's resident memory.  Indexing with a slice gives a lazy view;
+    ``read`` returns the rows as a float32 tensor (checked for NaN and Inf).
+    """
+
+    def __init__(self, path: Path, rows: range | list[int] | None = None) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                    np.lib.format.read_magic(f), np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                self.offset = f.tell()
+        except (OSError, ValueError) as exc:
+            raise PleasccError(f"cannot read {path} ({first_line(exc)}): save the inputs with numpy.save") from exc
+        if dtype.kind != "f" or fortran or len(shape) < 2 or shape[0] == 0:
+            raise PleasccError(f"{path} holds a {'Fortran-order ' if fortran else ''}{dtype} array of shape {shape}: "
+                               "save preprocessed float inputs (N, ...) with numpy.save(path, x)")
+        self.dtype, self.row_shape = dtype, tuple(shape[1:])
+        self.row_bytes = dtype.itemsize * math.prod(self.row_shape)
+        self.rows = range(shape[0]) if rows is None else rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.row_shape)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: slice) -> NpyRows:
+        view = NpyRows.__new__(NpyRows)
+        view.__dict__.update(self.__dict__, rows=self.rows[index])
+        return view
+
+    def read(self) -> torch.Tensor:
+        out = np.empty((len(self.rows), *self.row_shape), self.dtype)
+        with open(self.path, "rb") as f:
+            for k, row in enumerate(self.rows):  # consecutive rows are one read
+                if k == 0 or row != self.rows[k - 1] + 1:
+                    f.seek(self.offset + row * self.row_bytes)
+                    run = _run_length(self.rows, k)
+                    f.readinto(memoryview(out[k:k + run]).cast("B"))
+        x = torch.from_numpy(out).float()
+        if not torch.isfinite(x).all():
+            raise PleasccError(f"{self.path} contains NaN or Inf: clean the inputs before saving")
+        return x
+
+
+def _run_length(rows, k: int) -> int:
+    n = 1
+    while k + n < len(rows) and rows[k + n] == rows[k] + n:
+        n += 1
+    return n
+
+
+def read_rows(x: torch.Tensor | NpyRows) -> torch.Tensor:
+    """A batch as a tensor, read from disk if need be."""
+    return x.read() if isinstance(x, NpyRows) else x
+
+
 @dataclass
 class CalibrationData:
-    """Inputs x (float32, N×…) and, when known, integer labels y (int64, N)."""
+    """Inputs x (float32, N×…; or ``NpyRows``, read batch by batch) and, when known, integer labels y (int64, N)."""
 
-    x: torch.Tensor
+    x: torch.Tensor | NpyRows
     y: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -194,7 +260,10 @@ def load_data(
     model: nn.Module | None = None,
     seed: int = 0,
 ) -> CalibrationData:
-    """Load calibration inputs from an image folder or a .npz/.pt file; `samples` takes a seeded subset."""
+    """Load calibration inputs from an image folder, a .npz/.pt file, or a .npy file (read batch by batch).
+
+    ``samples`` takes a seeded subset.
+    """
     p = Path(path)
     if not p.exists():
         raise PleasccError(f"calibration data {path} not found: check the path")
@@ -202,9 +271,12 @@ def load_data(
         return _load_image_folder(p, samples, image_size, mean, std, model, seed)
     if p.suffix.lower() in TENSOR_EXTENSIONS:
         return _load_tensor_file(p, samples, seed)
+    if p.suffix.lower() in STREAMED_EXTENSIONS:
+        x = NpyRows(p)
+        return CalibrationData(NpyRows(p, _subset(len(x), samples, seed).tolist()) if samples else x)
     raise PleasccError(
         f"calibration data {path} has unsupported type '{p.suffix or os.path.basename(path)}': "
-        f"pass a folder of images in class subfolders, or a .npz/.pt file with x (and y)"
+        f"pass a folder of images in class subfolders, a .npz/.pt file with x (and y), or a .npy of x alone"
     )
 
 
@@ -212,7 +284,7 @@ def check_data_fits(model: nn.Module, data: CalibrationData) -> None:
     """Fail fast, before the expensive passes, when the inputs do not match the model's input layout."""
     try:
         with torch.no_grad():
-            model(data.x[:2])
+            model(read_rows(data.x[:2]))
     except Exception as exc:
         raise PleasccError(
             f"calibration data of shape {_shape(data.x)} does not fit the model: {first_line(exc)}; "

@@ -1,5 +1,6 @@
 """The Python API's choices: labels, methods, budgets."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +26,35 @@ def test_heads_of_different_sizes_default_to_separate_labels():
     assert out_a.shape == (4, 5) and out_b.shape == (4, 3)
     with pytest.raises(pleascc.PleasccError, match="--labels separate"):
         pleascc.merge(a, b, x, labels="shared", progress=False)
+
+
+def test_batch_size_and_data_on_disk_do_not_change_the_merge(tmp_path):
+    """Statistics are sums over samples: batches of 7 read from a .npy give the in-memory merge of batch 64."""
+    a, b = _pair()
+    x = torch.randn(200, 1, 8, 8)
+    np.save(tmp_path / "x.npy", x.numpy())
+    eager = pleascc.merge(a, b, x, budget=1.5, progress=False)
+    lazy = pleascc.merge(a, b, str(tmp_path / "x.npy"), budget=1.5, batch_size=7, progress=False)
+    assert eager.report["batch_size"] == 64 and lazy.report["batch_size"] == 7
+    with torch.no_grad():
+        for want, got in zip(eager.model(x[:8]), lazy.model(x[:8])):
+            assert (want - got).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_batch_size_shrinks_with_the_activations():
+    """The default batch holds a fixed number of activation bytes: a 16× larger image, a smaller batch."""
+    from pleascc.passes.groups import analyze
+    from pleascc.passes.stats import MAX_BATCH, batch_size_for
+
+    gm = trace(torchvision_resnet18())
+    small, large = (batch_size_for(analyze(gm, (torch.randn(2, 3, size, size),))) for size in (32, 224))
+    assert small == MAX_BATCH and 1 <= large < MAX_BATCH
+
+
+def torchvision_resnet18():
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10).eval()
 
 
 def test_shared_labels_give_one_head_fit_to_the_mean_logits():

@@ -80,6 +80,9 @@ def files(tmp_path_factory):
     x_nan[5, 0, 1, 1] = np.nan
     f["nan_data"] = _save_npz(root / "nan_data.npz", x=x_nan)
     f["no_x"] = _save_npz(root / "no_x.npz", inputs=x)
+    for name, array in (("calib_npy", x), ("nan_npy", x_nan)):  # read batch by batch from disk
+        f[name] = str(root / f"{name}.npy")
+        np.save(f[name], array)
     f["untraceable"] = str(root / "untraceable.py")
     (root / "untraceable.py").write_text(UNTRACEABLE)
     f["a_file"] = str(root / "somefile.txt")
@@ -155,8 +158,23 @@ def test_groups_of_checkpoint(files, capsys, tmp_path):
     assert main(["groups", files["a"], *ARCH, "--input-shape", "1,8,8", "--draw", str(tmp_path / "g.png")]) == 0
     assert "4 permutation groups" in capsys.readouterr().out
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == ["g.png"]
-    assert main(["groups", files["a"], *ARCH, "--data", files["calib"]]) == 0
-    assert "4 permutation groups" in capsys.readouterr().out
+    for data in ("calib", "calib_npy"):
+        assert main(["groups", files["a"], *ARCH, "--data", files[data]]) == 0
+        assert "4 permutation groups" in capsys.readouterr().out
+
+
+def test_merge_reads_npy_data_from_disk_batch_by_batch(files, tmp_path):
+    """A .npy stays on disk (memory flat in samples) and gives the same merge as the same samples in a .npz."""
+    import onnxruntime as ort
+
+    outputs = []
+    for data in ("calib", "calib_npy"):
+        out = tmp_path / f"{data}.onnx"
+        assert main(_merge_args(files, out, "--budget", "1.5", "--batch-size", "16", data=data)) == 0
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: np.load(files["calib_npy"])[:4]}))
+    for want, got in zip(*outputs):
+        assert np.abs(want - got).max() <= 1e-5 * np.abs(want).max()
 
 
 def test_groups_of_architecture_alone(capsys):
@@ -179,6 +197,7 @@ BAD_INPUTS = {
     "wrong_data_shape": (dict(data="three_channels"), ["(300, 3, 8, 8)", "does not fit"]),
     "too_few_samples": (dict(data="few"), ["6 samples", "needs at least 10", "_7_conv1"]),
     "nan_data": (dict(data="nan_data"), ["nan_data.npz", "NaN"]),
+    "nan_data_on_disk": (dict(data="nan_npy"), ["nan_npy.npy", "NaN"]),
     "nan_weight": (dict(a="nan_weight"), ["model A", "NaN"]),
     "data_without_x": (dict(data="no_x"), ["no_x.npz", "no 'x'", "inputs"]),
 }

@@ -6,12 +6,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pleascc.data import CalibrationData, check_data_fits, load_data
+from pleascc.data import CalibrationData, NpyRows, check_data_fits, load_data, read_rows
 from conftest import raises
-
-
-
-
 
 def write_image(path, color, size=(40, 30)):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +128,48 @@ def test_samples_beyond_size_uses_all(tmp_path):
     path = tmp_path / "d.pt"
     torch.save({"x": torch.randn(4, 2)}, path)
     assert len(load_data(str(path), samples=100)) == 4
+
+
+def test_npy_is_read_batch_by_batch(tmp_path):
+    """A .npy stays on disk: slices are lazy views, read only when a batch is taken, in any stride."""
+    path = tmp_path / "d.npy"
+    x = np.random.rand(20, 3, 4, 4)
+    np.save(path, x)
+    data = load_data(str(path))
+    assert isinstance(data.x, NpyRows) and data.x.shape == (20, 3, 4, 4) and data.y is None
+    view = data.x[3:17][1::4]
+    assert isinstance(view, NpyRows) and len(view) == 4
+    batch = read_rows(view)
+    assert batch.dtype == torch.float32 and torch.equal(batch, torch.from_numpy(x[3:17][1::4]).float())
+
+
+def test_npy_subset_is_the_same_as_npz(tmp_path):
+    x = np.random.rand(30, 5).astype(np.float32)
+    np.save(tmp_path / "d.npy", x)
+    np.savez(tmp_path / "d.npz", x=x)
+    lazy, eager = (load_data(str(tmp_path / f"d.{ext}"), samples=7, seed=2) for ext in ("npy", "npz"))
+    assert torch.equal(read_rows(lazy.x), eager.x)
+
+
+@pytest.mark.parametrize("array, match", [(np.zeros((4, 2), np.int64), "int64 array"),
+                                          (np.zeros(4, np.float32), "array of shape (4,)"),
+                                          (np.array([{"a": 1}] * 2, dtype=object), "object array")])
+def test_bad_npy(tmp_path, array, match):
+    path = tmp_path / "d.npy"
+    np.save(path, array, allow_pickle=True)
+    raises(match, load_data, str(path))
+
+
+def test_npy_nan_found_when_read(tmp_path):
+    path = tmp_path / "d.npy"
+    np.save(path, np.array([[1.0], [np.nan]], np.float32))
+    raises("NaN or Inf", read_rows, load_data(str(path)).x)
+
+
+def test_npy_not_numpy(tmp_path):
+    path = tmp_path / "d.npy"
+    path.write_bytes(b"not a numpy file")
+    raises("cannot read", load_data, str(path))
 
 
 class Payload:
