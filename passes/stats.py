@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from scipy.linalg import blas
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from pleascc import distributed
@@ -104,10 +106,10 @@ class CrossMoments:
         z = torch.cat([a, b], dim=1).float()
         if not self.count:
             self.shift = z.mean(0, dtype=torch.float64)
-            self.sum = torch.zeros(2 * self.n, dtype=torch.float64)
+            self.sum = torch.zeros(2 * self.n, dtype=torch.float64, device=z.device)
             self.sq = torch.zeros_like(self.sum)
             side = 2 * self.n if self.within else self.n
-            self.cross = torch.zeros(side, side, dtype=torch.float64)
+            self.cross = torch.zeros(side, side, dtype=torch.float64, device=z.device)
         z = z - self.shift.float()
         self.count += z.shape[0]
         self.sum += z.sum(0, dtype=torch.float64)
@@ -134,7 +136,7 @@ class CrossMoments:
         rows, cols = (slice(None), slice(None)) if self.within else (slice(0, self.n), slice(self.n, None))
         cov = self.cross / self.count - torch.outer(mean[rows], mean[cols])
         live = torch.outer(std[rows] > 0, std[cols] > 0)
-        corr = torch.where(live, cov / (torch.outer(std[rows], std[cols]) + 1e-300), torch.zeros(()))
+        corr = torch.where(live, cov / (torch.outer(std[rows], std[cols]) + 1e-300), torch.zeros((), dtype=cov.dtype, device=cov.device))
         return corr.clamp(-1, 1)
 
 
@@ -181,11 +183,17 @@ def batch_size_for(analysis: Analysis, limit_bytes: float = BATCH_BYTES) -> int:
     return int(max(1, min(MAX_BATCH, limit_bytes // (3 * per_sample))))
 
 
-def batches(x: torch.Tensor | NpyRows, batch_size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
-    """The data in batches, each read from disk only now if it is ``NpyRows``."""
+def batches(x: torch.Tensor | NpyRows, batch_size: int, desc: str, progress: bool,
+            device: torch.device | None = None) -> Iterator[torch.Tensor]:
+    """The data in batches, each read from disk only now if it is ``NpyRows``, and moved to ``device``."""
     starts = range(0, len(x), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress or distributed.rank() > 0, leave=False, unit="batch"):
-        yield read_rows(x[start:start + batch_size])
+        yield read_rows(x[start:start + batch_size]).to(device)
+
+
+def device_of(gm: torch.nn.Module) -> torch.device:
+    """Where a model's parameters live, and so where the passes run it and keep their sums."""
+    return next(iter(gm.parameters()), torch.empty(0)).device
 
 
 def _check_finite(value: torch.Tensor, model: str, node: str) -> None:
@@ -220,7 +228,7 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
     captures = [capture(gm, names) for gm in gms]
     moments: dict[tuple, CrossMoments] = {}
     with torch.no_grad():
-        for x in batches(data, batch_size, "matching statistics", progress):
+        for x in batches(data, batch_size, "matching statistics", progress, device_of(gms[0])):
             values_a, values_b = _run_pair(captures, names, x)
             for site, (name, axes, dims) in enumerate(sites):
                 pairs = zip(observe(analysis.table, values_a[name], axes, dims),
@@ -234,7 +242,7 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
     for m in moments.values():  # the same keys in the same order on every rank
         m.reduce()
     for (_, _, root), m in moments.items():
-        by_root.setdefault(root, []).append(m.correlation())
+        by_root.setdefault(root, []).append(m.correlation().cpu())  # matching runs on the CPU
     return {root: torch.stack(corrs).mean(0) for root, corrs in by_root.items()}
 
 
@@ -384,8 +392,8 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
     if merged_model:
         sources = {p.layer.node: merged_model[1][p.layer.node] for p in problems}
         own_names = sorted(set(sources.values()))
-    with torch.no_grad():
-        for batch, x in enumerate(batches(data, batch_size, "least-squares statistics", progress)):
+    with torch.no_grad(), threadpool_limits(torch.get_num_threads(), user_api="blas"):  # syrk's threads too
+        for batch, x in enumerate(batches(data, batch_size, "least-squares statistics", progress, device_of(gms[0]))):
             va, vb = (frontier.run(gm, label, batch, x, names) for gm, label in zip(gms, "AB"))
             if merged_model:
                 values = frontier.run(merged_model[0], "merged", batch, x, own_names)
@@ -399,10 +407,10 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
                 key = (layer.node, None if block.cols is None else tuple(block.cols.tolist()))
                 if key not in rows:
                     x_in = merged[layer.node]
-                    x_in = x_in if block.cols is None else x_in.index_select(layer.in_axis, block.cols)
+                    x_in = x_in if block.cols is None else x_in.index_select(layer.in_axis, block.cols.to(x_in.device))
                     rows[key] = _rows(layer, x_in, maps)
                 y = p.target(va[layer.node], vb[layer.node])
-                y = y if block.rows is None else y.index_select(layer.out_axis, block.rows)
+                y = y if block.rows is None else y.index_select(layer.out_axis, block.rows.to(y.device))
                 _accumulate(p, rows[key], _target_rows(layer, y, maps))
     for p in problems:  # sums over every rank's shard
         p.xx, p.rx = distributed.total(p.xx), distributed.total(p.rx)
@@ -418,8 +426,8 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
     names = sorted({p.layer.source for p in problems})
     captures = [capture(gm, names) for gm in gms]
     feeding = [_feeding(maps, p) for p in problems]
-    with torch.no_grad():
-        for x in batches(data, batch_size, "RegMean statistics", progress):
+    with torch.no_grad(), threadpool_limits(torch.get_num_threads(), user_api="blas"):  # syrk's threads too
+        for x in batches(data, batch_size, "RegMean statistics", progress, device_of(gms[0])):
             values = _run_pair(captures, names, x)
             rows: dict[tuple, torch.Tensor] = {}
             for p, models in zip(problems, feeding):
@@ -428,9 +436,9 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
                     key = (layer.node, model, None if cols is None else tuple(cols.tolist()))
                     if key not in rows:
                         x_in = maps.gather(values[model][layer.source], model, [(layer.in_axis, layer.in_dim)])
-                        x_in = x_in if cols is None else x_in.index_select(layer.in_axis, cols)
+                        x_in = x_in if cols is None else x_in.index_select(layer.in_axis, cols.to(x_in.device))
                         r = _rows(layer, x_in, maps)
-                        rows[key] = (r.transpose(1, 2) @ r).double()
+                        rows[key] = _gram(r)
                     p.grams[model] = p.grams.get(model, 0) + rows[key]
     for p in problems:
         p.grams = {m: distributed.total(g) for m, g in sorted(p.grams.items())}
@@ -456,7 +464,7 @@ def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
         cols = torch.movedim(x, 1, -1).reshape(-1, x.shape[1]).T.unsqueeze(-1)
     else:
         cols = x.reshape(-1, x.shape[-1]).unsqueeze(0)
-    ones = torch.ones(*cols.shape[:2], 1, dtype=cols.dtype)
+    ones = torch.ones(*cols.shape[:2], 1, dtype=cols.dtype, device=cols.device)
     return torch.cat([cols, ones], dim=2)
 
 
@@ -486,6 +494,24 @@ def _unfold(x: torch.Tensor, conv: dict) -> torch.Tensor:
     raise PleasccError("least squares for 3-D convolutions is not supported yet; use --method permute")
 
 
+SYRK_MIN = 128  # columns from which one group's Gram goes to BLAS syrk
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    """rowsᵀ·rows per group, in float64 (products in the rows' precision).
+
+    One group of many columns goes to BLAS syrk, which computes one triangle:
+    half the flops of a matrix product, and a 3×3 convolution's im2col Gram
+    (9·C_in columns) is the bulk of a merge's work.
+    """
+    if rows.shape[0] > 1 or rows.shape[2] < SYRK_MIN or rows.device.type != "cpu" or rows.dtype not in (
+            torch.float32, torch.float64):
+        return (rows.transpose(1, 2) @ rows).double()
+    syrk = blas.ssyrk if rows.dtype == torch.float32 else blas.dsyrk
+    upper = torch.from_numpy(syrk(1.0, rows[0].numpy().T, trans=0)).double()  # (samples, d) read as (d, samples)
+    return (upper + upper.triu(1).T).unsqueeze(0)
+
+
 def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor) -> None:
     """Products in float32 (the bulk of the work), sums across batches in float64.
 
@@ -493,8 +519,8 @@ def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor) -> None:
     so where the warm start is already right (a model merged with itself) the
     fit sees zeros rather than the difference of two large float32 sums.
     """
-    residual = target - inputs @ p.w0.transpose(1, 2).to(inputs.dtype)
-    xx = (inputs.transpose(1, 2) @ inputs).double()
+    residual = target - inputs @ p.w0.transpose(1, 2).to(inputs)
+    xx = _gram(inputs)
     rx = (residual.transpose(1, 2) @ inputs).double()
     if p.xx is None:
         p.xx, p.rx = xx, rx

@@ -9,7 +9,7 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes.groups import analyze, permutation_groups
 from pleascc.passes.match import hungarian, identity, match_heads, zip_units
 from pleascc.passes.merge_maps import MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
-from pleascc.passes.stats import CrossMoments, Problem, feature_moments
+from pleascc.passes.stats import CrossMoments, Problem, _gram, feature_moments
 from pleascc.passes.solve import least_squares
 from pleascc.passes.spaces import SpaceTable
 from pleascc.trace import trace
@@ -370,3 +370,14 @@ def test_blur_pool_filter_is_widened_with_its_channels():
     with torch.no_grad():
         got_a, got_b = result.model(x)
         assert torch.allclose(got_a, a(x), atol=1e-5) and torch.allclose(got_b, b(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, dtype", [((1, 500, 300), torch.float32), ((1, 400, 200), torch.float64),
+                                          ((3, 50, 300), torch.float32), ((1, 500, 20), torch.float32)])
+def test_gram_is_the_matrix_product(shape, dtype):
+    """One wide group goes to BLAS syrk (one triangle, mirrored); the rest to a batched product: the same Gram."""
+    rows = torch.randn(shape, dtype=dtype)
+    want = (rows.transpose(1, 2) @ rows).double()
+    got = _gram(rows)
+    assert got.dtype == torch.float64 and torch.equal(got, got.transpose(1, 2))
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
