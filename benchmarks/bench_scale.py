@@ -5,14 +5,16 @@ also gathers statistics (two passes in one-pass least squares, more in the
 sequential variant, resumed from kept activations) and solves small dense
 systems.  Each measurement runs in a fresh process, so its peak resident memory
 (``ru_maxrss``, from the OS) is its own; the forward floor is timed in that same
-process, just before the merge, so the ratio compares like with like.  Random
-weights and random inputs: timing and memory do not depend on them.
+process right after the merge, at the merge's batch size, so the ratio compares
+like with like.  Random weights, and random inputs in a .npy on disk read batch
+by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
 
     python benchmarks/bench_scale.py ratio     # resnet50, vit_small at 224: 512 and 2048 samples, both LS variants
     python benchmarks/bench_scale.py samples   # CIFAR ResNet-20 ×1: 256 … 4096 samples
     python benchmarks/bench_scale.py width     # CIFAR ResNet-20 ×1, ×2, ×4, ×8 at 1024 samples
     python benchmarks/bench_scale.py ratio --samples 512 --least-squares one-pass   # a subset of the ratio rows
     python benchmarks/bench_scale.py ratio --smoke   # a minute-long check of the script itself
+    python benchmarks/bench_scale.py ratio --device cuda   # on a GPU: scale_ratio_cuda.*
 
 Writes benchmarks/results/scale_PART.{json,md,png}.
 """
@@ -20,13 +22,16 @@ Writes benchmarks/results/scale_PART.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,26 +61,53 @@ def build(arch: str, seed: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
 
 
 def measure(job: dict) -> dict:
-    """One merge in this (fresh) process: the forward floor, the merge, and the process's peak memory."""
+    """One merge in this (fresh) process, its peak memory, then the forward floor at the merge's own batch size.
+
+    The floor comes after the peak is read, so its activations do not count in it.
+    """
     import pleascc
+
+    from pleascc.data import load_data, read_rows
 
     torch.set_num_threads(job["threads"])
     (model_a, shape), (model_b, _) = build(job["arch"], 0), build(job["arch"], 1)
-    x = torch.randn(job["samples"], *shape, generator=torch.Generator().manual_seed(2))
-    start = time.perf_counter()
-    with torch.no_grad():
-        for model in (model_a, model_b):
-            for k in range(0, len(x), 64):
-                model(x[k:k + 64])
-    forward = time.perf_counter() - start
-    start = time.perf_counter()
-    result = pleascc.merge(model_a, model_b, x, least_squares=job["least_squares"], labels="separate",
-                           progress=False)
-    merge = time.perf_counter() - start
-    return {**job, "forward_s": forward, "merge_s": merge, "ratio": merge / forward,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    with tempfile.TemporaryDirectory() as tmp:  # on disk, read batch by batch: memory flat in samples
+        path = Path(tmp) / "x.npy"
+        write_inputs(path, job["samples"], shape)
+        x, device = load_data(str(path)).x, torch.device(job["device"])
+        start = time.perf_counter()
+        result = pleascc.merge(model_a, model_b, x, least_squares=job["least_squares"], labels="separate",
+                               device=job["device"], progress=False)
+        merge = time.perf_counter() - start
+        peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                 "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+        batch = result.report["batch_size"]
+        start = time.perf_counter()
+        with torch.no_grad():
+            for model in (model_a, model_b):
+                on_device = copy.deepcopy(model).to(device)
+                for k in range(0, len(x), batch):
+                    on_device(read_rows(x[k:k + batch]).to(device))
+        synchronize(device)
+        forward = time.perf_counter() - start
+    return {**job, "forward_s": forward, "merge_s": merge, "ratio": merge / forward, **peaks, "batch_size": batch,
             "passes": 2 + max(result.report["least_squares_passes"] - 1, 0),
             "cache_mb": result.report["least_squares_cache_mb"], "timings_s": result.report["timings_s"]}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_inputs(path: Path, samples: int, shape: tuple[int, ...]) -> None:
+    """Random inputs as a .npy, written 64 samples at a time (never all in memory)."""
+    generator = torch.Generator().manual_seed(2)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                 "shape": (samples, *shape)})
+        for k in range(0, samples, 64):
+            f.write(torch.randn(min(64, samples - k), *shape, generator=generator).numpy().tobytes())
 
 
 def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
@@ -94,10 +126,11 @@ def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | samples | least squares | passes | forward A+B s | merge s | merge ÷ forward | peak MB | "
-             "kept activations MB |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['arch']} | {r['samples']} | {r['least_squares']} | {r['passes']} | {r['forward_s']:.1f} | "
-              f"{r['merge_s']:.1f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['cache_mb']:.0f} |" for r in rows]
+    lines = ["| model | samples | batch | least squares | passes | forward A+B s | merge s | merge ÷ forward | "
+             "peak MB | kept activations MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['arch']} | {r['samples']} | {r.get('batch_size', 64)} | {r['least_squares']} | {r['passes']} | "
+              f"{r['forward_s']:.1f} | {r['merge_s']:.1f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['cache_mb']:.0f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -136,17 +169,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=("ratio", "samples", "width"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the forward floor and the merge's passes run (cuda: "
+                   "results go to scale_PART_cuda.*)")
     p.add_argument("--smoke", action="store_true", help="tiny settings, to check the script")
     p.add_argument("--samples", type=int, nargs="*", help="ratio: these sample counts only (default 512 2048)")
     p.add_argument("--least-squares", nargs="*", choices=("one-pass", "sequential"),
                    help="ratio: these variants only (default both)")
     args = p.parse_args()
-    name = f"scale_{args.part}{'_smoke' if args.smoke else ''}"
+    name = f"scale_{args.part}{'_cuda' if args.device != 'cpu' else ''}{'_smoke' if args.smoke else ''}"
     RESULTS.mkdir(exist_ok=True)
-    meta = {"command": " ".join(sys.argv), "torch": torch.__version__, "threads": args.threads}
+    meta = {"command": " ".join(sys.argv), "torch": torch.__version__, "threads": args.threads, "device": args.device}
     rows = []
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        for row in pool.imap(measure, jobs(args.part, args.smoke, args.threads, args.samples, args.least_squares)):
+        for row in pool.imap(measure, [{**job, "device": args.device} for job in jobs(
+                args.part, args.smoke, args.threads, args.samples, args.least_squares)]):
             rows.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
             write(rows, meta, args.part, name)  # after every row: a stopped run keeps what it measured

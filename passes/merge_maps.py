@@ -69,7 +69,7 @@ class MergeMaps:
         averaged = axes if averaged is None else averaged
         total = self.gather(tensors[0], 0, axes) + self.gather(tensors[1], 1, axes)
         count = self._count(total, averaged)
-        return total / count.clamp(min=1).to(total.dtype)
+        return total / count.clamp(min=1).to(total)
 
     def _count(self, like: torch.Tensor, averaged: list[tuple[int, Dim]]) -> torch.Tensor:
         """How many models feed each merged position (product over averaged axes)."""

@@ -91,12 +91,10 @@ def least_squares(problem: Problem, ridge: float, has_bias: bool) -> tuple[torch
         xx, rx = xx[:, :-1, :-1], rx[:, :, :-1]
     d = xx.shape[-1]
     scale = xx.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
-    system = xx + ridge * scale[:, None, None] * torch.eye(d, dtype=xx.dtype)
+    system = xx + ridge * scale[:, None, None] * torch.eye(d, dtype=xx.dtype, device=xx.device)
     delta = torch.linalg.solve(system, rx.transpose(1, 2)).transpose(1, 2)
     err = problem.rr - 2 * (delta * rx).sum() + (delta @ xx * delta).sum()
-    if not has_bias:
-        delta = torch.cat([delta, torch.zeros(*delta.shape[:2], 1, dtype=delta.dtype)], dim=2)
-    return problem.w0.double() + delta, float(err) / max(problem.tt, 1e-30)
+    return problem.w0.to(delta) + _with_bias_column(delta, has_bias), float(err) / max(problem.tt, 1e-30)
 
 
 def regmean(problem: Problem, own: dict[int, torch.Tensor], alpha: float, ridge: float,
@@ -109,19 +107,25 @@ def regmean(problem: Problem, own: dict[int, torch.Tensor], alpha: float, ridge:
     pulls toward the warm start, as in ``least_squares``, so a self-merge is exact.
     """
     keep = slice(None) if has_bias else slice(0, -1)  # no bias: drop the ones column
-    w0 = problem.w0.double()[:, :, keep].transpose(1, 2)
+    some = next(iter(problem.grams.values()))
+    w0 = problem.w0.to(some)[:, :, keep].transpose(1, 2)
     system, rhs = 0, 0
     for m, gram in problem.grams.items():
         g = gram[:, keep, keep]
         g = alpha * g + (1 - alpha) * torch.diag_embed(g.diagonal(dim1=1, dim2=2))
-        system, rhs = system + g, rhs + g @ (own[m][:, :, keep].transpose(1, 2) - w0)
+        system, rhs = system + g, rhs + g @ (own[m].to(g)[:, :, keep].transpose(1, 2) - w0)
     d = system.shape[-1]
     scale = system.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
-    delta = torch.linalg.solve(system + ridge * scale[:, None, None] * torch.eye(d, dtype=system.dtype), rhs)
-    delta = delta.transpose(1, 2)
-    if not has_bias:
-        delta = torch.cat([delta, torch.zeros(*delta.shape[:2], 1, dtype=delta.dtype)], dim=2)
-    return problem.w0.double() + delta
+    eye = torch.eye(d, dtype=system.dtype, device=system.device)
+    delta = torch.linalg.solve(system + ridge * scale[:, None, None] * eye, rhs).transpose(1, 2)
+    return problem.w0.to(delta) + _with_bias_column(delta, has_bias)
+
+
+def _with_bias_column(delta: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """A fit without a bias solved for no ones column: give it a zero one back."""
+    if has_bias:
+        return delta
+    return torch.cat([delta, torch.zeros(*delta.shape[:2], 1, dtype=delta.dtype, device=delta.device)], dim=2)
 
 
 def layer_params(layer: Layer, w: torch.Tensor, like: State) -> State:

@@ -263,8 +263,8 @@ class SpaceTable:
             if m is None:
                 return x
             if m.dim() == 3:
-                return _per_unit(x, outer_axis, axis, m.to(x.dtype))
-            return torch.movedim(torch.tensordot(x, m.to(x.dtype), dims=([axis], [1])), -1, axis)
+                return _per_unit(x, outer_axis, axis, m.to(x))
+            return torch.movedim(torch.tensordot(x, m.to(x), dims=([axis], [1])), -1, axis)
         if isinstance(dim, Cat):
             sizes = [self.size(p) for p in dim.parts]
             pieces = torch.split(x, sizes, dim=axis)

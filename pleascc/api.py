@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import time
@@ -70,6 +71,7 @@ def merge(
     seed: int = 0,
     reset_bn: bool = False,
     cache_gb: float = 2.0,
+    device: str = "cpu",
     progress: bool = True,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` × the FLOPs of one.
@@ -98,7 +100,10 @@ def merge(
     most (up to 64) whose activations fit in 2 GB (``stats.batch_size_for``).
     ``cache_gb``: memory for the activations sequential least squares keeps
     between its passes, so that each resumes the last (0: every pass starts
-    from the input; past the limit, the same).
+    from the input; past the limit, the same).  ``device``: where the
+    statistics passes run the models and keep their sums, and where the
+    least-squares systems are solved ("cuda" for a GPU); matching runs on the
+    CPU, and the merged model comes back there.
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -119,6 +124,7 @@ def merge(
     matcher, refit = METHODS[method]
     x = _calibration_tensor(data, samples, model_a, seed)
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
+    runs = _on_device(gms, device)  # the copies the statistics passes run
     if batch_size is not None and batch_size < 1:
         raise PleasccError(f"batch size {batch_size} is not positive: pass --batch-size 1 or more, or leave it out")
     batch_size = batch_size or batch_size_for(analysis)
@@ -131,7 +137,7 @@ def merge(
     if matching == "weight":  # data-free: the weights alone
         matchings = weight_matching(analysis, states, seed=seed)
     else:
-        correlations = feature_moments(gms, analysis, local, batch_size, progress, within=matcher == "zipit")
+        correlations = feature_moments(runs, analysis, local, batch_size, progress, within=matcher == "zipit")
         timings["matching_statistics"] = time.perf_counter() - clock
         clock = time.perf_counter()
         matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
@@ -152,7 +158,7 @@ def merge(
     residuals, passes, cache_mb, underdetermined = {}, 0, 0.0, []
     if refit == "regmean":
         blocked = [p for p in problems if is_blocked(p.layer) or p.model is not None]  # norms stay averaged
-        gram_moments(gms, maps, blocked, local, batch_size, progress)
+        gram_moments(runs, maps, blocked, local, batch_size, progress)
         for p in blocked:
             in_width = maps.size(p.layer.in_dim)
             per_model = {m: block_slice(own_weights(analysis, maps, p.layer, states[m], m), p.block, in_width)
@@ -160,14 +166,14 @@ def merge(
             p.w = regmean(p, per_model, regmean_alpha, ridge, has_bias=bool(p.layer.bias))
     elif refit:
         underdetermined = _check_least_squares_samples(problems, analysis, x)
-        fit = functools.partial(_fit, gms, analysis, maps, local, batch_size, progress, ridge)
+        fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, progress, ridge)
         if least_squares == "one-pass":
             residuals, passes = fit(problems), 1
         else:
             levels = layer_levels(gms[0], analysis)
             frontier = Frontier(cache_gb * 2**30)
             residuals = _fit_sequentially(functools.partial(fit, frontier=frontier), problems, levels,
-                                          lambda: emit_with(_layer_weights(problems, states)))
+                                          lambda: emit_with(_layer_weights(problems, states)).to(device))
             passes, cache_mb = len(set(levels.values())), frontier.peak_bytes / 2**20
     timings["solve"] = time.perf_counter() - clock
 
@@ -178,7 +184,7 @@ def merge(
                      method=method, budget=budget, separate=separate, samples=len(x), batch_size=batch_size,
                      width_search="zip-until " + zip_until if zip_until else width_search,
                      least_squares=least_squares if refit == "least-squares" else None,
-                     least_squares_passes=passes, least_squares_cache_mb=cache_mb,
+                     least_squares_passes=passes, least_squares_cache_mb=cache_mb, device=str(device),
                      underdetermined_layers=underdetermined)
     return MergeResult(merged.eval(), report, analysis)
 
@@ -193,6 +199,19 @@ def _trace_pair(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor):
     gm_b = trace(model_b, "model B")
     check_same_graph(gm_a, gm_b)
     return (gm_a, gm_b), analysis, heads, (_tensors(gm_a), _tensors(gm_b))
+
+
+def _on_device(gms: tuple[fx.GraphModule, ...], device: str) -> tuple[fx.GraphModule, ...]:
+    """The traced models on ``device``: copies, so the caller's models (which they share weights with) stay put."""
+    try:
+        target = torch.device(device)
+        torch.empty(0, device=target)
+    except (RuntimeError, AssertionError) as exc:
+        raise PleasccError(f"device {device!r} is not usable here ({str(exc).splitlines()[0]}): "
+                           "pass --device cpu, or cuda on a machine with a GPU") from exc
+    if target.type == "cpu":
+        return gms
+    return tuple(copy.deepcopy(gm).to(target) for gm in gms)
 
 
 def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -294,7 +313,7 @@ def _layer_weights(problems: list[Problem], states) -> dict[tuple[str, int | Non
     """Each block's parameters: its fit where there is one, else its warm start (the baselines)."""
     layer_weights: dict[tuple[str, int | None], list] = {}
     for p in problems:
-        params = layer_params(p.layer, p.w0 if p.w is None else p.w, states[p.model or 0])
+        params = layer_params(p.layer, (p.w0 if p.w is None else p.w).cpu(), states[p.model or 0])
         layer_weights.setdefault((p.layer.node, p.model), []).append((p.block, params))
     return layer_weights
 

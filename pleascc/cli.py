@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=None,
                    help="samples per batch in the statistics passes (default: the most, up to 64, whose "
                         "activations fit in 2 GB)")
+    m.add_argument("--device", default="cpu",
+                   help="where the statistics passes run and the least-squares systems are solved: cpu "
+                        "(default) or cuda (under torchrun, each rank its local GPU, NCCL for the sums)")
     m.add_argument("--distributed", action="store_true",
                    help="shard the calibration data over the processes torchrun starts (all-reducing the "
                         "statistics with torch.distributed; on by itself under torchrun); rank 0 writes")
@@ -203,8 +206,9 @@ def _merge(args) -> int:
     from pleascc.export import output_dtype
 
     start = time.perf_counter()
+    device = args.device
     if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        distributed.init_from_environment()
+        device = distributed.init_from_environment(device)
     _check_writable(args.output)
     dtype = output_dtype(args.dtype, args.format)
     if args.report:
@@ -215,7 +219,8 @@ def _merge(args) -> int:
                            least_squares=args.least_squares, batch_size=args.batch_size, matching=args.matching,
                            width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
                            zip_until=args.zip_until, regmean_alpha=args.regmean_alpha, seed=args.seed,
-                           reset_bn=args.reset_bn, cache_gb=args.cache_gb, progress=not args.no_progress)
+                           reset_bn=args.reset_bn, cache_gb=args.cache_gb, device=device,
+                           progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0
     example = read_rows(data.x[: min(len(data.x), 8)])

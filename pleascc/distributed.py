@@ -25,14 +25,23 @@ def rank() -> int:
     return dist.get_rank() if active() else 0
 
 
-def init_from_environment() -> None:
-    """Join the process group ``torchrun`` describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+def init_from_environment(device: str = "cpu") -> str:
+    """Join the process group ``torchrun`` describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT).
+
+    Returns this rank's device: with ``device`` "cuda", the GPU of its local
+    rank, and NCCL carries the sums; on the CPU, gloo does.
+    """
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise PleasccError(f"--distributed needs {', '.join(missing)} in the environment: start it with "
                            "torchrun --nproc-per-node N -m pleascc merge ... --distributed")
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    return device
 
 
 def shard(x: torch.Tensor) -> torch.Tensor:
@@ -44,9 +53,14 @@ def total(value: torch.Tensor | float) -> torch.Tensor | float:
     """The sum of ``value`` over all ranks (float64 on the wire)."""
     if not active():
         return value
-    t = torch.as_tensor(value, dtype=torch.float64).clone()
+    t = torch.as_tensor(value, dtype=torch.float64).to(_wire(), copy=True)
     dist.all_reduce(t)
-    return t if isinstance(value, torch.Tensor) else float(t)
+    return t.to(value.device) if isinstance(value, torch.Tensor) else float(t)
+
+
+def _wire() -> torch.device:
+    """Where collectives' tensors must live: the current GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def mean(t: torch.Tensor) -> torch.Tensor:
@@ -58,6 +72,6 @@ def rank_zero_first(t: torch.Tensor) -> torch.Tensor:
     """Rank 0's ``t`` on every rank (a common reference, e.g. the shift of running moments)."""
     if not active():
         return t
-    t = t.clone()
-    dist.broadcast(t, src=0)
-    return t
+    wire = t.to(_wire(), copy=True)
+    dist.broadcast(wire, src=0)
+    return wire.to(t.device)

@@ -163,6 +163,14 @@ def test_groups_of_checkpoint(files, capsys, tmp_path):
         assert "4 permutation groups" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("device", ["cuda", "gpu"])
+def test_unusable_device_is_a_one_line_error(files, tmp_path, capsys, device):
+    err = _error(capsys, _merge_args(files, tmp_path / "out.onnx", "--device", device))
+    assert f"device '{device}' is not usable" in err and "--device cpu" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_merge_reads_npy_data_from_disk_batch_by_batch(files, tmp_path):
     """A .npy stays on disk (memory flat in samples) and gives the same merge as the same samples in a .npz."""
     import onnxruntime as ort
