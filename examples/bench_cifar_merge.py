@@ -7,7 +7,8 @@ the training images, all 10 classes, one shared head; metric: accuracy).  Each
 merge runs in a fresh process, so its peak memory (ru_maxrss) is its own.  Needs
 ../shared/data.  Writes examples/results/NAME.{json,png,md}.
 
-    python examples/train_cifar_pair.py --out runs/cifar_resnet20
+    python examples/bench_cifar_merge.py     # the committed pair, examples/checkpoints/cifar_resnet20
+    python examples/train_cifar_pair.py --out runs/cifar_resnet20    # or a pair of your own
     python examples/bench_cifar_merge.py --models runs/cifar_resnet20
     python examples/train_cifar_pair.py --arch vit --out runs/cifar_vit
     python examples/bench_cifar_merge.py --arch vit --models runs/cifar_vit --name cifar_vit
@@ -59,6 +60,7 @@ VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose 
 }
 DEFAULT_VARIANTS = ["average", "permute", "pleas one-pass", "pleas"]
 RESULTS = Path(__file__).resolve().parent / "results"
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # trained pairs the committed tables come from
 
 
 def load_pair(folder: Path, arch: str, width: int, classes: int) -> list[torch.nn.Module]:
@@ -183,7 +185,9 @@ def shortfalls(rows: list[dict], metric: str) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=Path, default=Path("runs/cifar_resnet20"))
+    p.add_argument("--models", type=Path, default=CHECKPOINTS / "cifar_resnet20",
+                   help="a folder with model_a.pt, model_b.pt and train.json (default: the committed ResNet-20 pair "
+                        "the README's table comes from)")
     p.add_argument("--samples", type=int, default=2048, help="calibration images from the training split")
     p.add_argument("--arch", choices=("resnet20", "vit"), default="resnet20")
     p.add_argument("--width", type=int, default=1)
