@@ -136,7 +136,7 @@ class CrossMoments:
         rows, cols = (slice(None), slice(None)) if self.within else (slice(0, self.n), slice(self.n, None))
         cov = self.cross / self.count - torch.outer(mean[rows], mean[cols])
         live = torch.outer(std[rows] > 0, std[cols] > 0)
-        corr = torch.where(live, cov / (torch.outer(std[rows], std[cols]) + 1e-300), torch.zeros((), dtype=cov.dtype, device=cov.device))
+        corr = torch.where(live, cov / (torch.outer(std[rows], std[cols]) + 1e-300), cov.new_zeros(()))
         return corr.clamp(-1, 1)
 
 
