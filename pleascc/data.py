@@ -50,6 +50,9 @@ class NpyRows:
                                "save preprocessed float inputs (N, ...) with numpy.save(path, x)")
         self.dtype, self.row_shape = dtype, tuple(shape[1:])
         self.row_bytes = dtype.itemsize * math.prod(self.row_shape)
+        if os.path.getsize(path) < self.offset + shape[0] * self.row_bytes:
+            raise PleasccError(f"{path} is shorter than its header's shape {shape} says: the file is truncated; "
+                               "save it again with numpy.save")
         self.rows = range(shape[0]) if rows is None else rows
 
     @property
@@ -72,7 +75,7 @@ class NpyRows:
                     f.seek(self.offset + row * self.row_bytes)
                     run = _run_length(self.rows, k)
                     f.readinto(memoryview(out[k:k + run]).cast("B"))
-        x = torch.from_numpy(out).float()
+        x = torch.from_numpy(np.asarray(out, dtype=np.float32))  # native byte order, float32
         if not torch.isfinite(x).all():
             raise PleasccError(f"{self.path} contains NaN or Inf: clean the inputs before saving")
         return x

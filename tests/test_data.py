@@ -166,6 +166,14 @@ def test_npy_nan_found_when_read(tmp_path):
     raises("NaN or Inf", read_rows, load_data(str(path)).x)
 
 
+def test_npy_truncated_or_big_endian(tmp_path):
+    path = tmp_path / "d.npy"
+    np.save(path, np.arange(12, dtype=">f8").reshape(4, 3))
+    assert torch.equal(read_rows(load_data(str(path)).x), torch.arange(12.0).reshape(4, 3))
+    path.write_bytes(path.read_bytes()[:-8])
+    raises("truncated", load_data, str(path))
+
+
 def test_npy_not_numpy(tmp_path):
     path = tmp_path / "d.npy"
     path.write_bytes(b"not a numpy file")
