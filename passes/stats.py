@@ -174,8 +174,9 @@ def batch_size_for(analysis: Analysis, limit_bytes: float = BATCH_BYTES) -> int:
 
     A pass holds, per model, every layer's input and output for the whole batch
     (the fx code frees the rest as it goes), and A, B and the merged model run
-    together; one 224² ResNet-50 image is ~60 MB of them, so a fixed batch of
-    64 would need ~10 GB.  Sizes come from ShapeProp's shapes on the example.
+    together; one 224² ResNet-50 image is ~120 MB of them per model, so a
+    fixed batch of 64 would need ~23 GB.  Sizes come from ShapeProp's shapes
+    on the example.
     """
     example = analysis.shapes[next(iter(analysis.shapes))][0]
     names = {n for layer in analysis.layers for n in (layer.source, layer.node)} | {s[0] for s in analysis.sites}

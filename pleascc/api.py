@@ -121,12 +121,14 @@ def merge(
                            "leave --budget at 1.0")
     if not 1.0 <= budget <= 2.0:
         raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
+    if batch_size is not None and batch_size < 1:
+        raise PleasccError(f"batch size {batch_size} is not positive: pass --batch-size 1 or more, or leave it out")
+    target = _usable_device(device)
     matcher, refit = METHODS[method]
     x = _calibration_tensor(data, samples, model_a, seed)
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
-    runs = _on_device(gms, device)  # the copies the statistics passes run
-    if batch_size is not None and batch_size < 1:
-        raise PleasccError(f"batch size {batch_size} is not positive: pass --batch-size 1 or more, or leave it out")
+    # the statistics passes run copies on a device, so the caller's models (sharing weights with gms) stay put
+    runs = gms if target.type == "cpu" else tuple(copy.deepcopy(gm).to(target) for gm in gms)
     batch_size = batch_size or batch_size_for(analysis)
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
     separate = _separate_labels(labels, heads, states)
@@ -201,17 +203,15 @@ def _trace_pair(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor):
     return (gm_a, gm_b), analysis, heads, (_tensors(gm_a), _tensors(gm_b))
 
 
-def _on_device(gms: tuple[fx.GraphModule, ...], device: str) -> tuple[fx.GraphModule, ...]:
-    """The traced models on ``device``: copies, so the caller's models (which they share weights with) stay put."""
+def _usable_device(device: str) -> torch.device:
+    """``device`` parsed and tried with one allocation, before any work is done on it."""
     try:
         target = torch.device(device)
         torch.empty(0, device=target)
     except (RuntimeError, AssertionError) as exc:
         raise PleasccError(f"device {device!r} is not usable here ({str(exc).splitlines()[0]}): "
                            "pass --device cpu, or cuda on a machine with a GPU") from exc
-    if target.type == "cpu":
-        return gms
-    return tuple(copy.deepcopy(gm).to(target) for gm in gms)
+    return target
 
 
 def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ class NpyRows:
     ``read`` returns the rows as a float32 tensor (checked for NaN and Inf).
     """
 
-    def __init__(self, path: Path, rows: range | list[int] | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         try:
             with open(path, "rb") as f:
@@ -53,7 +53,7 @@ class NpyRows:
         if os.path.getsize(path) < self.offset + shape[0] * self.row_bytes:
             raise PleasccError(f"{path} is shorter than its header's shape {shape} says: the file is truncated; "
                                "save it again with numpy.save")
-        self.rows = range(shape[0]) if rows is None else rows
+        self.rows: range | list[int] = range(shape[0])
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -62,9 +62,11 @@ class NpyRows:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: slice) -> NpyRows:
+    def __getitem__(self, index: slice | list[int]) -> NpyRows:
+        """A lazy view of some rows (a slice, or a list of positions); nothing is read."""
         view = NpyRows.__new__(NpyRows)
-        view.__dict__.update(self.__dict__, rows=self.rows[index])
+        rows = self.rows[index] if isinstance(index, slice) else [self.rows[i] for i in index]
+        view.__dict__.update(self.__dict__, rows=rows)
         return view
 
     def read(self) -> torch.Tensor:
@@ -276,7 +278,7 @@ def load_data(
         return _load_tensor_file(p, samples, seed)
     if p.suffix.lower() in STREAMED_EXTENSIONS:
         x = NpyRows(p)
-        return CalibrationData(NpyRows(p, _subset(len(x), samples, seed).tolist()) if samples else x)
+        return CalibrationData(x[_subset(len(x), samples, seed).tolist()] if samples else x)
     raise PleasccError(
         f"calibration data {path} has unsupported type '{p.suffix or os.path.basename(path)}': "
         f"pass a folder of images in class subfolders, a .npz/.pt file with x (and y), or a .npy of x alone"
