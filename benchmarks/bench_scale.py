@@ -12,7 +12,7 @@ by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
     python benchmarks/bench_scale.py ratio     # resnet50, vit_small at 224: 512 and 2048 samples, both LS variants
     python benchmarks/bench_scale.py samples   # CIFAR ResNet-20 ×1: 256 … 4096 samples
     python benchmarks/bench_scale.py width     # CIFAR ResNet-20 ×1, ×2, ×4, ×8 at 1024 samples
-    python benchmarks/bench_scale.py ratio --samples 512 --least-squares one-pass   # a subset of the ratio rows
+    python benchmarks/bench_scale.py ratio --samples 512 --least-squares one-pass --arch resnet50   # a subset
     python benchmarks/bench_scale.py ratio --smoke   # a minute-long check of the script itself
     python benchmarks/bench_scale.py ratio --device cuda   # on a GPU: scale_ratio_cuda.*
 
@@ -90,7 +90,7 @@ def measure(job: dict) -> dict:
                     on_device(read_rows(x[k:k + batch]).to(device))
         synchronize(device)
         forward = time.perf_counter() - start
-    return {**job, "forward_s": forward, "merge_s": merge, "ratio": merge / forward, **peaks, "batch_size": batch,
+    return {**job, "positions": result.report["positions"], "forward_s": forward, "merge_s": merge, "ratio": merge / forward, **peaks, "batch_size": batch,
             "passes": 2 + max(result.report["least_squares_passes"] - 1, 0),
             "cache_mb": result.report["least_squares_cache_mb"], "timings_s": result.report["timings_s"]}
 
@@ -111,9 +111,10 @@ def write_inputs(path: Path, samples: int, shape: tuple[int, ...]) -> None:
 
 
 def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
-         variants: list[str] | None = None) -> list[dict]:
+         variants: list[str] | None = None, models: list[str] | None = None) -> list[dict]:
     if part == "ratio":
-        archs, default = (["resnet18-smoke"], [520, 1040]) if smoke else (["resnet50", "vit_small"], [512, 2048])
+        archs, default = (["resnet18-smoke"], [520, 1040]) if smoke else (models or ["resnet50", "vit_small"],
+                                                                        [512, 2048])
         return [{"arch": a, "samples": n, "least_squares": ls, "threads": threads}
                 for a in archs for n in counts or default for ls in variants or ("one-pass", "sequential")]
     if part == "samples":
@@ -126,9 +127,10 @@ def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | samples | batch | least squares | passes | forward A+B s | merge s | merge ÷ forward | "
-             "peak MB | kept activations MB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['arch']} | {r['samples']} | {r.get('batch_size', 64)} | {r['least_squares']} | {r['passes']} | "
+    lines = ["| model | samples | batch | positions | least squares | passes | forward A+B s | merge s | "
+             "merge ÷ forward | peak MB | kept activations MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['arch']} | {r['samples']} | {r.get('batch_size', 64)} | {r.get('positions') or 'all'} | "
+              f"{r['least_squares']} | {r['passes']} | "
               f"{r['forward_s']:.1f} | {r['merge_s']:.1f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
               f"{r['cache_mb']:.0f} |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -175,6 +177,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, nargs="*", help="ratio: these sample counts only (default 512 2048)")
     p.add_argument("--least-squares", nargs="*", choices=("one-pass", "sequential"),
                    help="ratio: these variants only (default both)")
+    p.add_argument("--arch", nargs="*", choices=("resnet50", "vit_small"), help="ratio: these models only")
     args = p.parse_args()
     name = f"scale_{args.part}{'_cuda' if args.device != 'cpu' else ''}{'_smoke' if args.smoke else ''}"
     RESULTS.mkdir(exist_ok=True)
@@ -182,7 +185,7 @@ def main() -> None:
     rows = []
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         for row in pool.imap(measure, [{**job, "device": args.device} for job in jobs(
-                args.part, args.smoke, args.threads, args.samples, args.least_squares)]):
+                args.part, args.smoke, args.threads, args.samples, args.least_squares, args.arch)]):
             rows.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
             write(rows, meta, args.part, name)  # after every row: a stopped run keeps what it measured

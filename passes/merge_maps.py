@@ -29,6 +29,7 @@ class MergeMaps:
     table: SpaceTable
     selections: dict[int, tuple[torch.Tensor, torch.Tensor]]  # root -> (P_A, P_B)
     _participation: dict = field(default_factory=dict, repr=False)  # (dim, model) -> vector, per batch reused
+    _gathers: dict = field(default_factory=dict, repr=False)  # (root, model) -> Gather, or the matrix itself
 
     @property
     def widths(self) -> dict[int, int]:
@@ -39,9 +40,14 @@ class MergeMaps:
         return self.table.size(dim, self.widths)
 
     def _matrix(self, model: int):
-        def select(atom: Atom) -> torch.Tensor | None:
+        def select(atom: Atom) -> torch.Tensor | Gather | None:
             pair = self.selections.get(atom.id)
-            return None if pair is None else pair[model]
+            if pair is None:
+                return None
+            key = (atom.id, model)
+            if key not in self._gathers:
+                self._gathers[key] = Gather.of(pair[model]) or pair[model]
+            return self._gathers[key]
 
         return select
 
@@ -82,6 +88,36 @@ class MergeMaps:
                 c = c * self.participation(dim, model).reshape(shape)
             counts.append(c)
         return counts[0] + counts[1]
+
+
+@dataclass(frozen=True)
+class Gather:
+    """A 0/1 selection matrix with at most one 1 per row, applied as an index gather.
+
+    A merge's features pass through these at every layer, so they are worth
+    not multiplying: a gather reads each value once, and needs no copy with
+    the axis moved last.
+    """
+
+    rows: torch.Tensor  # the merged units some unit feeds
+    units: torch.Tensor  # the unit feeding each of them
+    width: int
+
+    @staticmethod
+    def of(matrix: torch.Tensor) -> Gather | None:
+        """The gather for ``matrix``, or None if it is not such a selection (ZipIt! sums, per-head stacks)."""
+        if matrix.dim() != 2 or not bool(((matrix == 0) | (matrix == 1)).all()) or bool((matrix.sum(1) > 1).any()):
+            return None
+        rows = matrix.sum(1).nonzero().flatten()
+        return Gather(rows, matrix[rows].argmax(1), matrix.shape[0])
+
+    def __call__(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        picked = x.index_select(axis, self.units.to(x.device))
+        if len(self.rows) == self.width:  # every merged unit fed: rows are 0 … width − 1
+            return picked
+        shape = list(x.shape)
+        shape[axis] = self.width
+        return x.new_zeros(shape).index_copy_(axis, self.rows.to(x.device), picked)
 
 
 def selections_from_pairs(n: int, pairs_a: torch.Tensor, pairs_b: torch.Tensor, width: int):

@@ -245,16 +245,17 @@ class SpaceTable:
         x: torch.Tensor,
         axis: int,
         dim: Dim,
-        matrix: Callable[[Atom], torch.Tensor | None],
+        matrix: Callable[[Atom], torch.Tensor | Callable | None],
         outer_axis: int | None = None,
     ) -> torch.Tensor:
         """Multiply axis ``axis`` of ``x`` by the matrix the dim's structure composes.
 
         ``matrix(atom)`` gives an (out × in) matrix per atom, or None for identity,
         or a stack of them, one per unit of the product factor just before it
-        (a head dim permuted differently in every head).  Cat composes
-        block-diagonally, Prod as a Kronecker product, without ever building the
-        big matrix.
+        (a head dim permuted differently in every head), or a function
+        ``(x, axis) -> y`` that applies its matrix faster (a gather).  Cat
+        composes block-diagonally, Prod as a Kronecker product, without ever
+        building the big matrix.
         """
         dim = self.resolve(dim)
         axis = axis % x.dim()
@@ -262,6 +263,8 @@ class SpaceTable:
             m = matrix(dim)
             if m is None:
                 return x
+            if callable(m):
+                return m(x, axis)
             if m.dim() == 3:
                 return _per_unit(x, outer_axis, axis, m.to(x))
             return torch.movedim(torch.tensordot(x, m.to(x), dims=([axis], [1])), -1, axis)

@@ -15,10 +15,12 @@ All sums are float64 (the products within one batch are float32).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -217,12 +219,14 @@ def _run_pair(gms, names: list[str], x: torch.Tensor) -> list[dict[str, torch.Te
 
 
 def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
-                    batch_size: int = 64, progress: bool = True, within: bool = False) -> dict[int, torch.Tensor]:
+                    batch_size: int = 64, progress: bool = True, within: bool = False,
+                    positions: int | None = None) -> dict[int, torch.Tensor]:
     """Per free space, the A×B correlation of its units, averaged over the sites that read it.
 
     Keys are root ids, and tuples of root ids for whole product axes (see
     ``observe``).  ``within``: spaces keyed by a root get the joint correlation
-    of [A's units, B's units] instead.
+    of [A's units, B's units] instead.  ``positions``: a channels-first 2-D
+    feature map is read at that many positions per sample (``sampled_positions``).
     """
     sites = _observation_sites(analysis)
     names = sorted({name for name, _, _ in sites})
@@ -232,8 +236,8 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
         for x in batches(data, batch_size, "matching statistics", progress, device_of(gms[0])):
             values_a, values_b = _run_pair(captures, names, x)
             for site, (name, axes, dims) in enumerate(sites):
-                pairs = zip(observe(analysis.table, values_a[name], axes, dims),
-                            observe(analysis.table, values_b[name], axes, dims))
+                pairs = zip(observe(analysis.table, _observed_positions(values_a[name], axes, positions), axes, dims),
+                            observe(analysis.table, _observed_positions(values_b[name], axes, positions), axes, dims))
                 for k, ((root, fa), (_, fb)) in enumerate(pairs):
                     key = (site, k, root)
                     if key not in moments:
@@ -245,6 +249,11 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
     for (_, _, root), m in moments.items():
         by_root.setdefault(root, []).append(m.correlation().cpu())  # matching runs on the CPU
     return {root: torch.stack(corrs).mean(0) for root, corrs in by_root.items()}
+
+
+def _observed_positions(value: torch.Tensor, axes: tuple[int, ...], positions: int | None) -> torch.Tensor:
+    """An (N, C, H, W) map observed along C, at ``sampled_positions`` only; other values as they are."""
+    return at_positions(value, positions) if value.dim() == 4 and tuple(axes) == (1,) else value
 
 
 def _observation_sites(analysis: Analysis) -> list[tuple[str, tuple[int, ...], tuple[Dim, ...]]]:
@@ -379,17 +388,23 @@ def _nbytes(value) -> int:
 def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, maps: MergeMaps,
                   problems: list[Problem], data: torch.Tensor, batch_size: int = 64,
                   progress: bool = True, merged_model: tuple[fx.GraphModule, dict[str, str]] | None = None,
-                  frontier: Frontier | None = None) -> None:
+                  frontier: Frontier | None = None, positions: int | None = None) -> None:
     """Accumulate each problem's input and target moments, in the merged layout (in place).
 
     Inputs are A's and B's features mapped to the merged layout (one pass), or,
     given ``merged_model`` (a merged GraphModule and each layer's input node
     in it), the merged model's own features (the sequential variant), resumed
-    from ``frontier`` where it keeps the last pass's values.
+    from ``frontier`` where it keeps the last pass's values.  ``positions``:
+    convolutions and normalizations read at most that many spatial positions
+    per sample (``sampled_positions``).
     """
     targets = sorted({p.layer.node for p in problems})
     names = targets if merged_model else sorted({*targets, *(p.layer.source for p in problems)})
     frontier = frontier or Frontier()
+    by_node: dict[str, list[Problem]] = {}
+    grams: dict[tuple, torch.Tensor] = {}  # (node, rows key) -> its Gram's upper triangle, summed over batches
+    for p in problems:
+        by_node.setdefault(p.layer.node, []).append(p)
     if merged_model:
         sources = {p.layer.node: merged_model[1][p.layer.node] for p in problems}
         own_names = sorted(set(sources.values()))
@@ -398,24 +413,55 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
             va, vb = (frontier.run(gm, label, batch, x, names) for gm, label in zip(gms, "AB"))
             if merged_model:
                 values = frontier.run(merged_model[0], "merged", batch, x, own_names)
-            merged: dict[str, torch.Tensor] = {}
-            rows: dict[tuple, torch.Tensor] = {}
-            for p in problems:
-                layer, block = p.layer, p.block
-                if layer.node not in merged:
-                    merged[layer.node] = values[sources[layer.node]] if merged_model else maps.merge(
-                        (va[layer.source], vb[layer.source]), [(layer.in_axis, layer.in_dim)])
-                key = (layer.node, None if block.cols is None else tuple(block.cols.tolist()))
-                if key not in rows:
-                    x_in = merged[layer.node]
-                    x_in = x_in if block.cols is None else x_in.index_select(layer.in_axis, block.cols.to(x_in.device))
-                    rows[key] = _rows(layer, x_in, maps)
-                y = p.target(va[layer.node], vb[layer.node])
-                y = y if block.rows is None else y.index_select(layer.out_axis, block.rows.to(y.device))
-                _accumulate(p, rows[key], _target_rows(layer, y, maps))
-    for p in problems:  # sums over every rank's shard
-        p.xx, p.rx = distributed.total(p.xx), distributed.total(p.rx)
+            for node, group in by_node.items():  # one layer's merged input and rows alive at a time
+                layer = group[0].layer
+                axis = _unit_axis(layer)
+                x_merged = _read_input(layer, values[sources[node]], positions) if merged_model else maps.merge(
+                    (_read_input(layer, va[layer.source], positions), _read_input(layer, vb[layer.source], positions)),
+                    [(axis, layer.in_dim)])
+                outputs = [v[node] if layer.kind == "linear" else at_positions(v[node], positions) for v in (va, vb)]
+                rows: dict[tuple | None, torch.Tensor] = {}
+                for p in group:
+                    key = _rows_key(p, maps)
+                    if key not in rows:
+                        x_in = x_merged if key is None else x_merged.index_select(axis, p.block.cols.to(x.device))
+                        rows[key] = _rows(layer, x_in, maps)
+                        grams[node, key] = _gram(rows[key], into=grams.get((node, key)))
+                    inputs = rows[key] if key is not None or p.block.cols is None else rows[key].index_select(
+                        2, _block_columns(p, maps, rows[key].shape[2] - 1).to(x.device))
+                    y = p.target(*outputs)
+                    y = y if p.block.rows is None else y.index_select(layer.out_axis, p.block.rows.to(y.device))
+                    _accumulate(p, inputs, _target_rows(layer, y, maps))
+    grams = {k: symmetric(distributed.total(g)) for k, g in grams.items()}  # sums over every rank's shard
+    for p in problems:
+        key = _rows_key(p, maps)
+        p.xx = grams[p.layer.node, key]
+        if key is None and p.block.cols is not None:
+            columns = _block_columns(p, maps, p.xx.shape[2] - 1).to(p.xx.device)
+            p.xx = p.xx[:, columns][:, :, columns]
+        p.rx = distributed.total(p.rx)
         p.count, p.tt, p.rr = distributed.total(p.count), distributed.total(p.tt), distributed.total(p.rr)
+
+
+def _rows_key(p: Problem, maps: MergeMaps) -> tuple | None:
+    """Which rows (and Gram) a problem reads: None for all the merged input's units, else its block's.
+
+    A one-group convolution or linear layer's blocks read columns of the
+    full rows, so they share its Gram (an A-only block's is a submatrix of
+    it): one Gram per layer, not one per block.
+    """
+    layer, cols = p.layer, p.block.cols
+    one_group = layer.kind == "linear" or layer.kind == "conv" and (
+        layer.groups_dim is None or maps.size(layer.groups_dim) == 1)
+    return None if cols is None or one_group else tuple(cols.tolist())
+
+
+def _block_columns(p: Problem, maps: MergeMaps, features: int) -> torch.Tensor:
+    """The columns of a one-group layer's rows its block reads: its units' (channel-major, as im2col
+    lays them out), and the bias column."""
+    per_unit = features // maps.size(p.layer.in_dim)
+    units = p.block.cols[:, None] * per_unit + torch.arange(per_unit)
+    return torch.cat([units.flatten(), torch.tensor([features])])
 
 
 def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, problems: list[Problem],
@@ -436,13 +482,15 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
                 for model in models:
                     key = (layer.node, model, None if cols is None else tuple(cols.tolist()))
                     if key not in rows:
-                        x_in = maps.gather(values[model][layer.source], model, [(layer.in_axis, layer.in_dim)])
-                        x_in = x_in if cols is None else x_in.index_select(layer.in_axis, cols.to(x_in.device))
+                        axis = _unit_axis(layer)
+                        x_in = maps.gather(_read_input(layer, values[model][layer.source], None), model,
+                                           [(axis, layer.in_dim)])
+                        x_in = x_in if cols is None else x_in.index_select(axis, cols.to(x_in.device))
                         r = _rows(layer, x_in, maps)
                         rows[key] = _gram(r)
                     p.grams[model] = p.grams.get(model, 0) + rows[key]
     for p in problems:
-        p.grams = {m: distributed.total(g) for m, g in sorted(p.grams.items())}
+        p.grams = {m: symmetric(distributed.total(g)) for m, g in sorted(p.grams.items())}
 
 
 def _feeding(maps: MergeMaps, p: Problem) -> list[int]:
@@ -454,15 +502,55 @@ def _feeding(maps: MergeMaps, p: Problem) -> list[int]:
     return [m for m in (0, 1) if bool((fed[m] if rows is None else fed[m][rows]).any())]
 
 
+@functools.lru_cache(maxsize=None)
+def sampled_positions(length: int, most: int | None) -> torch.Tensor | None:
+    """A fixed random subset of ``most`` of a feature map's ``length`` spatial positions; None: all of them.
+
+    A 3×3 convolution's least squares has 9·C_in unknowns per output but
+    N·H·W rows, and its Gram costs ~4.5× the convolution itself; far fewer
+    rows determine the fit (and a BatchNorm's two unknowns, or matching's
+    correlations, need fewer still).  The subset is the same for every
+    sample, so a sharded merge reads the same rows as a single process.
+    """
+    if most is None or length <= most:
+        return None
+    generator = torch.Generator().manual_seed(length)
+    return torch.randperm(length, generator=generator)[:most].sort().values
+
+
+def at_positions(x: torch.Tensor, positions: int | None) -> torch.Tensor:
+    """A channels-first (N, C, *spatial) tensor as (N, C, positions read): ``sampled_positions`` of its spatial ones."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    keep = sampled_positions(flat.shape[2], positions)
+    return flat if keep is None else flat.index_select(2, keep.to(flat.device))
+
+
+def _read_input(layer: Layer, x: torch.Tensor, positions: int | None) -> torch.Tensor:
+    """What a layer's fit reads of one input, before the models' are merged along ``_unit_axis``.
+
+    A convolution's: its im2col patches at the sampled output positions,
+    as (N, C, k·P); a normalization's: (N, C, P); a linear layer's: all of it.
+    Sampling first means the merge only touches the values that are read.
+    """
+    if layer.kind == "conv":
+        return _patches(x, layer.conv, positions).reshape(x.shape[0], x.shape[1], -1)
+    return at_positions(x, positions) if layer.kind == "norm" else x
+
+
+def _unit_axis(layer: Layer) -> int:
+    """The axis of ``_read_input``'s result that holds the layer's input units."""
+    return layer.in_axis if layer.kind == "linear" else 1
+
+
 def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
-    """Merged input as (groups, samples, features per group), with a ones column for the bias."""
+    """Merged ``_read_input`` as (groups, samples, features per group), with a ones column for the bias."""
     if layer.kind == "conv":
         groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
-        cols = _unfold(x, layer.conv)  # (N, C·k, L)
-        n, ck, length = cols.shape
-        cols = cols.reshape(n, groups, ck // groups, length).permute(1, 0, 3, 2).reshape(groups, n * length, -1)
+        kernel = math.prod(_pair(layer.conv["kernel_size"]))
+        n, per_group = x.shape[0], x.shape[1] // groups * kernel
+        cols = x.reshape(n, groups, per_group, -1).permute(1, 0, 3, 2).reshape(groups, -1, per_group)
     elif layer.kind == "norm":  # one channel per problem: (C, samples, 1)
-        cols = torch.movedim(x, 1, -1).reshape(-1, x.shape[1]).T.unsqueeze(-1)
+        cols = x.permute(1, 0, 2).reshape(x.shape[1], -1, 1)
     else:
         cols = x.reshape(-1, x.shape[-1]).unsqueeze(0)
     ones = torch.ones(*cols.shape[:2], 1, dtype=cols.dtype, device=cols.device)
@@ -470,64 +558,93 @@ def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
 
 
 def _target_rows(layer: Layer, y: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
-    """Target as (groups, samples, outputs per group), matching ``_rows``."""
+    """Target (sampled like ``_read_input``: (N, C, P) for convolutions and norms) as (groups, samples,
+    outputs per group), matching ``_rows``."""
     if layer.kind == "conv":
         groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
         n, c = y.shape[:2]
         return y.reshape(n, groups, c // groups, -1).permute(1, 0, 3, 2).reshape(groups, -1, c // groups)
     if layer.kind == "norm":
-        return torch.movedim(y, 1, -1).reshape(-1, y.shape[1]).T.unsqueeze(-1)
+        return y.permute(1, 0, 2).reshape(y.shape[1], -1, 1)
     return y.reshape(-1, y.shape[-1]).unsqueeze(0)
 
 
-def _unfold(x: torch.Tensor, conv: dict) -> torch.Tensor:
-    """im2col for 1-, 2- and 3-D convolutions (1-D and 3-D through reshapes of 2-D)."""
-    spatial = x.dim() - 2
-    if spatial == 2:
-        if isinstance(conv["padding"], str):
-            raise PleasccError("least squares for convolutions with string padding is not supported; "
-                               "use --method permute")
-        return F.unfold(x, conv["kernel_size"], conv["dilation"], conv["padding"], conv["stride"])
-    if spatial == 1:
-        one = {k: (1, v[0]) if isinstance(v, tuple) else v for k, v in conv.items()}
-        one["padding"] = (0, conv["padding"][0])
-        return F.unfold(x.unsqueeze(2), one["kernel_size"], one["dilation"], one["padding"], one["stride"])
-    raise PleasccError("least squares for 3-D convolutions is not supported yet; use --method permute")
+def _patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor:
+    """im2col (N, C·k, L) of a 1- or 2-D convolution's input, at ``sampled_positions`` of its L outputs.
+
+    Only the sampled patches are gathered: a full im2col is k× the input.
+    """
+    if isinstance(conv["padding"], str):
+        raise PleasccError("least squares for convolutions with string padding is not supported; "
+                           "use --method permute")
+    if x.dim() == 3:  # 1-D: a 2-D convolution of height 1
+        one = {k: (1, _pair(v)[0]) for k, v in conv.items()}
+        one["padding"] = (0, _pair(conv["padding"])[0])
+        return _patches(x.unsqueeze(2), one, positions)
+    if x.dim() != 4:
+        raise PleasccError("least squares for 3-D convolutions is not supported yet; use --method permute")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(conv[k]) for k in ("kernel_size", "stride", "padding", "dilation"))
+    out_h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    keep = sampled_positions(out_h * out_w, positions)
+    if keep is None:
+        return F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))
+    keep = keep.to(x.device)
+    rows = (keep // out_w * sh)[None, :] + (torch.arange(kh, device=x.device) * dh)[:, None]  # (kh, P)
+    cols = (keep % out_w * sw)[None, :] + (torch.arange(kw, device=x.device) * dw)[:, None]  # (kw, P)
+    patches = F.pad(x, (pw, pw, ph, ph))[:, :, rows[:, None, :], cols[None, :, :]]  # (N, C, kh, kw, P)
+    return patches.reshape(x.shape[0], -1, len(keep))
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 SYRK_MIN = 128  # columns from which one group's Gram goes to BLAS syrk
 
 
-def _gram(rows: torch.Tensor) -> torch.Tensor:
-    """rowsᵀ·rows per group, in float64 (products in the rows' precision).
+def _gram(rows: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """``into`` + rowsᵀ·rows per group, in float64; only the upper triangle is meant (see ``symmetric``).
 
-    One group of many columns goes to BLAS syrk, which computes one triangle:
-    half the flops of a matrix product, and a 3×3 convolution's im2col Gram
-    (9·C_in columns) is the bulk of a merge's work.
+    One group of many columns goes to BLAS dsyrk, adding in place: it computes
+    one triangle (half the flops of a matrix product; a 3×3 convolution's
+    im2col Gram, 9·C_in columns, is the bulk of a merge's work), and adds it
+    to the float64 sum with no (d × d) temporaries per batch.  Other shapes
+    take a batched product in the rows' precision.
     """
-    if rows.shape[0] > 1 or rows.shape[2] < SYRK_MIN or rows.device.type != "cpu" or rows.dtype not in (
-            torch.float32, torch.float64):
-        return (rows.transpose(1, 2) @ rows).double()
-    syrk = blas.ssyrk if rows.dtype == torch.float32 else blas.dsyrk
-    upper = torch.from_numpy(syrk(1.0, rows[0].numpy().T, trans=0)).double()  # (samples, d) read as (d, samples)
-    return (upper + upper.triu(1).T).unsqueeze(0)
+    groups, _, d = rows.shape
+    if groups > 1 or d < SYRK_MIN or rows.device.type != "cpu":
+        gram = (rows.transpose(1, 2) @ rows).double()
+        return gram if into is None else into.add_(gram)
+    into = torch.zeros(1, d, d, dtype=torch.float64) if into is None else into
+    target = into[0].numpy().T  # the same memory in Fortran order: its lower triangle is ``into``'s upper
+    out = blas.dsyrk(1.0, rows[0].double().numpy().T, beta=1.0, c=target, trans=0, lower=1, overwrite_c=1)
+    if not np.shares_memory(out, target):  # f2py had to copy
+        into[0] = torch.from_numpy(out.T)
+    return into
+
+
+def symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrices whose upper triangles ``upper`` holds (a sum of ``_gram`` results)."""
+    return upper.triu() + upper.triu(1).transpose(-2, -1)
+
+
+def _square_sum(t: torch.Tensor) -> float:
+    """‖t‖², summed in float64 without a float64 copy of ``t``."""
+    return float((t * t).sum(dtype=torch.float64))
 
 
 def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor) -> None:
-    """Products in float32 (the bulk of the work), sums across batches in float64.
+    """The target's moments (the inputs' Gram is the layer's, see ``_rows_key``): products in float32,
+    sums across batches in float64.
 
     The residual against the warm start is accumulated instead of the target,
     so where the warm start is already right (a model merged with itself) the
     fit sees zeros rather than the difference of two large float32 sums.
     """
     residual = target - inputs @ p.w0.transpose(1, 2).to(inputs)
-    xx = _gram(inputs)
     rx = (residual.transpose(1, 2) @ inputs).double()
-    if p.xx is None:
-        p.xx, p.rx = xx, rx
-    else:
-        p.xx += xx
-        p.rx += rx
+    p.rx = rx if p.rx is None else p.rx.add_(rx)
     p.count += inputs.shape[1]
-    p.tt += float((target.double() ** 2).sum())
-    p.rr += float((residual.double() ** 2).sum())
+    p.tt += _square_sum(target)
+    p.rr += _square_sum(residual)

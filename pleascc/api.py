@@ -37,6 +37,7 @@ METHODS = {"pleas": ("hungarian", "least-squares"), "permute": ("hungarian", Non
            "zipit": ("zipit", None), "regmean": ("identity", "regmean")}
 LABELS = ("shared", "separate")
 MATCHINGS = ("activation", "weight")
+POSITIONS = 64  # spatial positions per sample the statistics read (see stats.sampled_positions)
 LEAST_SQUARES = ("one-pass", "sequential")  # fit inputs: the originals' features, or the merged model's own
 TIE_BREAK = 1e-3  # weight of weight-row similarity in matching scores: separates units data can't tell apart
 
@@ -62,6 +63,7 @@ def merge(
     batch_size: int | None = None,
     ridge: float = 1e-4,
     least_squares: str = "sequential",
+    positions: int | None = POSITIONS,
     matching: str = "activation",
     width_search: str = "greedy",
     zip_alpha: float = 0.3,
@@ -96,6 +98,10 @@ def merge(
     ``least_squares`` (pleas): fit each layer on A's and B's features mapped to
     the merged layout ("one-pass", one pass over the data), or on the merged
     model's own features, layer by layer ("sequential", a pass per level).
+    ``positions``: the most spatial positions per sample the statistics read
+    from a feature map, for matching and for convolutions' and BatchNorms'
+    fits (a fixed random subset; None: all), since its rows far outnumber
+    what they determine (``stats.sampled_positions``).
     ``batch_size``: samples per batch in the statistics passes; by default the
     most (up to 64) whose activations fit in 2 GB (``stats.batch_size_for``).
     ``cache_gb``: memory for the activations sequential least squares keeps
@@ -121,6 +127,8 @@ def merge(
                            "leave --budget at 1.0")
     if not 1.0 <= budget <= 2.0:
         raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
+    if positions is not None and positions < 1:
+        raise PleasccError(f"positions {positions} is not positive: pass --positions 1 or more, or 0 for all")
     if batch_size is not None and batch_size < 1:
         raise PleasccError(f"batch size {batch_size} is not positive: pass --batch-size 1 or more, or leave it out")
     target = _usable_device(device)
@@ -139,7 +147,8 @@ def merge(
     if matching == "weight":  # data-free: the weights alone
         matchings = weight_matching(analysis, states, seed=seed)
     else:
-        correlations = feature_moments(runs, analysis, local, batch_size, progress, within=matcher == "zipit")
+        correlations = feature_moments(runs, analysis, local, batch_size, progress, within=matcher == "zipit",
+                                       positions=positions)
         timings["matching_statistics"] = time.perf_counter() - clock
         clock = time.perf_counter()
         matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
@@ -167,8 +176,8 @@ def merge(
                          for m in p.grams}
             p.w = regmean(p, per_model, regmean_alpha, ridge, has_bias=bool(p.layer.bias))
     elif refit:
-        underdetermined = _check_least_squares_samples(problems, analysis, x)
-        fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, progress, ridge)
+        underdetermined = _check_least_squares_samples(problems, analysis, x, positions)
+        fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, progress, ridge, positions)
         if least_squares == "one-pass":
             residuals, passes = fit(problems), 1
         else:
@@ -185,7 +194,7 @@ def merge(
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
                      method=method, budget=budget, separate=separate, samples=len(x), batch_size=batch_size,
                      width_search="zip-until " + zip_until if zip_until else width_search,
-                     least_squares=least_squares if refit == "least-squares" else None,
+                     least_squares=least_squares if refit == "least-squares" else None, positions=positions,
                      least_squares_passes=passes, least_squares_cache_mb=cache_mb, device=str(device),
                      underdetermined_layers=underdetermined)
     return MergeResult(merged.eval(), report, analysis)
@@ -285,10 +294,10 @@ def _partner_of(m) -> torch.Tensor:
 
 
 def _fit(gms, analysis: Analysis, maps: MergeMaps, x: torch.Tensor, batch_size: int, progress: bool,
-         ridge: float, problems: list[Problem], merged_model=None, frontier: Frontier | None = None
-         ) -> dict[str, float]:
+         ridge: float, positions: int | None, problems: list[Problem], merged_model=None,
+         frontier: Frontier | None = None) -> dict[str, float]:
     """One pass over the data, then each problem's least-squares fit (``p.w``); returns the residuals."""
-    layer_moments(gms, analysis, maps, problems, x, batch_size, progress, merged_model, frontier)
+    layer_moments(gms, analysis, maps, problems, x, batch_size, progress, merged_model, frontier, positions)
     residuals = {}
     for p in problems:
         p.w, residuals[p.name] = ridge_fit(p, ridge, has_bias=p.layer.kind == "norm" or bool(p.layer.bias))
@@ -410,7 +419,8 @@ def _own_output(model: int):
     return lambda y_a, y_b: (y_a, y_b)[model]
 
 
-def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x: torch.Tensor) -> list[str]:
+def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x: torch.Tensor,
+                                 positions: int | None) -> list[str]:
     """The layers whose fits have fewer observations than one model's layer has unknowns per output.
 
     Such a fit is still defined: the ridge toward the warm start picks the
@@ -425,7 +435,9 @@ def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x:
         layer = p.layer
         weight_dims = analysis.params[layer.weight].dims
         unknowns = 2 if layer.kind == "norm" else math.prod(analysis.table.size(d) for d in weight_dims[1:]) + 1
-        needs.append((math.ceil(unknowns / budget_pass.positions(analysis, layer)), p.w0.numel(), layer.node))
+        read = budget_pass.positions(analysis, layer)
+        read = min(read, positions) if layer.kind in ("conv", "norm") and positions else read
+        needs.append((math.ceil(unknowns / read), p.w0.numel(), layer.node))
     fitted = sum(weights for _, weights, _ in needs)
 
     def underdetermined(samples: int) -> int:

@@ -110,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=None,
                    help="samples per batch in the statistics passes (default: the most, up to 64, whose "
                         "activations fit in 2 GB)")
+    m.add_argument("--positions", type=int, default=64,
+                   help="the most spatial positions per sample the statistics read from a 2-D feature map (a "
+                        "fixed random subset, default 64; 0: all): a convolution's fit has far more rows than "
+                        "unknowns, and matching's correlations need no more")
     m.add_argument("--device", default="cpu",
                    help="where the statistics passes run and the least-squares systems are solved: cpu "
                         "(default) or cuda (under torchrun, each rank its local GPU, NCCL for the sums)")
@@ -217,6 +221,7 @@ def _merge(args) -> int:
     data = _calibration(args, model_a)
     result = pleascc.merge(model_a, model_b, data, budget=args.budget, labels=args.labels, method=args.method,
                            least_squares=args.least_squares, batch_size=args.batch_size, matching=args.matching,
+                           positions=args.positions or None,
                            width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
                            zip_until=args.zip_until, regmean_alpha=args.regmean_alpha, seed=args.seed,
                            reset_bn=args.reset_bn, cache_gb=args.cache_gb, device=device,

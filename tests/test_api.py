@@ -207,3 +207,38 @@ def test_reset_bn_recomputes_the_merged_batch_norm_statistics():
     features = seen[0].transpose(0, 1).flatten(1)
     assert torch.allclose(norm.running_mean, features.mean(1), atol=1e-4)
     assert torch.allclose(norm.running_var, features.var(1), rtol=1e-2)
+
+
+def test_statistics_read_a_fixed_subset_of_positions():
+    """Past ``positions`` spatial positions per sample, a fixed subset is read: the fit barely moves.
+
+    Reading every position (None, or more than there are) gives the same merge.
+    """
+    from pleascc.passes.stats import sampled_positions
+
+    assert sampled_positions(100, 100) is None and sampled_positions(100, None) is None
+    keep = sampled_positions(100, 10)
+    assert len(keep) == 10 and torch.equal(keep, keep.unique()) and 0 <= int(keep.min()) and int(keep.max()) < 100
+    a, b = _pair()
+    x = torch.randn(400, 1, 16, 16)
+    merges = {p: pleascc.merge(a, b, x, labels="shared", positions=p, least_squares="one-pass", progress=False)
+              for p in (None, 10_000, 32)}
+    with torch.no_grad():
+        want = (a(x) + b(x)) / 2
+        errors = {p: float((m.model(x) - want).pow(2).sum() / want.pow(2).sum()) for p, m in merges.items()}
+    assert errors[None] == errors[10_000] and merges[32].report["positions"] == 32
+    assert errors[32] != errors[None] and errors[32] <= 1.2 * errors[None]
+
+
+def test_blocks_of_a_layer_read_one_shared_gram(monkeypatch):
+    """A-only and B-only blocks take their Grams out of the layer's one Gram: the merge of separate Grams."""
+    from pleascc.passes import stats
+
+    a, b = _pair()
+    x = torch.randn(300, 1, 8, 8)
+    shared = pleascc.merge(a, b, x, budget=1.5, least_squares="one-pass", progress=False)
+    monkeypatch.setattr(stats, "_rows_key", lambda p, maps: None if p.block.cols is None else tuple(
+        p.block.cols.tolist()))
+    separate = pleascc.merge(a, b, x, budget=1.5, least_squares="one-pass", progress=False)
+    for name, value in separate.model.state_dict().items():
+        assert torch.allclose(shared.model.state_dict()[name], value, rtol=1e-5, atol=1e-6), name

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from pleascc.passes import budget as budget_pass
 from pleascc.passes.groups import analyze, permutation_groups
 from pleascc.passes.match import hungarian, identity, match_heads, zip_units
-from pleascc.passes.merge_maps import MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
-from pleascc.passes.stats import CrossMoments, Problem, _gram, feature_moments
+from pleascc.passes.merge_maps import Gather, MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
+from pleascc.passes.stats import CrossMoments, Problem, _gram, feature_moments, symmetric
 from pleascc.passes.solve import least_squares
 from pleascc.passes.spaces import SpaceTable
 from pleascc.trace import trace
@@ -59,6 +59,17 @@ def test_partial_selections_layout():
     # width 4 = 2 merged pairs, (2,0) and (0,1); then A-only unit 1, then B-only unit 2
     assert p_a.argmax(1).tolist()[:3] == [2, 0, 1] and p_a[3].sum() == 0
     assert p_b.argmax(1).tolist()[:2] == [0, 1] and p_b[2].sum() == 0 and p_b[3, 2] == 1
+
+
+@pytest.mark.parametrize("width", [5, 7, 10])
+def test_gather_is_the_selection_product(width):
+    """Pair selections are applied as gathers; clusters (several units of a model in one row) stay products."""
+    p_a, p_b = selections_from_pairs(5, torch.randperm(5), torch.randperm(5), width)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    for p in (p_a, p_b):
+        want = torch.movedim(torch.tensordot(x, p, dims=([1], [1])), -1, 1)
+        assert torch.equal(Gather.of(p)(x, 1), want)
+    assert Gather.of(selections_from_clusters(3, [[0, 1], [2, 3], [4, 5]])[0]) is None
 
 
 def test_merge_averages_merged_units_and_blocks_skip_cross_terms():
@@ -375,9 +386,25 @@ def test_blur_pool_filter_is_widened_with_its_channels():
 @pytest.mark.parametrize("shape, dtype", [((1, 500, 300), torch.float32), ((1, 400, 200), torch.float64),
                                           ((3, 50, 300), torch.float32), ((1, 500, 20), torch.float32)])
 def test_gram_is_the_matrix_product(shape, dtype):
-    """One wide group goes to BLAS syrk (one triangle, mirrored); the rest to a batched product: the same Gram."""
+    """One wide group goes to BLAS syrk (one triangle, added in place), the rest to a batched product:
+    summed over two batches and made whole, the same Gram."""
     rows = torch.randn(shape, dtype=dtype)
     want = (rows.transpose(1, 2) @ rows).double()
-    got = _gram(rows)
+    got = symmetric(_gram(rows, into=_gram(rows))) / 2
     assert got.dtype == torch.float64 and torch.equal(got, got.transpose(1, 2))
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1)), (2, 3, 9, 11)),
+    (dict(kernel_size=(3, 2), stride=(2, 1), padding=(0, 1), dilation=(2, 1)), (2, 3, 12, 7)),
+    (dict(kernel_size=(3,), stride=(2,), padding=(1,), dilation=(1,)), (2, 4, 30)),
+])
+def test_patches_at_sampled_positions_are_im2col_columns(conv, shape):
+    """Gathering only the sampled patches gives those columns of the full im2col."""
+    from pleascc.passes.stats import _patches, sampled_positions
+
+    x = torch.randn(shape)
+    full = _patches(x, conv, None)
+    keep = sampled_positions(full.shape[2], 5)
+    assert keep is not None and torch.equal(_patches(x, conv, 5), full[:, :, keep])
