@@ -54,6 +54,9 @@ VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose 
     "pleas 1024": {"method": "pleas", "samples": 1024},
     "pleas 4096": {"method": "pleas", "samples": 4096},
     "pleas-free": {"method": "pleas", "data": "mnist"},
+    "pleas one-pass, all positions": {"method": "pleas", "least_squares": "one-pass", "positions": None},
+    "pleas one-pass, 64 positions": {"method": "pleas", "least_squares": "one-pass", "positions": 64},
+    "pleas one-pass, 16 positions": {"method": "pleas", "least_squares": "one-pass", "positions": 16},
     "average (reset BN)": {"method": "average", "reset_bn": True},  # as ZipIt! and Git Re-Basin evaluate
     "permute (reset BN)": {"method": "permute", "reset_bn": True},
     "zipit (reset BN)": {"method": "zipit", "reset_bn": True},
