@@ -401,10 +401,12 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
     targets = sorted({p.layer.node for p in problems})
     names = targets if merged_model else sorted({*targets, *(p.layer.source for p in problems)})
     frontier = frontier or Frontier()
-    by_node: dict[str, list[Problem]] = {}
+    by_node: dict[str, list[tuple[Problem, tuple | None, torch.Tensor | None]]] = {}  # with what each reads
     grams: dict[tuple, torch.Tensor] = {}  # (node, rows key) -> its Gram's upper triangle, summed over batches
     for p in problems:
-        by_node.setdefault(p.layer.node, []).append(p)
+        key = _rows_key(p, maps)
+        columns = _block_columns(p, maps) if key is None and p.block.cols is not None else None
+        by_node.setdefault(p.layer.node, []).append((p, key, columns))
     if merged_model:
         sources = {p.layer.node: merged_model[1][p.layer.node] for p in problems}
         own_names = sorted(set(sources.values()))
@@ -414,30 +416,27 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
             if merged_model:
                 values = frontier.run(merged_model[0], "merged", batch, x, own_names)
             for node, group in by_node.items():  # one layer's merged input and rows alive at a time
-                layer = group[0].layer
+                layer = group[0][0].layer
                 axis = _unit_axis(layer)
                 x_merged = _read_input(layer, values[sources[node]], positions) if merged_model else maps.merge(
                     (_read_input(layer, va[layer.source], positions), _read_input(layer, vb[layer.source], positions)),
                     [(axis, layer.in_dim)])
                 outputs = [v[node] if layer.kind == "linear" else at_positions(v[node], positions) for v in (va, vb)]
                 rows: dict[tuple | None, torch.Tensor] = {}
-                for p in group:
-                    key = _rows_key(p, maps)
+                for p, key, columns in group:
                     if key not in rows:
                         x_in = x_merged if key is None else x_merged.index_select(axis, p.block.cols.to(x.device))
                         rows[key] = _rows(layer, x_in, maps)
                         grams[node, key] = _gram(rows[key], into=grams.get((node, key)))
-                    inputs = rows[key] if key is not None or p.block.cols is None else rows[key].index_select(
-                        2, _block_columns(p, maps, rows[key].shape[2] - 1).to(x.device))
+                    inputs = rows[key] if columns is None else rows[key].index_select(2, columns.to(x.device))
                     y = p.target(*outputs)
                     y = y if p.block.rows is None else y.index_select(layer.out_axis, p.block.rows.to(y.device))
                     _accumulate(p, inputs, _target_rows(layer, y, maps))
     grams = {k: symmetric(distributed.total(g)) for k, g in grams.items()}  # sums over every rank's shard
-    for p in problems:
-        key = _rows_key(p, maps)
+    for p, key, columns in (read for group in by_node.values() for read in group):
         p.xx = grams[p.layer.node, key]
-        if key is None and p.block.cols is not None:
-            columns = _block_columns(p, maps, p.xx.shape[2] - 1).to(p.xx.device)
+        if columns is not None:
+            columns = columns.to(p.xx.device)
             p.xx = p.xx[:, columns][:, :, columns]
         p.rx = distributed.total(p.rx)
         p.count, p.tt, p.rr = distributed.total(p.count), distributed.total(p.tt), distributed.total(p.rr)
@@ -456,12 +455,17 @@ def _rows_key(p: Problem, maps: MergeMaps) -> tuple | None:
     return None if cols is None or one_group else tuple(cols.tolist())
 
 
-def _block_columns(p: Problem, maps: MergeMaps, features: int) -> torch.Tensor:
+def _block_columns(p: Problem, maps: MergeMaps) -> torch.Tensor:
     """The columns of a one-group layer's rows its block reads: its units' (channel-major, as im2col
     lays them out), and the bias column."""
-    per_unit = features // maps.size(p.layer.in_dim)
+    per_unit = _kernel_positions(p.layer)
     units = p.block.cols[:, None] * per_unit + torch.arange(per_unit)
-    return torch.cat([units.flatten(), torch.tensor([features])])
+    return torch.cat([units.flatten(), torch.tensor([maps.size(p.layer.in_dim) * per_unit])])
+
+
+def _kernel_positions(layer: Layer) -> int:
+    """Columns of a layer's rows per input unit: a convolution's kernel size, else 1."""
+    return math.prod(_pair(layer.conv["kernel_size"])) if layer.kind == "conv" else 1
 
 
 def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, problems: list[Problem],
@@ -546,8 +550,7 @@ def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
     """Merged ``_read_input`` as (groups, samples, features per group), with a ones column for the bias."""
     if layer.kind == "conv":
         groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
-        kernel = math.prod(_pair(layer.conv["kernel_size"]))
-        n, per_group = x.shape[0], x.shape[1] // groups * kernel
+        n, per_group = x.shape[0], x.shape[1] // groups * _kernel_positions(layer)
         cols = x.reshape(n, groups, per_group, -1).permute(1, 0, 3, 2).reshape(groups, -1, per_group)
     elif layer.kind == "norm":  # one channel per problem: (C, samples, 1)
         cols = x.permute(1, 0, 2).reshape(x.shape[1], -1, 1)
