@@ -1,6 +1,8 @@
 """Calibration statistics, streamed: sums only (sequential least squares may keep a bounded ``Frontier``).
 
-Two passes over the data, each running A and B side by side batch by batch:
+Two passes over the data, each running A and B node by node together, batch
+by batch (``lockstep``), each value summed as soon as both models have it
+and dropped once nothing later reads it:
 
 1. ``feature_moments``: per free space, the cross-moments of A's and B's
    features where layers read them (what matching needs; n×n per space);
@@ -10,7 +12,8 @@ Two passes over the data, each running A and B side by side batch by batch:
 Two passes instead of one because the second needs the matching: gathering
 the joint (2n·k²)² im2col moments of both models in one pass would cost
 quadratically more memory and time than the merged-layout moments.
-All sums are float64 (the products within one batch are float32).
+All sums are float64 (the products within one batch are float32, but for
+the widest Grams, which BLAS dsyrk adds in place).
 """
 
 from __future__ import annotations
@@ -36,20 +39,56 @@ from pleascc.passes.merge_maps import Block, MergeMaps
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
 
 
-def capture(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
-    """A copy of ``gm`` that returns the values of the named nodes (sharing parameters).
+def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, tuple[str, ...]]
+             ) -> Iterator[tuple[str, dict[str, list[torch.Tensor]]]]:
+    """Run models of one graph (``check_same_graph``) node by node together on one batch.
 
-    It stops after the last of them: the rest of the model is not run.
+    Once a node named in ``reads`` has run in every model, yield its name and
+    the values of the nodes it reads, one per model, each checked for NaN/Inf.
+    A value is dropped as soon as no later node or read needs it, so a batch
+    holds about one forward's live activations per model, not every value
+    read (what lets batches be large), and the models stop after the last read.
     """
-    graph = fx.Graph()
-    env: dict[str, fx.Node] = {}
-    wanted = set(names)
-    for node in gm.graph.nodes:
-        if node.op == "output" or wanted <= env.keys():
-            break
-        env[node.name] = graph.node_copy(node, lambda n: env[n.name])
-    graph.output(tuple(env[n] for n in names))
-    return fx.GraphModule(gm, graph)
+    graphs = [list(gm.graph.nodes) for gm in gms]
+    position = {node.name: k for k, node in enumerate(graphs[0])}
+    dropped_after = _dropped_after(graphs[0], reads)
+    envs: list[dict[str, object]] = [{} for _ in gms]
+    for k in range(max(position[name] for name in reads) + 1):
+        for gm, env, nodes in zip(gms, envs, graphs):
+            env[nodes[k].name] = _execute(gm, nodes[k], env, x)
+        name = graphs[0][k].name
+        if name in reads:
+            yield name, {read: [_checked(env[nodes[position[read]].name], label, read)
+                                for env, nodes, label in zip(envs, graphs, "AB")] for read in reads[name]}
+        for j in dropped_after.get(k, ()):
+            for env, nodes in zip(envs, graphs):
+                del env[nodes[j].name]
+
+
+def _dropped_after(nodes: list[fx.Node], reads: dict[str, tuple[str, ...]]) -> dict[int, list[int]]:
+    """For each node's position, the positions of the values no later node or read needs once it has run."""
+    position = {node.name: k for k, node in enumerate(nodes)}
+    last = {k: max([k, *(position[user.name] for user in node.users)]) for k, node in enumerate(nodes)}
+    for name, needed in reads.items():
+        for read in needed:
+            last[position[read]] = max(last[position[read]], position[name])
+    dropped: dict[int, list[int]] = {}
+    for k, end in last.items():
+        dropped.setdefault(end, []).append(k)
+    return dropped
+
+
+def peak_live_bytes(graph: fx.Graph, shapes: dict[str, tuple | None]) -> int:
+    """The most bytes of float32 values ``lockstep`` holds at once for one model (shapes as ShapeProp's)."""
+    nodes = list(graph.nodes)
+    size = [4 * math.prod(shapes[n.name]) if shapes.get(n.name) and n.op != "get_attr" else 0 for n in nodes]
+    dropped = _dropped_after(nodes, {})
+    live = peak = 0
+    for k in range(len(nodes)):
+        live += size[k]
+        peak = max(peak, live)
+        live -= sum(size[j] for j in dropped.get(k, ()))
+    return peak
 
 
 JOINT_LIMIT = 4096  # widest product axis whose full correlation is kept for joint matching
@@ -168,22 +207,44 @@ def weight_similarity(analysis: Analysis, states: tuple[dict, dict]) -> dict[int
 
 
 BATCH_BYTES = 2 * 2**30  # the activations one batch may hold in the statistics passes (all models together)
+STREAMED_BYTES = 2**29  # the same when they stream: past this, larger GEMMs no longer pay for the larger peak
 MAX_BATCH = 64
 
 
-def batch_size_for(analysis: Analysis, limit_bytes: float = BATCH_BYTES) -> int:
-    """The largest batch (up to ``MAX_BATCH``) whose captured values fit in ``limit_bytes``.
+def batch_size_for(analysis: Analysis, graph: fx.Graph | None = None, positions: int | None = None,
+                   limit_bytes: float | None = None) -> int:
+    """The largest batch (up to ``MAX_BATCH``) whose values fit in ``limit_bytes``.
 
-    A pass holds, per model, every layer's input and output for the whole batch
-    (the fx code frees the rest as it goes), and A, B and the merged model run
-    together; one 224² ResNet-50 image is ~120 MB of them per model, so a
-    fixed batch of 64 would need ~23 GB.  Sizes come from ShapeProp's shapes
-    on the example.
+    Given ``graph``, the passes stream it (``lockstep``): per model, its live
+    values (``peak_live_bytes``), and one layer's rows at a time.  Without,
+    sequential least squares' ``Frontier`` holds every layer's input and
+    output for the whole batch, for A, B and the merged model: one 224²
+    ResNet-50 image is ~120 MB of them per model, so a fixed batch of 64
+    would need ~23 GB.  Sizes come from ShapeProp's shapes on the example;
+    ``limit_bytes`` defaults to ``STREAMED_BYTES`` or ``BATCH_BYTES``.
     """
+    limit_bytes = limit_bytes or (STREAMED_BYTES if graph is not None else BATCH_BYTES)
     example = analysis.shapes[next(iter(analysis.shapes))][0]
-    names = {n for layer in analysis.layers for n in (layer.source, layer.node)} | {s[0] for s in analysis.sites}
-    per_sample = sum(math.prod(analysis.shapes[n]) for n in names if analysis.shapes.get(n)) * 4 / example
-    return int(max(1, min(MAX_BATCH, limit_bytes // (3 * per_sample))))
+    if graph is not None:
+        rows = max((_rows_bytes(layer, analysis.shapes, positions) for layer in analysis.layers), default=0)
+        per_sample = (2 * peak_live_bytes(graph, analysis.shapes) + rows) / example
+    else:
+        names = {n for layer in analysis.layers for n in (layer.source, layer.node)} | {s[0] for s in analysis.sites}
+        per_sample = 3 * sum(4 * math.prod(analysis.shapes[n]) for n in names if analysis.shapes.get(n)) / example
+    return int(max(1, min(MAX_BATCH, limit_bytes // per_sample)))
+
+
+def _rows_bytes(layer: Layer, shapes: dict[str, tuple | None], positions: int | None) -> int:
+    """A layer's least-squares rows on the example: up to twice one model's input width, in float32
+    and in the float64 copy syrk reads."""
+    source, output = shapes.get(layer.source), shapes.get(layer.node)
+    if not source or not output:
+        return 0
+    if layer.kind == "linear":
+        return 2 * 12 * math.prod(source)
+    read = math.prod(output[2:])
+    read = read if positions is None else min(read, positions)
+    return 2 * 12 * output[0] * source[1] * _kernel_positions(layer) * read
 
 
 def batches(x: torch.Tensor | NpyRows, batch_size: int, desc: str, progress: bool,
@@ -200,22 +261,16 @@ def device_of(gm: torch.nn.Module) -> torch.device:
 
 
 def _check_finite(value: torch.Tensor, model: str, node: str) -> None:
-    """NaN and Inf survive a sum, so one reduction checks the whole tensor."""
-    if not torch.isfinite(value.sum(dtype=torch.float64)):
+    """NaN and Inf survive a sum, so one reduction in the value's own precision checks the whole tensor;
+    only a sum that overflowed (or a real NaN) is checked element by element."""
+    if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
         raise PleasccError(f"model {model} produces NaN or Inf at {node} on the calibration data; "
                            "check the checkpoint's weights and the data's preprocessing")
 
 
-def _run(gm: fx.GraphModule, names: list[str], x: torch.Tensor, model: str) -> dict[str, torch.Tensor]:
-    """A capture's values by node name, each checked for NaN/Inf."""
-    values = dict(zip(names, gm(x)))
-    for name, value in values.items():
-        _check_finite(value, model, name)
-    return values
-
-
-def _run_pair(gms, names: list[str], x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    return [_run(gm, names, x, label) for label, gm in zip("AB", gms)]
+def _checked(value: torch.Tensor, model: str, node: str) -> torch.Tensor:
+    _check_finite(value, model, node)
+    return value
 
 
 def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
@@ -229,26 +284,33 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
     feature map is read at that many positions per sample (``sampled_positions``).
     """
     sites = _observation_sites(analysis)
-    names = sorted({name for name, _, _ in sites})
-    captures = [capture(gm, names) for gm in gms]
+    at_node: dict[str, list[int]] = {}
+    for site, (name, _, _) in enumerate(sites):
+        at_node.setdefault(name, []).append(site)
     moments: dict[tuple, CrossMoments] = {}
     with torch.no_grad():
         for x in batches(data, batch_size, "matching statistics", progress, device_of(gms[0])):
-            values_a, values_b = _run_pair(captures, names, x)
-            for site, (name, axes, dims) in enumerate(sites):
-                pairs = zip(observe(analysis.table, _observed_positions(values_a[name], axes, positions), axes, dims),
-                            observe(analysis.table, _observed_positions(values_b[name], axes, positions), axes, dims))
-                for k, ((root, fa), (_, fb)) in enumerate(pairs):
-                    key = (site, k, root)
-                    if key not in moments:
-                        moments[key] = CrossMoments(fa.shape[1], within=within and isinstance(root, int))
-                    moments[key].add(fa, fb)
+            for name, values in lockstep(gms, x, {name: (name,) for name in at_node}):
+                for site in at_node[name]:
+                    _add_site(analysis, moments, site, sites[site], values[name], within, positions)
     by_root: dict[int | tuple, list[torch.Tensor]] = {}
     for m in moments.values():  # the same keys in the same order on every rank
         m.reduce()
     for (_, _, root), m in moments.items():
         by_root.setdefault(root, []).append(m.correlation().cpu())  # matching runs on the CPU
     return {root: torch.stack(corrs).mean(0) for root, corrs in by_root.items()}
+
+
+def _add_site(analysis: Analysis, moments: dict[tuple, CrossMoments], site: int, where: tuple,
+              values: list[torch.Tensor], within: bool, positions: int | None) -> None:
+    """One batch's A and B features at one observation site, added to its spaces' moments."""
+    _, axes, dims = where
+    pairs = zip(*(observe(analysis.table, _observed_positions(v, axes, positions), axes, dims) for v in values))
+    for k, ((root, fa), (_, fb)) in enumerate(pairs):
+        key = (site, k, root)
+        if key not in moments:
+            moments[key] = CrossMoments(fa.shape[1], within=within and isinstance(root, int))
+        moments[key].add(fa, fb)
 
 
 def _observed_positions(value: torch.Tensor, axes: tuple[int, ...], positions: int | None) -> torch.Tensor:
@@ -398,40 +460,20 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
     convolutions and normalizations read at most that many spatial positions
     per sample (``sampled_positions``).
     """
-    targets = sorted({p.layer.node for p in problems})
-    names = targets if merged_model else sorted({*targets, *(p.layer.source for p in problems)})
-    frontier = frontier or Frontier()
     by_node: dict[str, list[tuple[Problem, tuple | None, torch.Tensor | None]]] = {}  # with what each reads
     grams: dict[tuple, torch.Tensor] = {}  # (node, rows key) -> its Gram's upper triangle, summed over batches
     for p in problems:
         key = _rows_key(p, maps)
         columns = _block_columns(p, maps) if key is None and p.block.cols is not None else None
         by_node.setdefault(p.layer.node, []).append((p, key, columns))
-    if merged_model:
-        sources = {p.layer.node: merged_model[1][p.layer.node] for p in problems}
-        own_names = sorted(set(sources.values()))
+    layers = {node: group[0][0].layer for node, group in by_node.items()}
+    frontier = frontier or Frontier()
     with torch.no_grad(), threadpool_limits(torch.get_num_threads(), user_api="blas"):  # syrk's threads too
         for batch, x in enumerate(batches(data, batch_size, "least-squares statistics", progress, device_of(gms[0]))):
-            va, vb = (frontier.run(gm, label, batch, x, names) for gm, label in zip(gms, "AB"))
-            if merged_model:
-                values = frontier.run(merged_model[0], "merged", batch, x, own_names)
-            for node, group in by_node.items():  # one layer's merged input and rows alive at a time
-                layer = group[0][0].layer
-                axis = _unit_axis(layer)
-                x_merged = _read_input(layer, values[sources[node]], positions) if merged_model else maps.merge(
-                    (_read_input(layer, va[layer.source], positions), _read_input(layer, vb[layer.source], positions)),
-                    [(axis, layer.in_dim)])
-                outputs = [v[node] if layer.kind == "linear" else at_positions(v[node], positions) for v in (va, vb)]
-                rows: dict[tuple | None, torch.Tensor] = {}
-                for p, key, columns in group:
-                    if key not in rows:
-                        x_in = x_merged if key is None else x_merged.index_select(axis, p.block.cols.to(x.device))
-                        rows[key] = _rows(layer, x_in, maps)
-                        grams[node, key] = _gram(rows[key], into=grams.get((node, key)))
-                    inputs = rows[key] if columns is None else rows[key].index_select(2, columns.to(x.device))
-                    y = p.target(*outputs)
-                    y = y if p.block.rows is None else y.index_select(layer.out_axis, p.block.rows.to(y.device))
-                    _accumulate(p, inputs, _target_rows(layer, y, maps))
+            reads = (_merged_model_reads(gms, merged_model, frontier, batch, x, layers, positions)
+                     if merged_model else _mapped_reads(gms, maps, x, layers, positions))
+            for node, x_merged, outputs in reads:  # one layer's merged input and rows alive at a time
+                _add_layer(by_node[node], x_merged, outputs, maps, grams, positions)
     grams = {k: symmetric(distributed.total(g)) for k, g in grams.items()}  # sums over every rank's shard
     for p, key, columns in (read for group in by_node.values() for read in group):
         p.xx = grams[p.layer.node, key]
@@ -440,6 +482,48 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
             p.xx = p.xx[:, columns][:, :, columns]
         p.rx = distributed.total(p.rx)
         p.count, p.tt, p.rr = distributed.total(p.count), distributed.total(p.tt), distributed.total(p.rr)
+
+
+LayerRead = tuple[str, torch.Tensor, list[torch.Tensor]]  # a layer's node, its merged input, A's and B's outputs
+
+
+def _mapped_reads(gms, maps: MergeMaps, x: torch.Tensor, layers: dict[str, Layer], positions: int | None
+                  ) -> Iterator[LayerRead]:
+    """One pass: each layer's merged input is A's and B's inputs mapped to the merged layout, layer by layer
+    as the models run (``lockstep``)."""
+    for node, values in lockstep(gms, x, {node: (layer.source, node) for node, layer in layers.items()}):
+        layer = layers[node]
+        read = [_read_input(layer, v, positions) for v in values[layer.source]]
+        yield node, maps.merge(read, [(_unit_axis(layer), layer.in_dim)]), values[node]
+
+
+def _merged_model_reads(gms, merged_model: tuple[fx.GraphModule, dict[str, str]], frontier: Frontier, batch: int,
+                        x: torch.Tensor, layers: dict[str, Layer], positions: int | None) -> Iterator[LayerRead]:
+    """Sequential: each layer's merged input is the merged model's own, resumed from ``frontier``."""
+    outputs = [frontier.run(gm, label, batch, x, sorted(layers)) for gm, label in zip(gms, "AB")]
+    sources = {node: merged_model[1][node] for node in layers}
+    inputs = frontier.run(merged_model[0], "merged", batch, x, sorted(set(sources.values())))
+    for node, layer in layers.items():
+        yield node, _read_input(layer, inputs[sources[node]], positions), [v[node] for v in outputs]
+
+
+def _add_layer(group: list[tuple[Problem, tuple | None, torch.Tensor | None]], x_merged: torch.Tensor,
+               outputs: list[torch.Tensor], maps: MergeMaps, grams: dict[tuple, torch.Tensor],
+               positions: int | None) -> None:
+    """One batch of one layer: its Grams (one per rows key) and each of its problems' target moments."""
+    layer = group[0][0].layer
+    axis = _unit_axis(layer)
+    outputs = [v if layer.kind == "linear" else at_positions(v, positions) for v in outputs]
+    rows: dict[tuple | None, torch.Tensor] = {}
+    for p, key, columns in group:
+        if key not in rows:
+            x_in = x_merged if key is None else x_merged.index_select(axis, p.block.cols.to(x_merged.device))
+            rows[key] = _rows(layer, x_in, maps)
+            grams[layer.node, key] = _gram(rows[key], into=grams.get((layer.node, key)))
+        inputs = rows[key] if columns is None else rows[key].index_select(2, columns.to(x_merged.device))
+        y = p.target(*outputs)
+        y = y if p.block.rows is None else y.index_select(layer.out_axis, p.block.rows.to(y.device))
+        _accumulate(p, inputs, _target_rows(layer, y, maps))
 
 
 def _rows_key(p: Problem, maps: MergeMaps) -> tuple | None:
@@ -474,25 +558,24 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
 
     A block's rows that only one model feeds see only that model's inputs.
     """
-    names = sorted({p.layer.source for p in problems})
-    captures = [capture(gm, names) for gm in gms]
-    feeding = [_feeding(maps, p) for p in problems]
+    by_source: dict[str, list[tuple[Problem, list[int]]]] = {}  # with the models each block's rows stand for
+    for p in problems:
+        by_source.setdefault(p.layer.source, []).append((p, _feeding(maps, p)))
     with torch.no_grad(), threadpool_limits(torch.get_num_threads(), user_api="blas"):  # syrk's threads too
         for x in batches(data, batch_size, "RegMean statistics", progress, device_of(gms[0])):
-            values = _run_pair(captures, names, x)
-            rows: dict[tuple, torch.Tensor] = {}
-            for p, models in zip(problems, feeding):
-                layer, cols = p.layer, p.block.cols
-                for model in models:
-                    key = (layer.node, model, None if cols is None else tuple(cols.tolist()))
-                    if key not in rows:
-                        axis = _unit_axis(layer)
-                        x_in = maps.gather(_read_input(layer, values[model][layer.source], None), model,
-                                           [(axis, layer.in_dim)])
-                        x_in = x_in if cols is None else x_in.index_select(axis, cols.to(x_in.device))
-                        r = _rows(layer, x_in, maps)
-                        rows[key] = _gram(r)
-                    p.grams[model] = p.grams.get(model, 0) + rows[key]
+            for source, values in lockstep(gms, x, {source: (source,) for source in by_source}):
+                rows: dict[tuple, torch.Tensor] = {}  # one source's Grams alive at a time
+                for p, models in by_source[source]:
+                    layer, cols = p.layer, p.block.cols
+                    for model in models:
+                        key = (layer.node, model, None if cols is None else tuple(cols.tolist()))
+                        if key not in rows:
+                            axis = _unit_axis(layer)
+                            x_in = maps.gather(_read_input(layer, values[source][model], None), model,
+                                               [(axis, layer.in_dim)])
+                            x_in = x_in if cols is None else x_in.index_select(axis, cols.to(x_in.device))
+                            rows[key] = _gram(_rows(layer, x_in, maps))
+                        p.grams[model] = p.grams.get(model, 0) + rows[key]
     for p in problems:
         p.grams = {m: symmetric(distributed.total(g)) for m, g in sorted(p.grams.items())}
 

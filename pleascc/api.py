@@ -103,7 +103,9 @@ def merge(
     fits (a fixed random subset; None: all), since its rows far outnumber
     what they determine (``stats.sampled_positions``).
     ``batch_size``: samples per batch in the statistics passes; by default the
-    most (up to 64) whose activations fit in 2 GB (``stats.batch_size_for``).
+    most (up to 64) whose values in flight fit in 512 MB, as the passes stream
+    the models, or 2 GB for sequential least squares, whose passes keep every
+    layer's input and output (``stats.batch_size_for``).
     ``cache_gb``: memory for the activations sequential least squares keeps
     between its passes, so that each resumes the last (0: every pass starts
     from the input; past the limit, the same).  ``device``: where the
@@ -137,7 +139,8 @@ def merge(
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
     # the statistics passes run copies on a device, so the caller's models (sharing weights with gms) stay put
     runs = gms if target.type == "cpu" else tuple(copy.deepcopy(gm).to(target) for gm in gms)
-    batch_size = batch_size or batch_size_for(analysis)
+    sequential = refit == "least-squares" and least_squares == "sequential"  # its passes keep values, not stream
+    batch_size = batch_size or batch_size_for(analysis, None if sequential else gms[0].graph, positions)
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
     separate = _separate_labels(labels, heads, states)
     separate_heads = {layer.node for layer in heads} if separate else set()
@@ -178,7 +181,7 @@ def merge(
     elif refit:
         underdetermined = _check_least_squares_samples(problems, analysis, x, positions)
         fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, progress, ridge, positions)
-        if least_squares == "one-pass":
+        if not sequential:
             residuals, passes = fit(problems), 1
         else:
             levels = layer_levels(gms[0], analysis)

@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                         "every pass starts from the input")
     m.add_argument("--batch-size", type=int, default=None,
                    help="samples per batch in the statistics passes (default: the most, up to 64, whose "
-                        "activations fit in 2 GB)")
+                        "values in flight fit in 512 MB; 2 GB with --least-squares sequential)")
     m.add_argument("--positions", type=int, default=64,
                    help="the most spatial positions per sample the statistics read from a 2-D feature map (a "
                         "fixed random subset, default 64; 0: all): a convolution's fit has far more rows than "

@@ -408,3 +408,61 @@ def test_patches_at_sampled_positions_are_im2col_columns(conv, shape):
     full = _patches(x, conv, None)
     keep = sampled_positions(full.shape[2], 5)
     assert keep is not None and torch.equal(_patches(x, conv, 5), full[:, :, keep])
+
+
+class _Residual(nn.Module):
+    """A branch and a skip: the skip's value must live until the add, the branch's only until its next op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.branch, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        return self.head((y + self.branch(y)).mean((2, 3)))
+
+
+def test_lockstep_yields_each_models_values_and_frees_the_rest():
+    """Reads are each model's eager values, yielded in graph order; the models stop after the last read,
+    and a read keeps a value alive past its last user."""
+    from pleascc.passes.stats import lockstep
+
+    torch.manual_seed(0)
+    models = [_Residual().eval() for _ in range(2)]
+    gms = tuple(trace(m) for m in models)
+    x = torch.randn(2, 3, 6, 6)
+    reads = {"branch": ("stem", "branch"), "relu": ("relu",)}
+    got = list(lockstep(gms, x, reads))
+    assert [name for name, _ in got] == ["relu", "branch"]
+    for model, k in zip(models, range(2)):
+        stem = model.stem(x)
+        assert torch.equal(got[1][1]["stem"][k], stem) and torch.equal(got[0][1]["relu"][k], torch.relu(stem))
+        assert torch.equal(got[1][1]["branch"][k], model.branch(torch.relu(stem)))
+
+
+def test_lockstep_names_the_model_and_node_that_turn_nan():
+    from pleascc.errors import PleasccError
+    from pleascc.passes.stats import lockstep
+
+    models = [_Residual().eval() for _ in range(2)]
+    with torch.no_grad():
+        models[1].branch.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(PleasccError, match="model B produces NaN or Inf at branch"):
+        list(lockstep(tuple(trace(m) for m in models), torch.randn(2, 3, 6, 6), {"branch": ("branch",)}))
+
+
+def test_streamed_passes_take_larger_batches_than_kept_values():
+    """Streaming holds a forward's live values, not every layer's input and output: a 224² ResNet-18
+    takes a batch several times larger, and reading all positions (bigger rows) a smaller one."""
+    import torchvision
+
+    from pleascc.passes.stats import MAX_BATCH, batch_size_for, peak_live_bytes
+
+    gm = trace(torchvision.models.resnet18(num_classes=10).eval())
+    analysis = analyze(gm, (torch.randn(2, 3, 224, 224),))
+    largest = max(4 * torch.Size(s).numel() for n, s in analysis.shapes.items() if s and not n.startswith("fc"))
+    assert largest <= peak_live_bytes(gm.graph, analysis.shapes) <= 4 * largest
+    limit = 2**28  # below MAX_BATCH either way
+    kept, streamed = batch_size_for(analysis, limit_bytes=limit), batch_size_for(analysis, gm.graph, 64, limit)
+    assert 4 * kept <= streamed < MAX_BATCH
+    assert batch_size_for(analysis, gm.graph, None, limit) < streamed
