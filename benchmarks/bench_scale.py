@@ -12,11 +12,13 @@ by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
     python benchmarks/bench_scale.py ratio     # resnet50, vit_small at 224: 512 and 2048 samples, both LS variants
     python benchmarks/bench_scale.py samples   # CIFAR ResNet-20 ×1: 256 … 4096 samples
     python benchmarks/bench_scale.py width     # CIFAR ResNet-20 ×1, ×2, ×4, ×8 at 1024 samples
+    python benchmarks/bench_scale.py width --least-squares one-pass   # the same, one-pass least squares
     python benchmarks/bench_scale.py ratio --samples 512 --least-squares one-pass --arch resnet50   # a subset
     python benchmarks/bench_scale.py ratio --smoke   # a minute-long check of the script itself
     python benchmarks/bench_scale.py ratio --device cuda   # on a GPU: scale_ratio_cuda.*
 
-Writes benchmarks/results/scale_PART.{json,md,png}.
+Writes benchmarks/results/scale_PART.{json,md,png}; a run replaces the rows it measures (same model, samples
+and least-squares variant) and keeps the others, each row naming the commit it was measured at.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+from zoo_timm import code_version  # noqa: E402
 
 
 def build(arch: str, seed: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -53,7 +57,6 @@ def build(arch: str, seed: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
         import torchvision
 
         return torchvision.models.resnet18(num_classes=10).eval(), (3, 96, 96)
-    sys.path.insert(0, str(EXAMPLES))
     from resnet20 import resnet20
 
     width = int(arch.removeprefix("resnet20x"))
@@ -119,20 +122,21 @@ def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
                 for a in archs for n in counts or default for ls in variants or ("one-pass", "sequential")]
     if part == "samples":
         counts = [64, 128] if smoke else [256, 512, 1024, 2048, 4096]
-        return [{"arch": "resnet20x1", "samples": n, "least_squares": "sequential", "threads": threads}
-                for n in counts]
+        return [{"arch": "resnet20x1", "samples": n, "least_squares": ls, "threads": threads}
+                for ls in variants or ("sequential",) for n in counts]
     widths = [1, 2] if smoke else [1, 2, 4, 8]
-    return [{"arch": f"resnet20x{w}", "samples": 128 if smoke else 1024, "least_squares": "sequential",
-             "threads": threads} for w in widths]
+    return [{"arch": f"resnet20x{w}", "samples": 128 if smoke else 1024, "least_squares": ls,
+             "threads": threads} for ls in variants or ("sequential",) for w in widths]
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | samples | batch | positions | least squares | passes | forward A+B s | merge s | "
-             "merge ÷ forward | peak MB | kept activations MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "merge ÷ forward | peak MB | kept activations MB | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['arch']} | {r['samples']} | {r.get('batch_size', 64)} | {r.get('positions') or 'all'} | "
               f"{r['least_squares']} | {r['passes']} | "
               f"{r['forward_s']:.1f} | {r['merge_s']:.1f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['cache_mb']:.0f} |" for r in rows]
+              f"{r['cache_mb']:.0f} | {r.get('code', '—')} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -155,13 +159,17 @@ def plot(rows: list[dict], part: str, path: Path) -> None:
         for ax in axes:
             ax.tick_params(axis="x", labelsize=6, rotation=45)
     else:
-        xs = [r[key] for r in rows]
-        axes[0].plot(xs, [r["merge_s"] for r in rows], marker="o", label="merge")
-        axes[0].plot(xs, [r["forward_s"] for r in rows], marker="o", label="forward A+B (floor)")
+        for variant in sorted({r["least_squares"] for r in rows}):
+            line = sorted((r for r in rows if r["least_squares"] == variant), key=lambda r: r[key])
+            xs = [r[key] for r in line]
+            axes[0].plot(xs, [r["merge_s"] for r in line], marker="o", label=f"merge, {variant}")
+            axes[0].plot(xs, [r["forward_s"] for r in line], marker="o", linestyle=":",
+                         label=f"forward A+B (floor), {variant}")
+            axes[1].plot(xs, [r["peak_rss_mb"] / 1024 for r in line], marker="o", label=variant)
         axes[0].set(ylabel="seconds", xlabel=key)
-        axes[0].legend()
-        axes[1].plot(xs, [r["peak_rss_mb"] / 1024 for r in rows], marker="o")
         axes[1].set(ylabel="peak RSS, GB", xlabel=key)
+        for ax in axes:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -176,22 +184,34 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny settings, to check the script")
     p.add_argument("--samples", type=int, nargs="*", help="ratio: these sample counts only (default 512 2048)")
     p.add_argument("--least-squares", nargs="*", choices=("one-pass", "sequential"),
-                   help="ratio: these variants only (default both)")
+                   help="these variants only (ratio: default both; samples and width: default sequential)")
     p.add_argument("--arch", nargs="*", choices=("resnet50", "vit_small"), help="ratio: these models only")
     args = p.parse_args()
     name = f"scale_{args.part}{'_cuda' if args.device != 'cpu' else ''}{'_smoke' if args.smoke else ''}"
     RESULTS.mkdir(exist_ok=True)
     meta = {"command": " ".join(sys.argv), "torch": torch.__version__, "threads": args.threads, "device": args.device}
-    rows = []
+    version = code_version()
+    rows = previous_rows(RESULTS / f"{name}.json")
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         for row in pool.imap(measure, [{**job, "device": args.device} for job in jobs(
                 args.part, args.smoke, args.threads, args.samples, args.least_squares, args.arch)]):
-            rows.append(row)
+            row.update(code=version, command=" ".join(sys.argv))
+            rows = [r for r in rows if key(r) != key(row)] + [row]
             print(markdown([row]).splitlines()[-1], flush=True)
             write(rows, meta, args.part, name)  # after every row: a stopped run keeps what it measured
 
 
+def key(row: dict) -> tuple:
+    return row["arch"], row["samples"], row["least_squares"]
+
+
+def previous_rows(path: Path) -> list[dict]:
+    """The rows an earlier run wrote, to keep those this run does not measure again."""
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
 def write(rows: list[dict], meta: dict, part: str, name: str) -> None:
+    rows = sorted(rows, key=lambda r: (r["arch"], r["least_squares"], r["samples"]))
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(rows))
     plot(rows, part, RESULTS / f"{name}.png")
