@@ -3,14 +3,15 @@
 The PLeaS paper's code fits each merged layer by gradient descent: Adam, lr
 5e-4, 400 steps, a cosine schedule, warm-started from the permuted average.
 pleascc solves the same objective in closed form.  This runs a real one-pass
-PLeaS merge (the CIFAR ResNet-20 pair of train_cifar_pair.py, or a random pair
-of the same net with --random) and, for every layer block pleascc solves,
+PLeaS merge (the committed CIFAR ResNet-20 pair of train_cifar_pair.py, in
+examples/checkpoints/cifar_resnet20, or a random pair of the same net with
+--random) and, for every layer block pleascc solves,
 also runs that gradient descent on the very same moments (full batch, so
 without its forward passes: a lower bound on its cost).  Reports each block's
 relative residual both ways and the wall times, measured in the same run.
 Writes examples/results/closed_form_vs_gd.{json,png,md}.
 
-    python examples/bench_closed_form.py [--models runs/cifar_resnet20] [--budget 1.0] [--samples 2048]
+    python examples/bench_closed_form.py [--models examples/checkpoints/cifar_resnet20] [--budget 1.0] [--samples 2048]
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def pair(args) -> list[torch.nn.Module]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=Path, default=Path("runs/cifar_resnet20"))
+    p.add_argument("--models", type=Path, default=Path(__file__).resolve().parent / "checkpoints" / "cifar_resnet20")
     p.add_argument("--random", action="store_true", help="a random pair instead of trained models")
     p.add_argument("--budget", type=float, default=1.0)
     p.add_argument("--samples", type=int, default=2048)
