@@ -57,6 +57,8 @@ VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose 
     "pleas one-pass, all positions": {"method": "pleas", "least_squares": "one-pass", "positions": None},
     "pleas one-pass, 64 positions": {"method": "pleas", "least_squares": "one-pass", "positions": 64},
     "pleas one-pass, 16 positions": {"method": "pleas", "least_squares": "one-pass", "positions": 16},
+    "pleas sequential, all positions": {"method": "pleas", "positions": None},
+    "pleas sequential, 64 positions": {"method": "pleas", "positions": 64},
     "average (reset BN)": {"method": "average", "reset_bn": True},  # as ZipIt! and Git Re-Basin evaluate
     "permute (reset BN)": {"method": "permute", "reset_bn": True},
     "zipit (reset BN)": {"method": "zipit", "reset_bn": True},
