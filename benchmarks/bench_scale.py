@@ -93,7 +93,8 @@ def measure(job: dict) -> dict:
                     on_device(read_rows(x[k:k + batch]).to(device))
         synchronize(device)
         forward = time.perf_counter() - start
-    return {**job, "positions": result.report["positions"], "forward_s": forward, "merge_s": merge, "ratio": merge / forward, **peaks, "batch_size": batch,
+    return {**job, "positions": result.report["positions"], "forward_s": forward, "merge_s": merge,
+            "ratio": merge / forward, **peaks, "batch_size": batch,
             "passes": 2 + max(result.report["least_squares_passes"] - 1, 0),
             "cache_mb": result.report["least_squares_cache_mb"], "timings_s": result.report["timings_s"]}
 

@@ -415,7 +415,8 @@ class _Residual(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem, self.branch, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 2)
+        self.stem, self.branch = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
 
     def forward(self, x):
         y = torch.relu(self.stem(x))
