@@ -44,22 +44,26 @@ def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, 
     """Run models of one graph (``check_same_graph``) node by node together on one batch.
 
     Once a node named in ``reads`` has run in every model, yield its name and
-    the values of the nodes it reads, one per model, each checked for NaN/Inf.
-    A value is dropped as soon as no later node or read needs it, so a batch
-    holds about one forward's live activations per model, not every value
-    read (what lets batches be large), and the models stop after the last read.
+    the values of the nodes it reads, one per model.  Each value read is
+    checked for NaN/Inf once, as it is computed.  A value is dropped as soon
+    as no later node or read needs it, so a batch holds about one forward's
+    live activations per model, not every value read (what lets batches be
+    large), and the models stop after the last read.
     """
     graphs = [list(gm.graph.nodes) for gm in gms]
     position = {node.name: k for k, node in enumerate(graphs[0])}
     dropped_after = _dropped_after(graphs[0], reads)
+    read_somewhere = {read for needed in reads.values() for read in needed}
     envs: list[dict[str, object]] = [{} for _ in gms]
     for k in range(max(position[name] for name in reads) + 1):
-        for gm, env, nodes in zip(gms, envs, graphs):
-            env[nodes[k].name] = _execute(gm, nodes[k], env, x)
         name = graphs[0][k].name
+        for gm, env, nodes, label in zip(gms, envs, graphs, "AB"):
+            env[nodes[k].name] = _execute(gm, nodes[k], env, x)
+            if name in read_somewhere:
+                _check_finite(env[nodes[k].name], label, name)
         if name in reads:
-            yield name, {read: [_checked(env[nodes[position[read]].name], label, read)
-                                for env, nodes, label in zip(envs, graphs, "AB")] for read in reads[name]}
+            yield name, {read: [env[nodes[position[read]].name] for env, nodes in zip(envs, graphs)]
+                         for read in reads[name]}
         for j in dropped_after.get(k, ()):
             for env, nodes in zip(envs, graphs):
                 del env[nodes[j].name]
@@ -266,11 +270,6 @@ def _check_finite(value: torch.Tensor, model: str, node: str) -> None:
     if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
         raise PleasccError(f"model {model} produces NaN or Inf at {node} on the calibration data; "
                            "check the checkpoint's weights and the data's preprocessing")
-
-
-def _checked(value: torch.Tensor, model: str, node: str) -> torch.Tensor:
-    _check_finite(value, model, node)
-    return value
 
 
 def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
