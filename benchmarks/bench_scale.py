@@ -16,6 +16,8 @@ by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
     python benchmarks/bench_scale.py ratio --samples 512 --least-squares one-pass --arch resnet50   # a subset
     python benchmarks/bench_scale.py ratio --smoke   # a minute-long check of the script itself
     python benchmarks/bench_scale.py ratio --device cuda   # on a GPU: scale_ratio_cuda.*
+    python benchmarks/bench_scale.py breakdown --arch resnet50 --least-squares one-pass
+        # where a merge's time goes (cProfile), in forward floors: scale_breakdown.*
 
 Writes benchmarks/results/scale_PART.{json,md,png}; a run replaces the rows it measures (same model, samples
 and least-squares variant) and keeps the others, each row naming the commit it was measured at.
@@ -24,9 +26,12 @@ and least-squares variant) and keeps the others, each row naming the commit it w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import cProfile
 import json
 import multiprocessing
+import pstats
 import resource
 import sys
 import tempfile
@@ -78,9 +83,11 @@ def measure(job: dict) -> dict:
         path = Path(tmp) / "x.npy"
         write_inputs(path, job["samples"], shape)
         x, device = load_data(str(path)).x, torch.device(job["device"])
+        profile = cProfile.Profile() if job.get("profile") else None
         start = time.perf_counter()
-        result = pleascc.merge(model_a, model_b, x, least_squares=job["least_squares"], labels="separate",
-                               device=job["device"], progress=False)
+        with profile or contextlib.nullcontext():
+            result = pleascc.merge(model_a, model_b, x, least_squares=job["least_squares"], labels="separate",
+                                   device=job["device"], progress=False)
         merge = time.perf_counter() - start
         peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                  "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
@@ -96,7 +103,30 @@ def measure(job: dict) -> dict:
     return {**job, "positions": result.report["positions"], "forward_s": forward, "merge_s": merge,
             "ratio": merge / forward, **peaks, "batch_size": batch,
             "passes": 2 + max(result.report["least_squares_passes"] - 1, 0),
-            "cache_mb": result.report["least_squares_cache_mb"], "timings_s": result.report["timings_s"]}
+            "cache_mb": result.report["least_squares_cache_mb"], "timings_s": result.report["timings_s"],
+            **({"breakdown_s": breakdown(pstats.Stats(profile), merge)} if profile else {})}
+
+
+def breakdown(stats: pstats.Stats, total: float) -> dict[str, float]:
+    """A profiled merge's seconds by what they do; the parts do not overlap, ``other`` is the rest."""
+    def cumulative(file: str, function: str, caller: str | None = None) -> float:
+        found = [(info, callers) for (path, _, name), (*info, callers) in stats.stats.items()
+                 if path.endswith(file) and name == function]
+        if caller is None:
+            return sum(info[3] for info, _ in found)
+        return sum(c[3] for _, callers in found for (_, _, name), c in callers.items() if name == caller)
+
+    grams, targets = cumulative("stats.py", "_gram"), cumulative("stats.py", "_accumulate")
+    parts = {
+        "forward (every pass)": cumulative("stats.py", "_execute"),
+        "matching statistics": cumulative("stats.py", "_add_site"),
+        "least-squares Grams": grams,
+        "least-squares targets": targets,
+        "least-squares rows (read, mapped)": cumulative("stats.py", "_add_layer") - grams - targets
+        + cumulative("stats.py", "_read_input") + cumulative("merge_maps.py", "merge", caller="_mapped_reads"),
+        "solves": cumulative("solve.py", "least_squares"),
+    }
+    return {**parts, "other": total - sum(parts.values())}
 
 
 def synchronize(device: torch.device) -> None:
@@ -116,10 +146,10 @@ def write_inputs(path: Path, samples: int, shape: tuple[int, ...]) -> None:
 
 def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
          variants: list[str] | None = None, models: list[str] | None = None) -> list[dict]:
-    if part == "ratio":
+    if part in ("ratio", "breakdown"):
         archs, default = (["resnet18-smoke"], [520, 1040]) if smoke else (models or ["resnet50", "vit_small"],
-                                                                        [512, 2048])
-        return [{"arch": a, "samples": n, "least_squares": ls, "threads": threads}
+                                                                        [512, 2048] if part == "ratio" else [168])
+        return [{"arch": a, "samples": n, "least_squares": ls, "threads": threads, "profile": part == "breakdown"}
                 for a in archs for n in counts or default for ls in variants or ("one-pass", "sequential")]
     if part == "samples":
         counts = [64, 128] if smoke else [256, 512, 1024, 2048, 4096]
@@ -131,6 +161,8 @@ def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
 
 
 def markdown(rows: list[dict]) -> str:
+    if rows and "breakdown_s" in rows[0]:
+        return breakdown_markdown(rows)
     lines = ["| model | samples | batch | positions | least squares | passes | forward A+B s | merge s | "
              "merge ÷ forward | peak MB | kept activations MB | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -141,11 +173,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def breakdown_markdown(rows: list[dict]) -> str:
+    """Each part of a profiled merge in forward floors (one forward pass of A and B over the same data)."""
+    parts = list(rows[0]["breakdown_s"])
+    lines = ["| model | samples | batch | least squares | forward A+B s | merge s (profiled) | "
+             + " | ".join(parts) + " | commit |", "|---" * (len(parts) + 7) + "|"]
+    lines += [f"| {r['arch']} | {r['samples']} | {r['batch_size']} | {r['least_squares']} | {r['forward_s']:.1f} | "
+              f"{r['merge_s']:.1f} ({r['ratio']:.2f}×) | "
+              + " | ".join(f"{r['breakdown_s'][k] / r['forward_s']:.2f}×" for k in parts)
+              + f" | {r.get('code', '—')} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], part: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if part == "breakdown":
+        return plot_breakdown(rows, path, plt)
 
     key = {"samples": "samples", "width": "arch"}.get(part)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -176,17 +223,36 @@ def plot(rows: list[dict], part: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_breakdown(rows: list[dict], path: Path, plt) -> None:
+    """One stacked bar per merge: its parts in forward floors, against the target of 3."""
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(rows)))
+    labels = [f"{r['arch']}, {r['samples']}, {r['least_squares']}" for r in rows]
+    left = np.zeros(len(rows))
+    for part in rows[0]["breakdown_s"]:
+        width = np.array([r["breakdown_s"][part] / r["forward_s"] for r in rows])
+        ax.barh(labels, width, left=left, label=part)
+        left += width
+    ax.axvline(3, color="gray", linestyle="--", label="target 3")
+    ax.set(xlabel="seconds ÷ forward A+B")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("ratio", "samples", "width"))
+    p.add_argument("part", choices=("ratio", "samples", "width", "breakdown"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where the forward floor and the merge's passes run (cuda: "
                    "results go to scale_PART_cuda.*)")
     p.add_argument("--smoke", action="store_true", help="tiny settings, to check the script")
-    p.add_argument("--samples", type=int, nargs="*", help="ratio: these sample counts only (default 512 2048)")
+    p.add_argument("--samples", type=int, nargs="*", help="ratio and breakdown: these sample counts only "
+                   "(default 512 2048; breakdown 168)")
     p.add_argument("--least-squares", nargs="*", choices=("one-pass", "sequential"),
-                   help="these variants only (ratio: default both; samples and width: default sequential)")
-    p.add_argument("--arch", nargs="*", choices=("resnet50", "vit_small"), help="ratio: these models only")
+                   help="these variants only (ratio, breakdown: default both; samples, width: default sequential)")
+    p.add_argument("--arch", nargs="*", choices=("resnet50", "vit_small"),
+                   help="ratio and breakdown: these models only")
     args = p.parse_args()
     name = f"scale_{args.part}{'_cuda' if args.device != 'cpu' else ''}{'_smoke' if args.smoke else ''}"
     RESULTS.mkdir(exist_ok=True)

@@ -57,6 +57,7 @@ class Layer:
     conv: dict = field(default_factory=dict)  # kernel_size, stride, padding, dilation
     running: tuple | None = None  # norm: (running_mean, running_var, eps)
     source: str = ""  # the node holding the layer's input
+    batch_axis: int | None = None  # the axis of its input (and output) holding the samples, if known
     refit: bool = True  # False: counted and observed like any layer, merged by its permuted average
 
 
@@ -94,6 +95,22 @@ class Analysis:
     products: list[list] = field(default_factory=list)  # activation×activation products: [*out dims, summed dim]
     sites: list[tuple] = field(default_factory=list)  # extra (node, axes, dims) where matching compares features
     per_head: dict[int, int] = field(default_factory=dict)  # inner root -> the factor whose units each permute it
+    batch: Atom | None = None  # the model input's first axis: the samples
+
+    def batch_axis(self, node: str) -> int | None:
+        """The one axis of ``node``'s value that holds the samples (maybe folded with other axes), else None.
+
+        Axes other than it and the units are within one sample (tokens), so
+        reading a fixed subset of them reads the same rows however the samples
+        are batched or sharded.
+        """
+        dims = self.node_dims.get(node)
+        if self.batch is None or not isinstance(dims, list):
+            return None
+        batch = self.table.find(self.batch.id)
+        axes = [k for k, dim in enumerate(dims)
+                if dim is not None and any(atom.id == batch for atom in self.table.atoms(dim))]
+        return axes[0] if len(axes) == 1 else None
 
     def free_roots(self) -> list[int]:
         """Root atoms that may be permuted, in first-seen order."""
@@ -188,7 +205,7 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Analysis:
     nodes = {n.name: n for n in gm.graph.nodes}
     for layer in ctx.layers:
         layer.source = nodes[layer.node].args[0].name
-    return Analysis(
+    analysis = Analysis(
         table=ctx.table,
         node_dims=ctx.dims,
         params=ctx.params,
@@ -202,7 +219,18 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Analysis:
         products=ctx.products,
         sites=ctx.sites,
         per_head=per_head_spaces(ctx.table, [*_tensor_dims(ctx.dims)], [b.dims for b in ctx.params.values()]),
+        batch=_input_batch(gm, ctx.dims),
     )
+    for layer in analysis.layers:
+        layer.batch_axis = analysis.batch_axis(layer.source)
+    return analysis
+
+
+def _input_batch(gm: fx.GraphModule, dims: dict[str, Any]) -> Atom | None:
+    """The first input's first axis (the samples), if it is a tensor."""
+    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    found = dims.get(first.name) if first is not None else None
+    return found[0] if isinstance(found, list) and found else None
 
 
 def _keep_inner_factors(table: SpaceTable, dims: list) -> None:

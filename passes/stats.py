@@ -280,7 +280,8 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
     Keys are root ids, and tuples of root ids for whole product axes (see
     ``observe``).  ``within``: spaces keyed by a root get the joint correlation
     of [A's units, B's units] instead.  ``positions``: a channels-first 2-D
-    feature map is read at that many positions per sample (``sampled_positions``).
+    feature map is read at that many positions per sample (``sampled_positions``),
+    a value whose batch axis is known at that many tokens (``at_tokens``).
     """
     sites = _observation_sites(analysis)
     at_node: dict[str, list[int]] = {}
@@ -303,8 +304,10 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
 def _add_site(analysis: Analysis, moments: dict[tuple, CrossMoments], site: int, where: tuple,
               values: list[torch.Tensor], within: bool, positions: int | None) -> None:
     """One batch's A and B features at one observation site, added to its spaces' moments."""
-    _, axes, dims = where
-    pairs = zip(*(observe(analysis.table, _observed_positions(v, axes, positions), axes, dims) for v in values))
+    name, axes, dims = where
+    batch_axis = analysis.batch_axis(name)
+    observed = [_observed_positions(v, axes, batch_axis, positions) for v in values]
+    pairs = zip(*(observe(analysis.table, v, read_axes, dims) for v, read_axes in observed))
     for k, ((root, fa), (_, fb)) in enumerate(pairs):
         key = (site, k, root)
         if key not in moments:
@@ -312,9 +315,16 @@ def _add_site(analysis: Analysis, moments: dict[tuple, CrossMoments], site: int,
         moments[key].add(fa, fb)
 
 
-def _observed_positions(value: torch.Tensor, axes: tuple[int, ...], positions: int | None) -> torch.Tensor:
-    """An (N, C, H, W) map observed along C, at ``sampled_positions`` only; other values as they are."""
-    return at_positions(value, positions) if value.dim() == 4 and tuple(axes) == (1,) else value
+def _observed_positions(value: torch.Tensor, axes: tuple[int, ...], batch_axis: int | None,
+                        positions: int | None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A value and its unit axes as observed: an (N, C, H, W) map along C at ``sampled_positions``;
+    a value whose samples are on ``batch_axis`` at sampled tokens (``at_tokens``); others whole."""
+    if value.dim() == 4 and tuple(axes) == (1,):
+        return at_positions(value, positions), axes
+    if batch_axis is None or positions is None:
+        return value, axes
+    tokens = at_tokens(value, batch_axis, axes, positions)
+    return tokens, tuple(range(2, tokens.dim()))
 
 
 def _observation_sites(analysis: Analysis) -> list[tuple[str, tuple[int, ...], tuple[Dim, ...]]]:
@@ -457,7 +467,8 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
     in it), the merged model's own features (the sequential variant), resumed
     from ``frontier`` where it keeps the last pass's values.  ``positions``:
     convolutions and normalizations read at most that many spatial positions
-    per sample (``sampled_positions``).
+    per sample (``sampled_positions``), linear layers that many tokens
+    (``at_tokens``).
     """
     by_node: dict[str, list[tuple[Problem, tuple | None, torch.Tensor | None]]] = {}  # with what each reads
     grams: dict[tuple, torch.Tensor] = {}  # (node, rows key) -> its Gram's upper triangle, summed over batches
@@ -512,7 +523,7 @@ def _add_layer(group: list[tuple[Problem, tuple | None, torch.Tensor | None]], x
     """One batch of one layer: its Grams (one per rows key) and each of its problems' target moments."""
     layer = group[0][0].layer
     axis = _unit_axis(layer)
-    outputs = [v if layer.kind == "linear" else at_positions(v, positions) for v in outputs]
+    outputs = [_read_layer_value(layer, v, positions) for v in outputs]
     rows: dict[tuple | None, torch.Tensor] = {}
     for p, key, columns in group:
         if key not in rows:
@@ -611,16 +622,35 @@ def at_positions(x: torch.Tensor, positions: int | None) -> torch.Tensor:
     return flat if keep is None else flat.index_select(2, keep.to(flat.device))
 
 
+def at_tokens(x: torch.Tensor, batch_axis: int, unit_axes: tuple[int, ...], positions: int | None) -> torch.Tensor:
+    """``x`` as (N, tokens read, *units): its samples first, its units last, the axes between (tokens,
+    within one sample) flattened and read at ``sampled_positions``."""
+    unit_axes = tuple(a % x.dim() for a in unit_axes)
+    x = torch.movedim(x, (batch_axis, *unit_axes), (0, *range(-len(unit_axes), 0)))
+    flat = x.reshape(x.shape[0], -1, *x.shape[x.dim() - len(unit_axes):])
+    keep = sampled_positions(flat.shape[1], positions)
+    return flat if keep is None else flat.index_select(1, keep.to(flat.device))
+
+
+def _read_layer_value(layer: Layer, v: torch.Tensor, positions: int | None) -> torch.Tensor:
+    """A layer's input or output as its fit reads it: channels-first maps at ``sampled_positions``, a linear
+    layer's value at sampled tokens where the analysis knows its batch axis (units stay last)."""
+    if layer.kind == "linear":
+        return v if layer.batch_axis is None else at_tokens(v, layer.batch_axis, (-1,), positions)
+    return at_positions(v, positions)
+
+
 def _read_input(layer: Layer, x: torch.Tensor, positions: int | None) -> torch.Tensor:
     """What a layer's fit reads of one input, before the models' are merged along ``_unit_axis``.
 
     A convolution's: its im2col patches at the sampled output positions,
-    as (N, C, k·P); a normalization's: (N, C, P); a linear layer's: all of it.
-    Sampling first means the merge only touches the values that are read.
+    as (N, C, k·P); a normalization's: (N, C, P); a linear layer's: (N, tokens
+    read, C) where its batch axis is known, else all of it.  Sampling first
+    means the merge only touches the values that are read.
     """
     if layer.kind == "conv":
         return _patches(x, layer.conv, positions).reshape(x.shape[0], x.shape[1], -1)
-    return at_positions(x, positions) if layer.kind == "norm" else x
+    return _read_layer_value(layer, x, positions)
 
 
 def _unit_axis(layer: Layer) -> int:

@@ -98,10 +98,12 @@ def merge(
     ``least_squares`` (pleas): fit each layer on A's and B's features mapped to
     the merged layout ("one-pass", one pass over the data), or on the merged
     model's own features, layer by layer ("sequential", a pass per level).
-    ``positions``: the most spatial positions per sample the statistics read
-    from a feature map, for matching and for convolutions' and BatchNorms'
-    fits (a fixed random subset; None: all), since its rows far outnumber
-    what they determine (``stats.sampled_positions``).
+    ``positions``: the most spatial positions (or tokens) per sample the
+    statistics read from a feature map, for matching and for convolutions',
+    BatchNorms' and linear layers' fits (a fixed random subset; None: all),
+    since its rows far outnumber what they determine
+    (``stats.sampled_positions``).  Tokens are read only where the analysis
+    knows which axis holds the samples (``Analysis.batch_axis``).
     ``batch_size``: samples per batch in the statistics passes; by default the
     most (up to 64) whose values in flight fit in 512 MB, as the passes stream
     the models, or 2 GB for sequential least squares, whose passes keep every
@@ -439,7 +441,8 @@ def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x:
         weight_dims = analysis.params[layer.weight].dims
         unknowns = 2 if layer.kind == "norm" else math.prod(analysis.table.size(d) for d in weight_dims[1:]) + 1
         read = budget_pass.positions(analysis, layer)
-        read = min(read, positions) if layer.kind in ("conv", "norm") and positions else read
+        sampled = layer.kind in ("conv", "norm") or layer.batch_axis is not None
+        read = min(read, positions) if sampled and positions else read
         needs.append((math.ceil(unknowns / read), p.w0.numel(), layer.node))
     fitted = sum(weights for _, weights, _ in needs)
 

@@ -111,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="samples per batch in the statistics passes (default: the most, up to 64, whose "
                         "values in flight fit in 512 MB; 2 GB with --least-squares sequential)")
     m.add_argument("--positions", type=int, default=64,
-                   help="the most spatial positions per sample the statistics read from a 2-D feature map (a "
-                        "fixed random subset, default 64; 0: all): a convolution's fit has far more rows than "
+                   help="the most spatial positions (or tokens) per sample the statistics read from a feature "
+                        "map (a fixed random subset, default 64; 0: all): a layer's fit has far more rows than "
                         "unknowns, and matching's correlations need no more")
     m.add_argument("--device", default="cpu",
                    help="where the statistics passes run and the least-squares systems are solved: cpu "

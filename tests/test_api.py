@@ -230,6 +230,31 @@ def test_statistics_read_a_fixed_subset_of_positions():
     assert errors[32] != errors[None] and errors[32] <= 1.2 * errors[None]
 
 
+class _Tokens(torch.nn.Module):
+    """A token MLP pooled over tokens: its linear layers read (samples, tokens, features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = torch.nn.Linear(4, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))).mean(1))
+
+
+def test_statistics_read_a_fixed_subset_of_tokens():
+    """Linear layers on tokens are read at ``positions`` tokens per sample, like convolutions' positions."""
+    torch.manual_seed(0)
+    a, b = _Tokens().eval(), _Tokens().eval()
+    x = torch.randn(300, 40, 4)
+    merges = {p: pleascc.merge(a, b, x, labels="shared", positions=p, least_squares="one-pass", progress=False)
+              for p in (None, 40, 8)}
+    with torch.no_grad():
+        want = (a(x) + b(x)) / 2
+        errors = {p: float((m.model(x) - want).pow(2).sum() / want.pow(2).sum()) for p, m in merges.items()}
+    assert errors[None] == errors[40]
+    assert errors[8] != errors[None] and errors[8] <= 1.2 * errors[None]
+
+
 def test_blocks_of_a_layer_read_one_shared_gram(monkeypatch):
     """A-only and B-only blocks take their Grams out of the layer's one Gram: the merge of separate Grams."""
     from pleascc.passes import stats

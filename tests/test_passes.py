@@ -410,6 +410,36 @@ def test_patches_at_sampled_positions_are_im2col_columns(conv, shape):
     assert keep is not None and torch.equal(_patches(x, conv, 5), full[:, :, keep])
 
 
+class _SeqFirst(nn.Module):
+    """Tokens in, a linear layer on (tokens, samples, features) in the middle, pooled over tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):  # (samples, tokens, 4)
+        return self.head(F.relu(self.mix(self.embed(x).transpose(0, 1))).mean(0))
+
+
+def test_batch_axis_follows_the_samples():
+    """Tokens are read in a subset only where the samples' axis is known: a seq-first layer has it at 1."""
+    analysis = analyze(trace(_SeqFirst()), (torch.randn(2, 7, 4),))
+    assert {layer.node: layer.batch_axis for layer in analysis.layers} == {"embed": 0, "mix": 1, "head": 0}
+
+
+def test_tokens_read_are_the_same_however_samples_are_batched():
+    """A fixed subset of each sample's tokens: one batch, or two shards of it, read the same rows."""
+    from pleascc.passes.stats import at_tokens, sampled_positions
+
+    x = torch.randn(7, 5, 3)  # (tokens, samples, features)
+    whole = at_tokens(x, 1, (-1,), 4)
+    shards = torch.cat([at_tokens(x[:, :2], 1, (-1,), 4), at_tokens(x[:, 2:], 1, (-1,), 4)])
+    assert whole.shape == (5, 4, 3) and torch.equal(whole, shards)
+    assert torch.equal(whole[1], x[sampled_positions(7, 4), 1])
+    heads = torch.randn(2, 3, 9, 4)  # (samples, heads, tokens, head dim): units on two axes
+    assert torch.equal(at_tokens(heads, 0, (1, 3), 5), heads.transpose(1, 2)[:, sampled_positions(9, 5)])
+
+
 class _Residual(nn.Module):
     """A branch and a skip: the skip's value must live until the add, the branch's only until its next op."""
 
