@@ -13,7 +13,8 @@ merge runs in a fresh process, so its peak memory (ru_maxrss) is its own.  Needs
     python examples/train_cifar_pair.py --arch vit --out runs/cifar_vit
     python examples/bench_cifar_merge.py --arch vit --models runs/cifar_vit --name cifar_vit
 
-``--only pleas zipit`` recomputes those variants' rows and keeps the others from the last results.
+``--only pleas zipit`` recomputes those variants' rows (at ``--budgets``) and keeps the others from the last
+results; each row names the commit it was computed at (rows from before this was recorded: –).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import load_cifar10, to_tensor  # noqa: E402
 from mnist import load_mnist_rgb  # noqa: E402
 from train_cifar_pair import build  # noqa: E402
+from zoo_timm import code_version  # noqa: E402
 
 import pleascc  # noqa: E402
 from pleascc.demo import task_accuracies  # noqa: E402
@@ -112,7 +114,7 @@ def merge_row(job: dict) -> dict:
             "params": result.report["params_merged"], "samples": len(calib), "merge_seconds": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "least_squares_passes": result.report["least_squares_passes"],
-            **scores(logits, y_eval, setting), "onnx_max_abs_diff": check["max_abs_diff"]}
+            **scores(logits, y_eval, setting), "onnx_max_abs_diff": check["max_abs_diff"], "code": job["code"]}
 
 
 def run(args: argparse.Namespace, setting: str, variants: list[str]) -> list[dict]:
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace, setting: str, variants: list[str]) -> list[dic
     done = json.loads(partial.read_text()) if args.resume and partial.exists() else []
     rows += done
     jobs = [{"setting": setting, "models": str(args.models), "arch": args.arch, "width": args.width,
-             "samples": args.samples, "threads": args.threads, "variant": v, "budget": b}
+             "samples": args.samples, "threads": args.threads, "variant": v, "budget": b, "code": code_version()}
             for v in variants for b in args.budgets
             if not any(r["method"] == v and r["budget"] == b for r in done)]
     metric = "per_task_mean" if setting == "labels" else "accuracy"
@@ -170,14 +172,14 @@ LABELS = {"per_task_mean": "mean per-task accuracy", "joint": "joint 10-way accu
 
 def markdown(rows: list[dict], metrics: list[str]) -> str:
     head = " | ".join(LABELS[m] for m in metrics)
-    lines = [f"| method | budget | FLOPs ratio | {head} | samples | merge s (passes) | peak MB |",
-             "|---|---|---|" + "---|" * len(metrics) + "---|---|---|"]
+    lines = [f"| method | budget | FLOPs ratio | {head} | samples | merge s (passes) | peak MB | commit |",
+             "|---|---|---|" + "---|" * len(metrics) + "---|---|---|---|"]
     for r in rows:
         cost = f"{r['merge_seconds']:.0f} ({r.get('least_squares_passes', '–')})" if "merge_seconds" in r else "–"
         peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "–"
         values = " | ".join(f"{r[m]:.4f}" for m in metrics)
         lines.append(f"| {r['method']} | {r['budget']} | {r['relative_flops']:.3f} | {values} | "
-                     f"{r.get('samples', '–')} | {cost} | {peak} |")
+                     f"{r.get('samples', '–')} | {cost} | {peak} | {r.get('code', '–')} |")
     return "\n".join(lines)
 
 
@@ -201,7 +203,7 @@ def main() -> None:
     p.add_argument("--budgets", nargs="*", type=float, default=list(BUDGETS))
     p.add_argument("--threads", type=int, default=2, help="torch threads per merge")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS),
-                   help="recompute these variants and keep the other rows of the existing results")
+                   help="recompute these variants at --budgets and keep the other rows of the existing results")
     p.add_argument("--resume", action="store_true",
                    help="reuse the merges an interrupted run saved in NAME.partial.json")
     p.add_argument("--replot", action="store_true", help="only rebuild the table and plot from the saved JSON")
@@ -214,11 +216,11 @@ def main() -> None:
     meta = {"calibration_samples": args.samples, "arch": args.arch, "width": args.width, "setting": setting,
             "threads": args.threads,
             "command": " ".join(sys.argv)}
-    if args.only:  # the other variants' rows, and the commands that made them, from the last results
+    if args.only:  # the rows not recomputed, and the commands that made them, from the last results
         old = json.loads(out.read_text())
         rows = [r for r in rows if "merge_seconds" not in r] + [
-            r for r in old["rows"] if "merge_seconds" in r and r["method"] not in args.only] + [
-            r for r in rows if "merge_seconds" in r]
+            r for r in old["rows"] if "merge_seconds" in r and (r["method"], r["budget"]) not in {
+                (v, b) for v in args.only for b in args.budgets}] + [r for r in rows if "merge_seconds" in r]
         rows.sort(key=lambda r: (list(VARIANTS).index(r["method"]) if r["method"] in VARIANTS else -1, r["budget"]))
         meta["earlier"] = old["meta"]
     RESULTS.mkdir(exist_ok=True)

@@ -17,6 +17,8 @@ from pleascc.data import CalibrationData, NpyRows, check_data_fits, load_data, r
 from pleascc.errors import PleasccError
 from pleascc.export import export_onnx
 from pleascc.load import check_same_architecture
+from pleascc.options import (CACHE_GB, LABELS, LEAST_SQUARES, MATCHINGS, METHODS, POSITIONS, REGMEAN_ALPHA,
+                             ZIP_ALPHA, ZIP_BETA)
 from pleascc.passes import budget as budget_pass
 from pleascc.passes.budget import is_blocked
 from pleascc.passes.emit import emit, layer_inputs
@@ -32,13 +34,6 @@ from pleascc.trace import check_same_graph, trace
 
 __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
 
-# method -> (matcher, how layers are refitted: PLeaS least squares, RegMean, or not at all)
-METHODS = {"pleas": ("hungarian", "least-squares"), "permute": ("hungarian", None), "average": ("identity", None),
-           "zipit": ("zipit", None), "regmean": ("identity", "regmean")}
-LABELS = ("shared", "separate")
-MATCHINGS = ("activation", "weight")
-POSITIONS = 64  # spatial positions per sample the statistics read (see stats.sampled_positions)
-LEAST_SQUARES = ("one-pass", "sequential")  # fit inputs: the originals' features, or the merged model's own
 TIE_BREAK = 1e-3  # weight of weight-row similarity in matching scores: separates units data can't tell apart
 
 
@@ -66,13 +61,13 @@ def merge(
     positions: int | None = POSITIONS,
     matching: str = "activation",
     width_search: str = "greedy",
-    zip_alpha: float = 0.3,
-    zip_beta: float = 0.125,
+    zip_alpha: float = ZIP_ALPHA,
+    zip_beta: float = ZIP_BETA,
     zip_until: str | None = None,
-    regmean_alpha: float = 0.9,
+    regmean_alpha: float = REGMEAN_ALPHA,
     seed: int = 0,
     reset_bn: bool = False,
-    cache_gb: float = 2.0,
+    cache_gb: float = CACHE_GB,
     device: str = "cpu",
     progress: bool = True,
 ) -> MergeResult:

@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 
-from pleascc import __version__
+from pleascc import __version__, options
 from pleascc.errors import PleasccError, first_line
 
 EXAMPLES = """examples:
@@ -75,22 +75,22 @@ def _parser() -> argparse.ArgumentParser:
     _data_options(m, required=True)
     m.add_argument("--budget", type=float, default=1.0,
                    help="FLOPs of the merged model ÷ one input model, 1.0 (fully merged) to 2.0 (side by side)")
-    m.add_argument("--labels", choices=("shared", "separate"), default=None,
+    m.add_argument("--labels", choices=options.LABELS, default=None,
                    help="one head for both models' classes, or one per model (default: separate when the "
                         "heads differ in size)")
-    m.add_argument("--method", choices=("pleas", "permute", "average", "zipit", "regmean"), default="pleas",
+    m.add_argument("--method", choices=tuple(options.METHODS), default="pleas",
                    help="pleas (default), permute (Git Re-Basin activation matching + averaging), average, "
                         "zipit (ZipIt!: greedy merging within and across the models), regmean (RegMean: "
                         "no permutation, closed-form merge of each layer; for models from one base)")
-    m.add_argument("--matching", choices=("activation", "weight"), default="activation",
+    m.add_argument("--matching", choices=options.MATCHINGS, default="activation",
                    help="pleas/permute: pair units by their features on the data, or by their weights alone "
                         "(Git Re-Basin weight matching, data-free)")
-    m.add_argument("--widths", choices=("greedy", "uniform", "stages"), default="greedy",
+    m.add_argument("--widths", choices=options.WIDTH_SEARCHES, default="greedy",
                    help="how the budget is spread: greedy (most correlation back per FLOP, default), uniform "
                         "(one share of every group kept apart), stages (the deepest groups kept apart first)")
-    m.add_argument("--zip-alpha", type=float, default=0.3,
+    m.add_argument("--zip-alpha", type=float, default=options.ZIP_ALPHA,
                    help="zipit: similarity decay of a merged unit (0: pairs only, no larger clusters)")
-    m.add_argument("--zip-beta", type=float, default=0.125,
+    m.add_argument("--zip-beta", type=float, default=options.ZIP_BETA,
                    help="zipit: share of the merges that may join two units of one model")
     m.add_argument("--zip-until", metavar="LAYER", default=None,
                    help="merge up to this layer (module name) and keep both models' later layers "
@@ -98,22 +98,22 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--reset-bn", action="store_true",
                    help="recompute the merged model's BatchNorm statistics on --data (as ZipIt! and Git Re-Basin "
                         "evaluate their merges; PLeaS's least squares needs none)")
-    m.add_argument("--regmean-alpha", type=float, default=0.9,
+    m.add_argument("--regmean-alpha", type=float, default=options.REGMEAN_ALPHA,
                    help="regmean: scale of the input Grams' off-diagonals (1: plain least squares)")
-    m.add_argument("--least-squares", choices=("sequential", "one-pass"), default="sequential",
+    m.add_argument("--least-squares", choices=options.LEAST_SQUARES, default="sequential",
                    help="pleas: fit each layer on the merged model's own inputs, one pass per level of layers "
                         "(default; more accurate), or on the originals' features in a single pass (faster)")
-    m.add_argument("--cache-gb", type=float, default=2.0,
+    m.add_argument("--cache-gb", type=float, default=options.CACHE_GB,
                    help="sequential least squares: memory for the activations kept between its passes, so each "
                         "resumes the last (about one forward pass of each model in all); 0 or past the limit: "
                         "every pass starts from the input")
     m.add_argument("--batch-size", type=int, default=None,
                    help="samples per batch in the statistics passes (default: the most, up to 64, whose "
                         "values in flight fit in 512 MB; 2 GB with --least-squares sequential)")
-    m.add_argument("--positions", type=int, default=64,
+    m.add_argument("--positions", type=int, default=options.POSITIONS,
                    help="the most spatial positions (or tokens) per sample the statistics read from a feature "
-                        "map (a fixed random subset, default 64; 0: all): a layer's fit has far more rows than "
-                        "unknowns, and matching's correlations need no more")
+                        "map (a fixed random subset, default %(default)s; 0: all): a layer's fit has far more "
+                        "rows than unknowns, and matching's correlations need no more")
     m.add_argument("--device", default="cpu",
                    help="where the statistics passes run and the least-squares systems are solved: cpu "
                         "(default) or cuda (under torchrun, each rank its local GPU, NCCL for the sums)")

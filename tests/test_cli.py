@@ -113,6 +113,23 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"pleascc {pleascc.__version__}"
 
 
+def test_command_line_defaults_are_the_api_defaults():
+    """The CLI parses without torch, so it reads its defaults from ``pleascc.options``: the API's own."""
+    import inspect
+
+    from pleascc.cli import _parser
+    from pleascc.passes.budget import WIDTHS
+
+    args = vars(_parser().parse_args(["merge", "a.pt", "b.pt", "-o", "m.onnx", "--data", "d"]))
+    signature = inspect.signature(pleascc.api.merge).parameters
+    for option, parameter in [("positions", "positions"), ("zip_alpha", "zip_alpha"), ("zip_beta", "zip_beta"),
+                              ("regmean_alpha", "regmean_alpha"), ("cache_gb", "cache_gb"), ("budget", "budget"),
+                              ("method", "method"), ("matching", "matching"), ("widths", "width_search"),
+                              ("least_squares", "least_squares")]:
+        assert args[option] == signature[parameter].default, option
+    assert tuple(WIDTHS) == pleascc.options.WIDTH_SEARCHES
+
+
 def test_merge_pleas_writes_onnx_and_report(files, tmp_path, capsys):
     import onnxruntime as ort
 
