@@ -85,8 +85,9 @@ def merge(
     ``matching`` (pleas, permute): pair units by their features on the data
     ("activation") or by their weights alone ("weight", Git Re-Basin).
     ``seed``: the sample subset of a data path, and weight matching's random order.
-    ``reset_bn``: recompute the merged model's BatchNorm statistics on the data
-    (the reset ZipIt! and Git Re-Basin evaluate with; PLeaS's fit needs none).
+    ``reset_bn`` (baselines): the merged BatchNorms keep the averaged γ and β
+    and take their inputs' statistics on the data (the reset ZipIt! and Git
+    Re-Basin evaluate with; PLeaS fits its BatchNorms by least squares).
     ``width_search``: how the budget is spread over the spaces: "greedy" (most
     correlation back per FLOP), "uniform" (one share everywhere) or "stages"
     (the deepest spaces kept apart first).
@@ -128,6 +129,9 @@ def merge(
         raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
     if positions is not None and positions < 1:
         raise PleasccError(f"positions {positions} is not positive: pass --positions 1 or more, or 0 for all")
+    if reset_bn and METHODS[method][1] == "least-squares":
+        raise PleasccError("--reset-bn recomputes a baseline's BatchNorm statistics; pleas fits its BatchNorms "
+                           "by least squares: drop --reset-bn")
     if batch_size is not None and batch_size < 1:
         raise PleasccError(f"batch size {batch_size} is not positive: pass --batch-size 1 or more, or leave it out")
     target = _usable_device(device)
@@ -188,7 +192,8 @@ def merge(
             passes, cache_mb = len(set(levels.values())), frontier.peak_bytes / 2**20
     timings["solve"] = time.perf_counter() - clock
 
-    merged = emit_with(_layer_weights(problems, states))
+    refitted = problems if not reset_bn else [p for p in problems if p.layer.kind != "norm"]  # γ, β averaged
+    merged = emit_with(_layer_weights(refitted, states))
     if reset_bn:
         reset_batch_norm(merged, local, batch_size, progress)
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,

@@ -209,6 +209,25 @@ def test_reset_bn_recomputes_the_merged_batch_norm_statistics():
     assert torch.allclose(norm.running_var, features.var(1), rtol=1e-2)
 
 
+def test_reset_bn_side_by_side_on_the_models_own_statistics_is_both_models():
+    """The reset keeps the averaged γ and β (not a folded scale and shift, which a second normalization would
+    distort): side by side (2.0), on the data the models' own statistics come from, it is both models exactly."""
+    from pleascc.api import reset_batch_norm
+
+    a, b = _pair()
+    x = torch.randn(256, 1, 8, 8)
+    for model in (a, b):
+        reset_batch_norm(model, x, batch_size=64)
+    result = pleascc.merge(a, b, x, method="permute", labels="separate", budget=2.0, reset_bn=True,
+                           batch_size=64, progress=False)
+    with torch.no_grad():
+        for got, model in zip(result.model(x[:32]), (a, b)):
+            want = model(x[:32])
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    with pytest.raises(pleascc.PleasccError, match="drop --reset-bn"):
+        pleascc.merge(a, b, x, method="pleas", reset_bn=True, progress=False)
+
+
 def test_statistics_read_a_fixed_subset_of_positions():
     """Past ``positions`` spatial positions per sample, a fixed subset is read: the fit barely moves.
 
