@@ -284,6 +284,7 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
     a value whose batch axis is known at that many tokens (``at_tokens``).
     """
     sites = _observation_sites(analysis)
+    batch_axes = {name: analysis.batch_axis(name) for name, _, _ in sites}  # once, not per batch
     at_node: dict[str, list[int]] = {}
     for site, (name, _, _) in enumerate(sites):
         at_node.setdefault(name, []).append(site)
@@ -292,7 +293,8 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
         for x in batches(data, batch_size, "matching statistics", progress, device_of(gms[0])):
             for name, values in lockstep(gms, x, {name: (name,) for name in at_node}):
                 for site in at_node[name]:
-                    _add_site(analysis, moments, site, sites[site], values[name], within, positions)
+                    _add_site(analysis, moments, site, sites[site], batch_axes[name], values[name], within,
+                              positions)
     by_root: dict[int | tuple, list[torch.Tensor]] = {}
     for m in moments.values():  # the same keys in the same order on every rank
         m.reduce()
@@ -302,10 +304,9 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
 
 
 def _add_site(analysis: Analysis, moments: dict[tuple, CrossMoments], site: int, where: tuple,
-              values: list[torch.Tensor], within: bool, positions: int | None) -> None:
+              batch_axis: int | None, values: list[torch.Tensor], within: bool, positions: int | None) -> None:
     """One batch's A and B features at one observation site, added to its spaces' moments."""
-    name, axes, dims = where
-    batch_axis = analysis.batch_axis(name)
+    _, axes, dims = where
     observed = [_observed_positions(v, axes, batch_axis, positions) for v in values]
     pairs = zip(*(observe(analysis.table, v, read_axes, dims) for v, read_axes in observed))
     for k, ((root, fa), (_, fb)) in enumerate(pairs):
