@@ -564,10 +564,14 @@ def _kernel_positions(layer: Layer) -> int:
 
 
 def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, problems: list[Problem],
-                 data: torch.Tensor, batch_size: int = 64, progress: bool = True) -> None:
+                 data: torch.Tensor, batch_size: int = 64, progress: bool = True,
+                 positions: int | None = None) -> None:
     """RegMean's statistics: each model's own layer inputs in the merged layout, as Gram matrices (in place).
 
     A block's rows that only one model feeds see only that model's inputs.
+    ``positions``: read as least squares reads them (``_read_input``); both
+    models' Grams then shrink by the same factor, which RegMean's solution
+    does not see.
     """
     by_source: dict[str, list[tuple[Problem, list[int]]]] = {}  # with the models each block's rows stand for
     for p in problems:
@@ -582,7 +586,7 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
                         key = (layer.node, model, None if cols is None else tuple(cols.tolist()))
                         if key not in rows:
                             axis = _unit_axis(layer)
-                            x_in = maps.gather(_read_input(layer, values[source][model], None), model,
+                            x_in = maps.gather(_read_input(layer, values[source][model], positions), model,
                                                [(axis, layer.in_dim)])
                             x_in = x_in if cols is None else x_in.index_select(axis, cols.to(x_in.device))
                             rows[key] = _gram(_rows(layer, x_in, maps))

@@ -95,8 +95,9 @@ def merge(
     the merged layout ("one-pass", one pass over the data), or on the merged
     model's own features, layer by layer ("sequential", a pass per level).
     ``positions``: the most spatial positions (or tokens) per sample the
-    statistics read from a feature map, for matching and for convolutions',
-    BatchNorms' and linear layers' fits (a fixed random subset; None: all),
+    statistics read from a feature map, for matching, for convolutions',
+    BatchNorms' and linear layers' fits and for RegMean's Grams (a fixed
+    random subset; None: all),
     since its rows far outnumber what they determine
     (``stats.sampled_positions``).  Tokens are read only where the analysis
     knows which axis holds the samples (``Analysis.batch_axis``).
@@ -173,7 +174,7 @@ def merge(
     residuals, passes, cache_mb, underdetermined = {}, 0, 0.0, []
     if refit == "regmean":
         blocked = [p for p in problems if is_blocked(p.layer) or p.model is not None]  # norms stay averaged
-        gram_moments(runs, maps, blocked, local, batch_size, progress)
+        gram_moments(runs, maps, blocked, local, batch_size, progress, positions)
         for p in blocked:
             in_width = maps.size(p.layer.in_dim)
             per_model = {m: block_slice(own_weights(analysis, maps, p.layer, states[m], m), p.block, in_width)

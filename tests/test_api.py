@@ -260,13 +260,14 @@ class _Tokens(torch.nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))).mean(1))
 
 
-def test_statistics_read_a_fixed_subset_of_tokens():
+@pytest.mark.parametrize("method", ["pleas", "regmean"])
+def test_statistics_read_a_fixed_subset_of_tokens(method):
     """Linear layers on tokens are read at ``positions`` tokens per sample, like convolutions' positions."""
     torch.manual_seed(0)
     a, b = _Tokens().eval(), _Tokens().eval()
     x = torch.randn(300, 40, 4)
-    merges = {p: pleascc.merge(a, b, x, labels="shared", positions=p, least_squares="one-pass", progress=False)
-              for p in (None, 40, 8)}
+    merges = {p: pleascc.merge(a, b, x, labels="shared", positions=p, least_squares="one-pass", method=method,
+                               progress=False) for p in (None, 40, 8)}
     with torch.no_grad():
         want = (a(x) + b(x)) / 2
         errors = {p: float((m.model(x) - want).pow(2).sum() / want.pow(2).sum()) for p, m in merges.items()}
