@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from pleascc import distributed
+from pleascc.allocator import reuse_freed_memory
 from pleascc.data import CalibrationData, NpyRows, check_data_fits, load_data, read_rows
 from pleascc.errors import PleasccError
 from pleascc.export import export_onnx
@@ -110,7 +111,10 @@ def merge(
     from the input; past the limit, the same).  ``device``: where the
     statistics passes run the models and keep their sums, and where the
     least-squares systems are solved ("cuda" for a GPU); matching runs on the
-    CPU, and the merged model comes back there.
+    CPU, and the merged model comes back there.  On glibc, the process keeps
+    up to 1 GB of freed memory for reuse from then on
+    (``allocator.reuse_freed_memory``): the passes free and reallocate the
+    same activations every batch.
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -135,6 +139,7 @@ def merge(
                            "by least squares: drop --reset-bn")
     if batch_size is not None and batch_size < 1:
         raise PleasccError(f"batch size {batch_size} is not positive: pass --batch-size 1 or more, or leave it out")
+    reuse_freed_memory()  # else every batch page-faults its activations back in
     target = _usable_device(device)
     matcher, refit = METHODS[method]
     x = _calibration_tensor(data, samples, model_a, seed)

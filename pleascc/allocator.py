@@ -1,0 +1,37 @@
+"""Keep freed memory for reuse: glibc's defaults make every batch of a statistics pass page-fault its activations.
+
+glibc serves blocks above its mmap threshold (at most 32 MB, adjusted as
+blocks are freed) with a fresh mmap and unmaps them on free, and returns the
+heap's free top to the OS past its trim threshold.  A statistics pass
+allocates and frees the same activations batch after batch, ResNet-50's
+first stage alone 67 MB per tensor at batch 21, so every batch faults them
+back in, zero-filled page by page: in a one-pass ResNet-50 merge the two
+passes' forwards took 3.77 times one forward of A and B, not 2
+(`benchmarks/bench_scale.py breakdown`, at 0558694).  Raising both
+thresholds keeps freed blocks in the heap for the next batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+KEEP_BYTES = 1 << 30  # blocks up to 1 GB come from (and return to) the heap; at most 1 GB of free top is kept
+
+
+@functools.lru_cache(maxsize=None)
+def reuse_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds to ``KEEP_BYTES``, once per process; False where libc is not glibc.
+
+    Process-wide and for good (mallopt has no undo): the process keeps up
+    to 1 GB of freed memory for reuse instead of returning it to the OS.
+    """
+    path = ctypes.util.find_library("c")
+    if path is None:
+        return False
+    libc = ctypes.CDLL(path)
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl, macOS: other allocators, other knobs
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
