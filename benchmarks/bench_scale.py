@@ -225,7 +225,7 @@ def plot(rows: list[dict], part: str, path: Path) -> None:
 
 def plot_breakdown(rows: list[dict], path: Path, plt) -> None:
     """One stacked bar per merge: its parts in forward floors, against the target of 3."""
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(rows)))
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.6 * len(rows)))
     labels = [f"{r['arch']}, {r['samples']}, {r['least_squares']}" for r in rows]
     left = np.zeros(len(rows))
     for part in rows[0]["breakdown_s"]:
@@ -234,7 +234,7 @@ def plot_breakdown(rows: list[dict], path: Path, plt) -> None:
         left += width
     ax.axvline(3, color="gray", linestyle="--", label="target 3")
     ax.set(xlabel="seconds ÷ forward A+B")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
