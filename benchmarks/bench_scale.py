@@ -104,7 +104,8 @@ def measure(job: dict) -> dict:
             "ratio": merge / forward, **peaks, "batch_size": batch,
             "passes": 2 + max(result.report["least_squares_passes"] - 1, 0),
             "cache_mb": result.report["least_squares_cache_mb"], "timings_s": result.report["timings_s"],
-            **({"breakdown_s": breakdown(pstats.Stats(profile), merge)} if profile else {})}
+            **({"breakdown_s": breakdown(pstats.Stats(profile), merge),
+                "top_self_s": top_self_times(pstats.Stats(profile))} if profile else {})}
 
 
 def breakdown(stats: pstats.Stats, total: float) -> dict[str, float]:
@@ -127,6 +128,13 @@ def breakdown(stats: pstats.Stats, total: float) -> dict[str, float]:
         "solves": cumulative("solve.py", "least_squares"),
     }
     return {**parts, "other": total - sum(parts.values())}
+
+
+def top_self_times(stats: pstats.Stats, count: int = 20) -> dict[str, float]:
+    """The functions that spent the most time in their own code: what the parts above leave unexplained."""
+    own = sorted(((info[2], f"{Path(path).name}:{line}({name})") for (path, line, name), info in stats.stats.items()),
+                 reverse=True)
+    return {where: seconds for seconds, where in own[:count]}
 
 
 def synchronize(device: torch.device) -> None:
