@@ -18,6 +18,8 @@ by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
     python benchmarks/bench_scale.py ratio --device cuda   # on a GPU: scale_ratio_cuda.*
     python benchmarks/bench_scale.py breakdown --arch resnet50 --least-squares one-pass
         # where a merge's time goes (cProfile), in forward floors: scale_breakdown.*
+    python benchmarks/bench_scale.py breakdown --glibc-defaults   # the same with glibc's own malloc thresholds
+        # (freed activations returned to the OS, as before allocator.reuse_freed_memory): its own rows
 
 Writes benchmarks/results/scale_PART.{json,md,png}; a run replaces the rows it measures (same model, samples
 and least-squares variant) and keeps the others, each row naming the commit it was measured at.
@@ -75,7 +77,11 @@ def measure(job: dict) -> dict:
     """
     import pleascc
 
+    from pleascc import api
     from pleascc.data import load_data, read_rows
+
+    if job.get("glibc_defaults"):
+        api.reuse_freed_memory = lambda: False
 
     torch.set_num_threads(job["threads"])
     (model_a, shape), (model_b, _) = build(job["arch"], 0), build(job["arch"], 1)
@@ -168,13 +174,18 @@ def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
              "threads": threads} for ls in variants or ("sequential",) for w in widths]
 
 
+def model(row: dict) -> str:
+    """A row's model, and whether glibc's malloc thresholds were left as they are."""
+    return row["arch"] + (" (glibc malloc defaults)" if row.get("glibc_defaults") else "")
+
+
 def markdown(rows: list[dict]) -> str:
     if rows and "breakdown_s" in rows[0]:
         return breakdown_markdown(rows)
     lines = ["| model | samples | batch | positions | least squares | passes | forward A+B s | merge s | "
              "merge ÷ forward | peak MB | kept activations MB | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['arch']} | {r['samples']} | {r.get('batch_size', 64)} | {r.get('positions') or 'all'} | "
+    lines += [f"| {model(r)} | {r['samples']} | {r.get('batch_size', 64)} | {r.get('positions') or 'all'} | "
               f"{r['least_squares']} | {r['passes']} | "
               f"{r['forward_s']:.1f} | {r['merge_s']:.1f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
               f"{r['cache_mb']:.0f} | {r.get('code', '—')} |" for r in rows]
@@ -186,7 +197,7 @@ def breakdown_markdown(rows: list[dict]) -> str:
     parts = list(rows[0]["breakdown_s"])
     lines = ["| model | samples | batch | least squares | forward A+B s | merge s (profiled) | "
              + " | ".join(parts) + " | commit |", "|---" * (len(parts) + 7) + "|"]
-    lines += [f"| {r['arch']} | {r['samples']} | {r['batch_size']} | {r['least_squares']} | {r['forward_s']:.1f} | "
+    lines += [f"| {model(r)} | {r['samples']} | {r['batch_size']} | {r['least_squares']} | {r['forward_s']:.1f} | "
               f"{r['merge_s']:.1f} ({r['ratio']:.2f}×) | "
               + " | ".join(f"{r['breakdown_s'][k] / r['forward_s']:.2f}×" for k in parts)
               + f" | {r.get('code', '—')} |" for r in rows]
@@ -205,7 +216,7 @@ def plot(rows: list[dict], part: str, path: Path) -> None:
     key = {"samples": "samples", "width": "arch"}.get(part)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     if key is None:  # ratio: one bar per merge
-        labels = [f"{r['arch']}\n{r['samples']}, {r['least_squares']}" for r in rows]
+        labels = [f"{model(r)}\n{r['samples']}, {r['least_squares']}" for r in rows]
         axes[0].bar(labels, [r["ratio"] for r in rows])
         axes[0].axhline(3, color="gray", linestyle="--", label="target 3")
         axes[0].set(ylabel="merge time ÷ forward A+B")
@@ -234,7 +245,7 @@ def plot(rows: list[dict], part: str, path: Path) -> None:
 def plot_breakdown(rows: list[dict], path: Path, plt) -> None:
     """One stacked bar per merge: its parts in forward floors, against the target of 3."""
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.6 * len(rows)))
-    labels = [f"{r['arch']}, {r['samples']}, {r['least_squares']}" for r in rows]
+    labels = [f"{model(r)}, {r['samples']}, {r['least_squares']}" for r in rows]
     left = np.zeros(len(rows))
     for part in rows[0]["breakdown_s"]:
         width = np.array([r["breakdown_s"][part] / r["forward_s"] for r in rows])
@@ -261,6 +272,8 @@ def main() -> None:
                    help="these variants only (ratio, breakdown: default both; samples, width: default sequential)")
     p.add_argument("--arch", nargs="*", choices=("resnet50", "vit_small"),
                    help="ratio and breakdown: these models only")
+    p.add_argument("--glibc-defaults", action="store_true", help="leave glibc's malloc thresholds as they are "
+                   "(rows of their own), to measure what reuse_freed_memory saves")
     args = p.parse_args()
     name = f"scale_{args.part}{'_cuda' if args.device != 'cpu' else ''}{'_smoke' if args.smoke else ''}"
     RESULTS.mkdir(exist_ok=True)
@@ -268,8 +281,9 @@ def main() -> None:
     version = code_version()
     rows = previous_rows(RESULTS / f"{name}.json")
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        for row in pool.imap(measure, [{**job, "device": args.device} for job in jobs(
-                args.part, args.smoke, args.threads, args.samples, args.least_squares, args.arch)]):
+        todo = jobs(args.part, args.smoke, args.threads, args.samples, args.least_squares, args.arch)
+        for row in pool.imap(measure, [{**job, "device": args.device, "glibc_defaults": args.glibc_defaults}
+                                       for job in todo]):
             row.update(code=version, command=" ".join(sys.argv))
             rows = [r for r in rows if key(r) != key(row)] + [row]
             print(markdown([row]).splitlines()[-1], flush=True)
@@ -277,7 +291,7 @@ def main() -> None:
 
 
 def key(row: dict) -> tuple:
-    return row["arch"], row["samples"], row["least_squares"]
+    return row["arch"], row["samples"], row["least_squares"], row.get("glibc_defaults", False)
 
 
 def previous_rows(path: Path) -> list[dict]:
@@ -286,7 +300,7 @@ def previous_rows(path: Path) -> list[dict]:
 
 
 def write(rows: list[dict], meta: dict, part: str, name: str) -> None:
-    rows = sorted(rows, key=lambda r: (r["arch"], r["least_squares"], r["samples"]))
+    rows = sorted(rows, key=lambda r: (r["arch"], r["least_squares"], r["samples"], r.get("glibc_defaults", False)))
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(rows))
     plot(rows, part, RESULTS / f"{name}.png")
