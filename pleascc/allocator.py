@@ -8,7 +8,9 @@ first stage alone 67 MB per tensor at batch 21, so every batch faults them
 back in, zero-filled page by page: in a one-pass ResNet-50 merge the two
 passes' forwards took 3.77 times one forward of A and B, not 2
 (`benchmarks/bench_scale.py breakdown`, at 0558694).  Raising both
-thresholds keeps freed blocks in the heap for the next batch.
+thresholds keeps freed blocks in the heap for the next batch: back to back
+at 1941463 that merge took 136 s, and 179 s with glibc's defaults
+(`breakdown --glibc-defaults`).
 """
 
 from __future__ import annotations
