@@ -89,12 +89,11 @@ def least_squares(problem: Problem, ridge: float, has_bias: bool) -> tuple[torch
     xx, rx = problem.xx, problem.rx
     if not has_bias:  # no bias to fit: drop the ones column
         xx, rx = xx[:, :-1, :-1], rx[:, :, :-1]
-    d = xx.shape[-1]
-    scale = xx.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
-    system = xx + ridge * scale[:, None, None] * torch.eye(d, dtype=xx.dtype, device=xx.device)
-    delta = torch.linalg.solve(system, rx.transpose(1, 2)).transpose(1, 2)
-    err = problem.rr - 2 * (delta * rx).sum() + (delta @ xx * delta).sum()
-    return problem.w0.to(delta) + _with_bias_column(delta, has_bias), float(err) / max(problem.tt, 1e-30)
+    system, damping = _ridged(xx, ridge)
+    delta = _solve_spd(system, rx.transpose(1, 2)).transpose(1, 2)
+    # ‖R − δX‖² = rr − 2⟨δ, rx⟩ + ⟨δ·xx, δ⟩, and δ·xx = rx − damping·δ: no (out × d) by (d × d) product
+    err = problem.rr - (delta * rx).sum() - (damping[:, None, None] * delta * delta).sum()
+    return problem.w0.to(delta) + _with_bias_column(delta, has_bias), max(float(err), 0.0) / max(problem.tt, 1e-30)
 
 
 def regmean(problem: Problem, own: dict[int, torch.Tensor], alpha: float, ridge: float,
@@ -114,11 +113,24 @@ def regmean(problem: Problem, own: dict[int, torch.Tensor], alpha: float, ridge:
         g = gram[:, keep, keep]
         g = alpha * g + (1 - alpha) * torch.diag_embed(g.diagonal(dim1=1, dim2=2))
         system, rhs = system + g, rhs + g @ (own[m].to(g)[:, :, keep].transpose(1, 2) - w0)
-    d = system.shape[-1]
-    scale = system.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
-    eye = torch.eye(d, dtype=system.dtype, device=system.device)
-    delta = torch.linalg.solve(system + ridge * scale[:, None, None] * eye, rhs).transpose(1, 2)
+    delta = _solve_spd(_ridged(system, ridge)[0], rhs).transpose(1, 2)
     return problem.w0.to(delta) + _with_bias_column(delta, has_bias)
+
+
+def _ridged(gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gram`` + λ·I per group, λ = ``ridge`` × the mean of its diagonal (scale-free); returns both."""
+    damping = ridge * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
+    return gram + damping[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device), damping
+
+
+def _solve_spd(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``system``⁻¹·``rhs`` for a Gram plus a ridge: by Cholesky (half LU's flops).  Where a zero ridge left
+    it singular (an input no sample excites), the least-norm solution, which leaves that input's weights
+    at the warm start."""
+    factor, info = torch.linalg.cholesky_ex(system)
+    if bool((info != 0).any()):
+        return torch.linalg.pinv(system, hermitian=True) @ rhs
+    return torch.cholesky_solve(rhs, factor)
 
 
 def _with_bias_column(delta: torch.Tensor, has_bias: bool) -> torch.Tensor:

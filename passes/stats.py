@@ -12,8 +12,9 @@ and dropped once nothing later reads it:
 Two passes instead of one because the second needs the matching: gathering
 the joint (2n·k²)² im2col moments of both models in one pass would cost
 quadratically more memory and time than the merged-layout moments.
-All sums are float64 (the products within one batch are float32, but for
-the widest Grams, which BLAS dsyrk adds in place).
+All sums are float64.  Matching's products within one batch are float32;
+least squares' rows are float64 (the widest Grams go to BLAS dsyrk, and the
+target products feed a difference, ``residual_moments``, that float32 would blur).
 """
 
 from __future__ import annotations
@@ -349,6 +350,7 @@ class Problem:
     model: int | None = None  # a separate head of model 0 or 1; None: the merged layer
     block: Block = field(default_factory=Block)  # which output rows, from which input units
     xx: torch.Tensor | None = None  # (groups, d+1, d+1): merged inputs (+1 for the bias)
+    tx: torch.Tensor | None = None  # (groups, out/groups, d+1): targets against inputs, T·Xᵀ
     rx: torch.Tensor | None = None  # (groups, out/groups, d+1): residual T − W0·X against inputs
     count: float = 0.0
     tt: float = 0.0  # ‖T‖²
@@ -491,8 +493,8 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
         if columns is not None:
             columns = columns.to(p.xx.device)
             p.xx = p.xx[:, columns][:, :, columns]
-        p.rx = distributed.total(p.rx)
-        p.count, p.tt, p.rr = distributed.total(p.count), distributed.total(p.tt), distributed.total(p.rr)
+        p.tx, p.count, p.tt = distributed.total(p.tx), distributed.total(p.count), distributed.total(p.tt)
+        residual_moments(p)
 
 
 LayerRead = tuple[str, torch.Tensor, list[torch.Tensor]]  # a layer's node, its merged input, A's and B's outputs
@@ -624,7 +626,9 @@ def at_positions(x: torch.Tensor, positions: int | None) -> torch.Tensor:
     """A channels-first (N, C, *spatial) tensor as (N, C, positions read): ``sampled_positions`` of its spatial ones."""
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     keep = sampled_positions(flat.shape[2], positions)
-    return flat if keep is None else flat.index_select(2, keep.to(flat.device))
+    if keep is None:
+        return flat
+    return flat.gather(2, keep.to(flat.device).expand(*flat.shape[:2], -1))  # a last-axis index_select is far slower on the CPU
 
 
 def at_tokens(x: torch.Tensor, batch_axis: int, unit_axes: tuple[int, ...], positions: int | None) -> torch.Tensor:
@@ -664,17 +668,20 @@ def _unit_axis(layer: Layer) -> int:
 
 
 def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
-    """Merged ``_read_input`` as (groups, samples, features per group), with a ones column for the bias."""
+    """Merged ``_read_input`` as (groups, samples, features per group), with a ones column for the bias,
+    in float64 (what the Grams and target products sum in)."""
     if layer.kind == "conv":
         groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
         n, per_group = x.shape[0], x.shape[1] // groups * _kernel_positions(layer)
-        cols = x.reshape(n, groups, per_group, -1).permute(1, 0, 3, 2).reshape(groups, -1, per_group)
-    elif layer.kind == "norm":  # one channel per problem: (C, samples, 1)
-        cols = x.permute(1, 0, 2).reshape(x.shape[1], -1, 1)
+        cols = x.reshape(n, groups, per_group, -1).permute(1, 0, 3, 2)  # (groups, N, P, features)
+    elif layer.kind == "norm":  # one channel per problem: (C, N, P, 1)
+        cols = x.permute(1, 0, 2).unsqueeze(3)
     else:
-        cols = x.reshape(-1, x.shape[-1]).unsqueeze(0)
-    ones = torch.ones(*cols.shape[:2], 1, dtype=cols.dtype, device=cols.device)
-    return torch.cat([cols, ones], dim=2)
+        cols = x.reshape(1, -1, x.shape[-1])
+    rows = cols.new_empty(*cols.shape[:-1], cols.shape[-1] + 1, dtype=torch.float64)  # one copy: layout, ones
+    rows[..., :-1] = cols
+    rows[..., -1] = 1
+    return rows.reshape(cols.shape[0], -1, rows.shape[-1])
 
 
 def _target_rows(layer: Layer, y: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
@@ -749,22 +756,30 @@ def symmetric(upper: torch.Tensor) -> torch.Tensor:
     return upper.triu() + upper.triu(1).transpose(-2, -1)
 
 
-def _square_sum(t: torch.Tensor) -> float:
-    """‖t‖², summed in float64 without a float64 copy of ``t``."""
-    return float((t * t).sum(dtype=torch.float64))
-
-
 def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor) -> None:
-    """The target's moments (the inputs' Gram is the layer's, see ``_rows_key``): products in float32,
-    sums across batches in float64.
+    """The target's moments with the layer's (float64) rows, whose Gram is the layer's (``_rows_key``).
 
-    The residual against the warm start is accumulated instead of the target,
-    so where the warm start is already right (a model merged with itself) the
-    fit sees zeros rather than the difference of two large float32 sums.
+    The product is float64: ``residual_moments`` subtracts W0·X·Xᵀ from it,
+    and float32 rounding of T·Xᵀ, amplified by an ill-conditioned Gram,
+    would move a self-merge's weights visibly.
     """
-    residual = target - inputs @ p.w0.transpose(1, 2).to(inputs)
-    rx = (residual.transpose(1, 2) @ inputs).double()
-    p.rx = rx if p.rx is None else p.rx.add_(rx)
+    target = target.double()
+    tx = target.transpose(1, 2) @ inputs
+    p.tx = tx if p.tx is None else p.tx.add_(tx)
     p.count += inputs.shape[1]
-    p.tt += _square_sum(target)
-    p.rr += _square_sum(residual)
+    p.tt += float(torch.dot(target.reshape(-1), target.reshape(-1)))
+
+
+def residual_moments(p: Problem) -> None:
+    """The residual against the warm start, from the complete sums (in place):
+    R·Xᵀ = T·Xᵀ − W0·X·Xᵀ and ‖R‖² = ‖T‖² − 2⟨W0, T·Xᵀ⟩ + ⟨W0·X·Xᵀ, W0⟩, with R = T − W0·X.
+
+    The fit solves for W − W0 from these.  Forming them once per layer costs one
+    (out × d) by (d × d) product in float64; forming R per batch cost two
+    products of the batch's rows.  For a model merged with itself T = W0·X up
+    to float32 rounding, and R·Xᵀ comes out at that rounding's size either way.
+    """
+    w0 = p.w0.to(p.xx)
+    w0_xx = w0 @ p.xx
+    p.rx = p.tx - w0_xx
+    p.rr = max(float(p.tt - 2 * (w0 * p.tx).sum() + (w0_xx * w0).sum()), 0.0)

@@ -9,7 +9,7 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes.groups import analyze, permutation_groups
 from pleascc.passes.match import hungarian, identity, match_heads, zip_units
 from pleascc.passes.merge_maps import Gather, MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
-from pleascc.passes.stats import CrossMoments, Problem, _gram, feature_moments, symmetric
+from pleascc.passes.stats import CrossMoments, Problem, _gram, feature_moments, residual_moments, symmetric
 from pleascc.passes.solve import least_squares
 from pleascc.passes.spaces import SpaceTable
 from pleascc.trace import trace
@@ -127,6 +127,40 @@ def test_least_squares_recovers_a_linear_map_from_the_warm_start():
                       rr=float((residual ** 2).sum()))
     w, rel = least_squares(problem, ridge=1e-10, has_bias=True)
     assert torch.allclose(w[0, :, :4], w_true, atol=1e-6) and rel < 1e-10
+
+
+def test_residual_moments_from_the_sums_are_the_residuals_own():
+    """R·Xᵀ and ‖R‖² (R = T − W0·X) formed once from the summed Gram and T·Xᵀ equal the residual's own moments."""
+    torch.manual_seed(0)
+    inputs = torch.cat([torch.randn(2, 300, 6, dtype=torch.float64), torch.ones(2, 300, 1, dtype=torch.float64)], 2)
+    target = torch.randn(2, 300, 3, dtype=torch.float64)
+    w0 = torch.randn(2, 3, 7, dtype=torch.float64)
+    problem = Problem(layer=None, target=None, name="toy", w0=w0, xx=inputs.transpose(1, 2) @ inputs,
+                      tx=target.transpose(1, 2) @ inputs, tt=float((target ** 2).sum()))
+    residual_moments(problem)
+    residual = target - inputs @ w0.transpose(1, 2)
+    assert torch.allclose(problem.rx, residual.transpose(1, 2) @ inputs, rtol=1e-10, atol=1e-10)
+    assert problem.rr == pytest.approx(float((residual ** 2).sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 1e-2])
+def test_least_squares_reports_the_fits_own_residual(ridge):
+    """The reported residual, derived without a product by the Gram, is ‖T − W·X‖²/‖T‖² of the weights it
+    returns.  Without a ridge, an input no sample excites leaves the Gram singular: the fit still comes
+    out, with that input's weights at the warm start."""
+    torch.manual_seed(1)
+    x = torch.randn(50, 4, dtype=torch.float64)
+    x[:, 2] = 0  # a dead unit
+    inputs = torch.cat([x, torch.ones(50, 1, dtype=torch.float64)], 1)[None]
+    target = torch.randn(1, 50, 3, dtype=torch.float64)
+    w0 = torch.randn(1, 3, 5, dtype=torch.float64)
+    problem = Problem(layer=None, target=None, name="toy", w0=w0, xx=inputs.transpose(1, 2) @ inputs,
+                      tx=target.transpose(1, 2) @ inputs, tt=float((target ** 2).sum()))
+    residual_moments(problem)
+    w, rel = least_squares(problem, ridge=ridge, has_bias=True)
+    want = float(((target - inputs @ w.transpose(1, 2)) ** 2).sum()) / problem.tt
+    assert rel == pytest.approx(want, rel=1e-6)
+    assert torch.allclose(w[0, :, 2], w0[0, :, 2])
 
 
 def test_feature_moments_of_a_model_and_its_twin():
