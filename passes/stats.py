@@ -628,7 +628,7 @@ def at_positions(x: torch.Tensor, positions: int | None) -> torch.Tensor:
     keep = sampled_positions(flat.shape[2], positions)
     if keep is None:
         return flat
-    return flat.gather(2, keep.to(flat.device).expand(*flat.shape[:2], -1))  # a last-axis index_select is far slower on the CPU
+    return flat.gather(2, keep.to(flat.device).expand(*flat.shape[:2], -1))  # last-axis index_select: far slower
 
 
 def at_tokens(x: torch.Tensor, batch_axis: int, unit_axes: tuple[int, ...], positions: int | None) -> torch.Tensor:
