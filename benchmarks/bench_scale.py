@@ -124,11 +124,12 @@ def breakdown(stats: pstats.Stats, total: float) -> dict[str, float]:
         return sum(c[3] for _, callers in found for (_, _, name), c in callers.items() if name == caller)
 
     grams, targets = cumulative("stats.py", "_gram"), cumulative("stats.py", "_accumulate")
+    residuals = cumulative("stats.py", "residual_moments")  # the targets' residual, once per layer
     parts = {
         "forward (every pass)": cumulative("stats.py", "_execute"),
         "matching statistics": cumulative("stats.py", "_add_site"),
         "least-squares Grams": grams,
-        "least-squares targets": targets,
+        "least-squares targets": targets + residuals,
         "least-squares rows (read, mapped)": cumulative("stats.py", "_add_layer") - grams - targets
         + cumulative("stats.py", "_read_input") + cumulative("merge_maps.py", "merge", caller="_mapped_reads"),
         "solves": cumulative("solve.py", "least_squares"),
