@@ -36,7 +36,7 @@ from pleascc import distributed
 from pleascc.data import NpyRows, read_rows
 from pleascc.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer
-from pleascc.passes.merge_maps import Block, MergeMaps
+from pleascc.passes.merge_maps import Block, MergeMaps, take
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
 
 
@@ -530,12 +530,12 @@ def _add_layer(group: list[tuple[Problem, tuple | None, torch.Tensor | None]], x
     rows: dict[tuple | None, torch.Tensor] = {}
     for p, key, columns in group:
         if key not in rows:
-            x_in = x_merged if key is None else x_merged.index_select(axis, p.block.cols.to(x_merged.device))
+            x_in = x_merged if key is None else take(x_merged, axis, p.block.cols.to(x_merged.device))
             rows[key] = _rows(layer, x_in, maps)
             grams[layer.node, key] = _gram(rows[key], into=grams.get((layer.node, key)))
-        inputs = rows[key] if columns is None else rows[key].index_select(2, columns.to(x_merged.device))
+        inputs = rows[key] if columns is None else take(rows[key], 2, columns.to(x_merged.device))
         y = p.target(*outputs)
-        y = y if p.block.rows is None else y.index_select(layer.out_axis, p.block.rows.to(y.device))
+        y = y if p.block.rows is None else take(y, layer.out_axis, p.block.rows.to(y.device))
         _accumulate(p, inputs, _target_rows(layer, y, maps))
 
 
@@ -590,7 +590,7 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
                             axis = _unit_axis(layer)
                             x_in = maps.gather(_read_input(layer, values[source][model], positions), model,
                                                [(axis, layer.in_dim)])
-                            x_in = x_in if cols is None else x_in.index_select(axis, cols.to(x_in.device))
+                            x_in = x_in if cols is None else take(x_in, axis, cols.to(x_in.device))
                             rows[key] = _gram(_rows(layer, x_in, maps))
                         p.grams[model] = p.grams.get(model, 0) + rows[key]
     for p in problems:
@@ -626,9 +626,7 @@ def at_positions(x: torch.Tensor, positions: int | None) -> torch.Tensor:
     """A channels-first (N, C, *spatial) tensor as (N, C, positions read): ``sampled_positions`` of its spatial ones."""
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     keep = sampled_positions(flat.shape[2], positions)
-    if keep is None:
-        return flat
-    return flat.gather(2, keep.to(flat.device).expand(*flat.shape[:2], -1))  # last-axis index_select: far slower
+    return flat if keep is None else take(flat, 2, keep.to(flat.device))
 
 
 def at_tokens(x: torch.Tensor, batch_axis: int, unit_axes: tuple[int, ...], positions: int | None) -> torch.Tensor:

@@ -69,6 +69,8 @@ def test_gather_is_the_selection_product(width):
     for p in (p_a, p_b):
         want = torch.movedim(torch.tensordot(x, p, dims=([1], [1])), -1, 1)
         assert torch.equal(Gather.of(p)(x, 1), want)
+        last = x.movedim(1, -1)  # units last, as linear layers hold them: a gather, not an index_select
+        assert torch.equal(Gather.of(p)(last, -1), want.movedim(1, -1))
     assert Gather.of(selections_from_clusters(3, [[0, 1], [2, 3], [4, 5]])[0]) is None
 
 
