@@ -60,6 +60,7 @@ def merge(
     ridge: float = 1e-4,
     least_squares: str = "sequential",
     positions: int | None = POSITIONS,
+    match_samples: int | None = None,
     matching: str = "activation",
     width_search: str = "greedy",
     zip_alpha: float = ZIP_ALPHA,
@@ -102,6 +103,9 @@ def merge(
     since its rows far outnumber what they determine
     (``stats.sampled_positions``).  Tokens are read only where the analysis
     knows which axis holds the samples (``Analysis.batch_axis``).
+    ``match_samples``: matching's statistics read only the first that many
+    calibration samples (None: all); least squares still reads all of them.
+    Its pass then runs that share of a forward instead of a whole one.
     ``batch_size``: samples per batch in the statistics passes; by default the
     most (up to 64) whose values in flight fit in 512 MB, as the passes stream
     the models, or 2 GB for sequential least squares, whose passes keep every
@@ -134,6 +138,9 @@ def merge(
         raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
     if positions is not None and positions < 1:
         raise PleasccError(f"positions {positions} is not positive: pass --positions 1 or more, or 0 for all")
+    if match_samples is not None and match_samples < 1:
+        raise PleasccError(f"match samples {match_samples} is not positive: pass --match-samples 1 or more, "
+                           "or leave it out for all")
     if reset_bn and METHODS[method][1] == "least-squares":
         raise PleasccError("--reset-bn recomputes a baseline's BatchNorm statistics; pleas fits its BatchNorms "
                            "by least squares: drop --reset-bn")
@@ -157,7 +164,8 @@ def merge(
     if matching == "weight":  # data-free: the weights alone
         matchings = weight_matching(analysis, states, seed=seed)
     else:
-        correlations = feature_moments(runs, analysis, local, batch_size, progress, within=matcher == "zipit",
+        matched_on = local if match_samples is None else _shard(x[:match_samples])
+        correlations = feature_moments(runs, analysis, matched_on, batch_size, progress, within=matcher == "zipit",
                                        positions=positions)
         timings["matching_statistics"] = time.perf_counter() - clock
         clock = time.perf_counter()
@@ -204,6 +212,7 @@ def merge(
         reset_batch_norm(merged, local, batch_size, progress)
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
                      method=method, budget=budget, separate=separate, samples=len(x), batch_size=batch_size,
+                     match_samples=None if matching == "weight" else min(len(x), match_samples or len(x)),
                      width_search="zip-until " + zip_until if zip_until else width_search,
                      least_squares=least_squares if refit == "least-squares" else None, positions=positions,
                      least_squares_passes=passes, least_squares_cache_mb=cache_mb, device=str(device),

@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the most spatial positions (or tokens) per sample the statistics read from a feature "
                         "map (a fixed random subset, default %(default)s; 0: all): a layer's fit has far more "
                         "rows than unknowns, and matching's correlations need no more")
+    m.add_argument("--match-samples", type=int, default=None, metavar="N",
+                   help="matching's statistics read only the first N calibration samples (default: all); least "
+                        "squares still reads all. Its pass then costs N/samples of a forward instead of one")
     m.add_argument("--device", default="cpu",
                    help="where the statistics passes run and the least-squares systems are solved: cpu "
                         "(default) or cuda (under torchrun, each rank its local GPU, NCCL for the sums)")
@@ -221,7 +224,7 @@ def _merge(args) -> int:
     data = _calibration(args, model_a)
     result = pleascc.merge(model_a, model_b, data, budget=args.budget, labels=args.labels, method=args.method,
                            least_squares=args.least_squares, batch_size=args.batch_size, matching=args.matching,
-                           positions=args.positions or None,
+                           positions=args.positions or None, match_samples=args.match_samples,
                            width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
                            zip_until=args.zip_until, regmean_alpha=args.regmean_alpha, seed=args.seed,
                            reset_bn=args.reset_bn, cache_gb=args.cache_gb, device=device,

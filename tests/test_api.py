@@ -69,11 +69,30 @@ def test_shared_labels_give_one_head_fit_to_the_mean_logits():
 @pytest.mark.parametrize("bad", [dict(budget=0.5), dict(budget=2.5), dict(method="zipper"), dict(labels="both"),
                                  dict(matching="weights"),
                                  dict(method="zipit", matching="weight"),
-                                 dict(least_squares="twice")])
+                                 dict(least_squares="twice"), dict(match_samples=0)])
 def test_bad_settings_are_one_line_errors(bad):
     a, b = _pair()
     with pytest.raises(pleascc.PleasccError):
         pleascc.merge(a, b, torch.randn(100, 1, 8, 8), progress=False, **bad)
+
+
+def test_matching_reads_only_the_first_match_samples():
+    """Matching alone (permute) on the first 60 of 200 samples is the merge of those 60; least squares (pleas)
+    still reads all 200, so cutting the rest changes its merge."""
+    a, b = _pair()
+    x = torch.randn(200, 1, 8, 8)
+
+    def outputs(data, method, **kw):
+        result = pleascc.merge(a, b, data, budget=1.5, method=method, labels="separate", least_squares="one-pass",
+                               progress=False, **kw)
+        with torch.no_grad():
+            return result.report, torch.cat(result.model(x[:16]), 1)
+
+    report, subset = outputs(x, "permute", match_samples=60)
+    assert report["match_samples"] == 60 and report["samples"] == 200
+    assert torch.equal(subset, outputs(x[:60], "permute")[1])
+    fit_on_all = outputs(x, "pleas", match_samples=60)[1]
+    assert not torch.allclose(fit_on_all, outputs(x[:60], "pleas")[1])
 
 
 @pytest.mark.parametrize("cache_gb", [2.0, 1e-6])  # 1e-6: the kept values outgrow it and are dropped

@@ -125,7 +125,7 @@ def test_command_line_defaults_are_the_api_defaults():
     for option, parameter in [("positions", "positions"), ("zip_alpha", "zip_alpha"), ("zip_beta", "zip_beta"),
                               ("regmean_alpha", "regmean_alpha"), ("cache_gb", "cache_gb"), ("budget", "budget"),
                               ("method", "method"), ("matching", "matching"), ("widths", "width_search"),
-                              ("least_squares", "least_squares")]:
+                              ("least_squares", "least_squares"), ("match_samples", "match_samples")]:
         assert args[option] == signature[parameter].default, option
     assert tuple(WIDTHS) == pleascc.options.WIDTH_SEARCHES
 

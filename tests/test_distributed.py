@@ -21,15 +21,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["pleas", "zipit", "regmean"])
-def test_two_processes_give_the_single_process_merge(tmp_path, method):
+@pytest.mark.parametrize("method, extra", [("pleas", []), ("zipit", []), ("regmean", []),
+                                           ("pleas", ["--match-samples", "151"])])  # odd: unequal matching shards
+def test_two_processes_give_the_single_process_merge(tmp_path, method, extra):
     torch.manual_seed(0)
     for name in "ab":
         torch.save(digits_cnn(5, width=8).state_dict(), tmp_path / f"{name}.pt")
     x = np.random.default_rng(0).standard_normal((301, 1, 8, 8)).astype(np.float32)  # odd: unequal shards
     np.savez(tmp_path / "calib.npz", x=x)
     argv = ["merge", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), *ARCH, "--data", str(tmp_path / "calib.npz"),
-            "--budget", "1.5", "--labels", "separate", "--method", method, "--no-progress"]
+            "--budget", "1.5", "--labels", "separate", "--method", method, "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "pleascc", *argv, "-o", str(tmp_path / "single.onnx")], check=True,
                    env=env, capture_output=True)
