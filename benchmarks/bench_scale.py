@@ -20,6 +20,8 @@ by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
         # where a merge's time goes (cProfile), in forward floors: scale_breakdown.*
     python benchmarks/bench_scale.py breakdown --glibc-defaults   # the same with glibc's own malloc thresholds
         # (freed activations returned to the OS, as before allocator.reuse_freed_memory): its own rows
+    python benchmarks/bench_scale.py ratio --arch resnet50 --samples 512 --least-squares one-pass --match-samples 128
+        # matching on the first 128 samples only (1 + 128/512 forwards): its own rows
 
 Writes benchmarks/results/scale_PART.{json,md,png}; a run replaces the rows it measures (same model, samples
 and least-squares variant) and keeps the others, each row naming the commit it was measured at.
@@ -93,7 +95,7 @@ def measure(job: dict) -> dict:
         start = time.perf_counter()
         with profile or contextlib.nullcontext():
             result = pleascc.merge(model_a, model_b, x, least_squares=job["least_squares"], labels="separate",
-                                   device=job["device"], progress=False)
+                                   match_samples=job.get("match_samples"), device=job["device"], progress=False)
         merge = time.perf_counter() - start
         peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                  "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
@@ -176,8 +178,9 @@ def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
 
 
 def model(row: dict) -> str:
-    """A row's model, and whether glibc's malloc thresholds were left as they are."""
-    return row["arch"] + (" (glibc malloc defaults)" if row.get("glibc_defaults") else "")
+    """A row's model, whether glibc's malloc thresholds were left as they are, and matching's samples if fewer."""
+    return (row["arch"] + (" (glibc malloc defaults)" if row.get("glibc_defaults") else "")
+            + (f" (matching on {row['match_samples']})" if row.get("match_samples") else ""))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -273,6 +276,8 @@ def main() -> None:
                    help="these variants only (ratio, breakdown: default both; samples, width: default sequential)")
     p.add_argument("--arch", nargs="*", choices=("resnet50", "vit_small"),
                    help="ratio and breakdown: these models only")
+    p.add_argument("--match-samples", type=int, help="ratio and breakdown: matching reads only the first N samples "
+                   "(pleascc merge --match-samples; rows of their own)")
     p.add_argument("--glibc-defaults", action="store_true", help="leave glibc's malloc thresholds as they are "
                    "(rows of their own), to measure what reuse_freed_memory saves")
     args = p.parse_args()
@@ -283,8 +288,8 @@ def main() -> None:
     rows = previous_rows(RESULTS / f"{name}.json")
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         todo = jobs(args.part, args.smoke, args.threads, args.samples, args.least_squares, args.arch)
-        for row in pool.imap(measure, [{**job, "device": args.device, "glibc_defaults": args.glibc_defaults}
-                                       for job in todo]):
+        for row in pool.imap(measure, [{**job, "device": args.device, "glibc_defaults": args.glibc_defaults,
+                                        "match_samples": args.match_samples} for job in todo]):
             row.update(code=version, command=" ".join(sys.argv))
             rows = [r for r in rows if key(r) != key(row)] + [row]
             print(markdown([row]).splitlines()[-1], flush=True)
@@ -292,7 +297,7 @@ def main() -> None:
 
 
 def key(row: dict) -> tuple:
-    return row["arch"], row["samples"], row["least_squares"], row.get("glibc_defaults", False)
+    return row["arch"], row["samples"], row["least_squares"], row.get("glibc_defaults", False), row.get("match_samples")
 
 
 def previous_rows(path: Path) -> list[dict]:

@@ -56,6 +56,8 @@ VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose 
     "pleas 1024": {"method": "pleas", "samples": 1024},
     "pleas 4096": {"method": "pleas", "samples": 4096},
     "pleas-free": {"method": "pleas", "data": "mnist"},
+    "pleas, matching on 256": {"method": "pleas", "match_samples": 256},  # least squares on all the samples
+    "pleas, matching on 512": {"method": "pleas", "match_samples": 512},
     "pleas one-pass, all positions": {"method": "pleas", "least_squares": "one-pass", "positions": None},
     "pleas one-pass, 64 positions": {"method": "pleas", "least_squares": "one-pass", "positions": 64},
     "pleas one-pass, 16 positions": {"method": "pleas", "least_squares": "one-pass", "positions": 16},
