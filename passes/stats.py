@@ -45,8 +45,8 @@ def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, 
     """Run models of one graph (``check_same_graph``) node by node together on one batch.
 
     Once a node named in ``reads`` has run in every model, yield its name and
-    the values of the nodes it reads, one per model.  Each value read is
-    checked for NaN/Inf once, as it is computed.  A value is dropped as soon
+    the values of the nodes it reads, one per model; readers check what they
+    read of them (``_checked``).  A value is dropped as soon
     as no later node or read needs it, so a batch holds about one forward's
     live activations per model, not every value read (what lets batches be
     large), and the models stop after the last read.
@@ -54,14 +54,11 @@ def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, 
     graphs = [list(gm.graph.nodes) for gm in gms]
     position = {node.name: k for k, node in enumerate(graphs[0])}
     dropped_after = _dropped_after(graphs[0], reads)
-    read_somewhere = {read for needed in reads.values() for read in needed}
     envs: list[dict[str, object]] = [{} for _ in gms]
     for k in range(max(position[name] for name in reads) + 1):
         name = graphs[0][k].name
-        for gm, env, nodes, label in zip(gms, envs, graphs, "AB"):
+        for gm, env, nodes in zip(gms, envs, graphs):
             env[nodes[k].name] = _execute(gm, nodes[k], env, x)
-            if name in read_somewhere:
-                _check_finite(env[nodes[k].name], label, name)
         if name in reads:
             yield name, {read: [env[nodes[position[read]].name] for env, nodes in zip(envs, graphs)]
                          for read in reads[name]}
@@ -265,6 +262,19 @@ def device_of(gm: torch.nn.Module) -> torch.device:
     return next(iter(gm.parameters()), torch.empty(0)).device
 
 
+def _checked(values: list[torch.Tensor], node: str, models: tuple[str, ...] = ("A", "B")) -> list[torch.Tensor]:
+    """What a pass reads of ``node``'s value in each of ``models``, checked for NaN and Inf.
+
+    Checked as read, after sampling, not as computed: the statistics see
+    only what is read, and a whole activation costs a pass over memory (about
+    a tenth of ResNet-50's forward, for every value read).  A NaN off the
+    sampled positions spreads to later layers' and is found there.
+    """
+    for value, model in zip(values, models):
+        _check_finite(value, model, node)
+    return values
+
+
 def _check_finite(value: torch.Tensor, model: str, node: str) -> None:
     """NaN and Inf survive a sum, so one reduction in the value's own precision checks the whole tensor;
     only a sum that overflowed (or a real NaN) is checked element by element."""
@@ -307,8 +317,9 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
 def _add_site(analysis: Analysis, moments: dict[tuple, CrossMoments], site: int, where: tuple,
               batch_axis: int | None, values: list[torch.Tensor], within: bool, positions: int | None) -> None:
     """One batch's A and B features at one observation site, added to its spaces' moments."""
-    _, axes, dims = where
+    name, axes, dims = where
     observed = [_observed_positions(v, axes, batch_axis, positions) for v in values]
+    _checked([value for value, _ in observed], name)
     pairs = zip(*(observe(analysis.table, v, read_axes, dims) for v, read_axes in observed))
     for k, ((root, fa), (_, fb)) in enumerate(pairs):
         key = (site, k, root)
@@ -410,10 +421,7 @@ class Frontier:
         if self.limit > 0:
             self._keep((model, batch), {n: v for n, v in env.items() if nodes[n].op != "get_attr" and any(
                 user.name not in env for user in nodes[n].users)})
-        values = {name: env[name] for name in names}
-        for name, value in values.items():
-            _check_finite(value, model, name)
-        return values
+        return {name: env[name] for name in names}
 
     def _keep(self, key: tuple[str, int], env: dict[str, object]) -> None:
         """Keep one batch's values; once all kept values outgrow the limit, drop them for good, mid-pass if need be."""
@@ -506,7 +514,7 @@ def _mapped_reads(gms, maps: MergeMaps, x: torch.Tensor, layers: dict[str, Layer
     as the models run (``lockstep``)."""
     for node, values in lockstep(gms, x, {node: (layer.source, node) for node, layer in layers.items()}):
         layer = layers[node]
-        read = [_read_input(layer, v, positions) for v in values[layer.source]]
+        read = _checked([_read_input(layer, v, positions) for v in values[layer.source]], layer.source)
         yield node, maps.merge(read, [(_unit_axis(layer), layer.in_dim)]), values[node]
 
 
@@ -517,7 +525,8 @@ def _merged_model_reads(gms, merged_model: tuple[fx.GraphModule, dict[str, str]]
     sources = {node: merged_model[1][node] for node in layers}
     inputs = frontier.run(merged_model[0], "merged", batch, x, sorted(set(sources.values())))
     for node, layer in layers.items():
-        yield node, _read_input(layer, inputs[sources[node]], positions), [v[node] for v in outputs]
+        read = _checked([_read_input(layer, inputs[sources[node]], positions)], sources[node], ("merged",))
+        yield node, read[0], [v[node] for v in outputs]
 
 
 def _add_layer(group: list[tuple[Problem, tuple | None, torch.Tensor | None]], x_merged: torch.Tensor,
@@ -526,7 +535,7 @@ def _add_layer(group: list[tuple[Problem, tuple | None, torch.Tensor | None]], x
     """One batch of one layer: its Grams (one per rows key) and each of its problems' target moments."""
     layer = group[0][0].layer
     axis = _unit_axis(layer)
-    outputs = [_read_layer_value(layer, v, positions) for v in outputs]
+    outputs = _checked([_read_layer_value(layer, v, positions) for v in outputs], layer.node)
     rows: dict[tuple | None, torch.Tensor] = {}
     for p, key, columns in group:
         if key not in rows:
@@ -588,8 +597,9 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
                         key = (layer.node, model, None if cols is None else tuple(cols.tolist()))
                         if key not in rows:
                             axis = _unit_axis(layer)
-                            x_in = maps.gather(_read_input(layer, values[source][model], positions), model,
-                                               [(axis, layer.in_dim)])
+                            x_in = _checked([_read_input(layer, values[source][model], positions)], source,
+                                            ("AB"[model],))[0]
+                            x_in = maps.gather(x_in, model, [(axis, layer.in_dim)])
                             x_in = x_in if cols is None else take(x_in, axis, cols.to(x_in.device))
                             rows[key] = _gram(_rows(layer, x_in, maps))
                         p.grams[model] = p.grams.get(model, 0) + rows[key]

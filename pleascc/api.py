@@ -229,7 +229,18 @@ def _trace_pair(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor):
     check_same_architecture(model_a, model_b, heads=frozenset(n for h in heads for n in (h.weight, h.bias) if n))
     gm_b = trace(model_b, "model B")
     check_same_graph(gm_a, gm_b)
-    return (gm_a, gm_b), analysis, heads, (_tensors(gm_a), _tensors(gm_b))
+    states = (_tensors(gm_a), _tensors(gm_b))
+    _check_finite_weights(states)
+    return (gm_a, gm_b), analysis, heads, states
+
+
+def _check_finite_weights(states: tuple[dict, dict]) -> None:
+    """A weight that is NaN or Inf (a diverged run) would reach every statistic and every fit: name it first."""
+    for model, state in zip("AB", states):
+        broken = next((name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()), None)
+        if broken is not None:
+            raise PleasccError(f"model {model}'s {broken} holds NaN or Inf: the checkpoint is broken (from a "
+                               "diverged run?); merge a finite one")
 
 
 def _usable_device(device: str) -> torch.device:

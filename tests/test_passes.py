@@ -507,15 +507,35 @@ def test_lockstep_yields_each_models_values_and_frees_the_rest():
         assert torch.equal(got[1][1]["branch"][k], model.branch(torch.relu(stem)))
 
 
-def test_lockstep_names_the_model_and_node_that_turn_nan():
+def test_a_nan_weight_is_named_before_any_pass():
+    import pleascc
     from pleascc.errors import PleasccError
-    from pleascc.passes.stats import lockstep
 
     models = [_Residual().eval() for _ in range(2)]
     with torch.no_grad():
         models[1].branch.weight[0, 0, 0, 0] = float("nan")
-    with pytest.raises(PleasccError, match="model B produces NaN or Inf at branch"):
-        list(lockstep(tuple(trace(m) for m in models), torch.randn(2, 3, 6, 6), {"branch": ("branch",)}))
+    with pytest.raises(PleasccError, match="model B's branch.weight holds NaN or Inf"):
+        pleascc.merge(*models, torch.randn(4, 3, 6, 6), progress=False)
+
+
+@pytest.mark.parametrize("method, least_squares", [("pleas", "one-pass"), ("pleas", "sequential"),
+                                                   ("regmean", "one-pass")])
+@pytest.mark.parametrize("overflow_from", [0, 1])  # 0: in matching's samples; 1: only in least squares' (or RegMean's)
+def test_values_that_overflow_are_named_where_a_pass_reads_them(method, least_squares, overflow_from):
+    """Finite weights and data, but activations that overflow to Inf: the pass that reads them names the model
+    and the node it read (the stem's output as its fit's target, or its ReLU as the branch reads it; A comes
+    first)."""
+    import pleascc
+    from pleascc.errors import PleasccError
+
+    torch.manual_seed(0)
+    models = [_Residual().eval() for _ in range(2)]
+    for model in models:
+        model.stem.weight.data.fill_(1.0)  # 27 inputs of 3e38 each: Inf at every output
+    x = torch.randn(4, 3, 6, 6)
+    x[overflow_from:] = 3e38
+    with pytest.raises(PleasccError, match=r"model A produces NaN or Inf at (stem|relu) on the calibration data"):
+        pleascc.merge(*models, x, method=method, least_squares=least_squares, match_samples=1, progress=False)
 
 
 def test_streamed_passes_take_larger_batches_than_kept_values():
