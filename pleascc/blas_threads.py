@@ -3,9 +3,9 @@
 Least squares sums each convolution's Gram with scipy's dsyrk (OpenBLAS, its
 own pthreads) between torch's ops (MKL and oneDNN, on OpenMP threads).  By
 default an idle OpenBLAS thread spins for 2^28 cycles, about 0.1 s, before it
-sleeps, so every torch op right after a syrk shares the cores with it: in
-a microbenchmark on 2 cores, a float64 product after a syrk took 45 ms, and
-27 ms alone.  In a ResNet-50 merge the least-squares pass took 17% longer.
+sleeps, so every torch op right after a syrk shares the cores with it: a
+one-pass ResNet-50 merge took 6.47 forward floors, and 5.07 with this setting
+(``benchmarks/bench_scale.py breakdown``; the README's performance section).
 
 OpenBLAS reads ``OPENBLAS_THREAD_TIMEOUT`` (log2 of the spin, in cycles,
 4 to 30) once, when the library loads, so ``import pleascc`` sets it before
