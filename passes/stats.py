@@ -514,8 +514,29 @@ def _mapped_reads(gms, maps: MergeMaps, x: torch.Tensor, layers: dict[str, Layer
     as the models run (``lockstep``)."""
     for node, values in lockstep(gms, x, {node: (layer.source, node) for node, layer in layers.items()}):
         layer = layers[node]
-        read = _checked([_read_input(layer, v, positions) for v in values[layer.source]], layer.source)
-        yield node, maps.merge(read, [(_unit_axis(layer), layer.in_dim)]), values[node]
+        yield node, _merged_input(layer, values[layer.source], values[node][0], maps, positions), values[node]
+
+
+def _merged_input(layer: Layer, inputs: list[torch.Tensor], output: torch.Tensor, maps: MergeMaps,
+                  positions: int | None) -> torch.Tensor:
+    """A layer's merged input as its fit reads it (``_read_input``), from A's and B's inputs.
+
+    The merge maps units one by one, so it commutes with reading patches or
+    positions.  A convolution whose patches hold more values per channel
+    than its input map (ResNet-50's last stages: 9·64 from 14² or 7²) merges
+    the maps first and reads patches once; other layers read first, so the
+    merge touches only what is read.
+    """
+    if layer.kind == "conv" and _patch_values(layer, output, positions) >= math.prod(inputs[0].shape[2:]):
+        return _read_input(layer, maps.merge(_checked(inputs, layer.source), [(1, layer.in_dim)]), positions)
+    read = _checked([_read_input(layer, v, positions) for v in inputs], layer.source)
+    return maps.merge(read, [(_unit_axis(layer), layer.in_dim)])
+
+
+def _patch_values(layer: Layer, output: torch.Tensor, positions: int | None) -> int:
+    """Values per input channel a convolution's patches hold: its kernel's size at each output position read."""
+    outputs = math.prod(output.shape[2:])
+    return _kernel_positions(layer) * (outputs if positions is None else min(outputs, positions))
 
 
 def _merged_model_reads(gms, merged_model: tuple[fx.GraphModule, dict[str, str]], frontier: Frontier, batch: int,

@@ -89,6 +89,25 @@ def test_merge_averages_merged_units_and_blocks_skip_cross_terms():
     assert [b.rows.tolist() if b.rows is not None else None for b in rows] == [[0, 1], [2], [3]]
 
 
+@pytest.mark.parametrize("positions", [1, 64])  # 9 patch values per channel from 4² positions: read, then merge;
+def test_merged_patches_are_the_patches_merged(positions):  # 9·4 from 4²: merge the maps, then read
+    """One-pass least squares merges a convolution's input maps before reading patches where that is less
+    work; merging maps units one by one, the rows are those of merging each model's patches."""
+    from pleascc.passes.stats import _merged_input, _read_input
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1, stride=2)).eval()
+    gm = trace(model)
+    analysis = analyze(gm, (torch.randn(2, 3, 4, 4),))
+    layer = next(layer for layer in analysis.layers if layer.kind == "conv" and analysis.table.size(layer.in_dim) == 6)
+    root = analysis.table.resolve(layer.in_dim).id
+    maps = MergeMaps(analysis.table, {root: selections_from_pairs(6, torch.randperm(6), torch.randperm(6), 9)})
+    inputs = [torch.randn(2, 6, 4, 4) for _ in range(2)]
+    output = model[2](inputs[0])
+    want = maps.merge([_read_input(layer, v, positions) for v in inputs], [(1, layer.in_dim)])
+    assert torch.equal(_merged_input(layer, inputs, output, maps, positions), want)
+
+
 @pytest.mark.parametrize("search", list(budget_pass.WIDTHS))
 def test_budget_endpoints_and_monotonicity(search):
     model = _mlp(0)
