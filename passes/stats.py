@@ -266,9 +266,9 @@ def _checked(values: list[torch.Tensor], node: str, models: tuple[str, ...] = ("
     """What a pass reads of ``node``'s value in each of ``models``, checked for NaN and Inf.
 
     Checked as read, after sampling, not as computed: the statistics see
-    only what is read, and a whole activation costs a pass over memory (about
-    a tenth of ResNet-50's forward, for every value read).  A NaN off the
-    sampled positions spreads to later layers' and is found there.
+    only what is read, and checking whole activations costs a pass over the
+    memory of every value read.  A NaN off the sampled positions spreads to
+    later layers' and is found there.
     """
     for value, model in zip(values, models):
         _check_finite(value, model, node)
