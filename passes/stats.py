@@ -262,15 +262,15 @@ def device_of(gm: torch.nn.Module) -> torch.device:
     return next(iter(gm.parameters()), torch.empty(0)).device
 
 
-def _checked(values: list[torch.Tensor], node: str, models: tuple[str, ...] = ("A", "B")) -> list[torch.Tensor]:
-    """What a pass reads of ``node``'s value in each of ``models``, checked for NaN and Inf.
+def _checked(values: list[torch.Tensor], node: str) -> list[torch.Tensor]:
+    """What a pass reads of ``node``'s value in A and in B, checked for NaN and Inf (``_check_finite``).
 
     Checked as read, after sampling, not as computed: the statistics see
     only what is read, and checking whole activations costs a pass over the
     memory of every value read.  A NaN off the sampled positions spreads to
     later layers' and is found there.
     """
-    for value, model in zip(values, models):
+    for value, model in zip(values, "AB"):
         _check_finite(value, model, node)
     return values
 
@@ -546,8 +546,9 @@ def _merged_model_reads(gms, merged_model: tuple[fx.GraphModule, dict[str, str]]
     sources = {node: merged_model[1][node] for node in layers}
     inputs = frontier.run(merged_model[0], "merged", batch, x, sorted(set(sources.values())))
     for node, layer in layers.items():
-        read = _checked([_read_input(layer, inputs[sources[node]], positions)], sources[node], ("merged",))
-        yield node, read[0], [v[node] for v in outputs]
+        read = _read_input(layer, inputs[sources[node]], positions)
+        _check_finite(read, "merged", sources[node])
+        yield node, read, [v[node] for v in outputs]
 
 
 def _add_layer(group: list[tuple[Problem, tuple | None, torch.Tensor | None]], x_merged: torch.Tensor,
@@ -618,8 +619,8 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
                         key = (layer.node, model, None if cols is None else tuple(cols.tolist()))
                         if key not in rows:
                             axis = _unit_axis(layer)
-                            x_in = _checked([_read_input(layer, values[source][model], positions)], source,
-                                            ("AB"[model],))[0]
+                            x_in = _read_input(layer, values[source][model], positions)
+                            _check_finite(x_in, "AB"[model], source)
                             x_in = maps.gather(x_in, model, [(axis, layer.in_dim)])
                             x_in = x_in if cols is None else take(x_in, axis, cols.to(x_in.device))
                             rows[key] = _gram(_rows(layer, x_in, maps))

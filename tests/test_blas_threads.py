@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-SCRIPT = "import os, sys, pleascc, scipy.linalg; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+SCRIPT = "import os, pleascc, scipy.linalg; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
 
 
 def _timeout_after_import(env: dict) -> str:
