@@ -48,7 +48,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
-from zoo_timm import code_version  # noqa: E402
+from zoo_timm import code_version, cpu_name  # noqa: E402
 
 
 def build(arch: str, seed: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -187,12 +187,12 @@ def markdown(rows: list[dict]) -> str:
     if rows and "breakdown_s" in rows[0]:
         return breakdown_markdown(rows)
     lines = ["| model | samples | batch | positions | least squares | passes | forward A+B s | merge s | "
-             "merge ÷ forward | peak MB | kept activations MB | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "merge ÷ forward | peak MB | kept activations MB | commit | CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {model(r)} | {r['samples']} | {r.get('batch_size', 64)} | {r.get('positions') or 'all'} | "
               f"{r['least_squares']} | {r['passes']} | "
               f"{r['forward_s']:.1f} | {r['merge_s']:.1f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['cache_mb']:.0f} | {r.get('code', '—')} |" for r in rows]
+              f"{r['cache_mb']:.0f} | {r.get('code', '—')} | {r.get('cpu', '—')} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -200,11 +200,11 @@ def breakdown_markdown(rows: list[dict]) -> str:
     """Each part of a profiled merge in forward floors (one forward pass of A and B over the same data)."""
     parts = list(rows[0]["breakdown_s"])
     lines = ["| model | samples | batch | least squares | forward A+B s | merge s (profiled) | "
-             + " | ".join(parts) + " | commit |", "|---" * (len(parts) + 7) + "|"]
+             + " | ".join(parts) + " | commit | CPU |", "|---" * (len(parts) + 8) + "|"]
     lines += [f"| {model(r)} | {r['samples']} | {r['batch_size']} | {r['least_squares']} | {r['forward_s']:.1f} | "
               f"{r['merge_s']:.1f} ({r['ratio']:.2f}×) | "
               + " | ".join(f"{r['breakdown_s'][k] / r['forward_s']:.2f}×" for k in parts)
-              + f" | {r.get('code', '—')} |" for r in rows]
+              + f" | {r.get('code', '—')} | {r.get('cpu', '—')} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -290,7 +290,7 @@ def main() -> None:
         todo = jobs(args.part, args.smoke, args.threads, args.samples, args.least_squares, args.arch)
         for row in pool.imap(measure, [{**job, "device": args.device, "glibc_defaults": args.glibc_defaults,
                                         "match_samples": args.match_samples} for job in todo]):
-            row.update(code=version, command=" ".join(sys.argv))
+            row.update(code=version, cpu=cpu_name(), command=" ".join(sys.argv))
             rows = [r for r in rows if key(r) != key(row)] + [row]
             print(markdown([row]).splitlines()[-1], flush=True)
             write(rows, meta, args.part, name)  # after every row: a stopped run keeps what it measured

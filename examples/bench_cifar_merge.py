@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import load_cifar10, to_tensor  # noqa: E402
 from mnist import load_mnist_rgb  # noqa: E402
 from train_cifar_pair import build  # noqa: E402
-from zoo_timm import code_version  # noqa: E402
+from zoo_timm import code_version, cpu_name  # noqa: E402
 
 import pleascc  # noqa: E402
 from pleascc.demo import task_accuracies  # noqa: E402
@@ -56,6 +56,7 @@ VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose 
     "pleas 1024": {"method": "pleas", "samples": 1024},
     "pleas 4096": {"method": "pleas", "samples": 4096},
     "pleas-free": {"method": "pleas", "data": "mnist"},
+    "pleas-free stages": {"method": "pleas", "data": "mnist", "width_search": "stages"},
     "pleas, matching on 256": {"method": "pleas", "match_samples": 256},  # least squares on all the samples
     "pleas, matching on 512": {"method": "pleas", "match_samples": 512},
     "pleas one-pass, all positions": {"method": "pleas", "least_squares": "one-pass", "positions": None},
@@ -133,7 +134,8 @@ def run(args: argparse.Namespace, setting: str, variants: list[str]) -> list[dic
     done = json.loads(partial.read_text()) if args.resume and partial.exists() else []
     rows += done
     jobs = [{"setting": setting, "models": str(args.models), "arch": args.arch, "width": args.width,
-             "samples": args.samples, "threads": args.threads, "variant": v, "budget": b, "code": code_version()}
+             "samples": args.samples, "threads": args.threads, "variant": v, "budget": b, "code": code_version(),
+             "cpu": cpu_name()}
             for v in variants for b in args.budgets
             if not any(r["method"] == v and r["budget"] == b for r in done)]
     metric = "per_task_mean" if setting == "labels" else "accuracy"

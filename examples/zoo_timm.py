@@ -31,8 +31,10 @@ machine two workers of one thread each finish sooner than one of two threads:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
+import platform
 import resource
 import subprocess
 import sys
@@ -74,6 +76,15 @@ def code_version() -> str:
         return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
 
     return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "pleascc", "passes") else "")
+
+
+def cpu_name() -> str:
+    """The CPU rows are measured on: timings, and float64 statistics against float32 forwards, differ by machine."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def check(name: str, version: str) -> dict:
