@@ -23,8 +23,8 @@ by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
     python benchmarks/bench_scale.py ratio --arch resnet50 --samples 512 --least-squares one-pass --match-samples 128
         # matching on the first 128 samples only (1 + 128/512 forwards): its own rows
 
-Writes benchmarks/results/scale_PART.{json,md,png}; a run replaces the rows it measures (same model, samples
-and least-squares variant) and keeps the others, each row naming the commit it was measured at.
+Writes benchmarks/results/scale_PART.{json,md,png}; a run replaces the rows it measures (same model, samples,
+least-squares variant and CPU) and keeps the others, each row naming the commit and the CPU it was measured on.
 """
 
 from __future__ import annotations
@@ -297,7 +297,9 @@ def main() -> None:
 
 
 def key(row: dict) -> tuple:
-    return row["arch"], row["samples"], row["least_squares"], row.get("glibc_defaults", False), row.get("match_samples")
+    """What a row measures; a run replaces the earlier row with the same key (rows from another CPU stay)."""
+    return (row["arch"], row["samples"], row["least_squares"], row.get("glibc_defaults", False),
+            row.get("match_samples"), row.get("cpu"))
 
 
 def previous_rows(path: Path) -> list[dict]:
