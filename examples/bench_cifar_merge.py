@@ -25,6 +25,7 @@ import multiprocessing
 import resource
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def plot(rows: list[dict], path: Path, title: str, metrics: list[str]) -> None:
         ax.set_ylabel(LABELS[metric])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 60 * len(metrics)))  # one panel is narrow: wrap, not cut
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
