@@ -118,7 +118,8 @@ def merge_row(job: dict) -> dict:
             "params": result.report["params_merged"], "samples": len(calib), "merge_seconds": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "least_squares_passes": result.report["least_squares_passes"],
-            **scores(logits, y_eval, setting), "onnx_max_abs_diff": check["max_abs_diff"], "code": job["code"]}
+            **scores(logits, y_eval, setting), "onnx_max_abs_diff": check["max_abs_diff"], "code": job["code"],
+            "cpu": job["cpu"]}
 
 
 def run(args: argparse.Namespace, setting: str, variants: list[str]) -> list[dict]:
