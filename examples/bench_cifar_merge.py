@@ -158,11 +158,11 @@ def plot(rows: list[dict], path: Path, title: str, metrics: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    present = [method for method in VARIANTS if any(r["method"] == method for r in rows)]
     for ax, metric in zip(axes[0], metrics):
-        for method in VARIANTS:
+        for k, method in enumerate(present):  # a colour each: the default cycle repeats after ten
             pts = [(r["relative_flops"], r[metric]) for r in rows if r["method"] == method]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
+            ax.plot(*zip(*pts), marker="o", label=method, color=plt.get_cmap("tab20")(k % 20))
         ax.axhline(rows[0][metric], color="gray", linestyle="--", label="ensemble (2x)")
         ax.set_xlabel("FLOPs of the merged model ÷ one model")
         ax.set_ylabel(LABELS[metric])
