@@ -183,6 +183,11 @@ def model(row: dict) -> str:
             + (f" (matching on {row['match_samples']})" if row.get("match_samples") else ""))
 
 
+def on_cpu(row: dict) -> str:
+    """A plot label's CPU, where the row names one: rows of one model from two CPUs get two bars."""
+    return f", {row['cpu']}" if row.get("cpu") else ""
+
+
 def markdown(rows: list[dict]) -> str:
     if rows and "breakdown_s" in rows[0]:
         return breakdown_markdown(rows)
@@ -220,7 +225,7 @@ def plot(rows: list[dict], part: str, path: Path) -> None:
     key = {"samples": "samples", "width": "arch"}.get(part)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     if key is None:  # ratio: one bar per merge
-        labels = [f"{model(r)}\n{r['samples']}, {r['least_squares']}" for r in rows]
+        labels = [f"{model(r)}\n{r['samples']}, {r['least_squares']}{on_cpu(r)}" for r in rows]
         axes[0].bar(labels, [r["ratio"] for r in rows])
         axes[0].axhline(3, color="gray", linestyle="--", label="target 3")
         axes[0].set(ylabel="merge time ÷ forward A+B")
@@ -249,7 +254,7 @@ def plot(rows: list[dict], part: str, path: Path) -> None:
 def plot_breakdown(rows: list[dict], path: Path, plt) -> None:
     """One stacked bar per merge: its parts in forward floors, against the target of 3."""
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.6 * len(rows)))
-    labels = [f"{model(r)}, {r['samples']}, {r['least_squares']}" for r in rows]
+    labels = [f"{model(r)}, {r['samples']}, {r['least_squares']}{on_cpu(r)}" for r in rows]
     left = np.zeros(len(rows))
     for part in rows[0]["breakdown_s"]:
         width = np.array([r["breakdown_s"][part] / r["forward_s"] for r in rows])
