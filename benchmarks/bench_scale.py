@@ -289,13 +289,13 @@ def main() -> None:
     name = f"scale_{args.part}{'_cuda' if args.device != 'cpu' else ''}{'_smoke' if args.smoke else ''}"
     RESULTS.mkdir(exist_ok=True)
     meta = {"command": " ".join(sys.argv), "torch": torch.__version__, "threads": args.threads, "device": args.device}
-    version = code_version()
+    version, cpu = code_version(), cpu_name()
     rows = previous_rows(RESULTS / f"{name}.json")
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         todo = jobs(args.part, args.smoke, args.threads, args.samples, args.least_squares, args.arch)
         for row in pool.imap(measure, [{**job, "device": args.device, "glibc_defaults": args.glibc_defaults,
                                         "match_samples": args.match_samples} for job in todo]):
-            row.update(code=version, cpu=cpu_name(), command=" ".join(sys.argv))
+            row.update(code=version, cpu=cpu, command=" ".join(sys.argv))
             rows = [r for r in rows if key(r) != key(row)] + [row]
             print(markdown([row]).splitlines()[-1], flush=True)
             write(rows, meta, args.part, name)  # after every row: a stopped run keeps what it measured

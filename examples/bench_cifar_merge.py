@@ -135,10 +135,9 @@ def run(args: argparse.Namespace, setting: str, variants: list[str]) -> list[dic
     partial = RESULTS / f"{args.name}.partial.json"  # every finished merge, so an interrupted run can resume
     done = json.loads(partial.read_text()) if args.resume and partial.exists() else []
     rows += done
-    jobs = [{"setting": setting, "models": str(args.models), "arch": args.arch, "width": args.width,
-             "samples": args.samples, "threads": args.threads, "variant": v, "budget": b, "code": code_version(),
-             "cpu": cpu_name()}
-            for v in variants for b in args.budgets
+    common = {"setting": setting, "models": str(args.models), "arch": args.arch, "width": args.width,
+              "samples": args.samples, "threads": args.threads, "code": code_version(), "cpu": cpu_name()}
+    jobs = [{**common, "variant": v, "budget": b} for v in variants for b in args.budgets
             if not any(r["method"] == v and r["budget"] == b for r in done)]
     metric = "per_task_mean" if setting == "labels" else "accuracy"
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
