@@ -4,7 +4,7 @@ Two settings (the PLeaS paper's): ``labels`` (default) gives A classes 0-4 and B
 classes 5-9, each with a 5-way head; ``images`` gives each model half of the
 training images, all 10 classes, one shared label space.
 Usage: python examples/train_cifar_pair.py --out runs/cifar_resnet20 [--arch resnet20|vit] [--width 1]
-       [--setting labels|images] [--epochs E] [--seeds 0 1]
+       [--setting labels|images] [--epochs E] [--seeds 0 1] [--bf16]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import load_cifar10, select_classes, to_tensor  # noqa: E402
 from resnet20 import resnet20  # noqa: E402
 from vit_cifar import vit_cifar  # noqa: E402
+from zoo_timm import cpu_name  # noqa: E402
 
 TASKS = {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]}
 BATCH = 128
@@ -62,8 +63,10 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-                sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, desc: str) -> float:
-    """One shuffled pass over (x, y); returns the mean training loss."""
+                sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, desc: str,
+                bf16: bool = False) -> float:
+    """One shuffled pass over (x, y); returns the mean training loss.  ``bf16``: forward under bfloat16
+    autocast (weights, gradients and optimizer stay float32)."""
     model.train()
     order = torch.randperm(len(x), generator=gen)
     total = 0.0
@@ -71,7 +74,8 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.o
     for i in tqdm(steps, desc=desc, unit="batch", mininterval=10):
         idx = order[i : i + BATCH]
         xb = augment(x[idx], gen).contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(xb), y[idx])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(xb), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -90,7 +94,7 @@ def task_data(name: str, setting: str, data: tuple[np.ndarray, ...]) -> tuple[np
 
 
 def train_one(name: str, seed: int, arch: str, width: int, epochs: int, setting: str,
-              data: tuple[np.ndarray, ...]) -> tuple[nn.Module, dict]:
+              data: tuple[np.ndarray, ...], bf16: bool = False) -> tuple[nn.Module, dict]:
     """Train one model on its part of the data and measure its test accuracy there."""
     xa, ya, xt, yt = task_data(name, setting, data)
     xa, ya, xt, yt = to_tensor(xa), torch.from_numpy(ya), to_tensor(xt), torch.from_numpy(yt)
@@ -104,7 +108,7 @@ def train_one(name: str, seed: int, arch: str, width: int, epochs: int, setting:
 
     start = time.time()
     for epoch in range(epochs):
-        loss = train_epoch(model, xa, ya, opt, sched, gen, f"model_{name} epoch {epoch + 1}/{epochs}")
+        loss = train_epoch(model, xa, ya, opt, sched, gen, f"model_{name} epoch {epoch + 1}/{epochs}", bf16)
         print(f"model_{name} epoch {epoch + 1}/{epochs} loss {loss:.4f} ({time.time() - start:.0f} s)", flush=True)
     seconds = time.time() - start
     acc = accuracy(model, xt, yt)
@@ -122,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="disjoint label sets (A: classes 0-4, B: 5-9) or disjoint halves of the images, 10 classes")
     p.add_argument("--epochs", type=int, help=f"epochs per model (default {EPOCHS})")
     p.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("SEED_A", "SEED_B"))
+    p.add_argument("--bf16", action="store_true",
+                   help="train under bfloat16 autocast (weights stay float32): ~3.5x faster for ResNet-20 x4 "
+                        "on a CPU with AMX")
     return p.parse_args(argv)
 
 
@@ -131,9 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_cifar10()
     epochs = args.epochs or EPOCHS[args.arch]
-    report: dict = {"arch": args.arch, "width": args.width, "setting": args.setting, "epochs": epochs, "batch": BATCH}
+    report: dict = {"arch": args.arch, "width": args.width, "setting": args.setting, "epochs": epochs, "batch": BATCH,
+                    "autocast": "bfloat16" if args.bf16 else None, "cpu": cpu_name()}
     for name, seed in zip(TASKS, args.seeds):
-        model, info = train_one(name, seed, args.arch, args.width, epochs, args.setting, data)
+        model, info = train_one(name, seed, args.arch, args.width, epochs, args.setting, data, args.bf16)
         torch.save(model.to(memory_format=torch.contiguous_format).state_dict(), args.out / f"model_{name}.pt")
         report[f"model_{name}"] = info
     (args.out / "train.json").write_text(json.dumps(report, indent=2) + "\n")
