@@ -12,9 +12,8 @@ and dropped once nothing later reads it:
 Two passes instead of one because the second needs the matching: gathering
 the joint (2n·k²)² im2col moments of both models in one pass would cost
 quadratically more memory and time than the merged-layout moments.
-All sums are float64.  Matching's products within one batch are float32;
-least squares' rows are float64 (the widest Grams go to BLAS dsyrk, and the
-target products feed a difference, ``residual_moments``, that float32 would blur).
+Sums over the data are float64; products within a batch are float32 (least
+squares' widest Grams sum a few batches in float32 first: ``GramSum``).
 """
 
 from __future__ import annotations
@@ -237,16 +236,16 @@ def batch_size_for(analysis: Analysis, graph: fx.Graph | None = None, positions:
 
 
 def _rows_bytes(layer: Layer, shapes: dict[str, tuple | None], positions: int | None) -> int:
-    """A layer's least-squares rows on the example: up to twice one model's input width, in float32
-    and in the float64 copy syrk reads."""
+    """A layer's least-squares rows on the example: up to twice one model's input width, read (float32)
+    and laid out as rows (float32)."""
     source, output = shapes.get(layer.source), shapes.get(layer.node)
     if not source or not output:
         return 0
     if layer.kind == "linear":
-        return 2 * 12 * math.prod(source)
+        return 2 * 8 * math.prod(source)
     read = math.prod(output[2:])
     read = read if positions is None else min(read, positions)
-    return 2 * 12 * output[0] * source[1] * _kernel_positions(layer) * read
+    return 2 * 8 * output[0] * source[1] * _kernel_positions(layer) * read
 
 
 def batches(x: torch.Tensor | NpyRows, batch_size: int, desc: str, progress: bool,
@@ -361,7 +360,6 @@ class Problem:
     model: int | None = None  # a separate head of model 0 or 1; None: the merged layer
     block: Block = field(default_factory=Block)  # which output rows, from which input units
     xx: torch.Tensor | None = None  # (groups, d+1, d+1): merged inputs (+1 for the bias)
-    tx: torch.Tensor | None = None  # (groups, out/groups, d+1): targets against inputs, T·Xᵀ
     rx: torch.Tensor | None = None  # (groups, out/groups, d+1): residual T − W0·X against inputs
     count: float = 0.0
     tt: float = 0.0  # ‖T‖²
@@ -482,7 +480,7 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
     (``at_tokens``).
     """
     by_node: dict[str, list[tuple[Problem, tuple | None, torch.Tensor | None]]] = {}  # with what each reads
-    grams: dict[tuple, torch.Tensor] = {}  # (node, rows key) -> its Gram's upper triangle, summed over batches
+    grams: dict[tuple, GramSum] = {}  # (node, rows key) -> its Gram, summed over batches
     for p in problems:
         key = _rows_key(p, maps)
         columns = _block_columns(p, maps) if key is None and p.block.cols is not None else None
@@ -495,14 +493,14 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
                      if merged_model else _mapped_reads(gms, maps, x, layers, positions))
             for node, x_merged, outputs in reads:  # one layer's merged input and rows alive at a time
                 _add_layer(by_node[node], x_merged, outputs, maps, grams, positions)
-    grams = {k: symmetric(distributed.total(g)) for k, g in grams.items()}  # sums over every rank's shard
+    totals = {k: symmetric(distributed.total(g.result())) for k, g in grams.items()}  # over every rank's shard
     for p, key, columns in (read for group in by_node.values() for read in group):
-        p.xx = grams[p.layer.node, key]
+        p.xx = totals[p.layer.node, key]
         if columns is not None:
             columns = columns.to(p.xx.device)
             p.xx = p.xx[:, columns][:, :, columns]
-        p.tx, p.count, p.tt = distributed.total(p.tx), distributed.total(p.count), distributed.total(p.tt)
-        residual_moments(p)
+        p.rx, p.count = distributed.total(p.rx), distributed.total(p.count)
+        p.tt, p.rr = distributed.total(p.tt), distributed.total(p.rr)
 
 
 LayerRead = tuple[str, torch.Tensor, list[torch.Tensor]]  # a layer's node, its merged input, A's and B's outputs
@@ -552,7 +550,7 @@ def _merged_model_reads(gms, merged_model: tuple[fx.GraphModule, dict[str, str]]
 
 
 def _add_layer(group: list[tuple[Problem, tuple | None, torch.Tensor | None]], x_merged: torch.Tensor,
-               outputs: list[torch.Tensor], maps: MergeMaps, grams: dict[tuple, torch.Tensor],
+               outputs: list[torch.Tensor], maps: MergeMaps, grams: dict[tuple, GramSum],
                positions: int | None) -> None:
     """One batch of one layer: its Grams (one per rows key) and each of its problems' target moments."""
     layer = group[0][0].layer
@@ -563,7 +561,7 @@ def _add_layer(group: list[tuple[Problem, tuple | None, torch.Tensor | None]], x
         if key not in rows:
             x_in = x_merged if key is None else take(x_merged, axis, p.block.cols.to(x_merged.device))
             rows[key] = _rows(layer, x_in, maps)
-            grams[layer.node, key] = _gram(rows[key], into=grams.get((layer.node, key)))
+            grams.setdefault((layer.node, key), GramSum()).add(rows[key])
         inputs = rows[key] if columns is None else take(rows[key], 2, columns.to(x_merged.device))
         y = p.target(*outputs)
         y = y if p.block.rows is None else take(y, layer.out_axis, p.block.rows.to(y.device))
@@ -609,24 +607,31 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
     by_source: dict[str, list[tuple[Problem, list[int]]]] = {}  # with the models each block's rows stand for
     for p in problems:
         by_source.setdefault(p.layer.source, []).append((p, _feeding(maps, p)))
+    grams: dict[tuple, GramSum] = {}  # (node, model, block's columns) -> that model's Gram
     with torch.no_grad(), threadpool_limits(torch.get_num_threads(), user_api="blas"):  # syrk's threads too
         for x in batches(data, batch_size, "RegMean statistics", progress, device_of(gms[0])):
             for source, values in lockstep(gms, x, {source: (source,) for source in by_source}):
-                rows: dict[tuple, torch.Tensor] = {}  # one source's Grams alive at a time
+                added: set[tuple] = set()
                 for p, models in by_source[source]:
                     layer, cols = p.layer, p.block.cols
                     for model in models:
-                        key = (layer.node, model, None if cols is None else tuple(cols.tolist()))
-                        if key not in rows:
+                        key = _regmean_key(p, model)
+                        if key not in added:
                             axis = _unit_axis(layer)
                             x_in = _read_input(layer, values[source][model], positions)
                             _check_finite(x_in, "AB"[model], source)
                             x_in = maps.gather(x_in, model, [(axis, layer.in_dim)])
                             x_in = x_in if cols is None else take(x_in, axis, cols.to(x_in.device))
-                            rows[key] = _gram(_rows(layer, x_in, maps))
-                        p.grams[model] = p.grams.get(model, 0) + rows[key]
-    for p in problems:
-        p.grams = {m: symmetric(distributed.total(g)) for m, g in sorted(p.grams.items())}
+                            grams.setdefault(key, GramSum()).add(_rows(layer, x_in, maps))
+                            added.add(key)
+    totals = {key: symmetric(distributed.total(g.result())) for key, g in grams.items()}
+    for p, models in (read for group in by_source.values() for read in group):
+        p.grams = {model: totals[_regmean_key(p, model)] for model in models}
+
+
+def _regmean_key(p: Problem, model: int) -> tuple:
+    """Which Gram a RegMean problem reads of one model: its layer's, of its block's columns."""
+    return p.layer.node, model, None if p.block.cols is None else tuple(p.block.cols.tolist())
 
 
 def _feeding(maps: MergeMaps, p: Problem) -> list[int]:
@@ -699,7 +704,7 @@ def _unit_axis(layer: Layer) -> int:
 
 def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
     """Merged ``_read_input`` as (groups, samples, features per group), with a ones column for the bias,
-    in float64 (what the Grams and target products sum in)."""
+    in the input's precision (float32: see ``GramSum``)."""
     if layer.kind == "conv":
         groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
         n, per_group = x.shape[0], x.shape[1] // groups * _kernel_positions(layer)
@@ -708,7 +713,7 @@ def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
         cols = x.permute(1, 0, 2).unsqueeze(3)
     else:
         cols = x.reshape(1, -1, x.shape[-1])
-    rows = cols.new_empty(*cols.shape[:-1], cols.shape[-1] + 1, dtype=torch.float64)  # one copy: layout, ones
+    rows = cols.new_empty(*cols.shape[:-1], cols.shape[-1] + 1)  # one copy: layout and ones
     rows[..., :-1] = cols
     rows[..., -1] = 1
     return rows.reshape(cols.shape[0], -1, rows.shape[-1])
@@ -758,58 +763,81 @@ def _pair(v) -> tuple[int, int]:
 
 
 SYRK_MIN = 128  # columns from which one group's Gram goes to BLAS syrk
+FLUSH_ROWS = 8192  # rows a float32 partial Gram sums before it is added to the float64 total
 
 
-def _gram(rows: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-    """``into`` + rowsᵀ·rows per group, in float64; only the upper triangle is meant (see ``symmetric``).
+class GramSum:
+    """rowsᵀ·rows per group, summed over batches; only the upper triangle is meant (see ``symmetric``).
 
-    One group of many columns goes to BLAS dsyrk, adding in place: it computes
-    one triangle (half the flops of a matrix product; a 3×3 convolution's
-    im2col Gram, 9·C_in columns, is the bulk of a merge's work), and adds it
-    to the float64 sum with no (d × d) temporaries per batch.  Other shapes
-    take a batched product in the rows' precision.
+    Products are float32, as the rows are: one group of many columns goes to
+    BLAS ssyrk, which computes one triangle (half a matrix product's flops; a
+    3×3 convolution's im2col Gram, 9·C_in columns, is the bulk of a merge's
+    work) at twice dsyrk's speed, adding in place into a float32 partial sum.
+    Every ``FLUSH_ROWS`` rows the partial sum goes into the float64 total, so
+    rounding never builds up over more rows than that, however many samples
+    there are; flushing every batch would cost as much as the float32 saved.
+    Other shapes take a batched product, added to the total each batch.
     """
-    groups, _, d = rows.shape
-    if groups > 1 or d < SYRK_MIN or rows.device.type != "cpu":
-        gram = (rows.transpose(1, 2) @ rows).double()
-        return gram if into is None else into.add_(gram)
-    into = torch.zeros(1, d, d, dtype=torch.float64) if into is None else into
-    target = into[0].numpy().T  # the same memory in Fortran order: its lower triangle is ``into``'s upper
-    out = blas.dsyrk(1.0, rows[0].double().numpy().T, beta=1.0, c=target, trans=0, lower=1, overwrite_c=1)
-    if not np.shares_memory(out, target):  # f2py had to copy
-        into[0] = torch.from_numpy(out.T)
-    return into
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None  # float64
+        self.partial: np.ndarray | None = None  # float32, Fortran order: its lower triangle is the upper one
+        self.partial_rows = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        groups, n, d = rows.shape
+        if groups > 1 or d < SYRK_MIN or rows.device.type != "cpu" or rows.dtype != torch.float32:
+            gram = (rows.transpose(1, 2) @ rows).double()
+            self.total = gram if self.total is None else self.total.add_(gram)
+            return
+        if self.partial is None:
+            self.partial = np.zeros((d, d), dtype=np.float32, order="F")
+        out = blas.ssyrk(1.0, rows[0].numpy().T, beta=1.0, c=self.partial, trans=0, lower=1, overwrite_c=1)
+        if not np.shares_memory(out, self.partial):  # f2py had to copy
+            self.partial[...] = out
+        self.partial_rows += n
+        if self.partial_rows >= FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.partial_rows:
+            d = self.partial.shape[0]
+            self.total = torch.zeros(1, d, d, dtype=torch.float64) if self.total is None else self.total
+            self.total[0].T.add_(torch.from_numpy(self.partial))  # the same layout: a streaming add
+            self.partial.fill(0)
+            self.partial_rows = 0
+
+    def result(self) -> torch.Tensor:
+        """The float64 sum so far, upper triangle; the partial sum's memory is freed."""
+        self._flush()
+        self.partial = None
+        return self.total
 
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrices whose upper triangles ``upper`` holds (a sum of ``_gram`` results)."""
+    """The symmetric matrices whose upper triangles ``upper`` holds (a ``GramSum``'s result)."""
     return upper.triu() + upper.triu(1).transpose(-2, -1)
 
 
 def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor) -> None:
-    """The target's moments with the layer's (float64) rows, whose Gram is the layer's (``_rows_key``).
+    """One batch of the target's moments with the layer's rows, whose Gram is the layer's (``_rows_key``).
 
-    The product is float64: ``residual_moments`` subtracts W0·X·Xᵀ from it,
-    and float32 rounding of T·Xᵀ, amplified by an ill-conditioned Gram,
-    would move a self-merge's weights visibly.
+    What is summed is the residual against the warm start, R = T − W0·X,
+    formed per batch: for a model merged with itself R is float32 rounding,
+    and R·Xᵀ stays at its size.  Forming R·Xᵀ from the sums instead, as
+    T·Xᵀ − W0·(X·Xᵀ), would take the difference of two large sums, each
+    rounded in float32 with the Gram (``GramSum``), and move a self-merge's
+    weights visibly through an ill-conditioned Gram.  Products are float32,
+    sums across batches float64.
     """
-    target = target.double()
-    tx = target.transpose(1, 2) @ inputs
-    p.tx = tx if p.tx is None else p.tx.add_(tx)
+    residual = target - inputs @ p.w0.to(inputs).transpose(1, 2)
+    rx = (residual.transpose(1, 2) @ inputs).double()
+    p.rx = rx if p.rx is None else p.rx.add_(rx)
     p.count += inputs.shape[1]
-    p.tt += float(torch.dot(target.reshape(-1), target.reshape(-1)))
+    p.tt += _square_sum(target)
+    p.rr += _square_sum(residual)
 
 
-def residual_moments(p: Problem) -> None:
-    """The residual against the warm start, from the complete sums (in place):
-    R·Xᵀ = T·Xᵀ − W0·X·Xᵀ and ‖R‖² = ‖T‖² − 2⟨W0, T·Xᵀ⟩ + ⟨W0·X·Xᵀ, W0⟩, with R = T − W0·X.
-
-    The fit solves for W − W0 from these.  Forming them once per layer costs one
-    (out × d) by (d × d) product in float64; forming R per batch cost two
-    products of the batch's rows.  For a model merged with itself T = W0·X up
-    to float32 rounding, and R·Xᵀ comes out at that rounding's size either way.
-    """
-    w0 = p.w0.to(p.xx)
-    w0_xx = w0 @ p.xx
-    p.rx = p.tx - w0_xx
-    p.rr = max(float(p.tt - 2 * (w0 * p.tx).sum() + (w0_xx * w0).sum()), 0.0)
+def _square_sum(x: torch.Tensor) -> float:
+    """‖x‖², summed in float64."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)

@@ -9,7 +9,7 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes.groups import analyze, permutation_groups
 from pleascc.passes.match import hungarian, identity, match_heads, zip_units
 from pleascc.passes.merge_maps import Gather, MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
-from pleascc.passes.stats import CrossMoments, Problem, _gram, feature_moments, residual_moments, symmetric
+from pleascc.passes.stats import CrossMoments, GramSum, Problem, _accumulate, feature_moments, symmetric
 from pleascc.passes.solve import least_squares
 from pleascc.passes.spaces import SpaceTable
 from pleascc.trace import trace
@@ -150,18 +150,25 @@ def test_least_squares_recovers_a_linear_map_from_the_warm_start():
     assert torch.allclose(w[0, :, :4], w_true, atol=1e-6) and rel < 1e-10
 
 
-def test_residual_moments_from_the_sums_are_the_residuals_own():
-    """R·Xᵀ and ‖R‖² (R = T − W0·X) formed once from the summed Gram and T·Xᵀ equal the residual's own moments."""
+def _accumulated(inputs: torch.Tensor, target: torch.Tensor, w0: torch.Tensor, batches: int = 3) -> Problem:
+    """A toy problem whose moments ``_accumulate`` summed over ``batches`` batches of rows."""
+    problem = Problem(layer=None, target=None, name="toy", w0=w0, xx=inputs.transpose(1, 2) @ inputs)
+    for x, t in zip(inputs.chunk(batches, dim=1), target.chunk(batches, dim=1)):
+        _accumulate(problem, x, t)
+    return problem
+
+
+def test_accumulated_moments_are_the_residuals_own():
+    """R·Xᵀ, ‖R‖² (R = T − W0·X) and ‖T‖² summed batch by batch equal the whole data's."""
     torch.manual_seed(0)
     inputs = torch.cat([torch.randn(2, 300, 6, dtype=torch.float64), torch.ones(2, 300, 1, dtype=torch.float64)], 2)
     target = torch.randn(2, 300, 3, dtype=torch.float64)
     w0 = torch.randn(2, 3, 7, dtype=torch.float64)
-    problem = Problem(layer=None, target=None, name="toy", w0=w0, xx=inputs.transpose(1, 2) @ inputs,
-                      tx=target.transpose(1, 2) @ inputs, tt=float((target ** 2).sum()))
-    residual_moments(problem)
+    problem = _accumulated(inputs, target, w0)
     residual = target - inputs @ w0.transpose(1, 2)
     assert torch.allclose(problem.rx, residual.transpose(1, 2) @ inputs, rtol=1e-10, atol=1e-10)
     assert problem.rr == pytest.approx(float((residual ** 2).sum()), rel=1e-10)
+    assert problem.tt == pytest.approx(float((target ** 2).sum()), rel=1e-10) and problem.count == 300
 
 
 @pytest.mark.parametrize("ridge", [0.0, 1e-2])
@@ -175,9 +182,7 @@ def test_least_squares_reports_the_fits_own_residual(ridge):
     inputs = torch.cat([x, torch.ones(50, 1, dtype=torch.float64)], 1)[None]
     target = torch.randn(1, 50, 3, dtype=torch.float64)
     w0 = torch.randn(1, 3, 5, dtype=torch.float64)
-    problem = Problem(layer=None, target=None, name="toy", w0=w0, xx=inputs.transpose(1, 2) @ inputs,
-                      tx=target.transpose(1, 2) @ inputs, tt=float((target ** 2).sum()))
-    residual_moments(problem)
+    problem = _accumulated(inputs, target, w0)
     w, rel = least_squares(problem, ridge=ridge, has_bias=True)
     want = float(((target - inputs @ w.transpose(1, 2)) ** 2).sum()) / problem.tt
     assert rel == pytest.approx(want, rel=1e-6)
@@ -440,12 +445,18 @@ def test_blur_pool_filter_is_widened_with_its_channels():
 
 @pytest.mark.parametrize("shape, dtype", [((1, 500, 300), torch.float32), ((1, 400, 200), torch.float64),
                                           ((3, 50, 300), torch.float32), ((1, 500, 20), torch.float32)])
-def test_gram_is_the_matrix_product(shape, dtype):
-    """One wide group goes to BLAS syrk (one triangle, added in place), the rest to a batched product:
-    summed over two batches and made whole, the same Gram."""
-    rows = torch.randn(shape, dtype=dtype)
-    want = (rows.transpose(1, 2) @ rows).double()
-    got = symmetric(_gram(rows, into=_gram(rows))) / 2
+def test_gram_sum_is_the_matrix_product(shape, dtype, monkeypatch):
+    """One wide float32 group goes to BLAS ssyrk (one triangle, summed in place in float32, flushed into
+    float64 every few batches), the rest to a batched product: summed over five batches, across a flush
+    and a partial sum left at the end, and made whole, the same Gram."""
+    monkeypatch.setattr("pleascc.passes.stats.FLUSH_ROWS", 2 * shape[1])
+    torch.manual_seed(0)
+    batches = [torch.randn(shape, dtype=dtype) for _ in range(5)]
+    gram = GramSum()
+    for rows in batches:
+        gram.add(rows)
+    got = symmetric(gram.result())
+    want = sum((rows.double().transpose(1, 2) @ rows.double()) for rows in batches)
     assert got.dtype == torch.float64 and torch.equal(got, got.transpose(1, 2))
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
