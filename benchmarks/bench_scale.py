@@ -118,23 +118,26 @@ def measure(job: dict) -> dict:
 
 def breakdown(stats: pstats.Stats, total: float) -> dict[str, float]:
     """A profiled merge's seconds by what they do; the parts do not overlap, ``other`` is the rest."""
-    def cumulative(file: str, function: str, caller: str | None = None) -> float:
-        found = [(info, callers) for (path, _, name), (*info, callers) in stats.stats.items()
-                 if path.endswith(file) and name == function]
-        if caller is None:
-            return sum(info[3] for info, _ in found)
-        return sum(c[3] for _, callers in found for (_, _, name), c in callers.items() if name == caller)
+    from pleascc.passes import merge_maps, solve
+    from pleascc.passes import stats as passes
 
-    grams, targets = cumulative("stats.py", "_gram"), cumulative("stats.py", "_accumulate")
-    residuals = cumulative("stats.py", "residual_moments")  # the targets' residual, once per layer
+    def key(function) -> tuple[str, int, str]:  # pstats' name for a Python function
+        code = function.__code__
+        return code.co_filename, code.co_firstlineno, code.co_name
+
+    def cumulative(function, caller=None) -> float:
+        *info, callers = stats.stats.get(key(function), (0, 0, 0, 0, {}))
+        return info[3] if caller is None else callers.get(key(caller), (0, 0, 0, 0))[3]
+
+    grams, targets = cumulative(passes.GramSum.add), cumulative(passes._accumulate)
     parts = {
-        "forward (every pass)": cumulative("stats.py", "_execute"),
-        "matching statistics": cumulative("stats.py", "_add_site"),
+        "forward (every pass)": cumulative(passes._execute),
+        "matching statistics": cumulative(passes._add_site),
         "least-squares Grams": grams,
-        "least-squares targets": targets + residuals,
-        "least-squares rows (read, mapped)": cumulative("stats.py", "_add_layer") - grams - targets
-        + cumulative("stats.py", "_read_input") + cumulative("merge_maps.py", "merge", caller="_mapped_reads"),
-        "solves": cumulative("solve.py", "least_squares"),
+        "least-squares targets": targets,
+        "least-squares rows (read, mapped)": cumulative(passes._add_layer) - grams - targets
+        + cumulative(passes._read_input) + cumulative(merge_maps.MergeMaps.merge, caller=passes._mapped_reads),
+        "solves": cumulative(solve.least_squares),
     }
     return {**parts, "other": total - sum(parts.values())}
 

@@ -839,5 +839,6 @@ def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def _square_sum(x: torch.Tensor) -> float:
-    """‖x‖², summed in float64."""
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+    """‖x‖²: the norms of its rows (last axis) in its own precision, their squares summed in float64
+    (converting all of it to float64 first cost a twentieth of a ResNet-50 merge)."""
+    return float(torch.linalg.vector_norm(x, dim=-1).double().square().sum())
