@@ -734,7 +734,10 @@ def _target_rows(layer: Layer, y: torch.Tensor, maps: MergeMaps) -> torch.Tensor
 def _patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor:
     """im2col (N, C·k, L) of a 1- or 2-D convolution's input, at ``sampled_positions`` of its L outputs.
 
-    Only the sampled patches are gathered: a full im2col is k× the input.
+    Only the sampled patches are gathered, from the unpadded map, with zeros
+    where a patch reaches into the padding: a full im2col is k× the input,
+    and padding the map first copied all of it to read k·64 values per
+    channel (5–10× slower for ResNet-50's first three stages).
     """
     if isinstance(conv["padding"], str):
         raise PleasccError("least squares for convolutions with string padding is not supported; "
@@ -751,10 +754,14 @@ def _patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor
     keep = sampled_positions(out_h * out_w, positions)
     if keep is None:
         return F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))
-    keep = keep.to(x.device)
-    rows = (keep // out_w * sh)[None, :] + (torch.arange(kh, device=x.device) * dh)[:, None]  # (kh, P)
-    cols = (keep % out_w * sw)[None, :] + (torch.arange(kw, device=x.device) * dw)[:, None]  # (kw, P)
-    patches = F.pad(x, (pw, pw, ph, ph))[:, :, rows[:, None, :], cols[None, :, :]]  # (N, C, kh, kw, P)
+    keep, (h, w) = keep.to(x.device), x.shape[2:]
+    rows = (keep // out_w * sh - ph)[None, :] + (torch.arange(kh, device=x.device) * dh)[:, None]  # (kh, P)
+    cols = (keep % out_w * sw - pw)[None, :] + (torch.arange(kw, device=x.device) * dw)[:, None]  # (kw, P)
+    index = rows.clamp(0, h - 1)[:, None, :] * w + cols.clamp(0, w - 1)[None, :, :]  # (kh, kw, P) into the map
+    patches = take(x.reshape(*x.shape[:2], h * w), 2, index.reshape(-1))
+    inside = ((rows >= 0) & (rows < h))[:, None, :] & ((cols >= 0) & (cols < w))[None, :, :]
+    if not bool(inside.all()):
+        patches.masked_fill_(~inside.reshape(-1), 0)
     return patches.reshape(x.shape[0], -1, len(keep))
 
 
