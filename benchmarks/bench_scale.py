@@ -48,7 +48,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
-from zoo_timm import code_version, cpu_name  # noqa: E402
+from provenance import code_version, cpu_name  # noqa: E402
 
 
 def build(arch: str, seed: int) -> tuple[torch.nn.Module, tuple[int, ...]]:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import load_cifar10, to_tensor  # noqa: E402
 from mnist import load_mnist_rgb  # noqa: E402
 from train_cifar_pair import build  # noqa: E402
-from zoo_timm import code_version, cpu_name  # noqa: E402
+from provenance import code_version, cpu_name  # noqa: E402
 
 import pleascc  # noqa: E402
 from pleascc.demo import task_accuracies  # noqa: E402

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_coverage import RESULTS, TRANSFORMERS, build  # noqa: E402
-from zoo_timm import code_version  # noqa: E402
+from provenance import code_version  # noqa: E402
 
 import pleascc  # noqa: E402
 from pleascc.export import onnx_predict  # noqa: E402

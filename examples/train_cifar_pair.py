@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import load_cifar10, select_classes, to_tensor  # noqa: E402
 from resnet20 import resnet20  # noqa: E402
 from vit_cifar import vit_cifar  # noqa: E402
-from zoo_timm import cpu_name  # noqa: E402
+from provenance import cpu_name  # noqa: E402
 
 TASKS = {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]}
 BATCH = 128

@@ -31,12 +31,9 @@ machine two workers of one thread each finish sooner than one of two threads:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import json
-import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +46,7 @@ import pleascc
 from pleascc.export import onnx_predict
 from pleascc.trace import trace
 from pleascc.verify import flat_outputs, non_degenerate, permutation_invariance
+from provenance import code_version
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,23 +66,6 @@ def candidates(max_params: float, per_family: int) -> list[str]:
                 sized.append((params, name))
         chosen += [name for _, name in sorted(sized)[:per_family]]
     return chosen
-
-
-def code_version() -> str:
-    """The commit the rows are computed with (``+`` when the working tree differs from it)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
-
-    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "pleascc", "passes") else "")
-
-
-def cpu_name() -> str:
-    """The CPU rows are measured on: timings, and float64 statistics against float32 forwards, differ by machine."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def check(name: str, version: str) -> dict:
