@@ -121,13 +121,13 @@ def breakdown(stats: pstats.Stats, total: float) -> dict[str, float]:
     from pleascc.passes import merge_maps, solve
     from pleascc.passes import stats as passes
 
-    def key(function) -> tuple[str, int, str]:  # pstats' name for a Python function
+    def profile_key(function) -> tuple[str, int, str]:  # pstats' name for a Python function
         code = function.__code__
         return code.co_filename, code.co_firstlineno, code.co_name
 
     def cumulative(function, caller=None) -> float:
-        *info, callers = stats.stats.get(key(function), (0, 0, 0, 0, {}))
-        return info[3] if caller is None else callers.get(key(caller), (0, 0, 0, 0))[3]
+        *info, callers = stats.stats.get(profile_key(function), (0, 0, 0, 0, {}))
+        return info[3] if caller is None else callers.get(profile_key(caller), (0, 0, 0, 0))[3]
 
     grams, targets = cumulative(passes.GramSum.add), cumulative(passes._accumulate)
     parts = {
