@@ -17,7 +17,8 @@ def code_version() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "pleascc", "passes") else "")
+    # ":/" roots the paths at the repository's top: git reads plain ones from cwd (examples/), matching nothing
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", ":/pleascc", ":/passes") else "")
 
 
 def cpu_name() -> str:
