@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -479,22 +479,23 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
     per sample (``sampled_positions``), linear layers that many tokens
     (``at_tokens``).
     """
-    by_node: dict[str, list[tuple[Problem, tuple | None, torch.Tensor | None]]] = {}  # with what each reads
+    by_node: dict[str, list[ProblemRead]] = {}
     grams: dict[tuple, GramSum] = {}  # (node, rows key) -> its Gram, summed over batches
+    device = device_of(gms[0])
     for p in problems:
         key = _rows_key(p, maps)
         columns = _block_columns(p, maps) if key is None and p.block.cols is not None else None
-        by_node.setdefault(p.layer.node, []).append((p, key, columns))
-    layers = {node: group[0][0].layer for node, group in by_node.items()}
+        by_node.setdefault(p.layer.node, []).append(ProblemRead(p, key, columns, p.w0.to(device, torch.float32)))
+    layers = {node: group[0].problem.layer for node, group in by_node.items()}
     frontier = frontier or Frontier()
     with torch.no_grad(), threadpool_limits(torch.get_num_threads(), user_api="blas"):  # syrk's threads too
-        for batch, x in enumerate(batches(data, batch_size, "least-squares statistics", progress, device_of(gms[0]))):
+        for batch, x in enumerate(batches(data, batch_size, "least-squares statistics", progress, device)):
             reads = (_merged_model_reads(gms, merged_model, frontier, batch, x, layers, positions)
                      if merged_model else _mapped_reads(gms, maps, x, layers, positions))
             for node, x_merged, outputs in reads:  # one layer's merged input and rows alive at a time
                 _add_layer(by_node[node], x_merged, outputs, maps, grams, positions)
     totals = {k: symmetric(distributed.total(g.result())) for k, g in grams.items()}  # over every rank's shard
-    for p, key, columns in (read for group in by_node.values() for read in group):
+    for p, key, columns, _ in (read for group in by_node.values() for read in group):
         p.xx = totals[p.layer.node, key]
         if columns is not None:
             columns = columns.to(p.xx.device)
@@ -504,6 +505,16 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
 
 
 LayerRead = tuple[str, torch.Tensor, list[torch.Tensor]]  # a layer's node, its merged input, A's and B's outputs
+
+
+class ProblemRead(NamedTuple):
+    """What one problem reads of its layer's batches: its rows (``_rows_key``), its block's columns of them
+    (None: all), and its warm start in the rows' precision (converted once, not every batch)."""
+
+    problem: Problem
+    key: tuple | None
+    columns: torch.Tensor | None
+    warm_start: torch.Tensor
 
 
 def _mapped_reads(gms, maps: MergeMaps, x: torch.Tensor, layers: dict[str, Layer], positions: int | None
@@ -549,15 +560,15 @@ def _merged_model_reads(gms, merged_model: tuple[fx.GraphModule, dict[str, str]]
         yield node, read, [v[node] for v in outputs]
 
 
-def _add_layer(group: list[tuple[Problem, tuple | None, torch.Tensor | None]], x_merged: torch.Tensor,
+def _add_layer(group: list[ProblemRead], x_merged: torch.Tensor,
                outputs: list[torch.Tensor], maps: MergeMaps, grams: dict[tuple, GramSum],
                positions: int | None) -> None:
     """One batch of one layer: its Grams (one per rows key) and each of its problems' target moments."""
-    layer = group[0][0].layer
+    layer = group[0].problem.layer
     axis = _unit_axis(layer)
     outputs = _checked([_read_layer_value(layer, v, positions) for v in outputs], layer.node)
     rows: dict[tuple | None, torch.Tensor] = {}
-    for p, key, columns in group:
+    for p, key, columns, warm_start in group:
         if key not in rows:
             x_in = x_merged if key is None else take(x_merged, axis, p.block.cols.to(x_merged.device))
             rows[key] = _rows(layer, x_in, maps)
@@ -565,7 +576,7 @@ def _add_layer(group: list[tuple[Problem, tuple | None, torch.Tensor | None]], x
         inputs = rows[key] if columns is None else take(rows[key], 2, columns.to(x_merged.device))
         y = p.target(*outputs)
         y = y if p.block.rows is None else take(y, layer.out_axis, p.block.rows.to(y.device))
-        _accumulate(p, inputs, _target_rows(layer, y, maps))
+        _accumulate(p, inputs, _target_rows(layer, y, maps), warm_start)
 
 
 def _rows_key(p: Problem, maps: MergeMaps) -> tuple | None:
@@ -794,8 +805,8 @@ class GramSum:
     def add(self, rows: torch.Tensor) -> None:
         groups, n, d = rows.shape
         if groups > 1 or d < SYRK_MIN or rows.device.type != "cpu" or rows.dtype != torch.float32:
-            gram = (rows.transpose(1, 2) @ rows).double()
-            self.total = gram if self.total is None else self.total.add_(gram)
+            gram = rows.transpose(1, 2) @ rows
+            self.total = gram.double() if self.total is None else self.total.add_(gram)
             return
         if self.partial is None:
             self.partial = np.zeros((d, d), dtype=np.float32, order="F")
@@ -826,7 +837,7 @@ def symmetric(upper: torch.Tensor) -> torch.Tensor:
     return upper.triu() + upper.triu(1).transpose(-2, -1)
 
 
-def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor) -> None:
+def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor, warm_start: torch.Tensor) -> None:
     """One batch of the target's moments with the layer's rows, whose Gram is the layer's (``_rows_key``).
 
     What is summed is the residual against the warm start, R = T − W0·X,
@@ -835,11 +846,11 @@ def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor) -> None:
     T·Xᵀ − W0·(X·Xᵀ), would take the difference of two large sums, each
     rounded in float32 with the Gram (``GramSum``), and move a self-merge's
     weights visibly through an ill-conditioned Gram.  Products are float32,
-    sums across batches float64.
+    sums across batches float64, added to in place (no float64 copy of each product).
     """
-    residual = target - inputs @ p.w0.to(inputs).transpose(1, 2)
-    rx = (residual.transpose(1, 2) @ inputs).double()
-    p.rx = rx if p.rx is None else p.rx.add_(rx)
+    residual = target - inputs @ warm_start.transpose(1, 2)
+    rx = residual.transpose(1, 2) @ inputs
+    p.rx = rx.double() if p.rx is None else p.rx.add_(rx)
     p.count += inputs.shape[1]
     p.tt += _square_sum(target)
     p.rr += _square_sum(residual)

@@ -154,7 +154,7 @@ def _accumulated(inputs: torch.Tensor, target: torch.Tensor, w0: torch.Tensor, b
     """A toy problem whose moments ``_accumulate`` summed over ``batches`` batches of rows."""
     problem = Problem(layer=None, target=None, name="toy", w0=w0, xx=inputs.transpose(1, 2) @ inputs)
     for x, t in zip(inputs.chunk(batches, dim=1), target.chunk(batches, dim=1)):
-        _accumulate(problem, x, t)
+        _accumulate(problem, x, t, w0.to(x))
     return problem
 
 
