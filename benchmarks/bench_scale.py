@@ -4,7 +4,7 @@ The floor is one forward pass of A and B over the calibration data; a merge
 also gathers statistics (two passes in one-pass least squares, more in the
 sequential variant, resumed from kept activations) and solves small dense
 systems.  Each measurement runs in a fresh process, so its peak resident memory
-(``ru_maxrss``, from the OS) is its own; the forward floor is timed in that same
+(VmHWM, from the OS: ``provenance.peak_rss_mb``) is its own; the forward floor is timed in that same
 process right after the merge, at the merge's batch size, so the ratio compares
 like with like.  Random weights, and random inputs in a .npy on disk read batch
 by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
@@ -36,7 +36,6 @@ import cProfile
 import json
 import multiprocessing
 import pstats
-import resource
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
-from provenance import code_version, cpu_name  # noqa: E402
+from provenance import code_version, cpu_name, peak_rss_mb  # noqa: E402
 
 
 def build(arch: str, seed: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -97,7 +96,7 @@ def measure(job: dict) -> dict:
             result = pleascc.merge(model_a, model_b, x, least_squares=job["least_squares"], labels="separate",
                                    match_samples=job.get("match_samples"), device=job["device"], progress=False)
         merge = time.perf_counter() - start
-        peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peaks = {"peak_rss_mb": peak_rss_mb(),
                  "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         batch = result.report["batch_size"]
         start = time.perf_counter()
