@@ -106,6 +106,7 @@ def merge_row(job: dict) -> dict:
     _, _, x_test, y_test = load_cifar10()
     x_eval, y_eval = to_tensor(x_test), torch.as_tensor(y_test)
     options = {k: v for k, v in variant.items() if k not in ("samples", "data")}
+    options |= {"cache_gb": job["cache_gb"]} if job["cache_gb"] is not None else {}
     start = time.perf_counter()
     result = pleascc.merge(*models, calib, budget=job["budget"], progress=False,
                            labels="separate" if setting == "labels" else "shared", **options)
@@ -117,6 +118,7 @@ def merge_row(job: dict) -> dict:
             "params": result.report["params_merged"], "samples": len(calib), "merge_seconds": seconds,
             "peak_rss_mb": peak,
             "least_squares_passes": result.report["least_squares_passes"],
+            "least_squares_cache_mb": result.report["least_squares_cache_mb"],
             **scores(logits, y_eval, setting), "onnx_max_abs_diff": check["max_abs_diff"], "code": job["code"],
             "cpu": job["cpu"]}
 
@@ -136,7 +138,8 @@ def run(args: argparse.Namespace, setting: str, variants: list[str]) -> list[dic
     done = json.loads(partial.read_text()) if args.resume and partial.exists() else []
     rows += done
     common = {"setting": setting, "models": str(args.models), "arch": args.arch, "width": args.width,
-              "samples": args.samples, "threads": args.threads, "code": code_version(), "cpu": cpu_name()}
+              "samples": args.samples, "threads": args.threads, "cache_gb": args.cache_gb, "code": code_version(),
+              "cpu": cpu_name()}
     jobs = [{**common, "variant": v, "budget": b} for v in variants for b in args.budgets
             if not any(r["method"] == v and r["budget"] == b for r in done)]
     metric = "per_task_mean" if setting == "labels" else "accuracy"
@@ -207,6 +210,9 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
     p.add_argument("--budgets", nargs="*", type=float, default=list(BUDGETS))
     p.add_argument("--threads", type=int, default=2, help="torch threads per merge")
+    p.add_argument("--cache-gb", type=float, help="sequential least squares' activation cache (pleascc merge "
+                   "--cache-gb; default: its 2 GB); a ×4 model at 1024 images outgrows 2 GB, and every one of its "
+                   "39 passes then starts from the input")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS),
                    help="recompute these variants at --budgets and keep the other rows of the existing results")
     p.add_argument("--resume", action="store_true",
@@ -219,7 +225,7 @@ def main() -> None:
         return report(args, json.loads(out.read_text())["rows"], setting)
     rows = run(args, setting, args.only or args.variants)
     meta = {"calibration_samples": args.samples, "arch": args.arch, "width": args.width, "setting": setting,
-            "threads": args.threads,
+            "threads": args.threads, "cache_gb": args.cache_gb,
             "command": " ".join(sys.argv)}
     if args.only:  # the rows not recomputed, and the commands that made them, from the last results
         old = json.loads(out.read_text())
