@@ -136,7 +136,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(pair)
         ax.set_xlabel("layer (input to output)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"CIFAR-10 energy inside the calibration's {ENERGY:.0%} directions")
+    axes[0].set_ylabel(f"CIFAR-10 energy in the calibration's {ENERGY:.0%} directions")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
