@@ -165,7 +165,11 @@ def plot(rows: list[dict], path: Path, title: str, metrics: list[str]) -> None:
         for k, method in enumerate(present):  # a colour each: the default cycle repeats after ten
             pts = [(r["relative_flops"], r[metric]) for r in rows if r["method"] == method]
             ax.plot(*zip(*pts), marker="o", label=method, color=plt.get_cmap("tab20")(k % 20))
-        ax.axhline(rows[0][metric], color="gray", linestyle="--", label="ensemble (2x)")
+        for r in rows:  # the references, found by name: ``--only`` sorts them by budget, the models alone first
+            if r["method"] not in VARIANTS:
+                ensemble = r["method"].startswith("ensemble")
+                ax.axhline(r[metric], color="gray" if ensemble else "black", linestyle="--" if ensemble else ":",
+                           linewidth=1, label="ensemble (2x)" if ensemble else r["method"])
         ax.set_xlabel("FLOPs of the merged model ÷ one model")
         ax.set_ylabel(LABELS[metric])
         ax.grid(alpha=0.3)
@@ -221,8 +225,9 @@ def main() -> None:
     args = p.parse_args()
     setting = json.loads((args.models / "train.json").read_text()).get("setting", "labels")
     out = RESULTS / f"{args.name}.json"
-    if args.replot:
-        return report(args, json.loads(out.read_text())["rows"], setting)
+    if args.replot:  # the setting the results were made in, whatever --models says
+        saved = json.loads(out.read_text())
+        return report(args, saved["rows"], saved["meta"].get("setting", setting))
     rows = run(args, setting, args.only or args.variants)
     meta = {"calibration_samples": args.samples, "arch": args.arch, "width": args.width, "setting": setting,
             "threads": args.threads, "cache_gb": args.cache_gb,
