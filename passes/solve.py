@@ -120,7 +120,9 @@ def regmean(problem: Problem, own: dict[int, torch.Tensor], alpha: float, ridge:
 def _ridged(gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``gram`` + λ·I per group, λ = ``ridge`` × the mean of its diagonal (scale-free); returns both."""
     damping = ridge * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
-    return gram + damping[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device), damping
+    system = gram.clone()  # problems of one layer share its Gram
+    system.diagonal(dim1=1, dim2=2).add_(damping[:, None])
+    return system, damping
 
 
 def _solve_spd(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes.groups import analyze, permutation_groups
 from pleascc.passes.match import hungarian, identity, match_heads, zip_units
 from pleascc.passes.merge_maps import Gather, MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
-from pleascc.passes.stats import CrossMoments, GramSum, Problem, _accumulate, feature_moments, symmetric
+from pleascc.passes.stats import CrossMoments, GramSum, Problem, _accumulate, feature_moments, mirror_upper
 from pleascc.passes.solve import least_squares
 from pleascc.passes.spaces import SpaceTable
 from pleascc.trace import trace
@@ -455,7 +455,7 @@ def test_gram_sum_is_the_matrix_product(shape, dtype, monkeypatch):
     gram = GramSum()
     for rows in batches:
         gram.add(rows)
-    got = symmetric(gram.result())
+    got = mirror_upper(gram.result())
     want = sum((rows.double().transpose(1, 2) @ rows.double()) for rows in batches)
     assert got.dtype == torch.float64 and torch.equal(got, got.transpose(1, 2))
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
