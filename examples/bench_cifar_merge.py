@@ -54,9 +54,11 @@ VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose 
     "pleas stages": {"method": "pleas", "width_search": "stages"},
     "pleas 256": {"method": "pleas", "samples": 256},
     "pleas 1024": {"method": "pleas", "samples": 1024},
+    "pleas 2048": {"method": "pleas", "samples": 2048},  # the ×4 tables calibrate on 1024
     "pleas 4096": {"method": "pleas", "samples": 4096},
     "pleas-free": {"method": "pleas", "data": "mnist"},
     "pleas-free stages": {"method": "pleas", "data": "mnist", "width_search": "stages"},
+    "pleas-free, all positions": {"method": "pleas", "data": "mnist", "positions": None},
     "pleas, matching on 256": {"method": "pleas", "match_samples": 256},  # least squares on all the samples
     "pleas, matching on 512": {"method": "pleas", "match_samples": 512},
     "pleas one-pass, all positions": {"method": "pleas", "least_squares": "one-pass", "positions": None},
@@ -67,6 +69,7 @@ VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose 
     "average (reset BN)": {"method": "average", "reset_bn": True},  # as ZipIt! and Git Re-Basin evaluate
     "permute (reset BN)": {"method": "permute", "reset_bn": True},
     "zipit (reset BN)": {"method": "zipit", "reset_bn": True},
+    "zipit, all positions": {"method": "zipit", "positions": None},
 }
 DEFAULT_VARIANTS = ["average", "permute", "pleas one-pass", "pleas"]
 RESULTS = Path(__file__).resolve().parent / "results"
