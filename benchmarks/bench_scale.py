@@ -18,6 +18,7 @@ by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
     python benchmarks/bench_scale.py ratio --device cuda   # on a GPU: scale_ratio_cuda.*
     python benchmarks/bench_scale.py breakdown --arch resnet50 --least-squares one-pass
         # where a merge's time goes (cProfile), in forward floors: scale_breakdown.*
+    python benchmarks/bench_scale.py forward   # the floor three ways: modules, traced graphs, lockstep: scale_forward.*
     python benchmarks/bench_scale.py breakdown --glibc-defaults   # the same with glibc's own malloc thresholds
         # (freed activations returned to the OS, as before allocator.reuse_freed_memory): its own rows
     python benchmarks/bench_scale.py ratio --arch resnet50 --samples 512 --least-squares one-pass --match-samples 128
@@ -115,6 +116,40 @@ def measure(job: dict) -> dict:
                 "top_self_s": top_self_times(pstats.Stats(profile))} if profile else {})}
 
 
+FORWARD_MODES = ("modules", "traced", "lockstep")
+
+
+def measure_forward(job: dict) -> dict:
+    """One forward pass of A and B three ways, alternating, at the one-pass merge's batch size: the models as
+    given (the ratio's floor), their traced graphs (out of place, as every pass runs them), and both graphs node
+    by node in lockstep with nothing read between the layers.  What the merge's forwards cost beyond the last
+    is the statistics' work between the layers.  Each mode's time is its fastest of ``repeats``.  On the CPU."""
+    from collections import deque
+
+    from pleascc import api
+    from pleascc.options import POSITIONS
+    from pleascc.passes.stats import batch_size_for, lockstep
+
+    torch.set_num_threads(job["threads"])
+    api.reuse_freed_memory()  # as a merge does
+    (model_a, shape), (model_b, _) = build(job["arch"], 0), build(job["arch"], 1)
+    x = torch.randn(job["samples"], *shape, generator=torch.Generator().manual_seed(2))
+    gms, analysis, _, _ = api._trace_pair(model_a, model_b, x)
+    batch = batch_size_for(analysis, gms[0].graph, POSITIONS)
+    last = [n.name for n in gms[0].graph.nodes if n.op in ("call_module", "call_function", "call_method")][-1]
+    runs = {"modules": lambda xb: (model_a(xb), model_b(xb)), "traced": lambda xb: (gms[0](xb), gms[1](xb)),
+            "lockstep": lambda xb: deque(lockstep(gms, xb, {last: (last,)}), maxlen=0)}
+    seconds: dict[str, list[float]] = {mode: [] for mode in FORWARD_MODES}
+    with torch.no_grad():
+        for _ in range(job["repeats"]):
+            for mode in FORWARD_MODES:
+                start = time.perf_counter()
+                for k in range(0, len(x), batch):
+                    runs[mode](x[k:k + batch])
+                seconds[mode].append(time.perf_counter() - start)
+    return {**job, "batch_size": batch, "seconds": {mode: min(t) for mode, t in seconds.items()}}
+
+
 def breakdown(stats: pstats.Stats, total: float) -> dict[str, float]:
     """A profiled merge's seconds by what they do; the parts do not overlap, ``other`` is the rest."""
     from pleascc.passes import merge_maps, solve
@@ -170,6 +205,10 @@ def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
                                                                         [512, 2048] if part == "ratio" else [168])
         return [{"arch": a, "samples": n, "least_squares": ls, "threads": threads, "profile": part == "breakdown"}
                 for a in archs for n in counts or default for ls in variants or ("one-pass", "sequential")]
+    if part == "forward":
+        archs = ["resnet18-smoke"] if smoke else models or ["resnet50", "vit_small"]
+        return [{"arch": a, "samples": n, "least_squares": "one-pass", "threads": threads, "repeats": 3}
+                for a in archs for n in counts or ([46] if smoke else [184])]
     if part == "samples":
         counts = [64, 128] if smoke else [256, 512, 1024, 2048, 4096]
         return [{"arch": "resnet20x1", "samples": n, "least_squares": ls, "threads": threads}
@@ -190,29 +229,43 @@ def on_cpu(row: dict) -> str:
     return f", {row['cpu']}" if row.get("cpu") else ""
 
 
+def table(header: list[str], cells: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
+
+
 def markdown(rows: list[dict]) -> str:
     if rows and "breakdown_s" in rows[0]:
         return breakdown_markdown(rows)
-    lines = ["| model | samples | batch | positions | least squares | passes | forward A+B s | merge s | "
-             "merge ÷ forward | peak MB | kept activations MB | commit | CPU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {model(r)} | {r['samples']} | {r.get('batch_size', 64)} | {r.get('positions') or 'all'} | "
-              f"{r['least_squares']} | {r['passes']} | "
-              f"{r['forward_s']:.1f} | {r['merge_s']:.1f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['cache_mb']:.0f} | {r.get('code', '—')} | {r.get('cpu', '—')} |" for r in rows]
-    return "\n".join(lines) + "\n"
+    if rows and "seconds" in rows[0]:
+        return forward_markdown(rows)
+    return table(["model", "samples", "batch", "positions", "least squares", "passes", "forward A+B s", "merge s",
+                  "merge ÷ forward", "peak MB", "kept activations MB", "commit", "CPU"],
+                 [[model(r), str(r["samples"]), str(r.get("batch_size", 64)), str(r.get("positions") or "all"),
+                   r["least_squares"], str(r["passes"]), f"{r['forward_s']:.1f}", f"{r['merge_s']:.1f}",
+                   f"{r['ratio']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['cache_mb']:.0f}", r.get("code", "—"),
+                   r.get("cpu", "—")] for r in rows])
 
 
 def breakdown_markdown(rows: list[dict]) -> str:
     """Each part of a profiled merge in forward floors (one forward pass of A and B over the same data)."""
     parts = list(rows[0]["breakdown_s"])
-    lines = ["| model | samples | batch | least squares | forward A+B s | merge s (profiled) | "
-             + " | ".join(parts) + " | commit | CPU |", "|---" * (len(parts) + 8) + "|"]
-    lines += [f"| {model(r)} | {r['samples']} | {r['batch_size']} | {r['least_squares']} | {r['forward_s']:.1f} | "
-              f"{r['merge_s']:.1f} ({r['ratio']:.2f}×) | "
-              + " | ".join(f"{r['breakdown_s'][k] / r['forward_s']:.2f}×" for k in parts)
-              + f" | {r.get('code', '—')} | {r.get('cpu', '—')} |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return table(["model", "samples", "batch", "least squares", "forward A+B s", "merge s (profiled)", *parts,
+                  "commit", "CPU"],
+                 [[model(r), str(r["samples"]), str(r["batch_size"]), r["least_squares"], f"{r['forward_s']:.1f}",
+                   f"{r['merge_s']:.1f} ({r['ratio']:.2f}×)",
+                   *(f"{r['breakdown_s'][k] / r['forward_s']:.2f}×" for k in parts),
+                   r.get("code", "—"), r.get("cpu", "—")] for r in rows])
+
+
+def forward_markdown(rows: list[dict]) -> str:
+    """The three ways of running the forward pass, as ratios to the models as given (measured in one process)."""
+    return table(["model", "samples", "batch", "modules s", "traced ÷ modules", "lockstep ÷ modules", "commit", "CPU"],
+                 [[r["arch"], str(r["samples"]), str(r["batch_size"]), f"{r['seconds']['modules']:.2f}",
+                   f"{r['seconds']['traced'] / r['seconds']['modules']:.3f}",
+                   f"{r['seconds']['lockstep'] / r['seconds']['modules']:.3f}", r.get("code", "—"),
+                   r.get("cpu", "—")] for r in rows])
 
 
 def plot(rows: list[dict], part: str, path: Path) -> None:
@@ -223,6 +276,8 @@ def plot(rows: list[dict], part: str, path: Path) -> None:
 
     if part == "breakdown":
         return plot_breakdown(rows, path, plt)
+    if part == "forward":
+        return plot_forward(rows, path, plt)
 
     key = {"samples": "samples", "width": "arch"}.get(part)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -253,6 +308,20 @@ def plot(rows: list[dict], part: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_forward(rows: list[dict], path: Path, plt) -> None:
+    """Per model, each way of running the forward pass as a share of the models as given."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for k, mode in enumerate(FORWARD_MODES):
+        ax.bar(np.arange(len(rows)) + 0.25 * (k - 1), [r["seconds"][mode] / r["seconds"]["modules"] for r in rows],
+               width=0.25, label=mode)
+    ax.set_xticks(np.arange(len(rows)), [f"{r['arch']}{on_cpu(r)}" for r in rows], fontsize=7)
+    ax.set(ylabel="seconds ÷ modules as given")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_breakdown(rows: list[dict], path: Path, plt) -> None:
     """One stacked bar per merge: its parts in forward floors, against the target of 3."""
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.6 * len(rows)))
@@ -272,17 +341,17 @@ def plot_breakdown(rows: list[dict], path: Path, plt) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("ratio", "samples", "width", "breakdown"))
+    p.add_argument("part", choices=("ratio", "samples", "width", "breakdown", "forward"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where the forward floor and the merge's passes run (cuda: "
                    "results go to scale_PART_cuda.*)")
     p.add_argument("--smoke", action="store_true", help="tiny settings, to check the script")
-    p.add_argument("--samples", type=int, nargs="*", help="ratio and breakdown: these sample counts only "
-                   "(default 512 2048; breakdown 168)")
+    p.add_argument("--samples", type=int, nargs="*", help="ratio, breakdown and forward: these sample counts only "
+                   "(default 512 2048; breakdown 168; forward 184)")
     p.add_argument("--least-squares", nargs="*", choices=("one-pass", "sequential"),
                    help="these variants only (ratio, breakdown: default both; samples, width: default sequential)")
     p.add_argument("--arch", nargs="*", choices=("resnet50", "vit_small"),
-                   help="ratio and breakdown: these models only")
+                   help="ratio, breakdown and forward: these models only")
     p.add_argument("--match-samples", type=int, help="ratio and breakdown: matching reads only the first N samples "
                    "(pleascc merge --match-samples; rows of their own)")
     p.add_argument("--glibc-defaults", action="store_true", help="leave glibc's malloc thresholds as they are "
@@ -295,7 +364,7 @@ def main() -> None:
     rows = previous_rows(RESULTS / f"{name}.json")
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         todo = jobs(args.part, args.smoke, args.threads, args.samples, args.least_squares, args.arch)
-        for row in pool.imap(measure, [{**job, "device": args.device, "glibc_defaults": args.glibc_defaults,
+        for row in pool.imap(measure_forward if args.part == "forward" else measure, [{**job, "device": args.device, "glibc_defaults": args.glibc_defaults,
                                         "match_samples": args.match_samples} for job in todo]):
             row.update(code=version, cpu=cpu, command=" ".join(sys.argv))
             rows = [r for r in rows if key(r) != key(row)] + [row]
