@@ -364,8 +364,9 @@ def main() -> None:
     rows = previous_rows(RESULTS / f"{name}.json")
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         todo = jobs(args.part, args.smoke, args.threads, args.samples, args.least_squares, args.arch)
-        for row in pool.imap(measure_forward if args.part == "forward" else measure, [{**job, "device": args.device, "glibc_defaults": args.glibc_defaults,
-                                        "match_samples": args.match_samples} for job in todo]):
+        work = measure_forward if args.part == "forward" else measure
+        for row in pool.imap(work, [{**job, "device": args.device, "glibc_defaults": args.glibc_defaults,
+                                     "match_samples": args.match_samples} for job in todo]):
             row.update(code=version, cpu=cpu, command=" ".join(sys.argv))
             rows = [r for r in rows if key(r) != key(row)] + [row]
             print(markdown([row]).splitlines()[-1], flush=True)
