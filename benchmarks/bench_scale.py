@@ -6,7 +6,9 @@ sequential variant, resumed from kept activations) and solves small dense
 systems.  Each measurement runs in a fresh process, so its peak resident memory
 (VmHWM, from the OS: ``provenance.peak_rss_mb``) is its own; the forward floor is timed in that same
 process right after the merge, at the merge's batch size, so the ratio compares
-like with like.  Random weights, and random inputs in a .npy on disk read batch
+like with like; and again with the models channels-last, as the merge runs them
+where that holds (``pleascc.layout``): the ratio to that floor counts only what
+the merge adds to its forwards.  Random weights, and random inputs in a .npy on disk read batch
 by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
 
     python benchmarks/bench_scale.py ratio     # resnet50, vit_small at 224: 512 and 2048 samples, both LS variants
@@ -80,7 +82,7 @@ def measure(job: dict) -> dict:
     import pleascc
 
     from pleascc import api
-    from pleascc.data import load_data, read_rows
+    from pleascc.data import load_data
 
     if job.get("glibc_defaults"):
         api.reuse_freed_memory = lambda: False
@@ -100,33 +102,47 @@ def measure(job: dict) -> dict:
         peaks = {"peak_rss_mb": peak_rss_mb(),
                  "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         batch = result.report["batch_size"]
-        start = time.perf_counter()
-        with torch.no_grad():
-            for model in (model_a, model_b):
-                on_device = copy.deepcopy(model).to(device)
-                for k in range(0, len(x), batch):
-                    on_device(read_rows(x[k:k + batch]).to(device))
-        synchronize(device)
-        forward = time.perf_counter() - start
+        forward = time_forward((model_a, model_b), x, batch, device, torch.contiguous_format)
+        forward_channels_last = time_forward((model_a, model_b), x, batch, device, torch.channels_last)
     return {**job, "positions": result.report["positions"], "forward_s": forward, "merge_s": merge,
-            "ratio": merge / forward, **peaks, "batch_size": batch,
+            "ratio": merge / forward, "forward_channels_last_s": forward_channels_last,
+            "ratio_channels_last": merge / forward_channels_last, **peaks, "batch_size": batch,
             "passes": 2 + max(result.report["least_squares_passes"] - 1, 0),
             "cache_mb": result.report["least_squares_cache_mb"], "timings_s": result.report["timings_s"],
             **({"breakdown_s": breakdown(pstats.Stats(profile), merge),
                 "top_self_s": top_self_times(pstats.Stats(profile))} if profile else {})}
 
 
-FORWARD_MODES = ("modules", "traced", "lockstep")
+def time_forward(models: tuple[torch.nn.Module, ...], x, batch: int, device: torch.device,
+                 memory_format: torch.memory_format) -> float:
+    """Seconds for one forward pass of each model over ``x`` in batches of ``batch``, its 4-D weights (and so
+    its maps) in ``memory_format``: as given, the ratio's floor; channels-last, the floor as the merge runs it
+    (``pleascc.layout``), so a merge's ratio to it counts only what the merge adds to its forwards."""
+    from pleascc.data import read_rows
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for model in models:
+            on_device = copy.deepcopy(model).to(device, memory_format=memory_format)
+            for k in range(0, len(x), batch):
+                on_device(read_rows(x[k:k + batch]).to(device))
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+FORWARD_MODES = ("modules", "modules, channels-last", "traced", "lockstep")
 
 
 def measure_forward(job: dict) -> dict:
-    """One forward pass of A and B three ways, alternating, at the one-pass merge's batch size: the models as
-    given (the ratio's floor), their traced graphs (out of place, as every pass runs them), and both graphs node
-    by node in lockstep with nothing read between the layers.  What the merge's forwards cost beyond the last
-    is the statistics' work between the layers.  Each mode's time is its fastest of ``repeats``.  On the CPU."""
+    """One forward pass of A and B four ways, alternating, at the one-pass merge's batch size: the models as
+    given (the ratio's floor), the same channels-last, their traced graphs (out of place, as every pass runs
+    them), and both graphs node by node in lockstep, as the merge runs them (``statistics_copies``), with
+    nothing read between the layers.  What the merge's forwards cost beyond the last is the statistics' work
+    between the layers.  Each mode's time is its fastest of ``repeats``.  On the CPU."""
     from collections import deque
 
     from pleascc import api
+    from pleascc.layout import statistics_copies
     from pleascc.options import POSITIONS
     from pleascc.passes.stats import batch_size_for, lockstep
 
@@ -137,8 +153,11 @@ def measure_forward(job: dict) -> dict:
     gms, analysis, _, _ = api._trace_pair(model_a, model_b, x)
     batch = batch_size_for(analysis, gms[0].graph, POSITIONS)
     last = [n.name for n in gms[0].graph.nodes if n.op in ("call_module", "call_function", "call_method")][-1]
-    runs = {"modules": lambda xb: (model_a(xb), model_b(xb)), "traced": lambda xb: (gms[0](xb), gms[1](xb)),
-            "lockstep": lambda xb: deque(lockstep(gms, xb, {last: (last,)}), maxlen=0)}
+    merge_runs = statistics_copies(gms, torch.device("cpu"), x[:2])
+    last_a, last_b = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (model_a, model_b))
+    runs = {"modules": lambda xb: (model_a(xb), model_b(xb)), "modules, channels-last": lambda xb: (
+            last_a(xb), last_b(xb)), "traced": lambda xb: (gms[0](xb), gms[1](xb)),
+            "lockstep": lambda xb: deque(lockstep(merge_runs, xb, {last: (last,)}), maxlen=0)}
     seconds: dict[str, list[float]] = {mode: [] for mode in FORWARD_MODES}
     with torch.no_grad():
         for _ in range(job["repeats"]):
@@ -240,12 +259,19 @@ def markdown(rows: list[dict]) -> str:
         return breakdown_markdown(rows)
     if rows and "seconds" in rows[0]:
         return forward_markdown(rows)
-    return table(["model", "samples", "batch", "positions", "least squares", "passes", "forward A+B s", "merge s",
-                  "merge ÷ forward", "peak MB", "kept activations MB", "commit", "CPU"],
+    return table(["model", "samples", "batch", "positions", "least squares", "passes", "forward A+B s",
+                  "forward channels-last s", "merge s", "merge ÷ forward", "merge ÷ forward channels-last",
+                  "peak MB", "kept activations MB", "commit", "CPU"],
                  [[model(r), str(r["samples"]), str(r.get("batch_size", 64)), str(r.get("positions") or "all"),
-                   r["least_squares"], str(r["passes"]), f"{r['forward_s']:.1f}", f"{r['merge_s']:.1f}",
-                   f"{r['ratio']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['cache_mb']:.0f}", r.get("code", "—"),
-                   r.get("cpu", "—")] for r in rows])
+                   r["least_squares"], str(r["passes"]), f"{r['forward_s']:.1f}",
+                   optional(r, "forward_channels_last_s", ".1f"), f"{r['merge_s']:.1f}", f"{r['ratio']:.2f}",
+                   optional(r, "ratio_channels_last", ".2f"), f"{r['peak_rss_mb']:.0f}", f"{r['cache_mb']:.0f}",
+                   r.get("code", "—"), r.get("cpu", "—")] for r in rows])
+
+
+def optional(row: dict, field: str, spec: str) -> str:
+    """A figure rows measured before it existed lack: "—" there."""
+    return format(row[field], spec) if row.get(field) is not None else "—"
 
 
 def breakdown_markdown(rows: list[dict]) -> str:
@@ -261,11 +287,12 @@ def breakdown_markdown(rows: list[dict]) -> str:
 
 def forward_markdown(rows: list[dict]) -> str:
     """The three ways of running the forward pass, as ratios to the models as given (measured in one process)."""
-    return table(["model", "samples", "batch", "modules s", "traced ÷ modules", "lockstep ÷ modules", "commit", "CPU"],
+    others = FORWARD_MODES[1:]
+    return table(["model", "samples", "batch", "modules s", *(f"{mode} ÷ modules" for mode in others), "commit",
+                  "CPU"],
                  [[r["arch"], str(r["samples"]), str(r["batch_size"]), f"{r['seconds']['modules']:.2f}",
-                   f"{r['seconds']['traced'] / r['seconds']['modules']:.3f}",
-                   f"{r['seconds']['lockstep'] / r['seconds']['modules']:.3f}", r.get("code", "—"),
-                   r.get("cpu", "—")] for r in rows])
+                   *(f"{r['seconds'][mode] / r['seconds']['modules']:.3f}" if mode in r["seconds"] else "—"
+                     for mode in others), r.get("code", "—"), r.get("cpu", "—")] for r in rows])
 
 
 def plot(rows: list[dict], part: str, path: Path) -> None:
@@ -283,7 +310,11 @@ def plot(rows: list[dict], part: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     if key is None:  # ratio: one bar per merge
         labels = [f"{model(r)}\n{r['samples']}, {r['least_squares']}{on_cpu(r)}" for r in rows]
-        axes[0].bar(labels, [r["ratio"] for r in rows])
+        at = np.arange(len(rows))
+        axes[0].bar(at - 0.2, [r["ratio"] for r in rows], width=0.4, label="÷ forward as given")
+        axes[0].bar(at + 0.2, [r.get("ratio_channels_last") or np.nan for r in rows], width=0.4,
+                    label="÷ forward channels-last")
+        axes[0].set_xticks(at, labels)
         axes[0].axhline(3, color="gray", linestyle="--", label="target 3")
         axes[0].set(ylabel="merge time ÷ forward A+B")
         axes[0].legend()
@@ -312,8 +343,8 @@ def plot_forward(rows: list[dict], path: Path, plt) -> None:
     """Per model, each way of running the forward pass as a share of the models as given."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for k, mode in enumerate(FORWARD_MODES):
-        ax.bar(np.arange(len(rows)) + 0.25 * (k - 1), [r["seconds"][mode] / r["seconds"]["modules"] for r in rows],
-               width=0.25, label=mode)
+        ax.bar(np.arange(len(rows)) + 0.2 * (k - 1.5), [r["seconds"].get(mode, np.nan) / r["seconds"]["modules"]
+                                                         for r in rows], width=0.2, label=mode)
     ax.set_xticks(np.arange(len(rows)), [f"{r['arch']}{on_cpu(r)}" for r in rows], fontsize=7)
     ax.set(ylabel="seconds ÷ modules as given")
     ax.legend(fontsize=7)

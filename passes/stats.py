@@ -571,11 +571,15 @@ def _add_layer(group: list[ProblemRead], x_merged: torch.Tensor,
     for p, key, columns, warm_start in group:
         if key not in rows:
             x_in = x_merged if key is None else take(x_merged, axis, p.block.cols.to(x_merged.device))
-            rows[key] = _rows(layer, x_in, maps)
-            grams.setdefault((layer.node, key), GramSum()).add(rows[key])
-        inputs = rows[key] if columns is None else take(rows[key], 2, columns.to(x_merged.device))
+            rows[key] = x_in if layer.kind == "norm" else _rows(layer, x_in, maps)
+            gram = grams.setdefault((layer.node, key), GramSum())
+            gram.add_product(_norm_gram(x_in)) if layer.kind == "norm" else gram.add(rows[key])
         y = p.target(*outputs)
         y = y if p.block.rows is None else take(y, layer.out_axis, p.block.rows.to(y.device))
+        if layer.kind == "norm":
+            _accumulate_norm(p, rows[key], y, warm_start)
+            continue
+        inputs = rows[key] if columns is None else take(rows[key], 2, columns.to(x_merged.device))
         _accumulate(p, inputs, _target_rows(layer, y, maps), warm_start)
 
 
@@ -805,8 +809,7 @@ class GramSum:
     def add(self, rows: torch.Tensor) -> None:
         groups, n, d = rows.shape
         if groups > 1 or d < SYRK_MIN or rows.device.type != "cpu" or rows.dtype != torch.float32:
-            gram = rows.transpose(1, 2) @ rows
-            self.total = gram.double() if self.total is None else self.total.add_(gram)
+            self.add_product(rows.transpose(1, 2) @ rows)
             return
         if self.partial is None:
             self.partial = np.zeros((d, d), dtype=np.float32, order="F")
@@ -816,6 +819,10 @@ class GramSum:
         self.partial_rows += n
         if self.partial_rows >= FLUSH_ROWS:
             self._flush()
+
+    def add_product(self, gram: torch.Tensor) -> None:
+        """One batch's (groups, d, d) product, formed already (``_norm_gram``)."""
+        self.total = gram.double() if self.total is None else self.total.add_(gram)
 
     def _flush(self) -> None:
         if self.partial_rows:
@@ -871,7 +878,33 @@ def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor, warm_sta
     p.rr += _square_sum(residual)
 
 
+def _norm_gram(x: torch.Tensor) -> torch.Tensor:
+    """A normalization's Gram per channel of its read input (N, C, P): [[Σx², Σx], [Σx, n]], as (C, 2, 2).
+
+    Its fit has two unknowns per channel (γ, β), so its moments are sums over
+    each channel's values, reduced in the maps' own layout; formed as (C, N·P, 2)
+    rows and 1×2 products, they cost 2–3× more (channels-last maps more still).
+    """
+    total, square = x.sum((0, 2)), x.square().sum((0, 2))
+    gram = torch.stack([square, total, total, torch.full_like(total, x.shape[0] * x.shape[2])], dim=1)
+    return gram.reshape(-1, 2, 2)
+
+
+def _accumulate_norm(p: Problem, x: torch.Tensor, target: torch.Tensor, warm_start: torch.Tensor) -> None:
+    """``_accumulate`` for a normalization, on its read input and target (N, C, P) as they are: the
+    residual against the warm start's γ·x + β per channel, and its sums with x and with 1."""
+    gamma, beta = warm_start[:, 0, 0, None], warm_start[:, 0, 1, None]
+    residual = target - (x * gamma + beta)
+    rx = torch.stack([(residual * x).sum((0, 2)), residual.sum((0, 2))], dim=1).unsqueeze(1)
+    p.rx = rx.double() if p.rx is None else p.rx.add_(rx)
+    p.count += x.shape[0] * x.shape[2]
+    p.tt += _square_sum(target)
+    p.rr += _square_sum(residual)
+
+
 def _square_sum(x: torch.Tensor) -> float:
-    """‖x‖²: the norms of its rows (last axis) in its own precision, their squares summed in float64
-    (converting all of it to float64 first cost a twentieth of a ResNet-50 merge)."""
-    return float(torch.linalg.vector_norm(x, dim=-1).double().square().sum())
+    """‖x‖²: the norms along its innermost stored axis (a streaming read, channels-last maps too) in its own
+    precision, their squares summed in float64 (converting all of it to float64 first cost a twentieth of a
+    ResNet-50 merge)."""
+    inner = min((a for a in range(x.dim()) if x.shape[a] > 1), key=x.stride, default=x.dim() - 1)
+    return float(torch.linalg.vector_norm(x, dim=inner).double().square().sum())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import time
@@ -17,6 +16,7 @@ from pleascc.allocator import reuse_freed_memory
 from pleascc.data import CalibrationData, NpyRows, check_data_fits, load_data, read_rows
 from pleascc.errors import PleasccError
 from pleascc.export import export_onnx
+from pleascc.layout import statistics_copies
 from pleascc.load import check_same_architecture
 from pleascc.options import (CACHE_GB, LABELS, LEAST_SQUARES, MATCHINGS, METHODS, POSITIONS, REGMEAN_ALPHA,
                              ZIP_ALPHA, ZIP_BETA)
@@ -151,8 +151,7 @@ def merge(
     matcher, refit = METHODS[method]
     x = _calibration_tensor(data, samples, model_a, seed)
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
-    # the statistics passes run copies on a device, so the caller's models (sharing weights with gms) stay put
-    runs = gms if target.type == "cpu" else tuple(copy.deepcopy(gm).to(target) for gm in gms)
+    runs = statistics_copies(gms, target, read_rows(x[:2]))
     sequential = refit == "least-squares" and least_squares == "sequential"  # its passes keep values, not stream
     batch_size = batch_size or batch_size_for(analysis, None if sequential else gms[0].graph, positions)
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed

@@ -74,6 +74,20 @@ def test_gather_is_the_selection_product(width):
     assert Gather.of(selections_from_clusters(3, [[0, 1], [2, 3], [4, 5]])[0]) is None
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2, 3])
+def test_take_is_index_select_in_any_memory_order(axis):
+    """``take`` reads in a tensor's own memory order (channels-last maps, permuted and sliced views) and gives
+    index_select's values."""
+    from pleascc.passes.merge_maps import take
+
+    torch.manual_seed(0)
+    base = torch.randn(4, 6, 5, 7)
+    index = torch.tensor([2, 0, 1, 1])
+    for x in (base, base.contiguous(memory_format=torch.channels_last), base.permute(0, 2, 1, 3),
+              base.transpose(0, 3), base[:, ::2], base.expand(4, 6, 5, 7)[:, :, :1].expand(4, 6, 5, 7)):
+        assert torch.equal(take(x, axis, index), x.index_select(axis, index))
+
+
 def test_merge_averages_merged_units_and_blocks_skip_cross_terms():
     table = SpaceTable()
     inp, out = table.new(3), table.new(2)
@@ -169,6 +183,31 @@ def test_accumulated_moments_are_the_residuals_own():
     assert torch.allclose(problem.rx, residual.transpose(1, 2) @ inputs, rtol=1e-10, atol=1e-10)
     assert problem.rr == pytest.approx(float((residual ** 2).sum()), rel=1e-10)
     assert problem.tt == pytest.approx(float((target ** 2).sum()), rel=1e-10) and problem.count == 300
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalization_moments_are_those_of_its_rows(channels_last):
+    """A normalization's Gram and residual moments, summed per channel on its (N, C, P) values as read (in
+    either layout), equal those of its (C, N·P, 2) rows [x, 1] through the general products."""
+    from types import SimpleNamespace
+
+    from pleascc.passes.stats import _accumulate_norm, _norm_gram, _rows, _target_rows
+
+    torch.manual_seed(0)
+    maps = torch.randn(3, 5, 4, 6) * 3 + 1, torch.randn(3, 5, 4, 6)
+    if channels_last:
+        maps = tuple(m.contiguous(memory_format=torch.channels_last) for m in maps)
+    x, target = (m.reshape(3, 5, 24) for m in maps)
+    w0 = torch.randn(5, 1, 2)
+    layer = SimpleNamespace(kind="norm")
+    rows = _rows(layer, x, None)
+    by_rows = Problem(layer=layer, target=None, name="rows", w0=w0)
+    _accumulate(by_rows, rows, _target_rows(layer, target, None), w0)
+    by_sums = Problem(layer=layer, target=None, name="sums", w0=w0)
+    _accumulate_norm(by_sums, x, target, w0)
+    assert torch.allclose(_norm_gram(x), rows.transpose(1, 2) @ rows, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(by_sums.rx, by_rows.rx, rtol=1e-5, atol=1e-3) and by_sums.count == by_rows.count == 72
+    assert by_sums.rr == pytest.approx(by_rows.rr, rel=1e-5) and by_sums.tt == pytest.approx(by_rows.tt, rel=1e-5)
 
 
 @pytest.mark.parametrize("ridge", [0.0, 1e-2])
