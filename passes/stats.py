@@ -37,6 +37,7 @@ from pleascc.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps, take
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
+from pleascc.trace import in_place_twin
 
 
 def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, tuple[str, ...]]
@@ -53,11 +54,17 @@ def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, 
     graphs = [list(gm.graph.nodes) for gm in gms]
     position = {node.name: k for k, node in enumerate(graphs[0])}
     dropped_after = _dropped_after(graphs[0], reads)
+    twins = _in_place_twins(gms, graphs, dropped_after, reads)
     envs: list[dict[str, object]] = [{} for _ in gms]
     for k in range(max(position[name] for name in reads) + 1):
         name = graphs[0][k].name
-        for gm, env, nodes in zip(gms, envs, graphs):
-            env[nodes[k].name] = _execute(gm, nodes[k], env, x)
+        for m, (gm, env, nodes) in enumerate(zip(gms, envs, graphs)):
+            twin = twins.get((m, k))
+            if twin is not None and _may_overwrite(nodes[k], env):
+                args, kwargs = _arguments(nodes[k], env)
+                env[nodes[k].name] = twin(*args, **kwargs)
+            else:
+                env[nodes[k].name] = _execute(gm, nodes[k], env, x)
         if name in reads:
             yield name, {read: [env[nodes[position[read]].name] for env, nodes in zip(envs, graphs)]
                          for read in reads[name]}
@@ -77,6 +84,49 @@ def _dropped_after(nodes: list[fx.Node], reads: dict[str, tuple[str, ...]]) -> d
     for k, end in last.items():
         dropped.setdefault(end, []).append(k)
     return dropped
+
+
+def _in_place_twins(gms: tuple[fx.GraphModule, ...], graphs: list[list[fx.Node]], dropped_after: dict[int, list[int]],
+                    reads: dict[str, tuple[str, ...]]) -> dict[tuple[int, int], Callable]:
+    """Per (model, position), the in-place twin (``in_place_twin``) of a node that may overwrite its first
+    argument: a value computed by an op, read by this node alone, and by no read from here on."""
+    position = {node.name: k for k, node in enumerate(graphs[0])}
+    twins = {}
+    for k, node in enumerate(graphs[0]):
+        first = node.args[0] if node.args else None
+        if (not isinstance(first, fx.Node) or first.op not in ("call_module", "call_function", "call_method")
+                or len(first.users) != 1 or position[first.name] not in dropped_after.get(k, ())
+                or first.name in reads.get(node.name, ())):
+            continue
+        for m, (gm, nodes) in enumerate(zip(gms, graphs)):
+            twin = in_place_twin(gm, nodes[k])
+            if twin is not None:
+                twins[m, k] = twin
+    return twins
+
+
+def _may_overwrite(node: fx.Node, env: dict[str, object]) -> bool:
+    """Whether ``node``'s first argument's value is a tensor no other live value shares memory with (an op
+    may return its input, or a view of it), and the result has its shape and dtype (no broadcast into it)."""
+    value = env[node.args[0].name]
+    if not isinstance(value, torch.Tensor) or value._base is not None:
+        return False
+    for name, other in env.items():
+        if name != node.args[0].name and any(t is value or t._base is value for t in _tensors_in(other)):
+            return False
+    args, kwargs = _arguments(node, env)
+    tensors = [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor)]
+    numbers = [n for n in args[1:2] if isinstance(n, (int, float, bool))]
+    return (torch.broadcast_shapes(value.shape, *(t.shape for t in tensors)) == value.shape
+            and all(torch.result_type(value, other) == value.dtype for other in (*tensors, *numbers)))
+
+
+def _tensors_in(value) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors_in(item)
 
 
 def peak_live_bytes(graph: fx.Graph, shapes: dict[str, tuple | None]) -> int:
@@ -444,13 +494,17 @@ def _execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch
         for part in node.target.split("."):
             value = getattr(value, part)
         return value
-    args = fx.node.map_arg(node.args, lambda n: env[n.name])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+    args, kwargs = _arguments(node, env)
     if node.op == "call_function":
         return node.target(*args, **kwargs)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     return gm.get_submodule(node.target)(*args, **kwargs)
+
+
+def _arguments(node: fx.Node, env: dict[str, object]) -> tuple[tuple, dict]:
+    """``node``'s arguments, with the values of the nodes they name."""
+    return fx.node.map_arg(node.args, lambda n: env[n.name]), fx.node.map_arg(node.kwargs, lambda n: env[n.name])
 
 
 def _env_bytes(env: dict[str, object]) -> int:

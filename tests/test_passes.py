@@ -576,6 +576,45 @@ def test_lockstep_yields_each_models_values_and_frees_the_rest():
         assert torch.equal(got[1][1]["branch"][k], model.branch(torch.relu(stem)))
 
 
+class _Aliases(nn.Module):
+    """Ops that could run in place, on values that share memory with live ones, or are read, or not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        a = self.conv(x)
+        same = torch.relu(a.contiguous())  # a.contiguous() is a itself, read again below: not in place
+        flat = torch.sigmoid(a.flatten(1)).reshape(a.shape)  # a view of a: not in place
+        b = self.act(self.conv(x)) + a  # the conv's output is read by nothing else: ReLU in place, then the add
+        return torch.tanh(b * 2) + same + flat  # b * 2 is read by tanh alone: in place
+
+
+def test_lockstep_runs_ops_in_place_only_on_values_nothing_else_holds():
+    """Where a value's only reader is an op with an in-place twin and no read follows, lockstep overwrites it;
+    values another live value shares, or that a read still needs, are left alone: the same values as eager."""
+    from pleascc.passes.stats import _dropped_after, _in_place_twins, lockstep
+
+    torch.manual_seed(0)
+    model = _Aliases().eval()
+    gms = (trace(model),)
+    x = torch.randn(2, 3, 5, 5)
+    kept = x.clone()
+    last = [n for n in gms[0].graph.nodes if n.op != "output"][-1].name
+    nodes = [list(gms[0].graph.nodes)]
+    twins = _in_place_twins(gms, nodes, _dropped_after(nodes[0], {last: (last,)}), {last: (last,)})
+    assert {nodes[0][k].target for _, k in twins} >= {"act", torch.tanh}
+    with torch.no_grad():
+        (_, values), = list(lockstep(gms, x, {last: (last,)}))
+        assert torch.allclose(values[last][0], model(x), atol=1e-6) and torch.equal(x, kept)
+        read_conv = {"add": ("conv_1",)}  # the second conv's output read where the add runs: no ReLU in place
+        twins = _in_place_twins(gms, nodes, _dropped_after(nodes[0], read_conv), read_conv)
+        assert "act" not in {nodes[0][k].target for _, k in twins}
+        (_, values), = list(lockstep(gms, x, read_conv))
+        assert torch.equal(values["conv_1"][0], model.conv(x))
+
+
 def test_a_nan_weight_is_named_before_any_pass():
     import pleascc
     from pleascc.errors import PleasccError
