@@ -60,11 +60,8 @@ def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, 
         name = graphs[0][k].name
         for m, (gm, env, nodes) in enumerate(zip(gms, envs, graphs)):
             twin = twins.get((m, k))
-            if twin is not None and _may_overwrite(nodes[k], env):
-                args, kwargs = _arguments(nodes[k], env)
-                env[nodes[k].name] = twin(*args, **kwargs)
-            else:
-                env[nodes[k].name] = _execute(gm, nodes[k], env, x)
+            twin = twin if twin is not None and _may_overwrite(nodes[k], env) else None
+            env[nodes[k].name] = _execute(gm, nodes[k], env, x, twin)
         if name in reads:
             yield name, {read: [env[nodes[position[read]].name] for env, nodes in zip(envs, graphs)]
                          for read in reads[name]}
@@ -481,10 +478,12 @@ class Frontier:
             self.bytes, self.limit = 0, 0
 
 
-def _execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch.Tensor):
+def _execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch.Tensor,
+             twin: Callable | None = None):
     """One node's value from its inputs' values in ``env`` (an fx.Interpreter step that can start anywhere).
 
-    The model is called with ``x`` alone: later placeholders take their defaults.
+    The model is called with ``x`` alone: later placeholders take their defaults.  ``twin``: the node's op
+    in place (``lockstep``), called instead.
     """
     if node.op == "placeholder":
         first = next(n for n in gm.graph.nodes if n.op == "placeholder")
@@ -495,6 +494,8 @@ def _execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch
             value = getattr(value, part)
         return value
     args, kwargs = _arguments(node, env)
+    if twin is not None:
+        return twin(*args, **kwargs)
     if node.op == "call_function":
         return node.target(*args, **kwargs)
     if node.op == "call_method":

@@ -52,9 +52,11 @@ def test_a_graph_that_views_a_map_keeps_its_layout():
     assert statistics_copies(gms, CPU, torch.randn(2, 3, 8, 8)) is gms
 
 
-def test_graphs_without_convolutions_run_as_given():
+def test_graphs_without_convolutions_or_with_a_lone_patch_embedding_run_as_given():
     gms = (trace(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))),)
     assert statistics_copies(gms, CPU, torch.randn(2, 4)) is gms
+    patches = (trace(nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(2), nn.Linear(4, 5))),)
+    assert statistics_copies(patches, CPU, torch.randn(2, 3, 8, 8)) is patches
 
 
 def test_the_merge_is_the_same_in_either_layout(monkeypatch):
