@@ -20,7 +20,8 @@ by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
     python benchmarks/bench_scale.py ratio --device cuda   # on a GPU: scale_ratio_cuda.*
     python benchmarks/bench_scale.py breakdown --arch resnet50 --least-squares one-pass
         # where a merge's time goes (cProfile), in forward floors: scale_breakdown.*
-    python benchmarks/bench_scale.py forward   # the floor three ways: modules, traced graphs, lockstep: scale_forward.*
+    python benchmarks/bench_scale.py forward   # the floor four ways: modules (as given, channels-last), traced
+        # graphs, lockstep as the merge runs them: scale_forward.*
     python benchmarks/bench_scale.py breakdown --glibc-defaults   # the same with glibc's own malloc thresholds
         # (freed activations returned to the OS, as before allocator.reuse_freed_memory): its own rows
     python benchmarks/bench_scale.py ratio --arch resnet50 --samples 512 --least-squares one-pass --match-samples 128
@@ -154,9 +155,9 @@ def measure_forward(job: dict) -> dict:
     batch = batch_size_for(analysis, gms[0].graph, POSITIONS)
     last = [n.name for n in gms[0].graph.nodes if n.op in ("call_module", "call_function", "call_method")][-1]
     merge_runs = statistics_copies(gms, torch.device("cpu"), x[:2])
-    last_a, last_b = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (model_a, model_b))
+    cl_a, cl_b = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (model_a, model_b))
     runs = {"modules": lambda xb: (model_a(xb), model_b(xb)), "modules, channels-last": lambda xb: (
-            last_a(xb), last_b(xb)), "traced": lambda xb: (gms[0](xb), gms[1](xb)),
+            cl_a(xb), cl_b(xb)), "traced": lambda xb: (gms[0](xb), gms[1](xb)),
             "lockstep": lambda xb: deque(lockstep(merge_runs, xb, {last: (last,)}), maxlen=0)}
     seconds: dict[str, list[float]] = {mode: [] for mode in FORWARD_MODES}
     with torch.no_grad():
@@ -286,7 +287,8 @@ def breakdown_markdown(rows: list[dict]) -> str:
 
 
 def forward_markdown(rows: list[dict]) -> str:
-    """The three ways of running the forward pass, as ratios to the models as given (measured in one process)."""
+    """The ways of running the forward pass (``FORWARD_MODES``), as ratios to the models as given (measured in
+    one process)."""
     others = FORWARD_MODES[1:]
     return table(["model", "samples", "batch", "modules s", *(f"{mode} ÷ modules" for mode in others), "commit",
                   "CPU"],

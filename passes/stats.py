@@ -54,7 +54,7 @@ def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, 
     graphs = [list(gm.graph.nodes) for gm in gms]
     position = {node.name: k for k, node in enumerate(graphs[0])}
     dropped_after = _dropped_after(graphs[0], reads)
-    twins = _in_place_twins(gms, graphs, dropped_after, reads)
+    twins = _in_place_twins(gms, graphs, position, dropped_after, reads)
     envs: list[dict[str, object]] = [{} for _ in gms]
     for k in range(max(position[name] for name in reads) + 1):
         name = graphs[0][k].name
@@ -83,11 +83,11 @@ def _dropped_after(nodes: list[fx.Node], reads: dict[str, tuple[str, ...]]) -> d
     return dropped
 
 
-def _in_place_twins(gms: tuple[fx.GraphModule, ...], graphs: list[list[fx.Node]], dropped_after: dict[int, list[int]],
-                    reads: dict[str, tuple[str, ...]]) -> dict[tuple[int, int], Callable]:
+def _in_place_twins(gms: tuple[fx.GraphModule, ...], graphs: list[list[fx.Node]], position: dict[str, int],
+                    dropped_after: dict[int, list[int]], reads: dict[str, tuple[str, ...]]
+                    ) -> dict[tuple[int, int], Callable]:
     """Per (model, position), the in-place twin (``in_place_twin``) of a node that may overwrite its first
     argument: a value computed by an op, read by this node alone, and by no read from here on."""
-    position = {node.name: k for k, node in enumerate(graphs[0])}
     twins = {}
     for k, node in enumerate(graphs[0]):
         first = node.args[0] if node.args else None
@@ -626,9 +626,13 @@ def _add_layer(group: list[ProblemRead], x_merged: torch.Tensor,
     for p, key, columns, warm_start in group:
         if key not in rows:
             x_in = x_merged if key is None else take(x_merged, axis, p.block.cols.to(x_merged.device))
-            rows[key] = x_in if layer.kind == "norm" else _rows(layer, x_in, maps)
             gram = grams.setdefault((layer.node, key), GramSum())
-            gram.add_product(_norm_gram(x_in)) if layer.kind == "norm" else gram.add(rows[key])
+            if layer.kind == "norm":  # its values as read: moments per channel (``_norm_gram``)
+                rows[key] = x_in
+                gram.add_product(_norm_gram(x_in))
+            else:
+                rows[key] = _rows(layer, x_in, maps)
+                gram.add(rows[key])
         y = p.target(*outputs)
         y = y if p.block.rows is None else take(y, layer.out_axis, p.block.rows.to(y.device))
         if layer.kind == "norm":
@@ -779,8 +783,6 @@ def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
         groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
         n, per_group = x.shape[0], x.shape[1] // groups * _kernel_positions(layer)
         cols = x.reshape(n, groups, per_group, -1).permute(1, 0, 3, 2)  # (groups, N, P, features)
-    elif layer.kind == "norm":  # one channel per problem: (C, N, P, 1)
-        cols = x.permute(1, 0, 2).unsqueeze(3)
     else:
         cols = x.reshape(1, -1, x.shape[-1])
     rows = cols.new_empty(*cols.shape[:-1], cols.shape[-1] + 1)  # one copy: layout and ones
@@ -790,14 +792,12 @@ def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
 
 
 def _target_rows(layer: Layer, y: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
-    """Target (sampled like ``_read_input``: (N, C, P) for convolutions and norms) as (groups, samples,
-    outputs per group), matching ``_rows``."""
+    """Target (sampled like ``_read_input``: (N, C, P) for convolutions) as (groups, samples, outputs per
+    group), matching ``_rows``."""
     if layer.kind == "conv":
         groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
         n, c = y.shape[:2]
         return y.reshape(n, groups, c // groups, -1).permute(1, 0, 3, 2).reshape(groups, -1, c // groups)
-    if layer.kind == "norm":
-        return y.permute(1, 0, 2).reshape(y.shape[1], -1, 1)
     return y.reshape(-1, y.shape[-1]).unsqueeze(0)
 
 
@@ -937,8 +937,8 @@ def _norm_gram(x: torch.Tensor) -> torch.Tensor:
     """A normalization's Gram per channel of its read input (N, C, P): [[Σx², Σx], [Σx, n]], as (C, 2, 2).
 
     Its fit has two unknowns per channel (γ, β), so its moments are sums over
-    each channel's values, reduced in the maps' own layout; formed as (C, N·P, 2)
-    rows and 1×2 products, they cost 2–3× more (channels-last maps more still).
+    each channel's values, reduced in the maps' own layout, not formed as
+    (C, N·P, 2) rows through batched 1×2 products (slow, channels-last slower).
     """
     total, square = x.sum((0, 2)), x.square().sum((0, 2))
     gram = torch.stack([square, total, total, torch.full_like(total, x.shape[0] * x.shape[2])], dim=1)

@@ -13,9 +13,9 @@ def statistics_copies(gms: tuple[fx.GraphModule, ...], device: torch.device, exa
                       ) -> tuple[fx.GraphModule, ...]:
     """The graphs the statistics passes run: ``gms`` on ``device``, channels-last on the CPU where that holds.
 
-    oneDNN's CPU convolutions run 25–50% faster on channels-last maps
-    (ResNet-50 at 224², batch 23, 2 threads: 0.91 s against 1.30 s; MobileNet-V2
-    half the time), and the passes read values by their logical shape only,
+    oneDNN's CPU convolutions run faster on channels-last maps (ResNet-50 at
+    224²: 0.809× the time, ``bench_scale.py forward``), and the passes read
+    values by their logical shape only,
     so the statistics are the same.  A graph that ``.view``s a map, or whose
     output changes so, keeps its layout: the copy is checked on ``example``.
     So does a graph with one 4-D weight (vit_small's patch embedding: its

@@ -189,9 +189,7 @@ def test_accumulated_moments_are_the_residuals_own():
 def test_normalization_moments_are_those_of_its_rows(channels_last):
     """A normalization's Gram and residual moments, summed per channel on its (N, C, P) values as read (in
     either layout), equal those of its (C, N·P, 2) rows [x, 1] through the general products."""
-    from types import SimpleNamespace
-
-    from pleascc.passes.stats import _accumulate_norm, _norm_gram, _rows, _target_rows
+    from pleascc.passes.stats import _accumulate_norm, _norm_gram
 
     torch.manual_seed(0)
     maps = torch.randn(3, 5, 4, 6) * 3 + 1, torch.randn(3, 5, 4, 6)
@@ -199,11 +197,11 @@ def test_normalization_moments_are_those_of_its_rows(channels_last):
         maps = tuple(m.contiguous(memory_format=torch.channels_last) for m in maps)
     x, target = (m.reshape(3, 5, 24) for m in maps)
     w0 = torch.randn(5, 1, 2)
-    layer = SimpleNamespace(kind="norm")
-    rows = _rows(layer, x, None)
-    by_rows = Problem(layer=layer, target=None, name="rows", w0=w0)
-    _accumulate(by_rows, rows, _target_rows(layer, target, None), w0)
-    by_sums = Problem(layer=layer, target=None, name="sums", w0=w0)
+    per_channel = x.permute(1, 0, 2).reshape(5, 72, 1)
+    rows = torch.cat([per_channel, torch.ones_like(per_channel)], dim=2)
+    by_rows = Problem(layer=None, target=None, name="rows", w0=w0)
+    _accumulate(by_rows, rows, target.permute(1, 0, 2).reshape(5, 72, 1), w0)
+    by_sums = Problem(layer=None, target=None, name="sums", w0=w0)
     _accumulate_norm(by_sums, x, target, w0)
     assert torch.allclose(_norm_gram(x), rows.transpose(1, 2) @ rows, rtol=1e-5, atol=1e-3)
     assert torch.allclose(by_sums.rx, by_rows.rx, rtol=1e-5, atol=1e-3) and by_sums.count == by_rows.count == 72
@@ -603,13 +601,14 @@ def test_lockstep_runs_ops_in_place_only_on_values_nothing_else_holds():
     kept = x.clone()
     last = [n for n in gms[0].graph.nodes if n.op != "output"][-1].name
     nodes = [list(gms[0].graph.nodes)]
-    twins = _in_place_twins(gms, nodes, _dropped_after(nodes[0], {last: (last,)}), {last: (last,)})
+    position = {node.name: k for k, node in enumerate(nodes[0])}
+    twins = _in_place_twins(gms, nodes, position, _dropped_after(nodes[0], {last: (last,)}), {last: (last,)})
     assert {nodes[0][k].target for _, k in twins} >= {"act", torch.tanh}
     with torch.no_grad():
         (_, values), = list(lockstep(gms, x, {last: (last,)}))
         assert torch.allclose(values[last][0], model(x), atol=1e-6) and torch.equal(x, kept)
         read_conv = {"add": ("conv_1",)}  # the second conv's output read where the add runs: no ReLU in place
-        twins = _in_place_twins(gms, nodes, _dropped_after(nodes[0], read_conv), read_conv)
+        twins = _in_place_twins(gms, nodes, position, _dropped_after(nodes[0], read_conv), read_conv)
         assert "act" not in {nodes[0][k].target for _, k in twins}
         (_, values), = list(lockstep(gms, x, read_conv))
         assert torch.equal(values["conv_1"][0], model.conv(x))
