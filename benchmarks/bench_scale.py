@@ -8,7 +8,9 @@ systems.  Each measurement runs in a fresh process, so its peak resident memory
 process right after the merge, at the merge's batch size, so the ratio compares
 like with like; and again with the models channels-last, as the merge runs them
 where that holds (``pleascc.layout``): the ratio to that floor counts only what
-the merge adds to its forwards.  Random weights, and random inputs in a .npy on disk read batch
+the merge adds to its forwards.  Beside the peak RSS, the most glibc's malloc had
+in use and held from the OS during the merge (``HeapSampler``): their gap is
+freed memory the heap keeps, and holes between live blocks.  Random weights, and random inputs in a .npy on disk read batch
 by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
 
     python benchmarks/bench_scale.py ratio     # resnet50, vit_small at 224: 512 and 2048 samples, both LS variants
@@ -37,11 +39,14 @@ import argparse
 import contextlib
 import copy
 import cProfile
+import ctypes
+import ctypes.util
 import json
 import multiprocessing
 import pstats
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +80,55 @@ def build(arch: str, seed: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
     return resnet20(num_classes=5, width=width).eval(), (3, 32, 32)
 
 
+class MallInfo(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h): every arena's totals, in bytes."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+class HeapSampler:
+    """The most the process's malloc had in use, and the most it held from the OS, sampled every 50 ms.
+
+    The peak RSS counts freed blocks malloc keeps (``allocator.reuse_freed_memory``)
+    and the holes between live ones; in use is what the merge's values
+    themselves took.  A lower bound: a peak shorter than 50 ms can be missed.
+    None where libc is not glibc 2.33 or later (no ``mallinfo2``).
+    """
+
+    def __init__(self, period: float = 0.05) -> None:
+        path = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(path) if path else None
+        self.mallinfo = getattr(libc, "mallinfo2", None)
+        if self.mallinfo:
+            self.mallinfo.restype = MallInfo
+        self.period, self.in_use, self.held = period, 0, 0
+        self.done = threading.Event()
+
+    def __enter__(self) -> "HeapSampler":
+        if self.mallinfo:
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.mallinfo:
+            self.done.set()
+            self.thread.join()
+
+    def _sample(self) -> None:
+        while not self.done.wait(self.period):
+            info = self.mallinfo()
+            self.in_use = max(self.in_use, info.uordblks + info.hblkhd)
+            self.held = max(self.held, info.arena + info.hblkhd)
+
+    def peaks_mb(self) -> dict:
+        found = self.mallinfo is not None
+        return {"peak_malloc_in_use_mb": self.in_use / 2**20 if found else None,
+                "peak_malloc_held_mb": self.held / 2**20 if found else None}
+
+
 def measure(job: dict) -> dict:
     """One merge in this (fresh) process, its peak memory, then the forward floor at the merge's own batch size.
 
@@ -96,11 +150,11 @@ def measure(job: dict) -> dict:
         x, device = load_data(str(path)).x, torch.device(job["device"])
         profile = cProfile.Profile() if job.get("profile") else None
         start = time.perf_counter()
-        with profile or contextlib.nullcontext():
+        with profile or contextlib.nullcontext(), HeapSampler() as heap:
             result = pleascc.merge(model_a, model_b, x, least_squares=job["least_squares"], labels="separate",
                                    match_samples=job.get("match_samples"), device=job["device"], progress=False)
         merge = time.perf_counter() - start
-        peaks = {"peak_rss_mb": peak_rss_mb(),
+        peaks = {"peak_rss_mb": peak_rss_mb(), **heap.peaks_mb(),
                  "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         batch = result.report["batch_size"]
         forward = time_forward((model_a, model_b), x, batch, device, torch.contiguous_format)
@@ -262,11 +316,13 @@ def markdown(rows: list[dict]) -> str:
         return forward_markdown(rows)
     return table(["model", "samples", "batch", "positions", "least squares", "passes", "forward A+B s",
                   "forward channels-last s", "merge s", "merge ÷ forward", "merge ÷ forward channels-last",
-                  "peak MB", "kept activations MB", "commit", "CPU"],
+                  "peak MB", "malloc in use MB", "malloc held MB", "kept activations MB", "commit", "CPU"],
                  [[model(r), str(r["samples"]), str(r.get("batch_size", 64)), str(r.get("positions") or "all"),
                    r["least_squares"], str(r["passes"]), f"{r['forward_s']:.1f}",
                    optional(r, "forward_channels_last_s", ".1f"), f"{r['merge_s']:.1f}", f"{r['ratio']:.2f}",
-                   optional(r, "ratio_channels_last", ".2f"), f"{r['peak_rss_mb']:.0f}", f"{r['cache_mb']:.0f}",
+                   optional(r, "ratio_channels_last", ".2f"), f"{r['peak_rss_mb']:.0f}",
+                   optional(r, "peak_malloc_in_use_mb", ".0f"), optional(r, "peak_malloc_held_mb", ".0f"),
+                   f"{r['cache_mb']:.0f}",
                    r.get("code", "—"), r.get("cpu", "—")] for r in rows])
 
 
