@@ -295,12 +295,28 @@ def _rows_bytes(layer: Layer, shapes: dict[str, tuple | None], positions: int | 
     return 2 * 8 * output[0] * source[1] * _kernel_positions(layer) * read
 
 
+FIRST_BATCH = 2  # samples in a statistics pass's first batch (``batches``)
+
+
 def batches(x: torch.Tensor | NpyRows, batch_size: int, desc: str, progress: bool,
-            device: torch.device | None = None) -> Iterator[torch.Tensor]:
-    """The data in batches, each read from disk only now if it is ``NpyRows``, and moved to ``device``."""
-    starts = range(0, len(x), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress or distributed.rank() > 0, leave=False, unit="batch"):
-        yield read_rows(x[start:start + batch_size]).to(device)
+            device: torch.device | None = None, small_first: bool = True) -> Iterator[torch.Tensor]:
+    """The data in batches, each read from disk only now if it is ``NpyRows``, and moved to ``device``.
+
+    With ``small_first`` the first batch holds ``FIRST_BATCH`` samples.  A
+    pass makes its long-lived values (sums, tensor headers, library caches)
+    in its first batch; made between a full batch's activations, they pin
+    the holes those leave when freed, and glibc's heap grows by gigabytes it
+    cannot reuse: vit_small's matching pass held 5.3 GB for 1.5 GB in use,
+    and 1.6 GB after a first batch of 2 (``benchmarks/bench_scale.py``'s
+    malloc columns).  The statistics are sums over samples, so how the
+    samples are batched does not change them; callers whose result depends
+    on the batches (BatchNorm's average of batch moments) pass False.
+    """
+    first = min(FIRST_BATCH, batch_size) if small_first else batch_size
+    starts = [0, *range(first, len(x), batch_size)] if len(x) else []
+    for start, stop in tqdm(zip(starts, [*starts[1:], len(x)]), total=len(starts), desc=desc,
+                            disable=not progress or distributed.rank() > 0, leave=False, unit="batch"):
+        yield read_rows(x[start:stop]).to(device)
 
 
 def device_of(gm: torch.nn.Module) -> torch.device:

@@ -386,7 +386,7 @@ def reset_batch_norm(model: nn.Module, x: torch.Tensor, batch_size: int = 64, pr
         m.momentum = None  # a cumulative average over the batches
     model.train()
     with torch.no_grad():
-        for batch in batches(x, batch_size, "BatchNorm statistics", progress):
+        for batch in batches(x, batch_size, "BatchNorm statistics", progress, small_first=False):
             model(batch)
     model.eval()
     for m, momentum in zip(norms, momenta):

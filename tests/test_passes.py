@@ -9,7 +9,8 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes.groups import analyze, permutation_groups
 from pleascc.passes.match import hungarian, identity, match_heads, zip_units
 from pleascc.passes.merge_maps import Gather, MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
-from pleascc.passes.stats import CrossMoments, GramSum, Problem, _accumulate, feature_moments, mirror_upper
+from pleascc.passes.stats import (FIRST_BATCH, CrossMoments, GramSum, Problem, _accumulate, batches, feature_moments,
+                                  mirror_upper)
 from pleascc.passes.solve import least_squares
 from pleascc.passes.spaces import SpaceTable
 from pleascc.trace import trace
@@ -643,6 +644,18 @@ def test_values_that_overflow_are_named_where_a_pass_reads_them(method, least_sq
     x[overflow_from:] = 3e38
     with pytest.raises(PleasccError, match=r"model A produces NaN or Inf at (stem|relu) on the calibration data"):
         pleascc.merge(*models, x, method=method, least_squares=least_squares, match_samples=1, progress=False)
+
+
+def test_passes_start_with_a_small_batch_and_then_read_every_sample_once():
+    """A pass's first batch is small (its long-lived sums then do not pin a full batch's freed blocks); the
+    others are full, and every sample comes exactly once, in order. BatchNorm's reset asks for full batches."""
+    x = torch.arange(11.0)[:, None]
+    read = list(batches(x, 4, "", progress=False))
+    assert [len(b) for b in read] == [FIRST_BATCH, 4, 4, 11 - FIRST_BATCH - 8]
+    assert torch.equal(torch.cat(read), x)
+    assert [len(b) for b in batches(x, 4, "", progress=False, small_first=False)] == [4, 4, 3]
+    assert [len(b) for b in batches(x[:1], 4, "", progress=False)] == [1]
+    assert list(batches(x[:0], 4, "", progress=False)) == []
 
 
 def test_streamed_passes_take_larger_batches_than_kept_values():
