@@ -10,8 +10,9 @@ like with like; and again with the models channels-last, as the merge runs them
 where that holds (``pleascc.layout``): the ratio to that floor counts only what
 the merge adds to its forwards.  Beside the peak RSS, the most glibc's malloc had
 in use and held from the OS during the merge (``HeapSampler``): their gap is
-freed memory the heap keeps, and holes between live blocks.  Random weights, and random inputs in a .npy on disk read batch
-by batch (as ``--data x.npy`` does): timing and memory do not depend on them.
+freed memory the heap keeps, and holes between live blocks.  Random weights,
+and random inputs in a .npy on disk read batch by batch (as ``--data x.npy``
+does): timing and memory do not depend on them.
 
     python benchmarks/bench_scale.py ratio     # resnet50, vit_small at 224: 512 and 2048 samples, both LS variants
     python benchmarks/bench_scale.py samples   # CIFAR ResNet-20 ×1: 256 … 4096 samples
@@ -300,7 +301,7 @@ def model(row: dict) -> str:
 
 def on_cpu(row: dict) -> str:
     """A plot label's CPU, where the row names one: rows of one model from two CPUs get two bars."""
-    return f", {row['cpu']}" if row.get("cpu") else ""
+    return f", {row['cpu'].replace('(R)', '').replace(' Processor', '')}" if row.get("cpu") else ""
 
 
 def table(header: list[str], cells: list[list[str]]) -> str:
@@ -363,35 +364,45 @@ def plot(rows: list[dict], part: str, path: Path) -> None:
         return plot_breakdown(rows, path, plt)
     if part == "forward":
         return plot_forward(rows, path, plt)
-
-    key = {"samples": "samples", "width": "arch"}.get(part)
+    if part == "ratio":
+        return plot_ratio(rows, path, plt)
+    key = {"samples": "samples", "width": "arch"}[part]  # a curve per least-squares variant
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    if key is None:  # ratio: one bar per merge
-        labels = [f"{model(r)}\n{r['samples']}, {r['least_squares']}{on_cpu(r)}" for r in rows]
-        at = np.arange(len(rows))
-        axes[0].bar(at - 0.2, [r["ratio"] for r in rows], width=0.4, label="÷ forward as given")
-        axes[0].bar(at + 0.2, [r.get("ratio_channels_last") or np.nan for r in rows], width=0.4,
-                    label="÷ forward channels-last")
-        axes[0].set_xticks(at, labels)
-        axes[0].axhline(3, color="gray", linestyle="--", label="target 3")
-        axes[0].set(ylabel="merge time ÷ forward A+B")
-        axes[0].legend()
-        axes[1].bar(labels, [r["peak_rss_mb"] / 1024 for r in rows])
-        axes[1].set(ylabel="peak RSS, GB")
-        for ax in axes:
-            ax.tick_params(axis="x", labelsize=6, rotation=45)
-    else:
-        for variant in sorted({r["least_squares"] for r in rows}):
-            line = sorted((r for r in rows if r["least_squares"] == variant), key=lambda r: r[key])
-            xs = [r[key] for r in line]
-            axes[0].plot(xs, [r["merge_s"] for r in line], marker="o", label=f"merge, {variant}")
-            axes[0].plot(xs, [r["forward_s"] for r in line], marker="o", linestyle=":",
-                         label=f"forward A+B (floor), {variant}")
-            axes[1].plot(xs, [r["peak_rss_mb"] / 1024 for r in line], marker="o", label=variant)
-        axes[0].set(ylabel="seconds", xlabel=key)
-        axes[1].set(ylabel="peak RSS, GB", xlabel=key)
-        for ax in axes:
-            ax.legend()
+    for variant in sorted({r["least_squares"] for r in rows}):
+        line = sorted((r for r in rows if r["least_squares"] == variant), key=lambda r: r[key])
+        xs = [r[key] for r in line]
+        axes[0].plot(xs, [r["merge_s"] for r in line], marker="o", label=f"merge, {variant}")
+        axes[0].plot(xs, [r["forward_s"] for r in line], marker="o", linestyle=":",
+                     label=f"forward A+B (floor), {variant}")
+        axes[1].plot(xs, [r["peak_rss_mb"] / 1024 for r in line], marker="o", label=variant)
+    axes[0].set(ylabel="seconds", xlabel=key)
+    axes[1].set(ylabel="peak RSS, GB", xlabel=key)
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ratio(rows: list[dict], path: Path, plt) -> None:
+    """One row of bars per merge: its two ratios against the target, and its peak RSS beside what malloc held
+    and had in use (rows measured before ae53948 have the RSS only)."""
+    labels = [f"{model(r)}, {r['samples']}, {r['least_squares']}, {r.get('code', '?')}{on_cpu(r)}" for r in rows]
+    at = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 1.2 + 0.42 * len(rows)), sharey=True)
+    bars = {"÷ forward as given": "ratio", "÷ forward channels-last": "ratio_channels_last"}
+    for k, (label, field) in enumerate(bars.items()):
+        axes[0].barh(at + 0.2 - 0.4 * k, [r.get(field) or np.nan for r in rows], height=0.4, label=label)
+    axes[0].axvline(3, color="gray", linestyle="--", label="target 3")
+    axes[0].set(xlabel="merge time ÷ forward A+B", yticks=at, yticklabels=labels)
+    bars = {"peak RSS": "peak_rss_mb", "malloc held": "peak_malloc_held_mb", "malloc in use": "peak_malloc_in_use_mb"}
+    for k, (label, field) in enumerate(bars.items()):
+        axes[1].barh(at + 0.27 - 0.27 * k, [(r.get(field) or np.nan) / 1024 for r in rows], height=0.27, label=label)
+    axes[1].set(xlabel="GB")
+    for ax in axes:
+        ax.invert_yaxis()
+        ax.legend(fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
