@@ -41,7 +41,6 @@ import contextlib
 import copy
 import cProfile
 import ctypes
-import ctypes.util
 import json
 import multiprocessing
 import pstats
@@ -99,9 +98,9 @@ class HeapSampler:
     """
 
     def __init__(self, period: float = 0.05) -> None:
-        path = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(path) if path else None
-        self.mallinfo = getattr(libc, "mallinfo2", None)
+        from pleascc.allocator import glibc
+
+        self.mallinfo = getattr(glibc(), "mallinfo2", None)
         if self.mallinfo:
             self.mallinfo.restype = MallInfo
         self.period, self.in_use, self.held = period, 0, 0

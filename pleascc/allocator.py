@@ -24,16 +24,22 @@ KEEP_BYTES = 1 << 30  # blocks up to 1 GB come from (and return to) the heap; at
 
 
 @functools.lru_cache(maxsize=None)
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc, whose malloc these knobs (and ``mallinfo2``) belong to;
+    None elsewhere (musl, macOS: other allocators, other knobs)."""
+    path = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(path) if path else None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
+
+
+@functools.lru_cache(maxsize=None)
 def reuse_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds to ``KEEP_BYTES``, once per process; False where libc is not glibc.
 
     Process-wide and for good (mallopt has no undo): the process keeps up
     to 1 GB of freed memory for reuse instead of returning it to the OS.
     """
-    path = ctypes.util.find_library("c")
-    if path is None:
-        return False
-    libc = ctypes.CDLL(path)
-    if not hasattr(libc, "gnu_get_libc_version"):  # musl, macOS: other allocators, other knobs
+    libc = glibc()
+    if libc is None:
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
