@@ -163,7 +163,8 @@ def measure(job: dict) -> dict:
             "ratio": merge / forward, "forward_channels_last_s": forward_channels_last,
             "ratio_channels_last": merge / forward_channels_last, **peaks, "batch_size": batch,
             "passes": 2 + max(result.report["least_squares_passes"] - 1, 0),
-            "cache_mb": result.report["least_squares_cache_mb"], "timings_s": result.report["timings_s"],
+            **{key: result.report[f"least_squares_{key}"] for key in ("memory_peak_mb", "disk_peak_mb", "spilled_mb")},
+            "timings_s": result.report["timings_s"],
             **({"breakdown_s": breakdown(pstats.Stats(profile), merge),
                 "top_self_s": top_self_times(pstats.Stats(profile))} if profile else {})}
 
@@ -316,14 +317,15 @@ def markdown(rows: list[dict]) -> str:
         return forward_markdown(rows)
     return table(["model", "samples", "batch", "positions", "least squares", "passes", "forward A+B s",
                   "forward channels-last s", "merge s", "merge ÷ forward", "merge ÷ forward channels-last",
-                  "peak MB", "malloc in use MB", "malloc held MB", "kept activations MB", "commit", "CPU"],
+                  "peak MB", "malloc in use MB", "malloc held MB", "kept in memory MB", "kept on disk MB",
+                  "spilled MB", "commit", "CPU"],
                  [[model(r), str(r["samples"]), str(r.get("batch_size", 64)), str(r.get("positions") or "all"),
                    r["least_squares"], str(r["passes"]), f"{r['forward_s']:.1f}",
                    optional(r, "forward_channels_last_s", ".1f"), f"{r['merge_s']:.1f}", f"{r['ratio']:.2f}",
                    optional(r, "ratio_channels_last", ".2f"), f"{r['peak_rss_mb']:.0f}",
                    optional(r, "peak_malloc_in_use_mb", ".0f"), optional(r, "peak_malloc_held_mb", ".0f"),
-                   f"{r['cache_mb']:.0f}",
-                   r.get("code", "—"), r.get("cpu", "—")] for r in rows])
+                   optional(r, "memory_peak_mb", ".0f"), optional(r, "disk_peak_mb", ".0f"),
+                   optional(r, "spilled_mb", ".0f"), r.get("code", "—"), r.get("cpu", "—")] for r in rows])
 
 
 def optional(row: dict, field: str, spec: str) -> str:

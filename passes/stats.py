@@ -1,4 +1,4 @@
-"""Calibration statistics, streamed: sums only (sequential least squares may keep a bounded ``Frontier``).
+"""Calibration statistics, streamed: sums only (sequential least squares keeps a bounded ``frontier``).
 
 Two passes over the data, each running A and B node by node together, batch
 by batch (``lockstep``), each value summed as soon as both models have it
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from pleascc import distributed
 from pleascc.data import NpyRows, read_rows
 from pleascc.errors import PleasccError
+from pleascc.passes.frontier import Frontier, LayerOutputs, arguments, execute
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps, take
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
@@ -61,7 +62,7 @@ def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, 
         for m, (gm, env, nodes) in enumerate(zip(gms, envs, graphs)):
             twin = twins.get((m, k))
             twin = twin if twin is not None and _may_overwrite(nodes[k], env) else None
-            env[nodes[k].name] = _execute(gm, nodes[k], env, x, twin)
+            env[nodes[k].name] = execute(gm, nodes[k], env, x, twin)
         if name in reads:
             yield name, {read: [env[nodes[position[read]].name] for env, nodes in zip(envs, graphs)]
                          for read in reads[name]}
@@ -111,7 +112,7 @@ def _may_overwrite(node: fx.Node, env: dict[str, object]) -> bool:
     for name, other in env.items():
         if name != node.args[0].name and any(t is value or t._base is value for t in _tensors_in(other)):
             return False
-    args, kwargs = _arguments(node, env)
+    args, kwargs = arguments(node, env)
     tensors = [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor)]
     numbers = [n for n in args[1:2] if isinstance(n, (int, float, bool))]
     return (torch.broadcast_shapes(value.shape, *(t.shape for t in tensors)) == value.shape
@@ -254,31 +255,23 @@ def weight_similarity(analysis: Analysis, states: tuple[dict, dict]) -> dict[int
     return out
 
 
-BATCH_BYTES = 2 * 2**30  # the activations one batch may hold in the statistics passes (all models together)
-STREAMED_BYTES = 2**29  # the same when they stream: larger batches were no faster on 2 cores, and peak higher
+STREAMED_BYTES = 2**29  # the activations one batch may hold in the statistics passes (all models together):
+# larger batches were no faster on 2 cores, and peak higher
 MAX_BATCH = 64
 
 
-def batch_size_for(analysis: Analysis, graph: fx.Graph | None = None, positions: int | None = None,
-                   limit_bytes: float | None = None) -> int:
+def batch_size_for(analysis: Analysis, graph: fx.Graph, positions: int | None = None,
+                   limit_bytes: float = STREAMED_BYTES) -> int:
     """The largest batch (up to ``MAX_BATCH``) whose values fit in ``limit_bytes``.
 
-    Given ``graph``, the passes stream it (``lockstep``): per model, its live
-    values (``peak_live_bytes``), and one layer's rows at a time.  Without,
-    sequential least squares' ``Frontier`` holds every layer's input and
-    output for the whole batch, for A, B and the merged model: one 224²
-    ResNet-50 image is ~120 MB of them per model, so a fixed batch of 64
-    would need ~23 GB.  Sizes come from ShapeProp's shapes on the example;
-    ``limit_bytes`` defaults to ``STREAMED_BYTES`` or ``BATCH_BYTES``.
+    The passes stream ``graph`` (``lockstep``): per model, its live values
+    (``peak_live_bytes``), and one layer's rows at a time; sequential least
+    squares' passes run a level of layers at a time and keep the rest in a
+    store (``frontier``).  Sizes come from ShapeProp's shapes on the example.
     """
-    limit_bytes = limit_bytes or (STREAMED_BYTES if graph is not None else BATCH_BYTES)
     example = analysis.shapes[next(iter(analysis.shapes))][0]
-    if graph is not None:
-        rows = max((_rows_bytes(layer, analysis.shapes, positions) for layer in analysis.layers), default=0)
-        per_sample = (2 * peak_live_bytes(graph, analysis.shapes) + rows) / example
-    else:
-        names = {n for layer in analysis.layers for n in (layer.source, layer.node)} | {s[0] for s in analysis.sites}
-        per_sample = 3 * sum(4 * math.prod(analysis.shapes[n]) for n in names if analysis.shapes.get(n)) / example
+    rows = max((_rows_bytes(layer, analysis.shapes, positions) for layer in analysis.layers), default=0)
+    per_sample = (2 * peak_live_bytes(graph, analysis.shapes) + rows) / example
     return int(max(1, min(MAX_BATCH, limit_bytes // per_sample)))
 
 
@@ -313,11 +306,20 @@ def batches(x: torch.Tensor | NpyRows, batch_size: int, desc: str, progress: boo
     them; callers whose result depends on the batches (BatchNorm's average
     of batch moments) pass False.
     """
-    first = min(FIRST_BATCH, batch_size) if small_first else batch_size
-    starts = [0, *range(first, len(x), batch_size)] if len(x) else []
+    starts = _batch_starts(len(x), batch_size, small_first)
     for start, stop in tqdm(zip(starts, [*starts[1:], len(x)]), total=len(starts), desc=desc,
                             disable=not progress or distributed.rank() > 0, leave=False, unit="batch"):
         yield read_rows(x[start:stop]).to(device)
+
+
+def batch_count(samples: int, batch_size: int) -> int:
+    """How many batches ``batches`` makes of ``samples`` (with ``small_first``)."""
+    return len(_batch_starts(samples, batch_size, True))
+
+
+def _batch_starts(samples: int, batch_size: int, small_first: bool) -> list[int]:
+    first = min(FIRST_BATCH, batch_size) if small_first else batch_size
+    return [0, *range(first, samples, batch_size)] if samples else []
 
 
 def device_of(gm: torch.nn.Module) -> torch.device:
@@ -348,7 +350,7 @@ def _check_finite(value: torch.Tensor, model: str, node: str) -> None:
 
 def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
                     batch_size: int = 64, progress: bool = True, within: bool = False,
-                    positions: int | None = None) -> dict[int, torch.Tensor]:
+                    positions: int | None = None, outputs: LayerOutputs | None = None) -> dict[int, torch.Tensor]:
     """Per free space, the A×B correlation of its units, averaged over the sites that read it.
 
     Keys are root ids, and tuples of root ids for whole product axes (see
@@ -356,19 +358,23 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
     of [A's units, B's units] instead.  ``positions``: a channels-first 2-D
     feature map is read at that many positions per sample (``sampled_positions``),
     a value whose batch axis is known at that many tokens (``at_tokens``).
+    ``outputs``: also record every layer's outputs there, for sequential least squares.
     """
     sites = _observation_sites(analysis)
     batch_axes = {name: analysis.batch_axis(name) for name, _, _ in sites}  # once, not per batch
     at_node: dict[str, list[int]] = {}
     for site, (name, _, _) in enumerate(sites):
         at_node.setdefault(name, []).append(site)
+    layers = {layer.node: layer for layer in analysis.layers} if outputs else {}
     moments: dict[tuple, CrossMoments] = {}
     with torch.no_grad():
-        for x in batches(data, batch_size, "matching statistics", progress, device_of(gms[0])):
-            for name, values in lockstep(gms, x, {name: (name,) for name in at_node}):
-                for site in at_node[name]:
+        for batch, x in enumerate(batches(data, batch_size, "matching statistics", progress, device_of(gms[0]))):
+            for name, values in lockstep(gms, x, {name: (name,) for name in [*at_node, *layers]}):
+                for site in at_node.get(name, ()):
                     _add_site(analysis, moments, site, sites[site], batch_axes[name], values[name], within,
                               positions)
+                if name in layers:
+                    _record_output(outputs, layers[name], batch, values[name], positions)
     by_root: dict[int | tuple, list[torch.Tensor]] = {}
     for m in moments.values():  # the same keys in the same order on every rank
         m.reduce()
@@ -432,124 +438,29 @@ class Problem:
     grams: dict[int, torch.Tensor] = field(default_factory=dict)  # RegMean: each model's own inputs' Gram
 
 
-class Frontier:
-    """Node values kept between the passes of sequential least squares, per batch: each pass resumes the last.
+@dataclass
+class MergedReads:
+    """What sequential least squares reads in a pass: the merged model's own inputs at the layers, resumed
+    from ``frontier``, and A's and B's outputs there, recorded in the matching pass (``LayerOutputs``).
+    ``tick``: called after each batch (the whole phase's progress bar)."""
 
-    Every level needs A's and B's outputs and the merged model's inputs at its
-    layers; run from the input each time, the passes together cost levels ×
-    depth / 2 forward layers.  Keeping the values that nodes not yet run still
-    read makes them cost about one forward pass of each model.  Those values
-    grow with the samples, so past ``limit_bytes`` (checked as each batch's
-    values are kept, not at the end of a pass) they are dropped for good and
-    each pass starts from the input again: memory stays bounded.  The
-    merged model is re-emitted between passes with the same node names; only
-    values of nodes before the layers being fitted are kept, and those no
-    longer change.
-    """
-
-    def __init__(self, limit_bytes: float = 0) -> None:
-        self.limit = limit_bytes
-        self.values: dict[tuple[str, int], dict[str, object]] = {}  # (model, batch) -> node name -> value
-        self.graphs: dict[str, tuple] = {}  # model -> (the graph last run, its code node by node)
-        self.bytes = 0  # of the values kept now
-        self.peak_bytes = 0
-
-    def run(self, gm: fx.GraphModule, model: str, batch: int, x: torch.Tensor, names: list[str]
-            ) -> dict[str, torch.Tensor]:
-        """The named nodes' values on batch ``batch`` (whose input is ``x``), computing only what is missing.
-
-        Kept values are used only if the graph's code is the one they were
-        computed with (a re-emitted merged model whose nodes were renamed
-        starts from the input).
-        """
-        last, code = self.graphs.get(model, (None, None))
-        if gm is not last:  # once per graph, not per batch
-            new_code = tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
-            if new_code != code:
-                self.values = {key: env for key, env in self.values.items() if key[0] != model}
-                self.bytes = sum(_env_bytes(env) for env in self.values.values())
-            self.graphs[model] = (gm, new_code)
-        env = dict(self.values.get((model, batch), {}))
-        nodes = {node.name: node for node in gm.graph.nodes}
-        needed, stack = set(), [nodes[name] for name in names]
-        while stack:
-            node = stack.pop()
-            if node.name not in env and node.name not in needed:
-                needed.add(node.name)
-                stack.extend(node.all_input_nodes)
-        for node in gm.graph.nodes:
-            if node.name in needed:
-                env[node.name] = _execute(gm, node, env, x)
-        if self.limit > 0:
-            self._keep((model, batch), {n: v for n, v in env.items() if nodes[n].op != "get_attr" and any(
-                user.name not in env for user in nodes[n].users)})
-        return {name: env[name] for name in names}
-
-    def _keep(self, key: tuple[str, int], env: dict[str, object]) -> None:
-        """Keep one batch's values; once all kept values outgrow the limit, drop them for good, mid-pass if need be."""
-        self.bytes += _env_bytes(env) - _env_bytes(self.values.get(key, {}))
-        self.values[key] = env
-        self.peak_bytes = max(self.peak_bytes, self.bytes)
-        if self.bytes > self.limit:
-            self.values.clear()
-            self.bytes, self.limit = 0, 0
-
-
-def _execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch.Tensor,
-             twin: Callable | None = None):
-    """One node's value from its inputs' values in ``env`` (an fx.Interpreter step that can start anywhere).
-
-    The model is called with ``x`` alone: later placeholders take their defaults.  ``twin``: the node's op
-    in place (``lockstep``), called instead.
-    """
-    if node.op == "placeholder":
-        first = next(n for n in gm.graph.nodes if n.op == "placeholder")
-        return x if node is first else (node.args[0] if node.args else None)
-    if node.op == "get_attr":
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        return value
-    args, kwargs = _arguments(node, env)
-    if twin is not None:
-        return twin(*args, **kwargs)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return gm.get_submodule(node.target)(*args, **kwargs)
-
-
-def _arguments(node: fx.Node, env: dict[str, object]) -> tuple[tuple, dict]:
-    """``node``'s arguments, with the values of the nodes they name."""
-    return fx.node.map_arg(node.args, lambda n: env[n.name]), fx.node.map_arg(node.kwargs, lambda n: env[n.name])
-
-
-def _env_bytes(env: dict[str, object]) -> int:
-    return sum(_nbytes(v) for v in env.values())
-
-
-def _nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    return 0
+    model: fx.GraphModule
+    inputs: dict[str, str]  # layer node -> the merged model's node that feeds it (``emit.layer_inputs``)
+    frontier: Frontier
+    outputs: LayerOutputs
+    tick: Callable[[], None] = lambda: None
 
 
 def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, maps: MergeMaps,
                   problems: list[Problem], data: torch.Tensor, batch_size: int = 64,
-                  progress: bool = True, merged_model: tuple[fx.GraphModule, dict[str, str]] | None = None,
-                  frontier: Frontier | None = None, positions: int | None = None) -> None:
+                  progress: bool = True, merged: MergedReads | None = None, positions: int | None = None) -> None:
     """Accumulate each problem's input and target moments, in the merged layout (in place).
 
     Inputs are A's and B's features mapped to the merged layout (one pass), or,
-    given ``merged_model`` (a merged GraphModule and each layer's input node
-    in it), the merged model's own features (the sequential variant), resumed
-    from ``frontier`` where it keeps the last pass's values.  ``positions``:
-    convolutions and normalizations read at most that many spatial positions
-    per sample (``sampled_positions``), linear layers that many tokens
-    (``at_tokens``).
+    given ``merged``, the merged model's own features (the sequential variant).
+    ``positions``: convolutions and normalizations read at most that many
+    spatial positions per sample (``sampled_positions``), linear layers that
+    many tokens (``at_tokens``).
     """
     by_node: dict[str, list[ProblemRead]] = {}
     grams: dict[tuple, GramSum] = {}  # (node, rows key) -> its Gram, summed over batches
@@ -559,13 +470,19 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
         columns = _block_columns(p, maps) if key is None and p.block.cols is not None else None
         by_node.setdefault(p.layer.node, []).append(ProblemRead(p, key, columns, p.w0.to(device, torch.float32)))
     layers = {node: group[0].problem.layer for node, group in by_node.items()}
-    frontier = frontier or Frontier()
+    if merged:
+        merged.frontier.start(merged.model, sorted({merged.inputs[node] for node in layers}))
     with torch.no_grad(), threadpool_limits(torch.get_num_threads(), user_api="blas"):  # syrk's threads too
-        for batch, x in enumerate(batches(data, batch_size, "least-squares statistics", progress, device)):
-            reads = (_merged_model_reads(gms, merged_model, frontier, batch, x, layers, positions)
-                     if merged_model else _mapped_reads(gms, maps, x, layers, positions))
+        for batch, x in enumerate(batches(data, batch_size, "least-squares statistics", progress and not merged,
+                                          device)):
+            reads = (_merged_model_reads(merged, batch, x, layers, positions)
+                     if merged else _mapped_reads(gms, maps, x, layers, positions))
             for node, x_merged, outputs in reads:  # one layer's merged input and rows alive at a time
-                _add_layer(by_node[node], x_merged, outputs, maps, grams, positions)
+                _add_layer(by_node[node], x_merged, outputs, maps, grams)
+            if merged:
+                merged.tick()
+    if merged:
+        merged.frontier.finish()
     totals = {k: mirror_upper(distributed.total(g.result())) for k, g in grams.items()}  # over every rank's shard
     for p, key, columns, _ in (read for group in by_node.values() for read in group):
         p.xx = totals[p.layer.node, key]
@@ -576,7 +493,28 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
         p.tt, p.rr = distributed.total(p.tt), distributed.total(p.rr)
 
 
-LayerRead = tuple[str, torch.Tensor, list[torch.Tensor]]  # a layer's node, its merged input, A's and B's outputs
+def layer_outputs(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
+                  outputs: LayerOutputs, batch_size: int = 64, progress: bool = True,
+                  positions: int | None = None) -> None:
+    """Record A's and B's output at every layer as its fit reads it (a pass of its own, for merges whose
+    matching pass did not read every sample: ``feature_moments``' ``outputs`` does it there)."""
+    layers = {layer.node: layer for layer in analysis.layers}
+    with torch.no_grad():
+        for batch, x in enumerate(batches(data, batch_size, "layer outputs", progress, device_of(gms[0]))):
+            for name, values in lockstep(gms, x, {name: (name,) for name in layers}):
+                _record_output(outputs, layers[name], batch, values[name], positions)
+
+
+def _record_output(outputs: LayerOutputs, layer: Layer, batch: int, values: list[torch.Tensor],
+                   positions: int | None) -> None:
+    """A layer's outputs as its fit reads them, copied where the read shares the value's memory: the pass
+    goes on, and may overwrite the value in place (``lockstep``'s in-place twins)."""
+    reads = _checked([_read_layer_value(layer, v, positions) for v in values], layer.node)
+    outputs.add(layer.node, batch, [r.clone() if r.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+                                    else r for r, v in zip(reads, values)])
+
+
+LayerRead = tuple[str, torch.Tensor, list[torch.Tensor]]  # a layer's node, its merged input, A's and B's outputs read
 
 
 class ProblemRead(NamedTuple):
@@ -595,7 +533,8 @@ def _mapped_reads(gms, maps: MergeMaps, x: torch.Tensor, layers: dict[str, Layer
     as the models run (``lockstep``)."""
     for node, values in lockstep(gms, x, {node: (layer.source, node) for node, layer in layers.items()}):
         layer = layers[node]
-        yield node, _merged_input(layer, values[layer.source], values[node][0], maps, positions), values[node]
+        merged_input = _merged_input(layer, values[layer.source], values[node][0], maps, positions)
+        yield node, merged_input, _checked([_read_layer_value(layer, v, positions) for v in values[node]], node)
 
 
 def _merged_input(layer: Layer, inputs: list[torch.Tensor], output: torch.Tensor, maps: MergeMaps,
@@ -620,25 +559,25 @@ def _patch_values(layer: Layer, output: torch.Tensor, positions: int | None) -> 
     return _kernel_positions(layer) * (outputs if positions is None else min(outputs, positions))
 
 
-def _merged_model_reads(gms, merged_model: tuple[fx.GraphModule, dict[str, str]], frontier: Frontier, batch: int,
-                        x: torch.Tensor, layers: dict[str, Layer], positions: int | None) -> Iterator[LayerRead]:
-    """Sequential: each layer's merged input is the merged model's own, resumed from ``frontier``."""
-    outputs = [frontier.run(gm, label, batch, x, sorted(layers)) for gm, label in zip(gms, "AB")]
-    sources = {node: merged_model[1][node] for node in layers}
-    inputs = frontier.run(merged_model[0], "merged", batch, x, sorted(set(sources.values())))
+def _merged_model_reads(merged: MergedReads, batch: int, x: torch.Tensor, layers: dict[str, Layer],
+                        positions: int | None) -> Iterator[LayerRead]:
+    """Sequential: each layer's merged input is the merged model's own, resumed from the frontier."""
+    merged.frontier.read_ahead(batch + 1)  # read from disk while this batch computes
+    merged.outputs.read_ahead(list(layers), batch + 1)
+    inputs = merged.frontier.run(batch, x)
     for node, layer in layers.items():
-        read = _read_input(layer, inputs[sources[node]], positions)
-        _check_finite(read, "merged", sources[node])
-        yield node, read, [v[node] for v in outputs]
+        source = merged.inputs[node]
+        read = _read_input(layer, inputs[source], positions)
+        _check_finite(read, "merged", source)
+        yield node, read, merged.outputs.pop(node, batch)
 
 
 def _add_layer(group: list[ProblemRead], x_merged: torch.Tensor,
-               outputs: list[torch.Tensor], maps: MergeMaps, grams: dict[tuple, GramSum],
-               positions: int | None) -> None:
-    """One batch of one layer: its Grams (one per rows key) and each of its problems' target moments."""
+               outputs: list[torch.Tensor], maps: MergeMaps, grams: dict[tuple, GramSum]) -> None:
+    """One batch of one layer: its Grams (one per rows key) and each of its problems' target moments, from
+    its merged input and A's and B's outputs as its fit reads them."""
     layer = group[0].problem.layer
     axis = _unit_axis(layer)
-    outputs = _checked([_read_layer_value(layer, v, positions) for v in outputs], layer.node)
     rows: dict[tuple | None, torch.Tensor] = {}
     for p, key, columns, warm_start in group:
         if key not in rows:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from pleascc import distributed
 from pleascc.allocator import reuse_freed_memory
@@ -28,8 +31,10 @@ from pleascc.passes.match import match_all, match_heads, match_product, zipit
 from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks
 from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, own_weights, regmean, warm_start
 from pleascc.passes.solve import least_squares as ridge_fit
-from pleascc.passes.stats import (Frontier, Problem, batch_size_for, batches, feature_moments, gram_moments,
-                                  layer_moments, weight_similarity)
+from pleascc.passes.frontier import Frontier, LayerOutputs, spill_estimate
+from pleascc.passes.stats import (MergedReads, Problem, batch_count, batch_size_for, batches, feature_moments,
+                                  gram_moments, layer_moments, layer_outputs, weight_similarity)
+from pleascc.passes.store import ActivationStore
 from pleascc.passes.weights import weight_matching
 from pleascc.trace import check_same_graph, trace
 
@@ -70,6 +75,7 @@ def merge(
     seed: int = 0,
     reset_bn: bool = False,
     cache_gb: float = CACHE_GB,
+    work_dir: str | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> MergeResult:
@@ -108,11 +114,12 @@ def merge(
     Its pass then runs that share of a forward instead of a whole one.
     ``batch_size``: samples per batch in the statistics passes; by default the
     most (up to 64) whose values in flight fit in 512 MB, as the passes stream
-    the models, or 2 GB for sequential least squares, whose passes keep every
-    layer's input and output (``stats.batch_size_for``).
+    the models (``stats.batch_size_for``).
     ``cache_gb``: memory for the activations sequential least squares keeps
-    between its passes, so that each resumes the last (0: every pass starts
-    from the input; past the limit, the same).  ``device``: where the
+    between its passes (A's and B's layer outputs, the merged model's
+    frontier: ``passes.frontier``); the rest goes to files in a temporary
+    directory under ``work_dir`` (default: the system's), removed when the
+    merge ends, fails or is interrupted.  ``device``: where the
     statistics passes run the models and keep their sums, and where the
     least-squares systems are solved ("cuda" for a GPU); matching runs on the
     CPU, and the merged model comes back there.  On glibc, the process keeps
@@ -152,61 +159,80 @@ def merge(
     x = _calibration_tensor(data, samples, model_a, seed)
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
     runs = statistics_copies(gms, target, read_rows(x[:2]))
-    sequential = refit == "least-squares" and least_squares == "sequential"  # its passes keep values, not stream
-    batch_size = batch_size or batch_size_for(analysis, None if sequential else gms[0].graph, positions)
+    sequential = refit == "least-squares" and least_squares == "sequential"  # records A's and B's layer outputs
+    batch_size = batch_size or batch_size_for(analysis, gms[0].graph, positions)
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
     separate = _separate_labels(labels, heads, states)
     separate_heads = {layer.node for layer in heads} if separate else set()
+    if sequential:
+        _check_spill_room(spill_estimate(gms[0], analysis, len(local), positions) - cache_gb * 2**30, work_dir)
     timings["trace_and_analyze"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    if matching == "weight":  # data-free: the weights alone
-        matchings = weight_matching(analysis, states, seed=seed)
-    else:
-        matched_on = local if match_samples is None else _shard(x[:match_samples])
-        correlations = feature_moments(runs, analysis, matched_on, batch_size, progress, within=matcher == "zipit",
-                                       positions=positions)
-        timings["matching_statistics"] = time.perf_counter() - clock
+    with ActivationStore(cache_gb * 2**30, work_dir) as store:
+        outputs = LayerOutputs(store) if sequential else None
         clock = time.perf_counter()
-        matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
-    costs = budget_pass.layer_costs(analysis, separate_heads)
-    if zip_until is not None:
-        widths = budget_pass.zip_until_widths(analysis, matchings, zip_until)
-    else:
-        widths = budget_pass.WIDTHS[width_search](analysis, matchings, costs, budget)
-    maps = MergeMaps(analysis.table, _selections(analysis, matchings, widths))
-    timings["match_and_budget"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    problems = _problems(analysis, maps, states, separate_heads)
-    own = {n for layer in heads if layer.node in separate_heads for n in (layer.weight, layer.bias)}
-    state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name])
-             for name in states[0] if name not in own}  # separate heads: from their own fits
-    emit_with = functools.partial(emit, gms[0], analysis, maps, state)
-    residuals, passes, cache_mb, underdetermined = {}, 0, 0.0, []
-    if refit == "regmean":
-        blocked = [p for p in problems if is_blocked(p.layer) or p.model is not None]  # norms stay averaged
-        gram_moments(runs, maps, blocked, local, batch_size, progress, positions)
-        for p in blocked:
-            in_width = maps.size(p.layer.in_dim)
-            per_model = {m: block_slice(own_weights(analysis, maps, p.layer, states[m], m), p.block, in_width)
-                         for m in p.grams}
-            p.w = regmean(p, per_model, regmean_alpha, ridge, has_bias=bool(p.layer.bias))
-    elif refit:
-        underdetermined = _check_least_squares_samples(problems, analysis, x, positions)
-        fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, progress, ridge, positions)
-        if not sequential:
-            residuals, passes = fit(problems), 1
+        if matching == "weight":  # data-free: the weights alone
+            matchings = weight_matching(analysis, states, seed=seed)
         else:
-            levels = layer_levels(gms[0], analysis)
-            frontier = Frontier(cache_gb * 2**30)
-            residuals = _fit_sequentially(functools.partial(fit, frontier=frontier), problems, levels,
-                                          lambda: emit_with(_layer_weights(problems, states)).to(device))
-            passes, cache_mb = len(set(levels.values())), frontier.peak_bytes / 2**20
+            everything = match_samples is None or match_samples >= len(x)
+            matched_on = local if everything else _shard(x[:match_samples])
+            correlations = feature_moments(runs, analysis, matched_on, batch_size, progress,
+                                           within=matcher == "zipit", positions=positions,
+                                           outputs=outputs if everything else None)
+            if not everything:
+                outputs = None
+            timings["matching_statistics"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
+        costs = budget_pass.layer_costs(analysis, separate_heads)
+        if zip_until is not None:
+            widths = budget_pass.zip_until_widths(analysis, matchings, zip_until)
+        else:
+            widths = budget_pass.WIDTHS[width_search](analysis, matchings, costs, budget)
+        maps = MergeMaps(analysis.table, _selections(analysis, matchings, widths))
+        timings["match_and_budget"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        problems = _problems(analysis, maps, states, separate_heads)
+        own = {n for layer in heads if layer.node in separate_heads for n in (layer.weight, layer.bias)}
+        state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name])
+                 for name in states[0] if name not in own}  # separate heads: from their own fits
+        emit_with = functools.partial(emit, gms[0], analysis, maps, state)
+        residuals, passes, underdetermined = {}, 0, []
+        if refit == "regmean":
+            blocked = [p for p in problems if is_blocked(p.layer) or p.model is not None]  # norms stay averaged
+            gram_moments(runs, maps, blocked, local, batch_size, progress, positions)
+            for p in blocked:
+                in_width = maps.size(p.layer.in_dim)
+                per_model = {m: block_slice(own_weights(analysis, maps, p.layer, states[m], m), p.block, in_width)
+                             for m in p.grams}
+                p.w = regmean(p, per_model, regmean_alpha, ridge, has_bias=bool(p.layer.bias))
+        elif refit:
+            underdetermined = _check_least_squares_samples(problems, analysis, x, positions)
+            fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, progress, ridge, positions,
+                                    timings)
+            if not sequential:
+                residuals, passes = fit(problems), 1
+            else:
+                if outputs is None:  # the matching pass did not read every sample
+                    outputs = LayerOutputs(store)
+                    layer_outputs(runs, analysis, local, outputs, batch_size, progress, positions)
+                levels = layer_levels(gms[0], analysis)
+                passes = len(set(levels.values()))
+                with tqdm(total=passes * batch_count(len(local), batch_size), desc="least squares", unit="batch",
+                          disable=not progress or distributed.rank() > 0) as bar:
+                    reads = functools.partial(MergedReads, frontier=Frontier(store), outputs=outputs, tick=bar.update)
+                    residuals = _fit_sequentially(fit, problems, levels, reads, timings,
+                                                  lambda: emit_with(_layer_weights(problems, states)).to(device))
+        kept = {"least_squares_memory_peak_mb": store.peak_memory_bytes / 2**20,
+                "least_squares_disk_peak_mb": store.peak_disk_bytes / 2**20,
+                "least_squares_spilled_mb": store.spilled_bytes / 2**20}
     timings["solve"] = time.perf_counter() - clock
 
+    clock = time.perf_counter()
     refitted = problems if not reset_bn else [p for p in problems if p.layer.kind != "norm"]  # γ, β averaged
     merged = emit_with(_layer_weights(refitted, states))
+    _add_time(timings, "emit", clock)
     if reset_bn:
         reset_batch_norm(merged, local, batch_size, progress)
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
@@ -214,7 +240,7 @@ def merge(
                      match_samples=None if matching == "weight" else min(len(x), match_samples or len(x)),
                      width_search="zip-until " + zip_until if zip_until else width_search,
                      least_squares=least_squares if refit == "least-squares" else None, positions=positions,
-                     least_squares_passes=passes, least_squares_cache_mb=cache_mb, device=str(device),
+                     least_squares_passes=passes, **kept, device=str(device),
                      underdetermined_layers=underdetermined)
     return MergeResult(merged.eval(), report, analysis)
 
@@ -240,6 +266,24 @@ def _check_finite_weights(states: tuple[dict, dict]) -> None:
         if broken is not None:
             raise PleasccError(f"model {model}'s {broken} holds NaN or Inf: the checkpoint is broken (from a "
                                "diverged run?); merge a finite one")
+
+
+def _check_spill_room(spill: float, work_dir: str | None) -> None:
+    """Before any heavy work: the directory sequential least squares may spill ``spill`` bytes to (an upper
+    bound, ``frontier.spill_estimate``) can be written and has room for them."""
+    if spill <= 0:
+        return
+    directory = work_dir or tempfile.gettempdir()
+    fix = f"pass --work-dir DIR on a disk with room, or --cache-gb {math.ceil(spill / 2**30) + 1} or more to keep it in memory"
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix="pleascc-", dir=directory))
+    except OSError as exc:
+        raise PleasccError(f"sequential least squares may spill {spill / 2**30:.1f} GB of activations to {directory}, "
+                           f"which cannot be written ({exc.strerror}): {fix}") from exc
+    free = shutil.disk_usage(directory).free
+    if free < spill:
+        raise PleasccError(f"sequential least squares may spill {spill / 2**30:.1f} GB of activations to {directory}, "
+                           f"which has {free / 2**30:.1f} GB free: {fix}")
 
 
 def _usable_device(device: str) -> torch.device:
@@ -324,28 +368,42 @@ def _partner_of(m) -> torch.Tensor:
 
 
 def _fit(gms, analysis: Analysis, maps: MergeMaps, x: torch.Tensor, batch_size: int, progress: bool,
-         ridge: float, positions: int | None, problems: list[Problem], merged_model=None,
-         frontier: Frontier | None = None) -> dict[str, float]:
+         ridge: float, positions: int | None, timings: dict[str, float], problems: list[Problem],
+         merged: MergedReads | None = None) -> dict[str, float]:
     """One pass over the data, then each problem's least-squares fit (``p.w``); returns the residuals."""
-    layer_moments(gms, analysis, maps, problems, x, batch_size, progress, merged_model, frontier, positions)
+    clock = time.perf_counter()
+    layer_moments(gms, analysis, maps, problems, x, batch_size, progress, merged, positions)
+    clock = _add_time(timings, "least_squares_statistics", clock)
     residuals = {}
     for p in problems:
         p.w, residuals[p.name] = ridge_fit(p, ridge, has_bias=p.layer.kind == "norm" or bool(p.layer.bias))
+    _add_time(timings, "solves", clock)
     return residuals
 
 
-def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], emit_current) -> dict[str, float]:
+def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], reads, timings: dict[str, float],
+                      emit_current) -> dict[str, float]:
     """Fit layers level by level, each on the inputs the merged model, refitted up to there, gives it.
 
     A level's layers depend only on earlier levels, so this equals fitting one
-    layer at a time, in one pass over the data per level.
+    layer at a time, in one pass over the data per level.  ``reads``: the
+    merged model and its layer inputs → ``MergedReads``.
     """
     residuals: dict[str, float] = {}
     for level in sorted(set(levels.values())):
         todo = [p for p in problems if levels[p.layer.node] == level]
+        clock = time.perf_counter()
         merged = emit_current()
-        residuals.update(fit(todo, (merged, layer_inputs(merged))))
+        _add_time(timings, "emit", clock)
+        residuals.update(fit(todo, reads(merged, layer_inputs(merged))))
     return residuals
+
+
+def _add_time(timings: dict[str, float], phase: str, since: float) -> float:
+    """Add the time since ``since`` to ``phase``'s; return now."""
+    now = time.perf_counter()
+    timings[phase] = timings.get(phase, 0.0) + now - since
+    return now
 
 
 def _layer_weights(problems: list[Problem], states) -> dict[tuple[str, int | None], list]:

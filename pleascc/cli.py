@@ -104,12 +104,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="pleas: fit each layer on the merged model's own inputs, one pass per level of layers "
                         "(default; more accurate), or on the originals' features in a single pass (faster)")
     m.add_argument("--cache-gb", type=float, default=options.CACHE_GB,
-                   help="sequential least squares: memory for the activations kept between its passes, so each "
-                        "resumes the last (about one forward pass of each model in all); 0 or past the limit: "
-                        "every pass starts from the input")
+                   help="sequential least squares: memory for the activations kept between its passes (A's and "
+                        "B's layer outputs, the merged model's frontier); the rest goes to disk, in --work-dir")
+    m.add_argument("--work-dir", default=None,
+                   help="sequential least squares: where activations past --cache-gb are spilled, in a temporary "
+                        "directory removed when the merge ends, fails or is interrupted (default: the system's "
+                        "temporary directory, $TMPDIR)")
     m.add_argument("--batch-size", type=int, default=None,
                    help="samples per batch in the statistics passes (default: the most, up to 64, whose "
-                        "values in flight fit in 512 MB; 2 GB with --least-squares sequential)")
+                        "values in flight fit in 512 MB)")
     m.add_argument("--positions", type=int, default=options.POSITIONS,
                    help="the most spatial positions (or tokens) per sample the statistics read from a feature "
                         "map (a fixed random subset, default %(default)s; 0: all): a layer's fit has far more "
@@ -227,7 +230,7 @@ def _merge(args) -> int:
                            positions=args.positions or None, match_samples=args.match_samples,
                            width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
                            zip_until=args.zip_until, regmean_alpha=args.regmean_alpha, seed=args.seed,
-                           reset_bn=args.reset_bn, cache_gb=args.cache_gb, device=device,
+                           reset_bn=args.reset_bn, cache_gb=args.cache_gb, work_dir=args.work_dir, device=device,
                            progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0

@@ -47,7 +47,7 @@ def test_batch_size_shrinks_with_the_activations():
     from pleascc.passes.stats import MAX_BATCH, batch_size_for
 
     gm = trace(torchvision_resnet18())
-    small, large = (batch_size_for(analyze(gm, (torch.randn(2, 3, size, size),))) for size in (32, 224))
+    small, large = (batch_size_for(analyze(gm, (torch.randn(2, 3, size, size),)), gm.graph) for size in (32, 224))
     assert small == MAX_BATCH and 1 <= large < MAX_BATCH
 
 

@@ -1,0 +1,225 @@
+"""What sequential least squares keeps between its passes, so each costs one level of layers, not a forward.
+
+Sequential least squares fits the layers level by level, each on the merged
+model's own inputs, so it runs one pass over the data per level.  Two things
+make the passes together cost about one forward of the merged model:
+
+- ``LayerOutputs``: A's and B's layer outputs, as the fits read them (at the
+  sampled positions), recorded once, in the matching pass, which runs both
+  models over the data anyway.  A and B never run again.
+- ``Frontier``: the merged model's values that later levels still read, per
+  batch, so each pass resumes where the last stopped.  A value that one cheap
+  op (a norm, an activation, an add, a view) makes from values kept already is
+  not kept but recomputed when read: a convolution's output is kept once, not
+  again after its BatchNorm and after its ReLU.
+
+Both live in an ``ActivationStore``: memory up to ``--cache-gb``, the rest on
+disk.  ``spill_estimate`` says, before any work, how much that can reach.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from pleascc.passes.groups import Analysis, Layer
+from pleascc.passes.store import ActivationStore, nbytes
+
+# Ops that do real work per value: never recomputed to save keeping their output.
+EXPENSIVE = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, torch.conv2d, torch.matmul,
+             operator.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm, torch.addmm,
+             F.scaled_dot_product_attention, "matmul", "bmm", "mm", "einsum"}
+
+
+class LayerOutputs:
+    """A's and B's output at every layer, as its fit reads it, recorded batch by batch in a store.
+
+    Each layer's outputs are read by one level's pass, then dropped.
+    """
+
+    def __init__(self, store: ActivationStore) -> None:
+        self.store = store
+
+    def add(self, node: str, batch: int, values: list[torch.Tensor]) -> None:
+        self.store.put(("output", node, batch), values)
+
+    def read_ahead(self, nodes: list[str], batch: int) -> None:
+        self.store.read_ahead([("output", node, batch) for node in nodes])
+
+    def pop(self, node: str, batch: int) -> list[torch.Tensor]:
+        values = self.store.get(("output", node, batch))
+        self.store.drop(("output", node, batch))
+        return values
+
+
+class Frontier:
+    """The merged model's node values that later passes read, per batch, in an ``ActivationStore``.
+
+    The merged model is re-emitted between passes with the same node names:
+    only values of nodes before the layers being fitted are computed, and
+    those no longer change.  A graph whose code changed (renamed nodes)
+    starts from the input again.
+    """
+
+    def __init__(self, store: ActivationStore) -> None:
+        self.store = store
+        self.code: tuple | None = None
+        self.kept: set[str] = set()  # nodes whose values the store holds, for every batch
+        self.done: set[str] = set()  # nodes computed whose values are kept or used up (not to recompute)
+        self.ran_before: set[str] = set()  # nodes run in an earlier pass
+        self.plan: tuple | None = None  # for the names asked for now: (nodes to run, nodes to keep)
+        self.batches = 0
+
+    def start(self, gm: fx.GraphModule, names: list[str]) -> None:
+        """Prepare a pass that reads ``names`` from ``gm``, batch by batch (``run``)."""
+        code = tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
+        if code != self.code:
+            self._forget()
+            self.code = code
+        self.gm, self.names = gm, names
+        self.nodes = {node.name: node for node in gm.graph.nodes}
+        needed, stack = [], [self.nodes[name] for name in names]
+        while stack:
+            node = stack.pop()
+            if node.name not in self.kept and node.name not in needed:
+                needed.append(node.name)
+                stack.extend(node.all_input_nodes)
+        self.run_nodes = [n for n in gm.graph.nodes if n.name in set(needed)]
+        read = {source.name for node in self.run_nodes for source in node.all_input_nodes} | set(names)
+        self.loads = sorted(read & self.kept)
+        self.plan = None
+
+    def read_ahead(self, batch: int) -> None:
+        """Start reading what ``run`` will load for ``batch`` (``ActivationStore.read_ahead``)."""
+        self.store.read_ahead([("frontier", batch, name) for name in self.loads])
+
+    def run(self, batch: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The names' values on batch ``batch`` (input ``x``), computing only what the store does not hold."""
+        env = {name: self.store.get(("frontier", batch, name)) for name in self.loads}
+        for node in self.run_nodes:
+            env[node.name] = execute(self.gm, node, env, x)
+        if self.plan is None:
+            self.plan = self._plan(env)
+        newly_kept, forgotten = self.plan
+        for name in newly_kept:
+            self.store.put(("frontier", batch, name), env[name])
+        for name in forgotten:
+            self.store.drop(("frontier", batch, name))
+        return {name: env[name] for name in self.names}
+
+    def finish(self) -> None:
+        """After every batch of a pass: what the store holds now is what the next pass resumes from."""
+        if self.plan is not None:
+            newly_kept, forgotten = self.plan
+            self.kept = (self.kept - set(forgotten)) | set(newly_kept)
+
+    def _plan(self, env: dict[str, object]) -> tuple[list[str], list[str]]:
+        """Which values to keep after this pass (decided on its first batch): those a node not yet run reads,
+        less the ones cheap nodes make from values kept already.  Those are recomputed when read instead,
+        once: a node run a second time is kept if still read, so chains of recomputation stay one long."""
+        ran = {node.name for node in self.run_nodes}
+        recomputable: set[str] = set()
+        for node in self.run_nodes:
+            inputs = node.all_input_nodes
+            if node.name not in self.ran_before and inputs and _is_cheap(self.gm, node, env) and all(
+                    n.name in self.kept or n.name in recomputable or n.op in ("get_attr", "placeholder")
+                    for n in inputs):
+                recomputable.add(node.name)
+        self.ran_before |= ran
+        self.done = (self.done | ran) - recomputable
+        keep = {name for name in self.done if self.nodes[name].op not in ("get_attr", "placeholder")
+                and any(user.name not in self.done for user in self.nodes[name].users)}
+        return sorted(keep - self.kept), sorted(self.kept - keep)
+
+    def _forget(self) -> None:
+        for key in [k for k in self.store.keys() if k[0] == "frontier"]:
+            self.store.drop(key)
+        self.kept, self.done, self.ran_before = set(), set(), set()
+
+
+def _is_cheap(gm: fx.GraphModule, node: fx.Node, env: dict[str, object]) -> bool:
+    """A node whose value costs less to recompute than to keep: an op with no matrix of weights that makes
+    a value at least as large as each input (a norm, an activation, an add, a view)."""
+    if node.op == "call_module":
+        if any(p.dim() >= 2 for p in gm.get_submodule(node.target).parameters()):
+            return False
+    elif node.op not in ("call_function", "call_method") or node.target in EXPENSIVE or (
+            str(getattr(node.target, "__name__", node.target)).endswith("_")):
+        return False
+    out = nbytes(env[node.name])
+    return out > 0 and all(nbytes(env[n.name]) <= out for n in node.all_input_nodes if n.name in env)
+
+
+def execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch.Tensor,
+            twin: Callable | None = None):
+    """One node's value from its inputs' values in ``env`` (an fx.Interpreter step that can start anywhere).
+
+    The model is called with ``x`` alone: later placeholders take their defaults.  ``twin``: the node's op
+    in place (``stats.lockstep``), called instead.
+    """
+    if node.op == "placeholder":
+        first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        return x if node is first else (node.args[0] if node.args else None)
+    if node.op == "get_attr":
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
+    args, kwargs = arguments(node, env)
+    if twin is not None:
+        return twin(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return gm.get_submodule(node.target)(*args, **kwargs)
+
+
+def arguments(node: fx.Node, env: dict[str, object]) -> tuple[tuple, dict]:
+    """``node``'s arguments, with the values of the nodes they name."""
+    return fx.node.map_arg(node.args, lambda n: env[n.name]), fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+
+
+def spill_estimate(gm: fx.GraphModule, analysis: Analysis, samples: int, positions: int | None) -> int:
+    """An upper bound on the bytes a sequential merge keeps at once: both models' recorded layer outputs
+    and the merged model's widest frontier (kept whole, as if nothing were recomputed), from the shapes
+    ShapeProp found on the example batch."""
+    shapes = analysis.shapes
+    example = shapes[next(iter(shapes))][0]
+    outputs = sum(_read_bytes(layer, shapes.get(layer.node), positions) for layer in analysis.layers)
+    return int(samples * (2 * outputs + _widest_frontier(gm, shapes)) / example)
+
+
+def _read_bytes(layer: Layer, shape: tuple | None, positions: int | None) -> int:
+    """Float32 bytes of a layer's output as its fit reads it (on the example batch)."""
+    if not shape:
+        return 0
+    if layer.kind == "linear":
+        if layer.batch_axis is None:
+            return 4 * math.prod(shape)
+        tokens = math.prod(shape) // shape[layer.batch_axis] // shape[-1]
+        return 4 * shape[layer.batch_axis] * shape[-1] * min(tokens, positions or tokens)
+    per_map = math.prod(shape[2:])
+    return 4 * shape[0] * shape[1] * min(per_map, positions or per_map)
+
+
+def _widest_frontier(gm: fx.GraphModule, shapes: dict) -> int:
+    """The most float32 bytes of values that nodes run so far hold for nodes not yet run, in graph order."""
+    nodes = list(gm.graph.nodes)
+    position = {node.name: k for k, node in enumerate(nodes)}
+    ends: dict[int, int] = {}
+    live = widest = 0
+    for k, node in enumerate(nodes):
+        shape = shapes.get(node.name)
+        size = 4 * math.prod(shape) if isinstance(shape, tuple) and node.op not in ("get_attr", "placeholder") else 0
+        last = max([k, *(position[u.name] for u in node.users)])
+        ends[last] = ends.get(last, 0) + size
+        live += size
+        widest = max(widest, live - ends.get(k, 0))
+        live -= ends.pop(k, 0)
+    return widest

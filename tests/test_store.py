@@ -1,0 +1,166 @@
+"""The activation store and the frontier of sequential least squares: results do not depend on where values
+are kept, and spill files never outlive a merge."""
+
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pleascc
+from conftest import raises
+from pleascc.passes.frontier import Frontier
+from pleascc.passes.store import ActivationStore
+from resnet20 import resnet20
+
+
+def test_values_come_back_bit_for_bit_from_memory_and_from_disk(tmp_path):
+    values = {
+        "channels_last": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        "transposed": torch.randn(6, 7).t(),
+        "bfloat16": torch.randn(3, 5).bfloat16(),
+        "int64": torch.arange(10),
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(3.5),
+        "tuple": (torch.randn(3), 7, [torch.ones(2, 2), None]),
+    }
+    for limit in (float("inf"), 0):
+        with ActivationStore(limit, tmp_path) as store:
+            for key, value in values.items():
+                store.put(key, value)
+            for key, value in values.items():
+                _assert_same(store.get(key), value)
+            assert (store.disk_bytes > 0) == (limit == 0)
+        assert list(tmp_path.iterdir()) == []
+
+
+def _assert_same(got, want):
+    if isinstance(want, torch.Tensor):
+        assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride()
+        assert torch.equal(got, want)
+    elif isinstance(want, (tuple, list)):
+        assert type(got) is type(want) and len(got) == len(want)
+        for g, w in zip(got, want):
+            _assert_same(g, w)
+    else:
+        assert got == want
+
+
+def test_memory_holds_up_to_the_limit_and_the_rest_spills(tmp_path):
+    with ActivationStore(1000, tmp_path) as store:
+        store.put("a", torch.zeros(200))  # 800 bytes: in memory
+        store.put("b", torch.zeros(200))  # would pass 1000: on disk
+        assert (store.memory_bytes, store.disk_bytes) == (800, 800)
+        (spill,) = store.directory.iterdir()
+        store.drop("b")
+        assert store.disk_bytes == 0
+        assert _eventually(lambda: spill.stat().st_blocks == 0)  # its blocks freed, once written
+        store.put("c", torch.zeros(50))  # fits again
+        assert store.memory_bytes == 1000 and store.peak_disk_bytes == 800
+        store.drop("a")
+        view = torch.zeros(1000)[:10]
+        store.put("view", view)  # a view is kept as its own bytes, not its base's
+        assert store.get("view").untyped_storage().nbytes() == 40
+
+
+def _eventually(condition, seconds: float = 5.0) -> bool:
+    """Whether ``condition`` holds within ``seconds`` (the spill file is written by a thread of its own)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_spill_directory_goes_on_error(tmp_path):
+    with pytest.raises(RuntimeError), ActivationStore(0, tmp_path) as store:
+        store.put("a", torch.zeros(10))
+        assert store.directory.exists()
+        raise RuntimeError
+    assert list(tmp_path.iterdir()) == []
+
+
+def _weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    return resnet20(num_classes=5).eval(), resnet20(num_classes=5).eval(), torch.randn(96, 3, 32, 32)
+
+
+def test_a_merge_gives_the_same_weights_in_memory_and_spilled(pair, tmp_path):
+    """Everything kept in memory, and everything on disk: the same sequential merge, to 1e-5 (in fact
+    bit for bit), and the spill directory gone afterwards."""
+    a, b, x = pair
+    in_memory = pleascc.merge(a, b, x, cache_gb=10, work_dir=str(tmp_path), progress=False)
+    spilled = pleascc.merge(a, b, x, cache_gb=0, work_dir=str(tmp_path), progress=False)
+    assert in_memory.report["least_squares_disk_peak_mb"] == 0 < in_memory.report["least_squares_memory_peak_mb"]
+    assert spilled.report["least_squares_memory_peak_mb"] == 0 < spilled.report["least_squares_spilled_mb"]
+    want, got = _weights(in_memory.model), _weights(spilled.model)
+    assert (want - got).norm() <= 1e-5 * want.norm()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_spill_directory_goes_when_a_merge_fails_or_is_interrupted(pair, tmp_path, monkeypatch):
+    a, b, x = pair
+    for error in (RuntimeError, KeyboardInterrupt):
+        calls = []
+
+        def fail_on_the_third_pass(*args, original=pleascc.api.layer_moments, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                assert any(tmp_path.iterdir())  # the store had spilled by then
+                raise error
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(pleascc.api, "layer_moments", fail_on_the_third_pass)
+        with pytest.raises(error):
+            pleascc.merge(a, b, x, cache_gb=0, work_dir=str(tmp_path), progress=False)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_work_dir_is_refused_before_any_pass(pair, tmp_path, monkeypatch):
+    a, b, x = pair
+    monkeypatch.setattr(pleascc.api, "feature_moments", lambda *args, **kwargs: pytest.fail("ran a pass"))
+    msg = raises("cannot be written", pleascc.merge, a, b, x, cache_gb=0, work_dir=str(tmp_path / "missing"),
+                 progress=False)
+    assert "--work-dir" in msg and "--cache-gb" in msg
+
+
+def test_too_little_room_is_refused_before_any_pass(pair, tmp_path, monkeypatch):
+    a, b, x = pair
+    monkeypatch.setattr(pleascc.api, "feature_moments", lambda *args, **kwargs: pytest.fail("ran a pass"))
+    monkeypatch.setattr(pleascc.api.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    msg = raises("GB free", pleascc.merge, a, b, x, cache_gb=0, work_dir=str(tmp_path), progress=False)
+    assert str(tmp_path) in msg and "--work-dir" in msg
+
+
+class ConvChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def test_the_frontier_keeps_a_convolutions_output_once_and_recomputes_its_norm_and_activation(tmp_path):
+    """Passes for bn1's level, then conv2's: after the second, conv1's output is kept (read again through
+    bn1 and relu next pass), not bn1's or relu's; the values read are those of a plain forward."""
+    model = torch.fx.symbolic_trace(ConvChain().eval())
+    x = torch.randn(4, 3, 8, 8)
+    with ActivationStore(float("inf"), tmp_path) as store:
+        frontier = Frontier(store)
+        for names in (["conv1"], ["relu"], ["conv2"]):
+            frontier.start(model, names)
+            got = frontier.run(0, x)
+            frontier.finish()
+            kept = {key[2] for key in store.keys()}
+            if names == ["relu"]:
+                assert kept == {"conv1"}
+        assert kept == {"conv2"}
+        assert torch.equal(got["conv2"], model.conv2(torch.relu(model.bn1(model.conv1(x)))))
