@@ -162,7 +162,7 @@ def measure(job: dict) -> dict:
     return {**job, "positions": result.report["positions"], "forward_s": forward, "merge_s": merge,
             "ratio": merge / forward, "forward_channels_last_s": forward_channels_last,
             "ratio_channels_last": merge / forward_channels_last, **peaks, "batch_size": batch,
-            "passes": 2 + max(result.report["least_squares_passes"] - 1, 0),
+            "passes": 1 + result.report["least_squares_passes"],
             **{key: result.report[f"least_squares_{key}"] for key in ("memory_peak_mb", "disk_peak_mb", "spilled_mb")},
             "timings_s": result.report["timings_s"],
             **({"breakdown_s": breakdown(pstats.Stats(profile), merge),

@@ -27,7 +27,8 @@ def emit(gm: fx.GraphModule, analysis: Analysis, maps: MergeMaps, state: State,
     everything from it to the output, and the model returns
     ``(outputs from A's heads, outputs from B's heads)``.
     """
-    merged = copy.deepcopy(gm)
+    shared = {id(t): t for t in (*gm.parameters(), *gm.buffers())}  # each replaced below: copy the rest only
+    merged = copy.deepcopy(gm, memo=shared)
     for name, value in state.items():
         _assign(merged, name, value)
     modules = dict(merged.named_modules())

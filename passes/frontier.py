@@ -14,7 +14,8 @@ make the passes together cost about one forward of the merged model:
   again after its BatchNorm and after its ReLU.
 
 Both live in an ``ActivationStore``: memory up to ``--cache-gb``, the rest on
-disk.  ``spill_estimate`` says, before any work, how much that can reach.
+disk.  Where the recorded outputs would not fit the disk, they are recorded a
+run of levels at a time (``output_segments``), each run by a pass of A and B.
 """
 
 from __future__ import annotations
@@ -37,16 +38,19 @@ EXPENSIVE = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, torch.c
 
 
 class LayerOutputs:
-    """A's and B's output at every layer, as its fit reads it, recorded batch by batch in a store.
+    """A's and B's output at some layers, as their fits read them, recorded batch by batch in a store.
 
+    ``nodes``: the layers recorded now (``output_segments``: those of a run
+    of levels whose outputs fit the store).  ``spill``: straight to disk,
+    leaving memory to the frontier, whose values are read more than once.
     Each layer's outputs are read by one level's pass, then dropped.
     """
 
-    def __init__(self, store: ActivationStore) -> None:
-        self.store = store
+    def __init__(self, store: ActivationStore, nodes: set[str], spill: bool) -> None:
+        self.store, self.nodes, self.spill = store, nodes, spill
 
     def add(self, node: str, batch: int, values: list[torch.Tensor]) -> None:
-        self.store.put(("output", node, batch), values)
+        self.store.put(("output", node, batch), values, spill=self.spill)
 
     def read_ahead(self, nodes: list[str], batch: int) -> None:
         self.store.read_ahead([("output", node, batch) for node in nodes])
@@ -185,14 +189,49 @@ def arguments(node: fx.Node, env: dict[str, object]) -> tuple[tuple, dict]:
     return fx.node.map_arg(node.args, lambda n: env[n.name]), fx.node.map_arg(node.kwargs, lambda n: env[n.name])
 
 
-def spill_estimate(gm: fx.GraphModule, analysis: Analysis, samples: int, positions: int | None) -> int:
-    """An upper bound on the bytes a sequential merge keeps at once: both models' recorded layer outputs
-    and the merged model's widest frontier (kept whole, as if nothing were recomputed), from the shapes
-    ShapeProp found on the example batch."""
-    shapes = analysis.shapes
-    example = shapes[next(iter(shapes))][0]
-    outputs = sum(_read_bytes(layer, shapes.get(layer.node), positions) for layer in analysis.layers)
-    return int(samples * (2 * outputs + _widest_frontier(gm, shapes)) / example)
+def level_output_bytes(analysis: Analysis, levels: dict[str, int], samples: int,
+                       positions: int | None) -> dict[int, int]:
+    """Per level, the float32 bytes of A's and B's outputs its layers' fits read, over ``samples`` samples
+    (from the shapes ShapeProp found on the example batch)."""
+    example = analysis.shapes[next(iter(analysis.shapes))][0]
+    per_level: dict[int, int] = {}
+    for layer in analysis.layers:
+        size = 2 * samples * _read_bytes(layer, analysis.shapes.get(layer.node), positions) // example
+        per_level[levels[layer.node]] = per_level.get(levels[layer.node], 0) + size
+    return dict(sorted(per_level.items()))
+
+
+def output_segments(level_bytes: dict[int, int], budget: float) -> list[list[int]]:
+    """Levels in order, cut into runs whose recorded outputs take at most ``budget`` bytes together (a level
+    larger than that alone): each run's outputs are recorded by one pass of A and B, the first run's in the
+    matching pass."""
+    segments: list[list[int]] = [[]]
+    size = 0
+    for level, level_size in level_bytes.items():
+        if segments[-1] and size + level_size > budget:
+            segments.append([])
+            size = 0
+        segments[-1].append(level)
+        size += level_size
+    return segments
+
+
+def frontier_bytes(gm: fx.GraphModule, analysis: Analysis, samples: int) -> int:
+    """An upper bound on the merged model's frontier over ``samples`` samples: the most float32 bytes that
+    nodes run so far hold for nodes not yet run, in graph order (kept whole, as if nothing were recomputed)."""
+    nodes = list(gm.graph.nodes)
+    position = {node.name: k for k, node in enumerate(nodes)}
+    ends: dict[int, int] = {}
+    live = widest = 0
+    for k, node in enumerate(nodes):
+        shape = analysis.shapes.get(node.name)
+        size = 4 * math.prod(shape) if isinstance(shape, tuple) and node.op not in ("get_attr", "placeholder") else 0
+        last = max([k, *(position[u.name] for u in node.users)])
+        ends[last] = ends.get(last, 0) + size
+        live += size
+        widest = max(widest, live - ends.get(k, 0))
+        live -= ends.pop(k, 0)
+    return widest * samples // analysis.shapes[next(iter(analysis.shapes))][0]
 
 
 def _read_bytes(layer: Layer, shape: tuple | None, positions: int | None) -> int:
@@ -206,20 +245,3 @@ def _read_bytes(layer: Layer, shape: tuple | None, positions: int | None) -> int
         return 4 * shape[layer.batch_axis] * shape[-1] * min(tokens, positions or tokens)
     per_map = math.prod(shape[2:])
     return 4 * shape[0] * shape[1] * min(per_map, positions or per_map)
-
-
-def _widest_frontier(gm: fx.GraphModule, shapes: dict) -> int:
-    """The most float32 bytes of values that nodes run so far hold for nodes not yet run, in graph order."""
-    nodes = list(gm.graph.nodes)
-    position = {node.name: k for k, node in enumerate(nodes)}
-    ends: dict[int, int] = {}
-    live = widest = 0
-    for k, node in enumerate(nodes):
-        shape = shapes.get(node.name)
-        size = 4 * math.prod(shape) if isinstance(shape, tuple) and node.op not in ("get_attr", "placeholder") else 0
-        last = max([k, *(position[u.name] for u in node.users)])
-        ends[last] = ends.get(last, 0) + size
-        live += size
-        widest = max(widest, live - ends.get(k, 0))
-        live -= ends.pop(k, 0)
-    return widest

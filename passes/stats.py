@@ -341,9 +341,10 @@ def _checked(values: list[torch.Tensor], node: str) -> list[torch.Tensor]:
 
 
 def _check_finite(value: torch.Tensor, model: str, node: str) -> None:
-    """NaN and Inf survive a sum, so one reduction in the value's own precision checks the whole tensor;
-    only a sum that overflowed (or a real NaN) is checked element by element."""
-    if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
+    """NaN and Inf reach a tensor's least or greatest value, so one reduction checks it all; unlike a sum's,
+    its result cannot overflow (large activations, as in randomly initialised deep nets, would send every
+    value to an element-by-element check)."""
+    if value.numel() and not all(torch.isfinite(end) for end in torch.aminmax(value)):
         raise PleasccError(f"model {model} produces NaN or Inf at {node} on the calibration data; "
                            "check the checkpoint's weights and the data's preprocessing")
 
@@ -358,14 +359,14 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
     of [A's units, B's units] instead.  ``positions``: a channels-first 2-D
     feature map is read at that many positions per sample (``sampled_positions``),
     a value whose batch axis is known at that many tokens (``at_tokens``).
-    ``outputs``: also record every layer's outputs there, for sequential least squares.
+    ``outputs``: also record the outputs of its layers there, for sequential least squares.
     """
     sites = _observation_sites(analysis)
     batch_axes = {name: analysis.batch_axis(name) for name, _, _ in sites}  # once, not per batch
     at_node: dict[str, list[int]] = {}
     for site, (name, _, _) in enumerate(sites):
         at_node.setdefault(name, []).append(site)
-    layers = {layer.node: layer for layer in analysis.layers} if outputs else {}
+    layers = {layer.node: layer for layer in analysis.layers if layer.node in outputs.nodes} if outputs else {}
     moments: dict[tuple, CrossMoments] = {}
     with torch.no_grad():
         for batch, x in enumerate(batches(data, batch_size, "matching statistics", progress, device_of(gms[0]))):
@@ -494,15 +495,16 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
 
 
 def layer_outputs(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
-                  outputs: LayerOutputs, batch_size: int = 64, progress: bool = True,
-                  positions: int | None = None) -> None:
-    """Record A's and B's output at every layer as its fit reads it (a pass of its own, for merges whose
-    matching pass did not read every sample: ``feature_moments``' ``outputs`` does it there)."""
-    layers = {layer.node: layer for layer in analysis.layers}
+                  outputs: LayerOutputs, batch_size: int = 64, positions: int | None = None,
+                  tick: Callable[[], None] = lambda: None) -> None:
+    """Record A's and B's outputs at ``outputs.nodes`` as their fits read them, in a pass of their own (the
+    matching pass records the first ones: ``feature_moments``); it stops after the last of them."""
+    layers = {layer.node: layer for layer in analysis.layers if layer.node in outputs.nodes}
     with torch.no_grad():
-        for batch, x in enumerate(batches(data, batch_size, "layer outputs", progress, device_of(gms[0]))):
+        for batch, x in enumerate(batches(data, batch_size, "layer outputs", False, device_of(gms[0]))):
             for name, values in lockstep(gms, x, {name: (name,) for name in layers}):
                 _record_output(outputs, layers[name], batch, values[name], positions)
+            tick()
 
 
 def _record_output(outputs: LayerOutputs, layer: Layer, batch: int, values: list[torch.Tensor],

@@ -68,11 +68,14 @@ class ActivationStore:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._memory or key in self._disk
 
-    def put(self, key: Hashable, value: object) -> None:
-        """Keep ``value`` under ``key`` (replacing what was there): in memory while it fits, else on disk."""
+    def put(self, key: Hashable, value: object, spill: bool = False) -> None:
+        """Keep ``value`` under ``key`` (replacing what was there): in memory while it fits, else on disk.
+
+        ``spill``: to disk even if memory has room, leaving it to values read more often.
+        """
         self.drop(key)
         size = nbytes(value)
-        if self.memory_bytes + size <= self.limit or size == 0:
+        if size == 0 or not spill and self.memory_bytes + size <= self.limit:
             self._memory[key] = _owned(value)
             self.memory_bytes += size
             self.peak_memory_bytes = max(self.peak_memory_bytes, self.memory_bytes)

@@ -31,7 +31,7 @@ from pleascc.passes.match import match_all, match_heads, match_product, zipit
 from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks
 from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, own_weights, regmean, warm_start
 from pleascc.passes.solve import least_squares as ridge_fit
-from pleascc.passes.frontier import Frontier, LayerOutputs, spill_estimate
+from pleascc.passes.frontier import Frontier, LayerOutputs, frontier_bytes, level_output_bytes, output_segments
 from pleascc.passes.stats import (MergedReads, Problem, batch_count, batch_size_for, batches, feature_moments,
                                   gram_moments, layer_moments, layer_outputs, weight_similarity)
 from pleascc.passes.store import ActivationStore
@@ -40,6 +40,7 @@ from pleascc.trace import check_same_graph, trace
 
 __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
 
+SPILL_SHARE = 0.8  # of the work directory's free space, the most sequential least squares plans to fill
 TIE_BREAK = 1e-3  # weight of weight-row similarity in matching scores: separates units data can't tell apart
 
 
@@ -164,23 +165,23 @@ def merge(
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
     separate = _separate_labels(labels, heads, states)
     separate_heads = {layer.node for layer in heads} if separate else set()
-    if sequential:
-        _check_spill_room(spill_estimate(gms[0], analysis, len(local), positions) - cache_gb * 2**30, work_dir)
+    levels = layer_levels(gms[0], analysis)
+    segments, spill = _plan_outputs(gms[0], analysis, levels, len(local), positions, cache_gb * 2**30, work_dir) \
+        if sequential else ([], False)
     timings["trace_and_analyze"] = time.perf_counter() - clock
 
     with ActivationStore(cache_gb * 2**30, work_dir) as store:
-        outputs = LayerOutputs(store) if sequential else None
+        outputs = LayerOutputs(store, {n for n, level in levels.items() if level in segments[0]}, spill) \
+            if sequential else None
         clock = time.perf_counter()
+        everything = matching != "weight" and (match_samples is None or match_samples >= len(x))
         if matching == "weight":  # data-free: the weights alone
             matchings = weight_matching(analysis, states, seed=seed)
         else:
-            everything = match_samples is None or match_samples >= len(x)
             matched_on = local if everything else _shard(x[:match_samples])
             correlations = feature_moments(runs, analysis, matched_on, batch_size, progress,
                                            within=matcher == "zipit", positions=positions,
                                            outputs=outputs if everything else None)
-            if not everything:
-                outputs = None
             timings["matching_statistics"] = time.perf_counter() - clock
             clock = time.perf_counter()
             matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
@@ -214,15 +215,17 @@ def merge(
             if not sequential:
                 residuals, passes = fit(problems), 1
             else:
-                if outputs is None:  # the matching pass did not read every sample
-                    outputs = LayerOutputs(store)
-                    layer_outputs(runs, analysis, local, outputs, batch_size, progress, positions)
-                levels = layer_levels(gms[0], analysis)
-                passes = len(set(levels.values()))
+                recorded = everything  # the matching pass recorded the first segment's outputs
+                passes = len(set(levels.values())) + len(segments) - recorded
                 with tqdm(total=passes * batch_count(len(local), batch_size), desc="least squares", unit="batch",
                           disable=not progress or distributed.rank() > 0) as bar:
+                    def record(segment: int, nodes: set[str]) -> None:
+                        if segment or not recorded:
+                            outputs.nodes = nodes
+                            layer_outputs(runs, analysis, local, outputs, batch_size, positions, bar.update)
+
                     reads = functools.partial(MergedReads, frontier=Frontier(store), outputs=outputs, tick=bar.update)
-                    residuals = _fit_sequentially(fit, problems, levels, reads, timings,
+                    residuals = _fit_sequentially(fit, problems, levels, segments, record, reads, timings,
                                                   lambda: emit_with(_layer_weights(problems, states)).to(device))
         kept = {"least_squares_memory_peak_mb": store.peak_memory_bytes / 2**20,
                 "least_squares_disk_peak_mb": store.peak_disk_bytes / 2**20,
@@ -268,22 +271,29 @@ def _check_finite_weights(states: tuple[dict, dict]) -> None:
                                "diverged run?); merge a finite one")
 
 
-def _check_spill_room(spill: float, work_dir: str | None) -> None:
-    """Before any heavy work: the directory sequential least squares may spill ``spill`` bytes to (an upper
-    bound, ``frontier.spill_estimate``) can be written and has room for them."""
-    if spill <= 0:
-        return
+def _plan_outputs(gm: fx.GraphModule, analysis: Analysis, levels: dict[str, int], samples: int,
+                  positions: int | None, memory: float, work_dir: str | None) -> tuple[list[list[int]], bool]:
+    """Before any heavy work, where sequential least squares keeps what it reads: the runs of levels whose
+    recorded outputs fit memory and disk together (``output_segments``), and whether the outputs go
+    straight to disk (when not all fits in memory, which is then left to the frontier)."""
+    level_bytes = level_output_bytes(analysis, levels, samples, positions)
+    frontier = frontier_bytes(gm, analysis, samples)
+    if sum(level_bytes.values()) + frontier <= memory:
+        return [list(level_bytes)], False
     directory = work_dir or tempfile.gettempdir()
-    fix = f"pass --work-dir DIR on a disk with room, or --cache-gb {math.ceil(spill / 2**30) + 1} or more to keep it in memory"
+    needed = frontier + max(level_bytes.values(), default=0) - memory
+    fix = f"pass --work-dir DIR on a disk with room, or --cache-gb {math.ceil(needed / 2**30) + 1} or more"
     try:
         shutil.rmtree(tempfile.mkdtemp(prefix="pleascc-", dir=directory))
     except OSError as exc:
-        raise PleasccError(f"sequential least squares may spill {spill / 2**30:.1f} GB of activations to {directory}, "
-                           f"which cannot be written ({exc.strerror}): {fix}") from exc
+        raise PleasccError(f"sequential least squares needs to spill activations to {directory}, which cannot be "
+                           f"written ({exc.strerror}): {fix}") from exc
     free = shutil.disk_usage(directory).free
-    if free < spill:
-        raise PleasccError(f"sequential least squares may spill {spill / 2**30:.1f} GB of activations to {directory}, "
-                           f"which has {free / 2**30:.1f} GB free: {fix}")
+    room = memory + SPILL_SHARE * free - frontier
+    if room < max(level_bytes.values(), default=0):
+        raise PleasccError(f"sequential least squares needs to spill {needed / 2**30:.1f} GB of activations to "
+                           f"{directory}, which has {free / 2**30:.1f} GB free: {fix}")
+    return output_segments(level_bytes, room), True
 
 
 def _usable_device(device: str) -> torch.device:
@@ -377,25 +387,30 @@ def _fit(gms, analysis: Analysis, maps: MergeMaps, x: torch.Tensor, batch_size: 
     residuals = {}
     for p in problems:
         p.w, residuals[p.name] = ridge_fit(p, ridge, has_bias=p.layer.kind == "norm" or bool(p.layer.bias))
+        p.xx = p.rx = None  # solved: a wide layer's moments are hundreds of MB
     _add_time(timings, "solves", clock)
     return residuals
 
 
-def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], reads, timings: dict[str, float],
-                      emit_current) -> dict[str, float]:
+def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], segments: list[list[int]], record,
+                      reads, timings: dict[str, float], emit_current) -> dict[str, float]:
     """Fit layers level by level, each on the inputs the merged model, refitted up to there, gives it.
 
     A level's layers depend only on earlier levels, so this equals fitting one
-    layer at a time, in one pass over the data per level.  ``reads``: the
-    merged model and its layer inputs → ``MergedReads``.
+    layer at a time, in one pass over the data per level.  ``record``: a
+    segment's number and layers → A's and B's outputs there recorded
+    (``output_segments``); ``reads``: the merged model and its layer inputs →
+    ``MergedReads``.
     """
     residuals: dict[str, float] = {}
-    for level in sorted(set(levels.values())):
-        todo = [p for p in problems if levels[p.layer.node] == level]
-        clock = time.perf_counter()
-        merged = emit_current()
-        _add_time(timings, "emit", clock)
-        residuals.update(fit(todo, reads(merged, layer_inputs(merged))))
+    for k, segment in enumerate(segments):
+        record(k, {node for node, level in levels.items() if level in segment})
+        for level in segment:
+            todo = [p for p in problems if levels[p.layer.node] == level]
+            clock = time.perf_counter()
+            merged = emit_current()
+            _add_time(timings, "emit", clock)
+            residuals.update(fit(todo, reads(merged, layer_inputs(merged))))
     return residuals
 
 

@@ -250,6 +250,15 @@ def test_unwritable_output(files, capsys, output):
     assert not os.path.exists(output)
 
 
+def test_a_spill_directory_that_cannot_be_written_is_refused_up_front(files, tmp_path, capsys):
+    """Sequential least squares that must spill (no memory for it) into a folder that is not one: one line
+    naming the folder and the options that fix it, exit 2, no output file."""
+    out = tmp_path / "out.onnx"
+    err = _error(capsys, _merge_args(files, out, "--cache-gb", "0", "--work-dir", files["a"]))
+    assert files["a"] in err and "--work-dir" in err and "--cache-gb" in err
+    assert not out.exists()
+
+
 def test_read_only_output_folder(files, tmp_path, capsys):
     if os.geteuid() == 0:
         pytest.skip("root ignores folder permissions (test_unwritable_output covers a path under a file)")

@@ -104,6 +104,28 @@ def test_a_merge_gives_the_same_weights_in_memory_and_spilled(pair, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_outputs_that_do_not_fit_the_disk_are_recorded_a_run_of_levels_at_a_time(pair, tmp_path, monkeypatch):
+    """With room for a third of A's and B's recorded outputs, they are recorded in runs of levels, each by a
+    pass of its own: more passes, the same weights."""
+    from pleascc.passes.frontier import frontier_bytes, level_output_bytes
+    from pleascc.passes.groups import analyze
+    from pleascc.passes.solve import layer_levels
+    from pleascc.trace import trace
+
+    a, b, x = pair
+    whole = pleascc.merge(a, b, x, cache_gb=0, work_dir=str(tmp_path), progress=False)
+    gm = trace(a)
+    analysis = analyze(gm, (x[:2],))
+    levels = layer_levels(gm, analysis)
+    outputs = sum(level_output_bytes(analysis, levels, len(x), 64).values())
+    free = (frontier_bytes(gm, analysis, len(x)) + outputs / 3) / pleascc.api.SPILL_SHARE
+    monkeypatch.setattr(pleascc.api.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free})())
+    runs = pleascc.merge(a, b, x, cache_gb=0, work_dir=str(tmp_path), progress=False)
+    assert runs.report["least_squares_passes"] >= whole.report["least_squares_passes"] + 2
+    assert torch.equal(_weights(whole.model), _weights(runs.model))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_spill_directory_goes_when_a_merge_fails_or_is_interrupted(pair, tmp_path, monkeypatch):
     a, b, x = pair
     for error in (RuntimeError, KeyboardInterrupt):
