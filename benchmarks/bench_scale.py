@@ -66,6 +66,10 @@ def build(arch: str, seed: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
         import torchvision
 
         return torchvision.models.resnet50(num_classes=10).eval(), (3, 224, 224)
+    if arch == "vit_b_16":
+        import torchvision
+
+        return torchvision.models.vit_b_16(num_classes=10).eval(), (3, 224, 224)
     if arch == "vit_small":
         import timm
 
@@ -157,11 +161,15 @@ def measure(job: dict) -> dict:
         peaks = {"peak_rss_mb": peak_rss_mb(), **heap.peaks_mb(),
                  "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         batch = result.report["batch_size"]
-        forward = time_forward((model_a, model_b), x, batch, device, torch.contiguous_format)
-        forward_channels_last = time_forward((model_a, model_b), x, batch, device, torch.channels_last)
+        floors = job.get("floors", "both")
+        forward = time_forward((model_a, model_b), x, batch, device, torch.contiguous_format) \
+            if floors != "none" else None
+        forward_channels_last = time_forward((model_a, model_b), x, batch, device, torch.channels_last) \
+            if floors == "both" else None
     return {**job, "positions": result.report["positions"], "forward_s": forward, "merge_s": merge,
-            "ratio": merge / forward, "forward_channels_last_s": forward_channels_last,
-            "ratio_channels_last": merge / forward_channels_last, **peaks, "batch_size": batch,
+            "ratio": forward and merge / forward, "forward_channels_last_s": forward_channels_last,
+            "ratio_channels_last": forward_channels_last and merge / forward_channels_last, **peaks,
+            "batch_size": batch,
             "passes": 1 + result.report["least_squares_passes"],
             **{key: result.report[f"least_squares_{key}"] for key in ("memory_peak_mb", "disk_peak_mb", "spilled_mb")},
             "timings_s": result.report["timings_s"],
@@ -320,8 +328,8 @@ def markdown(rows: list[dict]) -> str:
                   "peak MB", "malloc in use MB", "malloc held MB", "kept in memory MB", "kept on disk MB",
                   "spilled MB", "commit", "CPU"],
                  [[model(r), str(r["samples"]), str(r.get("batch_size", 64)), str(r.get("positions") or "all"),
-                   r["least_squares"], str(r["passes"]), f"{r['forward_s']:.1f}",
-                   optional(r, "forward_channels_last_s", ".1f"), f"{r['merge_s']:.1f}", f"{r['ratio']:.2f}",
+                   r["least_squares"], str(r["passes"]), optional(r, "forward_s", ".1f"),
+                   optional(r, "forward_channels_last_s", ".1f"), f"{r['merge_s']:.1f}", optional(r, "ratio", ".2f"),
                    optional(r, "ratio_channels_last", ".2f"), f"{r['peak_rss_mb']:.0f}",
                    optional(r, "peak_malloc_in_use_mb", ".0f"), optional(r, "peak_malloc_held_mb", ".0f"),
                    optional(r, "memory_peak_mb", ".0f"), optional(r, "disk_peak_mb", ".0f"),
@@ -394,7 +402,8 @@ def plot_ratio(rows: list[dict], path: Path, plt) -> None:
     bars = {"÷ forward as given": "ratio", "÷ forward channels-last": "ratio_channels_last"}
     for k, (label, field) in enumerate(bars.items()):
         axes[0].barh(at + 0.2 - 0.4 * k, [r.get(field) or np.nan for r in rows], height=0.4, label=label)
-    axes[0].axvline(3, color="gray", linestyle="--", label="target 3")
+    axes[0].axvline(3, color="gray", linestyle="--", label="target: one-pass 3")
+    axes[0].axvline(4, color="black", linestyle=":", label="target: sequential 4")
     axes[0].set(xlabel="merge time ÷ forward A+B", yticks=at, yticklabels=labels)
     bars = {"peak RSS": "peak_rss_mb", "malloc held": "peak_malloc_held_mb", "malloc in use": "peak_malloc_in_use_mb"}
     for k, (label, field) in enumerate(bars.items()):
@@ -451,10 +460,13 @@ def main() -> None:
                    "(default 512 2048; breakdown 168; forward 184)")
     p.add_argument("--least-squares", nargs="*", choices=("one-pass", "sequential"),
                    help="these variants only (ratio, breakdown: default both; samples, width: default sequential)")
-    p.add_argument("--arch", nargs="*", choices=("resnet50", "vit_small"),
+    p.add_argument("--arch", nargs="*", choices=("resnet50", "vit_small", "vit_b_16"),
                    help="ratio, breakdown and forward: these models only")
     p.add_argument("--match-samples", type=int, help="ratio and breakdown: matching reads only the first N samples "
                    "(pleascc merge --match-samples; rows of their own)")
+    p.add_argument("--floors", choices=("both", "as-given", "none"), default="both",
+                   help="ratio: the forward floors timed after each merge: as given and channels-last (default), "
+                        "as given only, or none (the merge's time, memory and spill alone)")
     p.add_argument("--glibc-defaults", action="store_true", help="leave glibc's malloc thresholds as they are "
                    "(rows of their own), to measure what reuse_freed_memory saves")
     args = p.parse_args()
@@ -462,12 +474,15 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     meta = {"command": " ".join(sys.argv), "torch": torch.__version__, "threads": args.threads, "device": args.device}
     version, cpu = code_version(), cpu_name()
+    meta["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    if meta["gpu"] is None:
+        print("no GPU on this machine: rows for --device cuda (scale_PART_cuda.*) are not measured here", flush=True)
     rows = previous_rows(RESULTS / f"{name}.json")
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         todo = jobs(args.part, args.smoke, args.threads, args.samples, args.least_squares, args.arch)
         work = measure_forward if args.part == "forward" else measure
         for row in pool.imap(work, [{**job, "device": args.device, "glibc_defaults": args.glibc_defaults,
-                                     "match_samples": args.match_samples} for job in todo]):
+                                     "match_samples": args.match_samples, "floors": args.floors} for job in todo]):
             row.update(code=version, cpu=cpu, command=" ".join(sys.argv))
             rows = [r for r in rows if key(r) != key(row)] + [row]
             print(markdown([row]).splitlines()[-1], flush=True)
