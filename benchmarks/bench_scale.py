@@ -1,8 +1,10 @@
 """What a merge costs: time against its floor, peak memory, and how both scale.
 
 The floor is one forward pass of A and B over the calibration data; a merge
-also gathers statistics (two passes in one-pass least squares, more in the
-sequential variant, resumed from kept activations) and solves small dense
+also gathers statistics (two passes in one-pass least squares; in the
+sequential variant, the default, a matching pass that also records A's and
+B's layer outputs, then one pass of the merged model per level of layers, each
+resuming the last from a store in memory and on disk) and solves small dense
 systems.  Each measurement runs in a fresh process, so its peak resident memory
 (VmHWM, from the OS: ``provenance.peak_rss_mb``) is its own; the forward floor is timed in that same
 process right after the merge, at the merge's batch size, so the ratio compares
@@ -15,6 +17,10 @@ and random inputs in a .npy on disk read batch by batch (as ``--data x.npy``
 does): timing and memory do not depend on them.
 
     python benchmarks/bench_scale.py ratio     # resnet50, vit_small at 224: 512 and 2048 samples, both LS variants
+    python benchmarks/bench_scale.py ratio --arch resnet50 vit_small --samples 2048 --least-squares sequential \
+        --floors as-given                       # the default merge at 2048 samples, against the floor as given
+    python benchmarks/bench_scale.py ratio --arch vit_b_16 --samples 2048 --least-squares sequential --floors none
+        # torchvision's ViT-B/16: the merge's time, peak memory and spill alone
     python benchmarks/bench_scale.py samples   # CIFAR ResNet-20 ×1: 256 … 4096 samples
     python benchmarks/bench_scale.py width     # CIFAR ResNet-20 ×1, ×2, ×4, ×8 at 1024 samples
     python benchmarks/bench_scale.py width --least-squares one-pass   # the same, one-pass least squares

@@ -121,7 +121,8 @@ def merge_row(job: dict) -> dict:
             "params": result.report["params_merged"], "samples": len(calib), "merge_seconds": seconds,
             "peak_rss_mb": peak,
             "least_squares_passes": result.report["least_squares_passes"],
-            "least_squares_cache_mb": result.report["least_squares_cache_mb"],
+            **{key: result.report[key] for key in ("least_squares_memory_peak_mb", "least_squares_disk_peak_mb",
+                                                   "least_squares_spilled_mb")},
             **scores(logits, y_eval, setting), "onnx_max_abs_diff": check["max_abs_diff"], "code": job["code"],
             "cpu": job["cpu"]}
 

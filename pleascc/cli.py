@@ -235,12 +235,14 @@ def _merge(args) -> int:
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0
     example = read_rows(data.x[: min(len(data.x), 8)])
+    exporting = time.perf_counter()
     if args.format == "pt":
         from pleascc.export import export_torch
 
         check = {"torch": export_torch(result.model, example, args.output, dtype=dtype)}
     else:
         check = {"onnx": pleascc.export_onnx(result.model, example, args.output, dtype=dtype)}
+    result.report["timings_s"]["export"] = time.perf_counter() - exporting
     report = {**result.report, **check, "dtype": args.dtype, "total_time_s": time.perf_counter() - start}
     if args.report:
         from pleascc.plots import draw_report
@@ -264,7 +266,9 @@ def summary(report: dict) -> str:
     ]
     if report.get("least_squares"):
         lines.append(f"least squares: {report['least_squares']}, {report['least_squares_passes']} pass(es) over the "
-                     f"data, {report['timings_s']['solve']:.1f} s")
+                     f"data, {report['timings_s']['solve']:.1f} s; activations kept: at most "
+                     f"{report['least_squares_memory_peak_mb']:.0f} MB in memory and "
+                     f"{report['least_squares_disk_peak_mb']:.0f} MB on disk")
     if report["underdetermined_layers"]:
         lines.append("fewer observations than unknowns (the fit keeps the warm start outside the data's span): "
                      + ", ".join(report["underdetermined_layers"][:5]))

@@ -147,6 +147,9 @@ def test_merge_pleas_writes_onnx_and_report(files, tmp_path, capsys):
     assert 1.0 <= r["relative_flops"] <= 1.5 + 1e-9
     assert r["least_squares_residuals"] and r["groups"]
     assert r["least_squares"] == "sequential" and r["least_squares_passes"] > 1
+    phases = {"matching_statistics", "least_squares_statistics", "solves", "emit", "export"}
+    assert phases <= set(r["timings_s"]) and all(r["timings_s"][p] > 0 for p in phases)
+    assert r["least_squares_memory_peak_mb"] > 0 and r["least_squares_disk_peak_mb"] == 0  # a small model: memory
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "r.json", "r.png"]  # no temporary files left
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # widths, correlations, residuals
 
