@@ -40,7 +40,7 @@ from pleascc.trace import check_same_graph, trace
 
 __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
 
-SPILL_SHARE = 0.8  # of the work directory's free space, the most sequential least squares plans to fill
+SPILL_SHARE = 0.9  # of the work directory's free space, the most sequential least squares plans to fill
 TIE_BREAK = 1e-3  # weight of weight-row similarity in matching scores: separates units data can't tell apart
 
 
