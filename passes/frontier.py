@@ -77,7 +77,6 @@ class Frontier:
         self.done: set[str] = set()  # nodes computed whose values are kept or used up (not to recompute)
         self.ran_before: set[str] = set()  # nodes run in an earlier pass
         self.plan: tuple | None = None  # for the names asked for now: (nodes to run, nodes to keep)
-        self.batches = 0
 
     def start(self, gm: fx.GraphModule, names: list[str]) -> None:
         """Prepare a pass that reads ``names`` from ``gm``, batch by batch (``run``)."""

@@ -250,13 +250,11 @@ class SpillFile:
 
 def _punch(fd: int, offset: int, length: int) -> None:
     """Free a dropped value's blocks (Linux's fallocate; elsewhere they are freed when the file goes)."""
-    fallocate = getattr(_libc(), "fallocate", None)
-    if fallocate is not None:
-        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_long(offset), ctypes.c_long(length))
+    if _FALLOCATE is not None:
+        _FALLOCATE(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_long(offset), ctypes.c_long(length))
 
 
-def _libc():
-    return ctypes.CDLL(None) if os.name == "posix" else None
+_FALLOCATE = getattr(ctypes.CDLL(None), "fallocate", None) if os.name == "posix" else None
 
 
 def nbytes(value: object) -> int:
