@@ -61,8 +61,8 @@ def layer_costs(analysis: Analysis, separate_heads: set[str]) -> list[Cost]:
             costs.append(Cost("blocked", dims, where))
         else:
             costs.append(Cost("plain", dims if layer.kind != "norm" else dims[:1], where))
-    batch = analysis.shapes[next(iter(analysis.shapes))][0]  # the example's batch, the first input's axis 0
-    costs += [Cost("plain", dims, 1 / batch) for dims in analysis.products]  # attention: scores, then ·v
+    per_sample = 1 / analysis.example_batch
+    costs += [Cost("plain", dims, per_sample) for dims in analysis.products]  # attention: scores, then ·v
     return costs
 
 

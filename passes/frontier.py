@@ -76,7 +76,7 @@ class Frontier:
         self.kept: set[str] = set()  # nodes whose values the store holds, for every batch
         self.done: set[str] = set()  # nodes computed whose values are kept or used up (not to recompute)
         self.ran_before: set[str] = set()  # nodes run in an earlier pass
-        self.plan: tuple | None = None  # for the names asked for now: (nodes to run, nodes to keep)
+        self.plan: tuple | None = None  # this pass's (values to put in the store, values to drop from it)
 
     def start(self, gm: fx.GraphModule, names: list[str]) -> None:
         """Prepare a pass that reads ``names`` from ``gm``, batch by batch (``run``)."""
@@ -86,13 +86,13 @@ class Frontier:
             self.code = code
         self.gm, self.names = gm, names
         self.nodes = {node.name: node for node in gm.graph.nodes}
-        needed, stack = [], [self.nodes[name] for name in names]
+        needed, stack = set(), [self.nodes[name] for name in names]
         while stack:
             node = stack.pop()
             if node.name not in self.kept and node.name not in needed:
-                needed.append(node.name)
+                needed.add(node.name)
                 stack.extend(node.all_input_nodes)
-        self.run_nodes = [n for n in gm.graph.nodes if n.name in set(needed)]
+        self.run_nodes = [n for n in gm.graph.nodes if n.name in needed]
         read = {source.name for node in self.run_nodes for source in node.all_input_nodes} | set(names)
         self.loads = sorted(read & self.kept)
         self.plan = None
@@ -192,10 +192,9 @@ def level_output_bytes(analysis: Analysis, levels: dict[str, int], samples: int,
                        positions: int | None) -> dict[int, int]:
     """Per level, the float32 bytes of A's and B's outputs its layers' fits read, over ``samples`` samples
     (from the shapes ShapeProp found on the example batch)."""
-    example = analysis.shapes[next(iter(analysis.shapes))][0]
     per_level: dict[int, int] = {}
     for layer in analysis.layers:
-        size = 2 * samples * _read_bytes(layer, analysis.shapes.get(layer.node), positions) // example
+        size = 2 * samples * _read_bytes(layer, analysis.shapes.get(layer.node), positions) // analysis.example_batch
         per_level[levels[layer.node]] = per_level.get(levels[layer.node], 0) + size
     return dict(sorted(per_level.items()))
 
@@ -230,7 +229,7 @@ def frontier_bytes(gm: fx.GraphModule, analysis: Analysis, samples: int) -> int:
         live += size
         widest = max(widest, live - ends.get(k, 0))
         live -= ends.pop(k, 0)
-    return widest * samples // analysis.shapes[next(iter(analysis.shapes))][0]
+    return widest * samples // analysis.example_batch
 
 
 def _read_bytes(layer: Layer, shape: tuple | None, positions: int | None) -> int:

@@ -112,6 +112,11 @@ class Analysis:
                 if dim is not None and any(atom.id == batch for atom in self.table.atoms(dim))]
         return axes[0] if len(axes) == 1 else None
 
+    @property
+    def example_batch(self) -> int:
+        """Samples in the example the shapes were found on (the first input's axis 0): shapes ÷ it are per sample."""
+        return self.shapes[next(iter(self.shapes))][0]
+
     def free_roots(self) -> list[int]:
         """Root atoms that may be permuted, in first-seen order."""
         seen: dict[int, None] = {}

@@ -269,9 +269,8 @@ def batch_size_for(analysis: Analysis, graph: fx.Graph, positions: int | None = 
     squares' passes run a level of layers at a time and keep the rest in a
     store (``frontier``).  Sizes come from ShapeProp's shapes on the example.
     """
-    example = analysis.shapes[next(iter(analysis.shapes))][0]
     rows = max((_rows_bytes(layer, analysis.shapes, positions) for layer in analysis.layers), default=0)
-    per_sample = (2 * peak_live_bytes(graph, analysis.shapes) + rows) / example
+    per_sample = (2 * peak_live_bytes(graph, analysis.shapes) + rows) / analysis.example_batch
     return int(max(1, min(MAX_BATCH, limit_bytes // per_sample)))
 
 
@@ -511,7 +510,7 @@ def _record_output(outputs: LayerOutputs, layer: Layer, batch: int, values: list
                    positions: int | None) -> None:
     """A layer's outputs as its fit reads them, copied where the read shares the value's memory: the pass
     goes on, and may overwrite the value in place (``lockstep``'s in-place twins)."""
-    reads = _checked([_read_layer_value(layer, v, positions) for v in values], layer.node)
+    reads = _read_outputs(layer, values, positions)
     outputs.add(layer.node, batch, [r.clone() if r.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
                                     else r for r, v in zip(reads, values)])
 
@@ -536,7 +535,12 @@ def _mapped_reads(gms, maps: MergeMaps, x: torch.Tensor, layers: dict[str, Layer
     for node, values in lockstep(gms, x, {node: (layer.source, node) for node, layer in layers.items()}):
         layer = layers[node]
         merged_input = _merged_input(layer, values[layer.source], values[node][0], maps, positions)
-        yield node, merged_input, _checked([_read_layer_value(layer, v, positions) for v in values[node]], node)
+        yield node, merged_input, _read_outputs(layer, values[node], positions)
+
+
+def _read_outputs(layer: Layer, values: list[torch.Tensor], positions: int | None) -> list[torch.Tensor]:
+    """A's and B's outputs of a layer as its fit reads them (``_read_layer_value``), checked (``_checked``)."""
+    return _checked([_read_layer_value(layer, v, positions) for v in values], layer.node)
 
 
 def _merged_input(layer: Layer, inputs: list[torch.Tensor], output: torch.Tensor, maps: MergeMaps,

@@ -82,6 +82,7 @@ class ActivationStore:
             return
         if self._file is None:
             self._file = SpillFile(Path(tempfile.mkdtemp(prefix="pleascc-", dir=self.work_dir)))
+        value = _densified(value)
         skeleton, length = _layout(value, [0])
         raw = _aligned_empty(-(-length // BLOCK) * BLOCK)
         _copy_into(value, skeleton, raw)
@@ -293,12 +294,20 @@ def _aligned_empty(length: int) -> torch.Tensor:
     return raw[start:start + length]
 
 
-def _layout(value: object, end: list[int]) -> tuple[object, int]:
-    """A value's skeleton (its tensors replaced by where their bytes go) and its length in bytes."""
+def _densified(value: object) -> object:
+    """``value`` with each tensor filling one block of memory (``_dense``), copied contiguous where not."""
     if isinstance(value, torch.Tensor):
-        t = value if _dense(value) else value.contiguous()
-        spilled = _Spilled(end[0], tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
-        end[0] += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+        return value if _dense(value) else value.contiguous()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_densified(v) for v in value)
+    return value
+
+
+def _layout(value: object, end: list[int]) -> tuple[object, int]:
+    """A dense value's skeleton (its tensors replaced by where their bytes go) and its length in bytes."""
+    if isinstance(value, torch.Tensor):
+        spilled = _Spilled(end[0], tuple(value.shape), tuple(value.stride()), value.dtype, value.device)
+        end[0] += -(-value.numel() * value.element_size() // ALIGN) * ALIGN
         return spilled, end[0]
     if isinstance(value, (tuple, list)):
         return type(value)(_layout(v, end)[0] for v in value), end[0]
@@ -306,10 +315,9 @@ def _layout(value: object, end: list[int]) -> tuple[object, int]:
 
 
 def _copy_into(value: object, skeleton: object, raw: torch.Tensor) -> None:
-    """Copy a value's tensors' bytes, each in its own memory order, to where ``skeleton`` places them."""
+    """Copy a dense value's tensors' bytes, each in its own memory order, to where ``skeleton`` places them."""
     if isinstance(skeleton, _Spilled):
-        t = value if _dense(value) else value.contiguous()
-        flat = t.detach().as_strided((t.numel(),), (1,), t.storage_offset()).view(torch.uint8)
+        flat = value.detach().as_strided((value.numel(),), (1,), value.storage_offset()).view(torch.uint8)
         raw[skeleton.offset:skeleton.offset + len(flat)].copy_(flat)
     elif isinstance(skeleton, (tuple, list)):
         for v, s in zip(value, skeleton):

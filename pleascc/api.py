@@ -165,7 +165,7 @@ def merge(
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
     separate = _separate_labels(labels, heads, states)
     separate_heads = {layer.node for layer in heads} if separate else set()
-    levels = layer_levels(gms[0], analysis)
+    levels = layer_levels(gms[0], analysis) if sequential else {}
     segments, spill = _plan_outputs(gms[0], analysis, levels, len(local), positions, cache_gb * 2**30, work_dir) \
         if sequential else ([], False)
     timings["trace_and_analyze"] = time.perf_counter() - clock
@@ -174,6 +174,7 @@ def merge(
         outputs = LayerOutputs(store, {n for n, level in levels.items() if level in segments[0]}, spill) \
             if sequential else None
         clock = time.perf_counter()
+        # the matching pass reads every sample, so it records the first segment's outputs
         everything = matching != "weight" and (match_samples is None or match_samples >= len(x))
         if matching == "weight":  # data-free: the weights alone
             matchings = weight_matching(analysis, states, seed=seed)
@@ -215,12 +216,11 @@ def merge(
             if not sequential:
                 residuals, passes = fit(problems), 1
             else:
-                recorded = everything  # the matching pass recorded the first segment's outputs
-                passes = len(set(levels.values())) + len(segments) - recorded
+                passes = len(set(levels.values())) + len(segments) - everything
                 with tqdm(total=passes * batch_count(len(local), batch_size), desc="least squares", unit="batch",
                           disable=not progress or distributed.rank() > 0) as bar:
                     def record(segment: int, nodes: set[str]) -> None:
-                        if segment or not recorded:
+                        if segment or not everything:  # the matching pass did not record it
                             outputs.nodes = nodes
                             layer_outputs(runs, analysis, local, outputs, batch_size, positions, bar.update)
 
