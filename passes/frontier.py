@@ -41,16 +41,17 @@ class LayerOutputs:
     """A's and B's output at some layers, as their fits read them, recorded batch by batch in a store.
 
     ``nodes``: the layers recorded now (``output_segments``: those of a run
-    of levels whose outputs fit the store).  ``spill``: straight to disk,
-    leaving memory to the frontier, whose values are read more than once.
+    of levels whose outputs fit the store).  ``memory_bytes``: the most of
+    the store's memory they may take; the rest goes to disk, leaving memory
+    to the frontier, whose values are read more than once.
     Each layer's outputs are read by one level's pass, then dropped.
     """
 
-    def __init__(self, store: ActivationStore, nodes: set[str], spill: bool) -> None:
-        self.store, self.nodes, self.spill = store, nodes, spill
+    def __init__(self, store: ActivationStore, nodes: set[str], memory_bytes: float) -> None:
+        self.store, self.nodes, self.memory_bytes = store, nodes, memory_bytes
 
     def add(self, node: str, batch: int, values: list[torch.Tensor]) -> None:
-        self.store.put(("output", node, batch), values, spill=self.spill)
+        self.store.put(("output", node, batch), values, memory_limit=self.memory_bytes)
 
     def read_ahead(self, nodes: list[str], batch: int) -> None:
         self.store.read_ahead([("output", node, batch) for node in nodes])

@@ -158,16 +158,23 @@ def layer_params(layer: Layer, w: torch.Tensor, like: State) -> State:
     return out
 
 
-def layer_levels(gm: fx.GraphModule, analysis: Analysis) -> dict[str, int]:
+def layer_levels(gm: fx.GraphModule, analysis: Analysis, fused: dict[str, str] | None = None) -> dict[str, int]:
     """Each layer's level: the most layers on a path from the input to it, itself excluded.
 
     Layers of one level never feed each other, so they can be fitted together.
+    ``fused``: norms fitted with the convolution they read (``fused_norms``),
+    which take its level and add none.
     """
+    fused = fused or {}
     layers = {layer.node for layer in analysis.layers}
     depth: dict[fx.Node, int] = {}
     levels = {}
     for node in gm.graph.nodes:
         level = max((depth[n] for n in node.all_input_nodes), default=0)
+        if node.name in fused:
+            levels[node.name] = levels[fused[node.name]]
+            depth[node] = level
+            continue
         if node.name in layers:
             levels[node.name] = level
         depth[node] = level + (node.name in layers)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps, take
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
 from pleascc.trace import in_place_twin
+
+if TYPE_CHECKING:
+    from pleascc.passes.fused_norms import FusedNorm
 
 
 def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, tuple[str, ...]]
@@ -436,6 +439,7 @@ class Problem:
     rr: float = 0.0  # ‖T − W0·X‖²
     w: torch.Tensor | None = None  # the fit, once solved
     grams: dict[int, torch.Tensor] = field(default_factory=dict)  # RegMean: each model's own inputs' Gram
+    fused: FusedNorm | None = None  # the norm after this convolution block, fitted in its pass (``fused_norms``)
 
 
 @dataclass
@@ -470,12 +474,14 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
         columns = _block_columns(p, maps) if key is None and p.block.cols is not None else None
         by_node.setdefault(p.layer.node, []).append(ProblemRead(p, key, columns, p.w0.to(device, torch.float32)))
     layers = {node: group[0].problem.layer for node, group in by_node.items()}
+    fused = {node: sorted({r.problem.fused.norm.layer.node for r in group if r.problem.fused})
+             for node, group in by_node.items()}
     if merged:
         merged.frontier.start(merged.model, sorted({merged.inputs[node] for node in layers}))
     with torch.no_grad(), threadpool_limits(torch.get_num_threads(), user_api="blas"):  # syrk's threads too
         for batch, x in enumerate(batches(data, batch_size, "least-squares statistics", progress and not merged,
                                           device)):
-            reads = (_merged_model_reads(merged, batch, x, layers, positions)
+            reads = (_merged_model_reads(merged, batch, x, layers, fused, positions)
                      if merged else _mapped_reads(gms, maps, x, layers, positions))
             for node, x_merged, outputs in reads:  # one layer's merged input and rows alive at a time
                 _add_layer(by_node[node], x_merged, outputs, maps, grams)
@@ -491,6 +497,8 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
             p.xx = p.xx[:, columns][:, :, columns]
         p.rx, p.count = distributed.total(p.rx), distributed.total(p.count)
         p.tt, p.rr = distributed.total(p.tt), distributed.total(p.rr)
+        if p.fused:
+            p.fused.total(distributed.total)
 
 
 def layer_outputs(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
@@ -515,7 +523,8 @@ def _record_output(outputs: LayerOutputs, layer: Layer, batch: int, values: list
                                     else r for r, v in zip(reads, values)])
 
 
-LayerRead = tuple[str, torch.Tensor, list[torch.Tensor]]  # a layer's node, its merged input, A's and B's outputs read
+# a layer's node, its merged input, and A's and B's outputs read at it (and at the norms fused into it)
+LayerRead = tuple[str, torch.Tensor, dict[str, list[torch.Tensor]]]
 
 
 class ProblemRead(NamedTuple):
@@ -535,7 +544,7 @@ def _mapped_reads(gms, maps: MergeMaps, x: torch.Tensor, layers: dict[str, Layer
     for node, values in lockstep(gms, x, {node: (layer.source, node) for node, layer in layers.items()}):
         layer = layers[node]
         merged_input = _merged_input(layer, values[layer.source], values[node][0], maps, positions)
-        yield node, merged_input, _read_outputs(layer, values[node], positions)
+        yield node, merged_input, {node: _read_outputs(layer, values[node], positions)}
 
 
 def _read_outputs(layer: Layer, values: list[torch.Tensor], positions: int | None) -> list[torch.Tensor]:
@@ -566,22 +575,23 @@ def _patch_values(layer: Layer, output: torch.Tensor, positions: int | None) -> 
 
 
 def _merged_model_reads(merged: MergedReads, batch: int, x: torch.Tensor, layers: dict[str, Layer],
-                        positions: int | None) -> Iterator[LayerRead]:
-    """Sequential: each layer's merged input is the merged model's own, resumed from the frontier."""
+                        fused: dict[str, list[str]], positions: int | None) -> Iterator[LayerRead]:
+    """Sequential: each layer's merged input is the merged model's own, resumed from the frontier.
+    ``fused``: each layer's norms fitted in its pass, whose outputs are read with its own."""
     merged.frontier.read_ahead(batch + 1)  # read from disk while this batch computes
-    merged.outputs.read_ahead(list(layers), batch + 1)
+    merged.outputs.read_ahead([n for node in layers for n in (node, *fused[node])], batch + 1)
     inputs = merged.frontier.run(batch, x)
     for node, layer in layers.items():
         source = merged.inputs[node]
         read = _read_input(layer, inputs[source], positions)
         _check_finite(read, "merged", source)
-        yield node, read, merged.outputs.pop(node, batch)
+        yield node, read, {n: merged.outputs.pop(n, batch) for n in (node, *fused[node])}
 
 
 def _add_layer(group: list[ProblemRead], x_merged: torch.Tensor,
-               outputs: list[torch.Tensor], maps: MergeMaps, grams: dict[tuple, GramSum]) -> None:
+               outputs: dict[str, list[torch.Tensor]], maps: MergeMaps, grams: dict[tuple, GramSum]) -> None:
     """One batch of one layer: its Grams (one per rows key) and each of its problems' target moments, from
-    its merged input and A's and B's outputs as its fit reads them."""
+    its merged input and A's and B's outputs as its fit reads them (and at the norms fused into it)."""
     layer = group[0].problem.layer
     axis = _unit_axis(layer)
     rows: dict[tuple | None, torch.Tensor] = {}
@@ -595,13 +605,25 @@ def _add_layer(group: list[ProblemRead], x_merged: torch.Tensor,
             else:
                 rows[key] = _rows(layer, x_in, maps)
                 gram.add(rows[key])
-        y = p.target(*outputs)
-        y = y if p.block.rows is None else take(y, layer.out_axis, p.block.rows.to(y.device))
+        y = _block_target(p, outputs)
         if layer.kind == "norm":
             _accumulate_norm(p, rows[key], y, warm_start)
             continue
         inputs = rows[key] if columns is None else take(rows[key], 2, columns.to(x_merged.device))
-        _accumulate(p, inputs, _target_rows(layer, y, maps), warm_start)
+        prediction = inputs @ warm_start.transpose(1, 2)
+        _accumulate(p, inputs, _target_rows(layer, y, maps), prediction)
+        if p.fused:
+            norm_target = _block_target(p.fused.norm, outputs, p.block.rows)
+            p.fused.add(inputs, prediction, _target_rows(layer, norm_target, maps))
+
+
+def _block_target(p: Problem, outputs: dict[str, list[torch.Tensor]], rows: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``p``'s target from A's and B's outputs at its layer, at its block's rows (or at ``rows``)."""
+    layer = p.layer
+    y = p.target(*outputs[layer.node])
+    rows = p.block.rows if rows is None else rows
+    return y if rows is None else take(y, layer.out_axis, rows.to(y.device))
 
 
 def _rows_key(p: Problem, maps: MergeMaps) -> tuple | None:
@@ -876,18 +898,18 @@ def mirror_upper(m: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor, warm_start: torch.Tensor) -> None:
+def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor, prediction: torch.Tensor) -> None:
     """One batch of the target's moments with the layer's rows, whose Gram is the layer's (``_rows_key``).
 
-    What is summed is the residual against the warm start, R = T − W0·X,
-    formed per batch: for a model merged with itself R is float32 rounding,
+    What is summed is the residual against the warm start, R = T − W0·X
+    (``prediction``: W0·X), formed per batch: for a model merged with itself R is float32 rounding,
     and R·Xᵀ stays at its size.  Forming R·Xᵀ from the sums instead, as
     T·Xᵀ − W0·(X·Xᵀ), would take the difference of two large sums, each
     rounded in float32 with the Gram (``GramSum``), and move a self-merge's
     weights visibly through an ill-conditioned Gram.  Products are float32,
     sums across batches float64, added to in place (no float64 copy of each product).
     """
-    residual = target - inputs @ warm_start.transpose(1, 2)
+    residual = target - prediction
     rx = residual.transpose(1, 2) @ inputs
     p.rx = rx.double() if p.rx is None else p.rx.add_(rx)
     p.count += inputs.shape[1]

@@ -68,14 +68,16 @@ class ActivationStore:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._memory or key in self._disk
 
-    def put(self, key: Hashable, value: object, spill: bool = False) -> None:
+    def put(self, key: Hashable, value: object, memory_limit: float | None = None) -> None:
         """Keep ``value`` under ``key`` (replacing what was there): in memory while it fits, else on disk.
 
-        ``spill``: to disk even if memory has room, leaving it to values read more often.
+        ``memory_limit``: in memory only while the store's values there stay
+        within it (below the store's limit: leave the rest to values read more often).
         """
         self.drop(key)
         size = nbytes(value)
-        if size == 0 or not spill and self.memory_bytes + size <= self.limit:
+        limit = self.limit if memory_limit is None else min(memory_limit, self.limit)
+        if size == 0 or self.memory_bytes + size <= limit:
             self._memory[key] = _owned(value)
             self.memory_bytes += size
             self.peak_memory_bytes = max(self.peak_memory_bytes, self.memory_bytes)

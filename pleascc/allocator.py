@@ -43,3 +43,17 @@ def reuse_freed_memory() -> bool:
     if libc is None:
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+
+
+def release_freed_memory() -> None:
+    """Hand the free pages inside malloc's heap back to the OS (glibc's ``malloc_trim``); nothing elsewhere.
+
+    Between the passes of sequential least squares: each pass frees the
+    last one's activations around values the store keeps for later passes,
+    so without this the heap's holes add up pass after pass (a ViT merge's
+    peak RSS grew to 1.8 times what its values used).  Once per pass, the
+    pages one batch faults back in cost little.
+    """
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

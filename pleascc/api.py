@@ -15,7 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from pleascc import distributed
-from pleascc.allocator import reuse_freed_memory
+from pleascc.allocator import release_freed_memory, reuse_freed_memory
 from pleascc.data import CalibrationData, NpyRows, check_data_fits, load_data, read_rows
 from pleascc.errors import PleasccError
 from pleascc.export import export_onnx
@@ -31,6 +31,7 @@ from pleascc.passes.match import match_all, match_heads, match_product, zipit
 from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks
 from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, own_weights, regmean, warm_start
 from pleascc.passes.solve import least_squares as ridge_fit
+from pleascc.passes.fused_norms import fuse_norms, norm_producers
 from pleascc.passes.frontier import Frontier, LayerOutputs, frontier_bytes, level_output_bytes, output_segments
 from pleascc.passes.stats import (MergedReads, Problem, batch_count, batch_size_for, batches, feature_moments,
                                   gram_moments, layer_moments, layer_outputs, weight_similarity)
@@ -165,13 +166,14 @@ def merge(
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
     separate = _separate_labels(labels, heads, states)
     separate_heads = {layer.node for layer in heads} if separate else set()
-    levels = layer_levels(gms[0], analysis) if sequential else {}
-    segments, spill = _plan_outputs(gms[0], analysis, levels, len(local), positions, cache_gb * 2**30, work_dir) \
-        if sequential else ([], False)
+    fused = norm_producers(analysis, separate_heads) if sequential else {}  # norms fitted in their conv's pass
+    levels = layer_levels(gms[0], analysis, fused) if sequential else {}
+    segments, outputs_memory = _plan_outputs(gms[0], analysis, levels, len(local), positions, cache_gb * 2**30,
+                                             work_dir) if sequential else ([], 0)
     timings["trace_and_analyze"] = time.perf_counter() - clock
 
     with ActivationStore(cache_gb * 2**30, work_dir) as store:
-        outputs = LayerOutputs(store, {n for n, level in levels.items() if level in segments[0]}, spill) \
+        outputs = LayerOutputs(store, {n for n, level in levels.items() if level in segments[0]}, outputs_memory) \
             if sequential else None
         clock = time.perf_counter()
         # the matching pass reads every sample, so it records the first segment's outputs
@@ -196,6 +198,7 @@ def merge(
 
         clock = time.perf_counter()
         problems = _problems(analysis, maps, states, separate_heads)
+        fuse_norms(problems, fused)
         own = {n for layer in heads if layer.node in separate_heads for n in (layer.weight, layer.bias)}
         state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name])
                  for name in states[0] if name not in own}  # separate heads: from their own fits
@@ -225,7 +228,8 @@ def merge(
                             layer_outputs(runs, analysis, local, outputs, batch_size, positions, bar.update)
 
                     reads = functools.partial(MergedReads, frontier=Frontier(store), outputs=outputs, tick=bar.update)
-                    residuals = _fit_sequentially(fit, problems, levels, segments, record, reads, timings,
+                    own_pass = [p for p in problems if p.layer.node not in fused]  # fused norms: with their conv
+                    residuals = _fit_sequentially(fit, own_pass, levels, segments, record, reads, timings,
                                                   lambda: emit_with(_layer_weights(problems, states)).to(device))
         kept = {"least_squares_memory_peak_mb": store.peak_memory_bytes / 2**20,
                 "least_squares_disk_peak_mb": store.peak_disk_bytes / 2**20,
@@ -272,14 +276,14 @@ def _check_finite_weights(states: tuple[dict, dict]) -> None:
 
 
 def _plan_outputs(gm: fx.GraphModule, analysis: Analysis, levels: dict[str, int], samples: int,
-                  positions: int | None, memory: float, work_dir: str | None) -> tuple[list[list[int]], bool]:
+                  positions: int | None, memory: float, work_dir: str | None) -> tuple[list[list[int]], float]:
     """Before any heavy work, where sequential least squares keeps what it reads: the runs of levels whose
-    recorded outputs fit memory and disk together (``output_segments``), and whether the outputs go
-    straight to disk (when not all fits in memory, which is then left to the frontier)."""
+    recorded outputs fit memory and disk together (``output_segments``), and how much of the memory the
+    outputs may take (when not all fits, what the frontier's bound leaves; the rest goes to disk)."""
     level_bytes = level_output_bytes(analysis, levels, samples, positions)
     frontier = frontier_bytes(gm, analysis, samples)
     if sum(level_bytes.values()) + frontier <= memory:
-        return [list(level_bytes)], False
+        return [list(level_bytes)], memory
     directory = work_dir or tempfile.gettempdir()
     needed = frontier + max(level_bytes.values(), default=0) - memory
     fix = f"pass --work-dir DIR on a disk with room, or --cache-gb {math.ceil(needed / 2**30) + 1} or more"
@@ -293,7 +297,7 @@ def _plan_outputs(gm: fx.GraphModule, analysis: Analysis, levels: dict[str, int]
     if room < max(level_bytes.values(), default=0):
         raise PleasccError(f"sequential least squares needs to spill {needed / 2**30:.1f} GB of activations to "
                            f"{directory}, which has {free / 2**30:.1f} GB free: {fix}")
-    return output_segments(level_bytes, room), True
+    return output_segments(level_bytes, room), max(memory - frontier, 0.0)
 
 
 def _usable_device(device: str) -> torch.device:
@@ -385,8 +389,11 @@ def _fit(gms, analysis: Analysis, maps: MergeMaps, x: torch.Tensor, batch_size: 
     layer_moments(gms, analysis, maps, problems, x, batch_size, progress, merged, positions)
     clock = _add_time(timings, "least_squares_statistics", clock)
     residuals = {}
-    for p in problems:
+    norms = {id(p.fused.norm): p.fused.norm for p in problems if p.fused}  # solved after their convolutions
+    for p in [*problems, *norms.values()]:
         p.w, residuals[p.name] = ridge_fit(p, ridge, has_bias=p.layer.kind == "norm" or bool(p.layer.bias))
+        if p.fused:
+            p.fused.finish(p)
         p.xx = p.rx = None  # solved: a wide layer's moments are hundreds of MB
     _add_time(timings, "solves", clock)
     return residuals
@@ -411,6 +418,7 @@ def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], segm
             merged = emit_current()
             _add_time(timings, "emit", clock)
             residuals.update(fit(todo, reads(merged, layer_inputs(merged))))
+            release_freed_memory()  # the pass's holes around what the store keeps
     return residuals
 
 

@@ -6,6 +6,7 @@ import torch
 
 import pleascc
 from pleascc.demo import digits_cnn
+from pleascc.passes.fused_norms import norm_producers
 from pleascc.passes.solve import layer_levels
 from pleascc.trace import trace
 
@@ -109,6 +110,23 @@ def test_sequential_passes_give_the_same_merge_kept_in_memory_or_on_disk(cache_g
         assert torch.equal(got, want), name
 
 
+@pytest.mark.parametrize("budget", [1.0, 1.5])
+def test_a_batch_norm_fitted_in_its_convolutions_pass_gets_the_fit_of_a_pass_of_its_own(budget, monkeypatch):
+    """Each BatchNorm's moments follow from its convolution's (``fused_norms``): half the passes, the same
+    merge up to rounding (1.5: blocks of merged and kept-apart units, each adding its channels)."""
+    a, b = _pair()
+    x = torch.randn(300, 1, 8, 8)
+    fused = pleascc.merge(a, b, x, budget=budget, progress=False)
+    monkeypatch.setattr(pleascc.api, "norm_producers", lambda *args: {})
+    apart = pleascc.merge(a, b, x, budget=budget, progress=False)
+    assert 2 * fused.report["least_squares_passes"] - 1 == apart.report["least_squares_passes"]
+    for name, residual in apart.report["least_squares_residuals"].items():
+        assert fused.report["least_squares_residuals"][name] == pytest.approx(residual, rel=1e-4, abs=1e-12), name
+    with torch.no_grad():
+        for want, got in zip(apart.model(x[:50]), fused.model(x[:50])):
+            assert (want - got).norm() <= 1e-5 * want.norm()
+
+
 class _Returning(torch.nn.Module):
     """The demo network, returning its logits inside ``wrap``."""
 
@@ -140,7 +158,7 @@ def test_sequential_least_squares_fits_each_level_on_the_merged_models_own_featu
             want = (a(x) + b(x)) / 2
             errors[variant] = float((result.model(x) - want).pow(2).sum() / want.pow(2).sum())
         reports[variant] = result.report
-    levels = layer_levels(trace(a), result.analysis)
+    levels = layer_levels(trace(a), result.analysis, norm_producers(result.analysis, set()))
     assert reports["one-pass"]["least_squares_passes"] == 1
     assert reports["sequential"]["least_squares_passes"] == len(set(levels.values())) > 1
     head = max(levels, key=levels.get)

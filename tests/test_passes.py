@@ -169,7 +169,7 @@ def _accumulated(inputs: torch.Tensor, target: torch.Tensor, w0: torch.Tensor, b
     """A toy problem whose moments ``_accumulate`` summed over ``batches`` batches of rows."""
     problem = Problem(layer=None, target=None, name="toy", w0=w0, xx=inputs.transpose(1, 2) @ inputs)
     for x, t in zip(inputs.chunk(batches, dim=1), target.chunk(batches, dim=1)):
-        _accumulate(problem, x, t, w0.to(x))
+        _accumulate(problem, x, t, x @ w0.to(x).transpose(1, 2))
     return problem
 
 
@@ -201,12 +201,43 @@ def test_normalization_moments_are_those_of_its_rows(channels_last):
     per_channel = x.permute(1, 0, 2).reshape(5, 72, 1)
     rows = torch.cat([per_channel, torch.ones_like(per_channel)], dim=2)
     by_rows = Problem(layer=None, target=None, name="rows", w0=w0)
-    _accumulate(by_rows, rows, target.permute(1, 0, 2).reshape(5, 72, 1), w0)
+    _accumulate(by_rows, rows, target.permute(1, 0, 2).reshape(5, 72, 1), rows @ w0.transpose(1, 2))
     by_sums = Problem(layer=None, target=None, name="sums", w0=w0)
     _accumulate_norm(by_sums, x, target, w0)
     assert torch.allclose(_norm_gram(x), rows.transpose(1, 2) @ rows, rtol=1e-5, atol=1e-3)
     assert torch.allclose(by_sums.rx, by_rows.rx, rtol=1e-5, atol=1e-3) and by_sums.count == by_rows.count == 72
     assert by_sums.rr == pytest.approx(by_rows.rr, rel=1e-5) and by_sums.tt == pytest.approx(by_rows.tt, rel=1e-5)
+
+
+@pytest.mark.parametrize("rows", [None, [0, 2, 3]])
+def test_a_fused_norms_moments_are_those_of_its_own_pass(rows):
+    """A norm's moments derived from its convolution's Gram, its fitted weights and the norm's sums at the warm
+    starts (``FusedNorm``) equal those summed on the fitted convolution's outputs (``_accumulate_norm``), for
+    a block of the convolution's channels too."""
+    from pleascc.passes.fused_norms import FusedNorm
+    from pleascc.passes.stats import _accumulate_norm, _norm_gram
+
+    torch.manual_seed(0)
+    groups, out, n = 2, 3, 240  # 6 channels: (groups, out per group)
+    inputs = torch.cat([torch.randn(groups, n, 4, dtype=torch.float64) + 0.5,
+                        torch.ones(groups, n, 1, dtype=torch.float64)], 2)
+    w0 = torch.randn(groups, out, 5, dtype=torch.float64)
+    w = w0 + 0.1 * torch.randn_like(w0)
+    channels = groups * out if rows is None else 8
+    norm = Problem(layer=None, target=None, name="norm", w0=torch.randn(channels, 1, 2, dtype=torch.float64))
+    target = torch.randn(groups, n, out, dtype=torch.float64)
+    fused = FusedNorm(norm, None if rows is None else torch.tensor(rows + [5, 6, 7]))
+    for x, t in zip(inputs.chunk(3, dim=1), target.chunk(3, dim=1)):
+        fused.add(x, x @ w0.transpose(1, 2), t)
+    fused.finish(Problem(layer=None, target=None, name="conv", w0=w0, xx=inputs.transpose(1, 2) @ inputs, w=w))
+    as_read = (inputs @ w.transpose(1, 2)).permute(1, 0, 2).reshape(1, n, -1).permute(0, 2, 1)  # (1, C, n)
+    at = slice(None) if rows is None else fused.rows
+    own = Problem(layer=None, target=None, name="own", w0=norm.w0[at])
+    _accumulate_norm(own, as_read, target.permute(1, 0, 2).reshape(1, n, -1).permute(0, 2, 1), own.w0)
+    assert torch.allclose(norm.xx[at], _norm_gram(as_read), rtol=1e-10)
+    assert torch.allclose(norm.rx[at], own.rx, rtol=1e-10)
+    assert norm.rr == pytest.approx(own.rr, rel=1e-10) and norm.tt == pytest.approx(own.tt, rel=1e-10)
+    assert norm.count == own.count == n
 
 
 @pytest.mark.parametrize("ridge", [0.0, 1e-2])
