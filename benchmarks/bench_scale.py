@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import copy
 import cProfile
-import ctypes
 import json
 import multiprocessing
 import pstats
@@ -90,14 +89,6 @@ def build(arch: str, seed: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
     return resnet20(num_classes=5, width=width).eval(), (3, 32, 32)
 
 
-class MallInfo(ctypes.Structure):
-    """glibc's ``struct mallinfo2`` (malloc.h): every arena's totals, in bytes."""
-
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
 class HeapSampler:
     """The most the process's malloc had in use, and the most it held from the OS, sampled every 50 ms.
 
@@ -108,11 +99,9 @@ class HeapSampler:
     """
 
     def __init__(self, period: float = 0.05) -> None:
-        from pleascc.allocator import glibc
+        from pleascc.allocator import malloc_info
 
-        self.mallinfo = getattr(glibc(), "mallinfo2", None)
-        if self.mallinfo:
-            self.mallinfo.restype = MallInfo
+        self.mallinfo = malloc_info if malloc_info() is not None else None
         self.period, self.in_use, self.held = period, 0, 0
         self.done = threading.Event()
 

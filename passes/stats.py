@@ -301,9 +301,8 @@ def batches(x: torch.Tensor | NpyRows, batch_size: int, desc: str, progress: boo
     pass makes its long-lived values (sums, tensor headers, library caches)
     in its first batch; made between a full batch's activations, they pin
     the holes those leave when freed, and glibc's heap grows by gigabytes it
-    cannot reuse: a vit_small merge peaked at 3962 and 4953 MB with at most
-    2546 MB in use, and at 3565 and 3574 MB with a first batch of 2
-    (``benchmarks/results/scale_ratio_395eba8_runs.log``).  The statistics
+    cannot reuse (``benchmarks/results/scale_ratio_one_pass_runs.log``: a
+    vit_small merge's peak with and without a small first batch).  The statistics
     are sums over samples, so how the samples are batched does not change
     them; callers whose result depends on the batches (BatchNorm's average
     of batch moments) pass False.

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 from pleascc import __version__, options
@@ -186,6 +188,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    terminate = _terminate_as_interrupt()
     try:
         return {"merge": _merge, "eval": _eval, "groups": _groups, "demo": _demo}[args.command](args)
     except PleasccError as err:
@@ -194,6 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pleascc: interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
+
+
+def _terminate_as_interrupt():
+    """Make SIGTERM (``kill``, a job scheduler's stop) raise KeyboardInterrupt, as Ctrl-C does, so that a
+    stopped merge removes its partial output and spill files too; returns the handler it replaced (None
+    off the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _load(args, path: str):

@@ -320,6 +320,29 @@ def test_interrupt(files, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_terminated_merge_leaves_no_output_and_no_spill_files(files, tmp_path):
+    """SIGTERM mid-merge (``kill``) cleans up as Ctrl-C does: exit 130, no output, the spill directory gone."""
+    out, work = tmp_path / "out.onnx", tmp_path / "work"
+    work.mkdir()
+    code = textwrap.dedent(f"""
+        import os, signal, sys, time
+        import pleascc.api
+        from pleascc.cli import main
+
+        def terminate(*args, **kwargs):
+            assert any(os.scandir({str(work)!r}))  # the matching pass has spilled by now
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+
+        pleascc.api.layer_moments = terminate
+        sys.exit(main({_merge_args(files, out, "--cache-gb", "0", "--work-dir", str(work))!r}))
+    """)
+    proc = _run("-c", code)
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted" in proc.stderr and proc.stderr.count("\n") == 1
+    assert list(work.iterdir()) == [] and not out.exists()
+
+
 def test_process_exit_code_on_interrupt(files, tmp_path):
     out = tmp_path / "out.onnx"
     code = textwrap.dedent(f"""
