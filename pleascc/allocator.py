@@ -5,12 +5,11 @@ blocks are freed) with a fresh mmap and unmaps them on free, and returns the
 heap's free top to the OS past its trim threshold.  A statistics pass
 allocates and frees the same activations batch after batch, ResNet-50's
 first stage alone 67 MB per tensor at batch 21, so every batch faults them
-back in, zero-filled page by page: in a one-pass ResNet-50 merge the two
-passes' forwards took 3.77 times one forward of A and B, not 2
-(`benchmarks/bench_scale.py breakdown`, at 0558694).  Raising both
-thresholds keeps freed blocks in the heap for the next batch: back to back
-at 1941463 that merge took 136 s, and 179 s with glibc's defaults
-(`breakdown --glibc-defaults`).
+back in, zero-filled page by page.  Raising both thresholds keeps freed
+blocks in the heap for the next batch (`benchmarks/bench_scale.py breakdown
+--glibc-defaults` measures the difference).  Between the passes of
+sequential least squares, ``release_freed_memory`` hands back what the heap
+holds past a bound.
 """
 
 from __future__ import annotations
