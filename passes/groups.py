@@ -1105,11 +1105,23 @@ def _stack(ctx: Context, node: fx.Node):
 @rule(torch.roll, "roll")
 def _roll(ctx: Context, node: fx.Node):
     """Rolled axes are shifted, so fixed; the others pass through."""
+    return _fixed_along(ctx, node, ctx.arg(node, 2, "dims"), "rolled")
+
+
+@rule(torch.flip, "flip")
+def _flip(ctx: Context, node: fx.Node):
+    """Flipped axes reverse their units' order, which no permutation of them commutes with: fixed; the others
+    pass through.  ``x.flip(2, 3)`` passes its axes one by one."""
+    axes = node.args[1:] if len(node.args) > 2 else ctx.arg(node, 1, "dims")
+    return _fixed_along(ctx, node, axes, "flipped")
+
+
+def _fixed_along(ctx: Context, node: fx.Node, axes, why: str) -> list:
+    """The input's dims, those along ``axes`` (an int, a sequence, or None: all) fixed for ``why``."""
     dims = ctx.dims_of(node.args[0])
-    axes = ctx.arg(node, 2, "dims")
     axes = range(len(dims)) if axes is None else (axes if isinstance(axes, (tuple, list)) else (axes,))
     for a in axes:
-        ctx.table.fix(dims[a], f"{node.name}: rolled")
+        ctx.table.fix(dims[a], f"{node.name}: {why}")
     return dims
 
 

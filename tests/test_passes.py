@@ -355,6 +355,13 @@ def _gate_then_windows(y):
     return y.unfold(2, 2, 2).unfold(3, 2, 2).amax((-1, -2)).mean((2, 3))  # windows: N, C, H/2, W/2, 2, 2
 
 
+@pytest.mark.parametrize("flip", [lambda y: torch.flip(y, dims=(2,)).mean((2, 3)),
+                                  lambda y: y.flip(2, 3).amax((2, 3))])
+def test_flips_along_positions_keep_channels_permutable(flip):
+    """``torch.flip`` / ``Tensor.flip`` (test-time augmentation): flipped axes fixed, channels still one group."""
+    _assert_one_free_group_permutes(flip, (3, 8, 8))
+
+
 def test_sliding_windows_and_expand_as_gates_keep_channels_permutable():
     """Tensor.unfold over positions (halo attention) and a gate expanded with expand_as (ECA)."""
     _assert_one_free_group_permutes(_gate_then_windows, (3, 8, 8))
