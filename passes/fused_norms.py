@@ -39,11 +39,10 @@ def norm_producers(analysis: Analysis, separate_heads: set[str]) -> dict[str, st
 def fuse_norms(problems: list[Problem], producers: dict[str, str]) -> None:
     """Hand each norm's problem to every block of its convolution (``Problem.fused``), which sums what its fit
     needs; the norm's own problem is solved after them (``FusedNorm.finish``)."""
-    norms = {p.layer.node: p for p in problems if p.layer.node in producers}
+    norm_of = {producers[p.layer.node]: p for p in problems if p.layer.node in producers}  # conv node -> norm
     for p in problems:
-        norm = next((n for node, n in norms.items() if producers[node] == p.layer.node), None)
-        if norm is not None:
-            p.fused = FusedNorm(norm, p.block.rows)
+        if p.layer.node in norm_of:
+            p.fused = FusedNorm(norm_of[p.layer.node], p.block.rows)
 
 
 @dataclass
@@ -81,8 +80,7 @@ class FusedNorm:
         fitted convolution, at this block's channels."""
         w, xx = conv.w.double(), conv.xx
         delta = w - conv.w0.to(w)
-        x_w0, x_delta = conv.w0.to(w) @ xx, delta @ xx  # XX symmetric: rows of (XX·w0), (XX·δ)
-        x_w = x_w0 + x_delta
+        x_w, x_delta = w @ xx, delta @ xx  # XX symmetric: rows of (XX·w), (XX·δ)
         gamma = self._warm_start()[0].to(w).reshape(w.shape[:2])
         y2, y, n = (w * x_w).sum(-1), x_w[..., -1], xx[:, -1, -1, None].expand(w.shape[:2])
         ry = (w * self.r0x).sum(-1) - gamma * (delta * x_w).sum(-1)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import pleascc
+import pleascc.api
 from conftest import raises
 from pleascc.passes.frontier import Frontier
 from pleascc.passes.store import ActivationStore
