@@ -177,7 +177,7 @@ def time_forward(models: tuple[torch.nn.Module, ...], x, batch: int, device: tor
     """Seconds for one forward pass of each model over ``x`` in batches of ``batch``, its 4-D weights (and so
     its maps) in ``memory_format``: as given, the ratio's floor; channels-last, the floor as the merge runs it
     (``pleascc.layout``), so a merge's ratio to it counts only what the merge adds to its forwards."""
-    from pleascc.data import read_rows
+    from pleascc.passes.rows import read_rows
 
     start = time.perf_counter()
     with torch.no_grad():

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pleascc.errors import PleasccError
+from pleascc.passes.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.match import Matching
 from pleascc.passes.spaces import Dim

@@ -21,8 +21,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models import swin_transformer as swin
 from torchvision.ops import stochastic_depth
 
+from pleascc.passes.opaque_ops import STANDARDIZED_CONVS, grid_offsets, timm_classes, timm_registrations
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
-from pleascc.trace import STANDARDIZED_CONVS, grid_offsets, timm_classes, timm_registrations
 
 Size = Callable[[Dim], int]  # a dim's width in the emitted model
 

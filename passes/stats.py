@@ -31,14 +31,14 @@ from scipy.linalg import blas
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from pleascc import distributed
-from pleascc.data import NpyRows, read_rows
-from pleascc.errors import PleasccError
+from pleascc.passes import distributed
+from pleascc.passes.errors import PleasccError
 from pleascc.passes.frontier import Frontier, LayerOutputs, arguments, execute
 from pleascc.passes.groups import Analysis, Layer
+from pleascc.passes.in_place import in_place_twin
 from pleascc.passes.merge_maps import Block, MergeMaps, take
+from pleascc.passes.rows import NpyRows, read_rows
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
-from pleascc.trace import in_place_twin
 
 if TYPE_CHECKING:
     from pleascc.passes.fused_norms import FusedNorm
@@ -210,7 +210,7 @@ class CrossMoments:
         self.cross += (z.T @ z if self.within else z[:, :self.n].T @ z[:, self.n:]).double()
 
     def reduce(self) -> None:
-        """Add every rank's sums (``pleascc.distributed``), re-centred on rank 0's shift first."""
+        """Add every rank's sums (``distributed``), re-centred on rank 0's shift first."""
         if not distributed.active():
             return
         common = distributed.rank_zero_first(self.shift)

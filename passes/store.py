@@ -24,7 +24,7 @@ from typing import Hashable
 import numpy as np
 import torch
 
-from pleascc.errors import PleasccError
+from pleascc.passes.errors import PleasccError
 
 ALIGN = 64  # bytes: each tensor in a spilled value starts on such a boundary, so it can be viewed in its dtype
 BLOCK = 4096  # bytes: direct I/O's unit; each spilled value starts on one and is padded to whole ones

@@ -1,7 +1,7 @@
 """pleascc: merge two trained networks of one architecture with PLeaS, over torch.fx, to ONNX."""
 
 from pleascc.blas_threads import sleep_idle_blas_threads
-from pleascc.errors import PleasccError
+from pleascc.passes.errors import PleasccError
 
 sleep_idle_blas_threads()  # before anything loads scipy's OpenBLAS
 

@@ -14,18 +14,18 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from pleascc import distributed
 from pleascc.allocator import release_freed_memory, reuse_freed_memory
-from pleascc.data import CalibrationData, NpyRows, check_data_fits, load_data, read_rows
-from pleascc.errors import PleasccError
+from pleascc.data import CalibrationData, check_data_fits, load_data
 from pleascc.export import export_onnx
 from pleascc.layout import statistics_copies
 from pleascc.load import check_same_architecture
 from pleascc.options import (CACHE_GB, LABELS, LEAST_SQUARES, MATCHINGS, METHODS, POSITIONS, REGMEAN_ALPHA,
                              ZIP_ALPHA, ZIP_BETA)
 from pleascc.passes import budget as budget_pass
+from pleascc.passes import distributed
 from pleascc.passes.budget import is_blocked
 from pleascc.passes.emit import emit, layer_inputs
+from pleascc.passes.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
 from pleascc.passes.match import match_all, match_heads, match_product, zipit
 from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks
@@ -33,6 +33,7 @@ from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_
 from pleascc.passes.solve import least_squares as ridge_fit
 from pleascc.passes.fused_norms import fuse_norms, norm_producers
 from pleascc.passes.frontier import Frontier, LayerOutputs, frontier_bytes, level_output_bytes, output_segments
+from pleascc.passes.rows import NpyRows, read_rows
 from pleascc.passes.stats import (MergedReads, Problem, batch_count, batch_size_for, batches, feature_moments,
                                   gram_moments, layer_moments, layer_outputs, weight_similarity)
 from pleascc.passes.store import ActivationStore

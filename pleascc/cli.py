@@ -12,7 +12,7 @@ import threading
 import time
 
 from pleascc import __version__, options
-from pleascc.errors import PleasccError, first_line
+from pleascc.passes.errors import PleasccError, first_line
 
 EXAMPLES = """examples:
   pleascc demo
@@ -226,9 +226,9 @@ def _calibration(args, model):
 
 def _merge(args) -> int:
     import pleascc
-    from pleascc import distributed
-    from pleascc.data import read_rows
     from pleascc.export import output_dtype
+    from pleascc.passes import distributed
+    from pleascc.passes.rows import read_rows
 
     start = time.perf_counter()
     device = args.device
@@ -351,8 +351,8 @@ def _eval(args) -> int:
 def _groups(args) -> int:
     import torch
 
-    from pleascc.data import read_rows
     from pleascc.passes.groups import analyze, coverage, permutation_groups
+    from pleascc.passes.rows import read_rows
     from pleascc.trace import trace
 
     if args.model == "none":

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pleascc.errors import PleasccError, first_line
 from pleascc.export import session_feed, session_predict
+from pleascc.passes.errors import PleasccError, first_line
 
 
 def open_session(path: str):

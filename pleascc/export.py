@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pleascc.errors import PleasccError, first_line
+from pleascc.passes.errors import PleasccError, first_line
 from pleascc.verify import flat_outputs
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph

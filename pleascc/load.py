@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from pleascc.errors import PleasccError
+from pleascc.passes.errors import PleasccError
 
 # Keys under which training scripts commonly nest the state dict, most specific first.
 STATE_DICT_KEYS = (

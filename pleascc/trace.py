@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import math
-import operator
 import traceback
-from typing import Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pleascc.errors import PleasccError, first_line
+from pleascc.passes.errors import PleasccError, first_line
+from pleascc.passes.in_place import INPLACE_METHODS, OUT_OF_PLACE
+from pleascc.passes.opaque_ops import grid_offsets, timm_registrations
 
-# In-place ops overwrite values the statistics pass captures; trace them out-of-place.
-_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                 operator.itruediv: operator.truediv}
-_INPLACE_METHODS = {"add_", "sub_", "mul_", "div_", "relu_", "sigmoid_", "clamp_", "hardtanh_", "tanh_"}
-_IN_PLACE = {**{out: inp for inp, out in _OUT_OF_PLACE.items()}, torch.relu: torch.relu_, torch.sigmoid: torch.sigmoid_,
-             torch.tanh: torch.tanh_}  # the twins lockstep may run where nothing else reads the input
-# timm marks these leaves for feature extraction; tracing through them exposes F.batch_norm.
-_TRACE_THROUGH = {"BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"}
+# fx keeps a wrapped function opaque only in the modules that name it to fx.wrap: here, where GPSA calls it
+fx.wrap("grid_offsets")
 
 
 class _Tracer(fx.Tracer):
@@ -36,30 +29,6 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
-
-
-def timm_registrations() -> tuple[list, list]:
-    """timm's leaf modules (less those traced through) and the functions it keeps opaque to fx; none without timm."""
-    try:
-        from timm.layers import _fx
-    except ImportError:
-        return [], []
-    leaves = [m for m in _fx._leaf_modules if m.__name__ not in _TRACE_THROUGH]
-    return leaves + [m for m in STANDARDIZED_CONVS if m not in leaves], list(_fx._autowrap_functions)
-
-
-def timm_classes(module: str, *names: str) -> list[type]:
-    """Classes of a timm module, for rules and openers keyed by them; none without timm."""
-    try:
-        found = importlib.import_module(module)
-    except ImportError:
-        return []
-    return [getattr(found, name) for name in names if hasattr(found, name)]
-
-
-# weight-standardized convolutions, kept whole so that one rule sees a convolution
-STANDARDIZED_CONVS = timm_classes("timm.layers.std_conv", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
-                                  "ScaledStdConv2dSame")
 
 
 def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
@@ -175,20 +144,6 @@ class PatchLinearTransformer(PatchTransformer):
         x = self.norm(self.transformer(x))
         x = x.reshape(batch, -1, ph, pw, nh, nw).permute(0, 1, 4, 2, 5, 3).reshape(batch, -1, height, width)
         return self.conv_proj(x)
-
-
-@fx.wrap
-def grid_offsets(x: torch.Tensor) -> torch.Tensor:
-    """(1, N, N, 3): ConViT's offsets (dx, dy, dx² + dy²) between the N tokens of ``x``, a square grid.
-
-    Wrapped for fx (its sizes are Python ints); it reads only the token count.
-    """
-    side = int(x.shape[1] ** 0.5)
-    steps = torch.arange(side, dtype=x.dtype, device=x.device)
-    offsets = steps.view(1, -1) - steps.view(-1, 1)
-    dx = offsets.repeat(side, side)
-    dy = offsets.repeat_interleave(side, dim=0).repeat_interleave(side, dim=1)
-    return torch.stack([dx, dy, dx**2 + dy**2], dim=-1).unsqueeze(0)
 
 
 class GatedPositionalAttention(nn.Module):
@@ -445,38 +400,13 @@ def _where(err: Exception) -> str:
 
 def _make_out_of_place(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _OUT_OF_PLACE:
-            node.target = _OUT_OF_PLACE[node.target]
-        elif node.op == "call_method" and node.target in _INPLACE_METHODS:
+        if node.op == "call_function" and node.target in OUT_OF_PLACE:
+            node.target = OUT_OF_PLACE[node.target]
+        elif node.op == "call_method" and node.target in INPLACE_METHODS:
             node.target = node.target[:-1]
         if node.kwargs.get("inplace") is True:
             node.kwargs = {**node.kwargs, "inplace": False}
     gm.recompile()
-
-
-def in_place_twin(gm: fx.GraphModule, node: fx.Node) -> Callable | None:
-    """``node``'s op writing into its first argument, called with the node's arguments; None if it has none.
-
-    ``trace`` makes every op out of place, as the passes read values that a
-    later in-place op would overwrite; where nothing reads the input again,
-    running it in place saves an allocation and a pass over memory
-    (``stats.lockstep``).  One rule per kind of op: a module or function with
-    an ``inplace`` flag, a function with an in-place twin, a method with one.
-    """
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if not isinstance(getattr(module, "inplace", None), bool):
-            return None
-        twin = copy.copy(module)  # shares the parameters; only the flag differs
-        twin.inplace = True
-        return twin
-    if node.op == "call_function" and node.target in _IN_PLACE:
-        return _IN_PLACE[node.target]
-    if node.op == "call_function" and node.kwargs.get("inplace") is False:
-        return lambda *args, **kwargs: node.target(*args, **{**kwargs, "inplace": True})
-    if node.op == "call_method" and node.target + "_" in _INPLACE_METHODS:
-        return lambda tensor, *args, **kwargs: getattr(tensor, node.target + "_")(*args, **kwargs)
-    return None
 
 
 def check_same_graph(a: fx.GraphModule, b: fx.GraphModule) -> None:

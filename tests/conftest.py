@@ -43,7 +43,7 @@ def healthy(model, x, seed: int = 0):
 
 def raises(match: str, fn, *args, **kwargs) -> str:
     """Assert a one-line PleasccError mentioning `match`; return its message."""
-    from pleascc.errors import PleasccError
+    from pleascc.passes.errors import PleasccError
 
     with pytest.raises(PleasccError) as info:
         fn(*args, **kwargs)

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pleascc.data import CalibrationData, NpyRows, check_data_fits, load_data, read_rows
+from pleascc.data import CalibrationData, check_data_fits, load_data
+from pleascc.passes.rows import NpyRows, read_rows
 from conftest import raises
 
 def write_image(path, color, size=(40, 30)):

@@ -11,8 +11,8 @@ from safetensors.torch import save as save_safetensors
 
 from pleascc.data import load_data
 from pleascc.demo import digits_cnn
-from pleascc.errors import PleasccError
 from pleascc.load import load_model
+from pleascc.passes.errors import PleasccError
 
 ARCH = ("pleascc.demo:digits_cnn", {"width": 8})
 

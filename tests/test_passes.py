@@ -655,7 +655,7 @@ def test_lockstep_runs_ops_in_place_only_on_values_nothing_else_holds():
 
 def test_a_nan_weight_is_named_before_any_pass():
     import pleascc
-    from pleascc.errors import PleasccError
+    from pleascc.passes.errors import PleasccError
 
     models = [_Residual().eval() for _ in range(2)]
     with torch.no_grad():
@@ -672,7 +672,7 @@ def test_values_that_overflow_are_named_where_a_pass_reads_them(method, least_sq
     and the node it read (the stem's output as its fit's target, or its ReLU as the branch reads it; A comes
     first)."""
     import pleascc
-    from pleascc.errors import PleasccError
+    from pleascc.passes.errors import PleasccError
 
     torch.manual_seed(0)
     models = [_Residual().eval() for _ in range(2)]
@@ -711,3 +711,37 @@ def test_batches_hold_a_forwards_live_values_and_one_layers_rows():
     streamed = batch_size_for(analysis, gm.graph, 64, limit)
     assert 1 < streamed < MAX_BATCH
     assert batch_size_for(analysis, gm.graph, None, limit) < streamed
+
+
+def _imported_modules(path, package: str):
+    """Every module a source file imports (at any depth: in functions, under TYPE_CHECKING), relative ones
+    resolved against ``package``; ``from M import n`` counts as ``M.n`` (n may be a module)."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            yield from (f"{module}.{alias.name}" for alias in node.names)
+
+
+def test_passes_import_nothing_from_the_driver():
+    """The compiler core (``pleascc.passes``) stands alone: no module under passes/ imports a driver module
+    (anything in ``pleascc`` outside ``pleascc.passes``); the driver imports the passes, never the reverse."""
+    from pathlib import Path
+
+    import pleascc.passes
+
+    root = Path(pleascc.passes.__file__).parent
+    files = sorted(root.rglob("*.py"))
+    assert len(files) > 10
+    found = []
+    for path in files:
+        package = ".".join(["pleascc", "passes", *path.relative_to(root).parent.parts])
+        for module in _imported_modules(path, package):
+            parts = module.split(".")
+            if parts[0] == "pleascc" and (len(parts) == 1 or parts[1] != "passes"):
+                found.append(f"{path.relative_to(root)}: {module}")
+    assert found == []

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from pleascc.errors import PleasccError
+from pleascc.passes.errors import PleasccError
 
 
 def active() -> bool:
