@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import shutil
 import tempfile
@@ -228,7 +229,11 @@ def merge(
                             outputs.nodes = nodes
                             layer_outputs(runs, analysis, local, outputs, batch_size, positions, bar.update)
 
-                    reads = functools.partial(MergedReads, frontier=Frontier(store), outputs=outputs, tick=bar.update)
+                    def after_batch() -> None:
+                        bar.update()
+                        release_freed_memory()  # holes a pass leaves around what the store keeps add up within it
+
+                    reads = functools.partial(MergedReads, frontier=Frontier(store), outputs=outputs, tick=after_batch)
                     own_pass = [p for p in problems if p.layer.node not in fused]  # fused norms: with their conv
                     residuals = _fit_sequentially(fit, own_pass, levels, segments, record, reads, timings,
                                                   lambda: emit_with(_layer_weights(problems, states)).to(device))
@@ -419,7 +424,7 @@ def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], segm
             merged = emit_current()
             _add_time(timings, "emit", clock)
             residuals.update(fit(todo, reads(merged, layer_inputs(merged))))
-            release_freed_memory()  # the pass's holes around what the store keeps
+            gc.collect()  # the model this pass replaced is a cycle (GraphModule <-> its graph): free its weights now
     return residuals
 
 
@@ -478,7 +483,7 @@ def reset_batch_norm(model: nn.Module, x: torch.Tensor, batch_size: int = 64, pr
 
 
 def _shard(x: torch.Tensor) -> torch.Tensor:
-    """This rank's share of the calibration data (``pleascc.distributed``); every rank needs some."""
+    """This rank's share of the calibration data (``passes.distributed``); every rank needs some."""
     local = distributed.shard(x)
     if len(local) == 0:
         raise PleasccError(f"calibration data has {len(x)} samples, fewer than the processes sharing it; "

@@ -1,13 +1,19 @@
 """The Python API's choices: labels, methods, budgets."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
 
 import pleascc
+from pleascc import api
 from pleascc.demo import digits_cnn
+from pleascc.passes import emit as emit_pass
 from pleascc.passes.fused_norms import norm_producers
 from pleascc.passes.solve import layer_levels
+from pleascc.passes.stats import batch_count
 from pleascc.trace import trace
 
 
@@ -110,6 +116,33 @@ def test_sequential_passes_give_the_same_merge_kept_in_memory_or_on_disk(cache_g
         assert torch.equal(got, want), name
 
 
+def test_each_passes_merged_model_is_freed_once_the_next_replaces_it(monkeypatch):
+    """An emitted GraphModule is a reference cycle: without the collection after each pass, every level's
+    weights would stay until Python's full collection (a ResNet-50 merge held gigabytes of them).  With the
+    automatic collector off, at most the model being fitted and the one just emitted are alive, and the idle
+    memory bound is checked after every batch."""
+    a, b = _pair()
+    x = torch.randn(300, 1, 8, 8)
+    emitted, alive, checks = [], [], []
+
+    def emit(*args):
+        model = emit_pass.emit(*args)
+        emitted.append(weakref.ref(model))
+        alive.append(sum(ref() is not None for ref in emitted))
+        return model
+
+    monkeypatch.setattr(api, "emit", emit)
+    monkeypatch.setattr(api, "release_freed_memory", lambda: checks.append(1))
+    gc.disable()
+    try:
+        result = pleascc.merge(a, b, x, batch_size=100, progress=False)
+    finally:
+        gc.enable()
+    passes = result.report["least_squares_passes"]
+    assert len(emitted) == passes + 1 > 3 and max(alive) <= 2  # a model per level, then the merged one
+    assert len(checks) == passes * batch_count(len(x), 100)  # every batch of every level's pass
+
+
 @pytest.mark.parametrize("budget", [1.0, 1.5])
 def test_a_batch_norm_fitted_in_its_convolutions_pass_gets_the_fit_of_a_pass_of_its_own(budget, monkeypatch):
     """Each BatchNorm's moments follow from its convolution's (``fused_norms``): half the passes, the same
@@ -117,7 +150,7 @@ def test_a_batch_norm_fitted_in_its_convolutions_pass_gets_the_fit_of_a_pass_of_
     a, b = _pair()
     x = torch.randn(300, 1, 8, 8)
     fused = pleascc.merge(a, b, x, budget=budget, progress=False)
-    monkeypatch.setattr(pleascc.api, "norm_producers", lambda *args: {})
+    monkeypatch.setattr(api, "norm_producers", lambda *args: {})
     apart = pleascc.merge(a, b, x, budget=budget, progress=False)
     assert 2 * fused.report["least_squares_passes"] - 1 == apart.report["least_squares_passes"]
     for name, residual in apart.report["least_squares_residuals"].items():
