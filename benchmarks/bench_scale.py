@@ -9,7 +9,7 @@ systems.  Each measurement runs in a fresh process, so its peak resident memory
 (VmHWM, from the OS: ``provenance.peak_rss_mb``) is its own; the forward floor is timed in that same
 process right after the merge, at the merge's batch size, so the ratio compares
 like with like; and again with the models channels-last, as the merge runs them
-where that holds (``pleascc.layout``): the ratio to that floor counts only what
+where that holds (``pleascc.channels_last``): the ratio to that floor counts only what
 the merge adds to its forwards.  Beside the peak RSS, the most glibc's malloc had
 in use and held from the OS during the merge (``HeapSampler``): their gap is
 freed memory the heap keeps, and holes between live blocks.  Random weights,
@@ -176,7 +176,7 @@ def time_forward(models: tuple[torch.nn.Module, ...], x, batch: int, device: tor
                  memory_format: torch.memory_format) -> float:
     """Seconds for one forward pass of each model over ``x`` in batches of ``batch``, its 4-D weights (and so
     its maps) in ``memory_format``: as given, the ratio's floor; channels-last, the floor as the merge runs it
-    (``pleascc.layout``), so a merge's ratio to it counts only what the merge adds to its forwards."""
+    (``pleascc.channels_last``), so a merge's ratio to it counts only what the merge adds to its forwards."""
     from pleascc.passes.rows import read_rows
 
     start = time.perf_counter()
@@ -201,8 +201,8 @@ def measure_forward(job: dict) -> dict:
     from collections import deque
 
     from pleascc import api
-    from pleascc.layout import statistics_copies
-    from pleascc.options import POSITIONS
+    from pleascc.channels_last import statistics_copies
+    from pleascc.options import MergeOptions
     from pleascc.passes.stats import batch_size_for, lockstep
 
     torch.set_num_threads(job["threads"])
@@ -210,7 +210,7 @@ def measure_forward(job: dict) -> dict:
     (model_a, shape), (model_b, _) = build(job["arch"], 0), build(job["arch"], 1)
     x = torch.randn(job["samples"], *shape, generator=torch.Generator().manual_seed(2))
     gms, analysis, _, _ = api._trace_pair(model_a, model_b, x)
-    batch = batch_size_for(analysis, gms[0].graph, POSITIONS)
+    batch = batch_size_for(analysis, gms[0].graph, MergeOptions().positions)
     last = [n.name for n in gms[0].graph.nodes if n.op in ("call_module", "call_function", "call_method")][-1]
     merge_runs = statistics_copies(gms, torch.device("cpu"), x[:2])
     cl_a, cl_b = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (model_a, model_b))

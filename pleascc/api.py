@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import math
@@ -18,10 +19,9 @@ from tqdm.auto import tqdm
 from pleascc.allocator import release_freed_memory, reuse_freed_memory
 from pleascc.data import CalibrationData, check_data_fits, load_data
 from pleascc.export import export_onnx
-from pleascc.layout import statistics_copies
+from pleascc.channels_last import statistics_copies
 from pleascc.load import check_same_architecture
-from pleascc.options import (CACHE_GB, LABELS, LEAST_SQUARES, MATCHINGS, METHODS, POSITIONS, REGMEAN_ALPHA,
-                             ZIP_ALPHA, ZIP_BETA)
+from pleascc.options import METHODS, MergeOptions
 from pleascc.passes import budget as budget_pass
 from pleascc.passes import distributed
 from pleascc.passes.budget import is_blocked
@@ -38,7 +38,7 @@ from pleascc.passes.rows import NpyRows, read_rows
 from pleascc.passes.stats import (MergedReads, Problem, batch_count, batch_size_for, batches, feature_moments,
                                   gram_moments, layer_moments, layer_outputs, weight_similarity)
 from pleascc.passes.store import ActivationStore
-from pleascc.passes.weights import weight_matching
+from pleascc.passes.weight_matching import weight_matching
 from pleascc.trace import check_same_graph, trace
 
 __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
@@ -56,145 +56,58 @@ class MergeResult:
     analysis: Analysis
 
 
-def merge(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    data: CalibrationData | torch.Tensor | str,
-    *,
-    budget: float = 1.0,
-    labels: str | None = None,
-    method: str = "pleas",
-    samples: int | None = None,
-    batch_size: int | None = None,
-    ridge: float = 1e-4,
-    least_squares: str = "sequential",
-    positions: int | None = POSITIONS,
-    match_samples: int | None = None,
-    matching: str = "activation",
-    width_search: str = "greedy",
-    zip_alpha: float = ZIP_ALPHA,
-    zip_beta: float = ZIP_BETA,
-    zip_until: str | None = None,
-    regmean_alpha: float = REGMEAN_ALPHA,
-    seed: int = 0,
-    reset_bn: bool = False,
-    cache_gb: float = CACHE_GB,
-    work_dir: str | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-) -> MergeResult:
+def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.Tensor | str,
+          options: MergeOptions | None = None, **choices) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` × the FLOPs of one.
 
     ``data``: calibration inputs (a tensor N×…, a ``CalibrationData``, or a path
-    ``load_data`` reads).  ``labels``: "shared" (one head, fit to the mean
-    logits) or "separate" (one head per model); default separate when the heads
-    differ in size, else shared.  ``method``: "pleas", "permute", "average",
-    "zipit" (ZipIt!'s greedy zipping, ``zip_alpha`` and ``zip_beta`` as in its
-    paper) or "regmean" (RegMean: no permutation; each layer's closed-form
-    merge from both models' input Grams, their off-diagonals scaled by
-    ``regmean_alpha``).  ``zip_until``, a layer or module name: merge up to it
-    and keep both models' later layers, instead of a budget.
-    ``matching`` (pleas, permute): pair units by their features on the data
-    ("activation") or by their weights alone ("weight", Git Re-Basin).
-    ``seed``: the sample subset of a data path, and weight matching's random order.
-    ``reset_bn`` (baselines): the merged BatchNorms keep the averaged γ and β
-    and take their inputs' statistics on the data (the reset ZipIt! and Git
-    Re-Basin evaluate with; PLeaS fits its BatchNorms by least squares).
-    ``width_search``: how the budget is spread over the spaces: "greedy" (most
-    correlation back per FLOP), "uniform" (one share everywhere) or "stages"
-    (the deepest spaces kept apart first).
-    ``least_squares`` (pleas): fit each layer on A's and B's features mapped to
-    the merged layout ("one-pass", one pass over the data), or on the merged
-    model's own features, layer by layer ("sequential", a pass per level).
-    ``positions``: the most spatial positions (or tokens) per sample the
-    statistics read from a feature map, for matching, for convolutions',
-    BatchNorms' and linear layers' fits and for RegMean's Grams (a fixed
-    random subset; None: all),
-    since its rows far outnumber what they determine
-    (``stats.sampled_positions``).  Tokens are read only where the analysis
-    knows which axis holds the samples (``Analysis.batch_axis``).
-    ``match_samples``: matching's statistics read only the first that many
-    calibration samples (None: all); least squares still reads all of them.
-    Its pass then runs that share of a forward instead of a whole one.
-    ``batch_size``: samples per batch in the statistics passes; by default the
-    most (up to 64) whose values in flight fit in 512 MB, as the passes stream
-    the models (``stats.batch_size_for``).
-    ``cache_gb``: memory for the activations sequential least squares keeps
-    between its passes (A's and B's layer outputs, the merged model's
-    frontier: ``passes.frontier``); the rest goes to files in a temporary
-    directory under ``work_dir`` (default: the system's), removed when the
-    merge ends, fails or is interrupted.  ``device``: where the
-    statistics passes run the models and keep their sums, and where the
-    least-squares systems are solved ("cuda" for a GPU); matching runs on the
-    CPU, and the merged model comes back there.  On glibc, the process keeps
-    up to 1 GB of freed memory for reuse from then on
-    (``allocator.reuse_freed_memory``): the passes free and reallocate the
-    same activations every batch.
+    ``load_data`` reads).  ``options``: a ``MergeOptions``, or its fields as
+    keywords (``budget=1.5, method="zipit"``, …; each field's help says what it
+    does), checked before any work.  On glibc, the process keeps up to 1 GB of
+    freed memory for reuse from then on (``allocator.reuse_freed_memory``): the
+    passes free and reallocate the same activations every batch.
     """
+    opts = dataclasses.replace(options or MergeOptions(), **choices)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    if method not in METHODS:
-        raise PleasccError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    if least_squares not in LEAST_SQUARES:
-        raise PleasccError(f"unknown least-squares variant {least_squares!r}: choose {' or '.join(LEAST_SQUARES)}")
-    if matching not in MATCHINGS or (matching == "weight" and METHODS[method][0] != "hungarian"):
-        raise PleasccError(f"unknown matching {matching!r} for method {method}: choose activation, or weight "
-                           "with pleas or permute")
-    if width_search not in budget_pass.WIDTHS:
-        raise PleasccError(f"unknown width search {width_search!r}: choose {', '.join(budget_pass.WIDTHS)}")
-    if zip_until is not None and budget != 1.0:
-        raise PleasccError("--zip-until sets the widths itself (merged up to that layer, apart after it); "
-                           "leave --budget at 1.0")
-    if not 1.0 <= budget <= 2.0:
-        raise PleasccError(f"budget {budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
-    if positions is not None and positions < 1:
-        raise PleasccError(f"positions {positions} is not positive: pass --positions 1 or more, or 0 for all")
-    if match_samples is not None and match_samples < 1:
-        raise PleasccError(f"match samples {match_samples} is not positive: pass --match-samples 1 or more, "
-                           "or leave it out for all")
-    if reset_bn and METHODS[method][1] == "least-squares":
-        raise PleasccError("--reset-bn recomputes a baseline's BatchNorm statistics; pleas fits its BatchNorms "
-                           "by least squares: drop --reset-bn")
-    if batch_size is not None and batch_size < 1:
-        raise PleasccError(f"batch size {batch_size} is not positive: pass --batch-size 1 or more, or leave it out")
     reuse_freed_memory()  # else every batch page-faults its activations back in
-    target = _usable_device(device)
-    matcher, refit = METHODS[method]
-    x = _calibration_tensor(data, samples, model_a, seed)
+    target = _usable_device(opts.device)
+    matcher, refit = METHODS[opts.method]
+    x = _calibration_tensor(data, opts.samples, model_a, opts.seed)
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
     runs = statistics_copies(gms, target, read_rows(x[:2]))
-    sequential = refit == "least-squares" and least_squares == "sequential"  # records A's and B's layer outputs
-    batch_size = batch_size or batch_size_for(analysis, gms[0].graph, positions)
-    local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
-    separate = _separate_labels(labels, heads, states)
+    sequential = refit == "least-squares" and opts.least_squares == "sequential"  # records A's and B's layer outputs
+    batch_size = opts.batch_size or batch_size_for(analysis, gms[0].graph, opts.positions)
+    local = _shard(x)  # this process's opts.samples; all of them unless run under torch.distributed
+    separate = _separate_labels(opts.labels, heads, states)
     separate_heads = {layer.node for layer in heads} if separate else set()
     fused = norm_producers(analysis, separate_heads) if sequential else {}  # norms fitted in their conv's pass
     levels = layer_levels(gms[0], analysis, fused) if sequential else {}
-    segments, outputs_memory = _plan_outputs(gms[0], analysis, levels, len(local), positions, cache_gb * 2**30,
-                                             work_dir) if sequential else ([], 0)
+    segments, outputs_memory = _plan_outputs(gms[0], analysis, levels, len(local), opts.positions, opts.cache_gb * 2**30,
+                                             opts.work_dir) if sequential else ([], 0)
     timings["trace_and_analyze"] = time.perf_counter() - clock
 
-    with ActivationStore(cache_gb * 2**30, work_dir) as store:
+    with ActivationStore(opts.cache_gb * 2**30, opts.work_dir) as store:
         outputs = LayerOutputs(store, {n for n, level in levels.items() if level in segments[0]}, outputs_memory) \
             if sequential else None
         clock = time.perf_counter()
-        # the matching pass reads every sample, so it records the first segment's outputs
-        everything = matching != "weight" and (match_samples is None or match_samples >= len(x))
-        if matching == "weight":  # data-free: the weights alone
-            matchings = weight_matching(analysis, states, seed=seed)
+        # the opts.matching pass reads every sample, so it records the first segment's outputs
+        everything = opts.matching != "weight" and (opts.match_samples is None or opts.match_samples >= len(x))
+        if opts.matching == "weight":  # data-free: the weights alone
+            matchings = weight_matching(analysis, states, seed=opts.seed)
         else:
-            matched_on = local if everything else _shard(x[:match_samples])
-            correlations = feature_moments(runs, analysis, matched_on, batch_size, progress,
-                                           within=matcher == "zipit", positions=positions,
+            matched_on = local if everything else _shard(x[:opts.match_samples])
+            correlations = feature_moments(runs, analysis, matched_on, batch_size, opts.progress,
+                                           within=matcher == "zipit", positions=opts.positions,
                                            outputs=outputs if everything else None)
             timings["matching_statistics"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            matchings = _match(analysis, correlations, states, matcher, {"alpha": zip_alpha, "beta": zip_beta})
+            matchings = _match(analysis, correlations, states, matcher, {"alpha": opts.zip_alpha, "beta": opts.zip_beta})
         costs = budget_pass.layer_costs(analysis, separate_heads)
-        if zip_until is not None:
-            widths = budget_pass.zip_until_widths(analysis, matchings, zip_until)
+        if opts.zip_until is not None:
+            widths = budget_pass.zip_until_widths(analysis, matchings, opts.zip_until)
         else:
-            widths = budget_pass.WIDTHS[width_search](analysis, matchings, costs, budget)
+            widths = budget_pass.WIDTHS[opts.width_search](analysis, matchings, costs, opts.budget)
         maps = MergeMaps(analysis.table, _selections(analysis, matchings, widths))
         timings["match_and_budget"] = time.perf_counter() - clock
 
@@ -208,26 +121,26 @@ def merge(
         residuals, passes, underdetermined = {}, 0, []
         if refit == "regmean":
             blocked = [p for p in problems if is_blocked(p.layer) or p.model is not None]  # norms stay averaged
-            gram_moments(runs, maps, blocked, local, batch_size, progress, positions)
+            gram_moments(runs, maps, blocked, local, batch_size, opts.progress, opts.positions)
             for p in blocked:
                 in_width = maps.size(p.layer.in_dim)
                 per_model = {m: block_slice(own_weights(analysis, maps, p.layer, states[m], m), p.block, in_width)
                              for m in p.grams}
-                p.w = regmean(p, per_model, regmean_alpha, ridge, has_bias=bool(p.layer.bias))
+                p.w = regmean(p, per_model, opts.regmean_alpha, opts.ridge, has_bias=bool(p.layer.bias))
         elif refit:
-            underdetermined = _check_least_squares_samples(problems, analysis, x, positions)
-            fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, progress, ridge, positions,
+            underdetermined = _check_least_squares_samples(problems, analysis, x, opts.positions)
+            fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, opts.progress, opts.ridge, opts.positions,
                                     timings)
             if not sequential:
                 residuals, passes = fit(problems), 1
             else:
                 passes = len(set(levels.values())) + len(segments) - everything
                 with tqdm(total=passes * batch_count(len(local), batch_size), desc="least squares", unit="batch",
-                          disable=not progress or distributed.rank() > 0) as bar:
+                          disable=not opts.progress or distributed.rank() > 0) as bar:
                     def record(segment: int, nodes: set[str]) -> None:
-                        if segment or not everything:  # the matching pass did not record it
+                        if segment or not everything:  # the opts.matching pass did not record it
                             outputs.nodes = nodes
-                            layer_outputs(runs, analysis, local, outputs, batch_size, positions, bar.update)
+                            layer_outputs(runs, analysis, local, outputs, batch_size, opts.positions, bar.update)
 
                     def after_batch() -> None:
                         bar.update()
@@ -236,24 +149,24 @@ def merge(
                     reads = functools.partial(MergedReads, frontier=Frontier(store), outputs=outputs, tick=after_batch)
                     own_pass = [p for p in problems if p.layer.node not in fused]  # fused norms: with their conv
                     residuals = _fit_sequentially(fit, own_pass, levels, segments, record, reads, timings,
-                                                  lambda: emit_with(_layer_weights(problems, states)).to(device))
+                                                  lambda: emit_with(_layer_weights(problems, states)).to(opts.device))
         kept = {"least_squares_memory_peak_mb": store.peak_memory_bytes / 2**20,
                 "least_squares_disk_peak_mb": store.peak_disk_bytes / 2**20,
                 "least_squares_spilled_mb": store.spilled_bytes / 2**20}
     timings["solve"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    refitted = problems if not reset_bn else [p for p in problems if p.layer.kind != "norm"]  # γ, β averaged
+    refitted = problems if not opts.reset_bn else [p for p in problems if p.layer.kind != "norm"]  # γ, β averaged
     merged = emit_with(_layer_weights(refitted, states))
     _add_time(timings, "emit", clock)
-    if reset_bn:
-        reset_batch_norm(merged, local, batch_size, progress)
+    if opts.reset_bn:
+        reset_batch_norm(merged, local, batch_size, opts.progress)
     report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
-                     method=method, budget=budget, separate=separate, samples=len(x), batch_size=batch_size,
-                     match_samples=None if matching == "weight" else min(len(x), match_samples or len(x)),
-                     width_search="zip-until " + zip_until if zip_until else width_search,
-                     least_squares=least_squares if refit == "least-squares" else None, positions=positions,
-                     least_squares_passes=passes, **kept, device=str(device),
+                     method=opts.method, budget=opts.budget, separate=separate, samples=len(x), batch_size=batch_size,
+                     match_samples=None if opts.matching == "weight" else min(len(x), opts.match_samples or len(x)),
+                     width_search="zip-until " + opts.zip_until if opts.zip_until else opts.width_search,
+                     least_squares=opts.least_squares if refit == "least-squares" else None, positions=opts.positions,
+                     least_squares_passes=passes, **kept, device=str(opts.device),
                      underdetermined_layers=underdetermined)
     return MergeResult(merged.eval(), report, analysis)
 
@@ -501,8 +414,6 @@ def head_layers(analysis: Analysis) -> list[Layer]:
 
 
 def _separate_labels(labels: str | None, heads: list[Layer], states) -> bool:
-    if labels is not None and labels not in LABELS:
-        raise PleasccError(f"unknown --labels {labels!r}: choose shared or separate")
     differ = any(states[0][layer.weight].shape != states[1][layer.weight].shape for layer in heads)
     if labels == "shared" and differ:
         raise PleasccError("the models' heads differ in size, so they cannot share labels: use --labels separate")

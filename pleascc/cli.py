@@ -75,56 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                         "bfloat16 with --format pt only)")
     _model_options(m)
     _data_options(m, required=True)
-    m.add_argument("--budget", type=float, default=1.0,
-                   help="FLOPs of the merged model ÷ one input model, 1.0 (fully merged) to 2.0 (side by side)")
-    m.add_argument("--labels", choices=options.LABELS, default=None,
-                   help="one head for both models' classes, or one per model (default: separate when the "
-                        "heads differ in size)")
-    m.add_argument("--method", choices=tuple(options.METHODS), default="pleas",
-                   help="pleas (default), permute (Git Re-Basin activation matching + averaging), average, "
-                        "zipit (ZipIt!: greedy merging within and across the models), regmean (RegMean: "
-                        "no permutation, closed-form merge of each layer; for models from one base)")
-    m.add_argument("--matching", choices=options.MATCHINGS, default="activation",
-                   help="pleas/permute: pair units by their features on the data, or by their weights alone "
-                        "(Git Re-Basin weight matching, data-free)")
-    m.add_argument("--widths", choices=options.WIDTH_SEARCHES, default="greedy",
-                   help="how the budget is spread: greedy (most correlation back per FLOP, default), uniform "
-                        "(one share of every group kept apart), stages (the deepest groups kept apart first)")
-    m.add_argument("--zip-alpha", type=float, default=options.ZIP_ALPHA,
-                   help="zipit: similarity decay of a merged unit (0: pairs only, no larger clusters)")
-    m.add_argument("--zip-beta", type=float, default=options.ZIP_BETA,
-                   help="zipit: share of the merges that may join two units of one model")
-    m.add_argument("--zip-until", metavar="LAYER", default=None,
-                   help="merge up to this layer (module name) and keep both models' later layers "
-                        "(ZipIt!'s partial zipping; sets the widths instead of --budget)")
-    m.add_argument("--reset-bn", action="store_true",
-                   help="recompute the merged model's BatchNorm statistics on --data (as ZipIt! and Git Re-Basin "
-                        "evaluate their merges; PLeaS's least squares needs none)")
-    m.add_argument("--regmean-alpha", type=float, default=options.REGMEAN_ALPHA,
-                   help="regmean: scale of the input Grams' off-diagonals (1: plain least squares)")
-    m.add_argument("--least-squares", choices=options.LEAST_SQUARES, default="sequential",
-                   help="pleas: fit each layer on the merged model's own inputs, one pass per level of layers "
-                        "(default; more accurate), or on the originals' features in a single pass (faster)")
-    m.add_argument("--cache-gb", type=float, default=options.CACHE_GB,
-                   help="sequential least squares: memory for the activations kept between its passes (A's and "
-                        "B's layer outputs, the merged model's frontier); the rest goes to disk, in --work-dir")
-    m.add_argument("--work-dir", default=None,
-                   help="sequential least squares: where activations past --cache-gb are spilled, in a temporary "
-                        "directory removed when the merge ends, fails or is interrupted (default: the system's "
-                        "temporary directory, $TMPDIR)")
-    m.add_argument("--batch-size", type=int, default=None,
-                   help="samples per batch in the statistics passes (default: the most, up to 64, whose "
-                        "values in flight fit in 512 MB)")
-    m.add_argument("--positions", type=int, default=options.POSITIONS,
-                   help="the most spatial positions (or tokens) per sample the statistics read from a feature "
-                        "map (a fixed random subset, default %(default)s; 0: all): a layer's fit has far more "
-                        "rows than unknowns, and matching's correlations need no more")
-    m.add_argument("--match-samples", type=int, default=None, metavar="N",
-                   help="matching's statistics read only the first N calibration samples (default: all); least "
-                        "squares still reads all. Its pass then costs N/samples of a forward instead of one")
-    m.add_argument("--device", default="cpu",
-                   help="where the statistics passes run and the least-squares systems are solved: cpu "
-                        "(default) or cuda (under torchrun, each rank its local GPU, NCCL for the sums)")
+    options.add_arguments(m)
     m.add_argument("--distributed", action="store_true",
                    help="shard the calibration data over the processes torchrun starts (all-reducing the "
                         "statistics with torch.distributed; on by itself under torchrun); rank 0 writes")
@@ -231,6 +182,7 @@ def _merge(args) -> int:
     from pleascc.passes.rows import read_rows
 
     start = time.perf_counter()
+    choices = options.from_arguments(args)  # checked before any work
     device = args.device
     if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = distributed.init_from_environment(device)
@@ -240,12 +192,7 @@ def _merge(args) -> int:
         _check_writable(args.report)
     model_a, model_b = _load(args, args.model_a), _load(args, args.model_b)
     data = _calibration(args, model_a)
-    result = pleascc.merge(model_a, model_b, data, budget=args.budget, labels=args.labels, method=args.method,
-                           least_squares=args.least_squares, batch_size=args.batch_size, matching=args.matching,
-                           positions=args.positions or None, match_samples=args.match_samples,
-                           width_search=args.widths, zip_alpha=args.zip_alpha, zip_beta=args.zip_beta,
-                           zip_until=args.zip_until, regmean_alpha=args.regmean_alpha, seed=args.seed,
-                           reset_bn=args.reset_bn, cache_gb=args.cache_gb, work_dir=args.work_dir, device=device,
+    result = pleascc.merge(model_a, model_b, data, choices, device=device, seed=args.seed,
                            progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0

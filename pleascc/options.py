@@ -1,8 +1,16 @@
-"""The merge's choices and defaults, shared by ``pleascc.merge`` and ``pleascc merge``.
+"""The merge's options: one dataclass with their defaults, checks and help, from which ``pleascc.merge``'s
+keywords, ``pleascc merge``'s flags and the options table of docs/merge.md all derive.
 
 Apart from ``pleascc.api`` because the command line parses its arguments
-before it imports torch (``--help`` stays instant); this module imports nothing.
+before it imports torch (``--help`` stays instant); this module imports nothing heavy.
 """
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from pleascc.passes.errors import PleasccError
 
 # method -> (matcher, how layers are refitted: PLeaS least squares, RegMean, or not at all)
 METHODS = {"pleas": ("hungarian", "least-squares"), "permute": ("hungarian", None), "average": ("identity", None),
@@ -11,8 +19,136 @@ LABELS = ("shared", "separate")
 MATCHINGS = ("activation", "weight")
 WIDTH_SEARCHES = ("greedy", "uniform", "stages")  # see passes.budget.WIDTHS
 LEAST_SQUARES = ("sequential", "one-pass")  # fit inputs: the merged model's own, or the originals' features
-POSITIONS = 64  # spatial positions (or tokens) per sample the statistics read (see stats.sampled_positions)
-ZIP_ALPHA = 0.3
-ZIP_BETA = 0.125
-REGMEAN_ALPHA = 0.9
-CACHE_GB = 2.0
+
+
+def _option(default, help: str, flag: str | None = "", choices: tuple | None = None, metavar: str | None = None):
+    """A field of ``MergeOptions``: its default and help, and its command-line flag ("": from its name;
+    None: the API only, or a flag the command line shares with other commands)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How ``pleascc.merge`` merges: every choice, checked when made (``PleasccError`` naming the fix)."""
+
+    budget: float = _option(1.0, "merged FLOPs ÷ one model's, 1.0 (every matched pair merged) to 2.0 (side by side)")
+    labels: str | None = _option(
+        None, "one head for both models' classes (`shared`, fit to the mean logits) or one per model (`separate`; "
+              "outputs `logits_0`, `logits_1`); default: separate when the heads differ in size", choices=LABELS)
+    method: str = _option(
+        "pleas", "`pleas`; `permute` (Git Re-Basin activation matching + averaging); `average`; `zipit` (ZipIt!: "
+                 "greedy merging within and across the models); `regmean` (RegMean: no permutation, closed-form merge "
+                 "of each layer; for models from one base)", choices=tuple(METHODS))
+    matching: str = _option(
+        "activation", "pleas, permute: pair units by their features on the data, or by their weights alone "
+                      "(Git Re-Basin weight matching, data-free)", choices=MATCHINGS)
+    width_search: str = _option(
+        "greedy", "how the budget is spread over the groups: `greedy` (most correlation back per FLOP), `uniform` "
+                  "(one share of every group kept apart), `stages` (the deepest groups kept apart first; the better "
+                  "choice for transformers and for PLeaS-free)", flag="--widths", choices=WIDTH_SEARCHES)
+    least_squares: str = _option(
+        "sequential", "pleas: fit each layer on the merged model's own inputs, one pass over the data per level of "
+                      "layers (more accurate), or on the originals' features in a single pass (faster)",
+        choices=LEAST_SQUARES)
+    positions: int | None = _option(
+        64, "the most spatial positions (or tokens) per sample the statistics read from a feature map (0 or None: "
+            "all): a fixed random subset, the same for every sample and rank, as a layer's fit has far more rows "
+            "than unknowns and matching's correlations need no more")
+    match_samples: int | None = _option(
+        None, "matching's statistics read only the first N calibration samples (default: all); least squares still "
+              "reads all of them, and the matching pass costs N/samples of a forward", metavar="N")
+    batch_size: int | None = _option(
+        None, "samples per batch in the statistics passes (default: the most, up to 64, whose values in flight fit "
+              "in 512 MB as the passes stream the models)")
+    cache_gb: float = _option(
+        2.0, "sequential least squares: memory for the activations kept between its passes (A's and B's layer "
+             "outputs, the merged model's values later levels read); the rest goes to disk, in `--work-dir`")
+    work_dir: str | None = _option(
+        None, "sequential least squares: where activations past `--cache-gb` go, in a temporary directory removed "
+              "when the merge ends, fails or is interrupted (default: the system's temporary directory, $TMPDIR); "
+              "one that cannot be written or is too small is an error before any pass", metavar="DIR")
+    device: str = _option(
+        "cpu", "where the statistics passes run and the least-squares systems are solved: `cpu` or `cuda` "
+               "(matching runs on the CPU; under torchrun each rank its local GPU, NCCL for the sums)")
+    reset_bn: bool = _option(
+        False, "baselines: recompute the merged model's BatchNorm statistics on the data afterwards, as ZipIt! and "
+               "Git Re-Basin evaluate their merges (PLeaS fits its BatchNorms by least squares and refuses it)")
+    zip_alpha: float = _option(0.3, "zipit: similarity decay of a merged unit (0: pairs only, no larger clusters)")
+    zip_beta: float = _option(0.125, "zipit: share of the merges that may join two units of one model")
+    zip_until: str | None = _option(
+        None, "merge up to this layer or module (`layer3`) and keep both models' later layers (ZipIt!'s partial "
+              "zipping; sets the widths instead of `--budget`)", metavar="LAYER")
+    regmean_alpha: float = _option(0.9, "regmean: scale of the input Grams' off-diagonals (1: plain least squares)")
+    ridge: float = _option(1e-4, "least squares' ridge, relative to each Gram's mean diagonal", flag=None)
+    samples: int | None = _option(None, "use a seeded subset of this many calibration samples", flag=None)
+    seed: int = _option(0, "seed of the sample subset and of weight matching's order: the same inputs and seed "
+                           "give a byte-identical merge", flag=None)
+    progress: bool = _option(True, "show progress bars", flag=None)
+
+    def __post_init__(self) -> None:
+        if self.positions == 0:
+            object.__setattr__(self, "positions", None)  # 0: every position, as on the command line
+        for name in ("labels", "method", "matching", "width_search", "least_squares"):
+            choices = _field(name).metadata["choices"]
+            if getattr(self, name) not in choices and not (name == "labels" and self.labels is None):
+                raise PleasccError(f"unknown {name.replace('_', ' ')} {getattr(self, name)!r}: choose one of "
+                                   f"{', '.join(choices)}")
+        if self.matching == "weight" and METHODS[self.method][0] != "hungarian":
+            raise PleasccError(f"weight matching pairs units for pleas or permute, not {self.method}: drop "
+                               "--matching weight or pick one of those methods")
+        if self.zip_until is not None and self.budget != 1.0:
+            raise PleasccError("--zip-until sets the widths itself (merged up to that layer, apart after it); "
+                               "leave --budget at 1.0")
+        if not 1.0 <= self.budget <= 2.0:
+            raise PleasccError(f"budget {self.budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
+        for name in ("positions", "match_samples", "batch_size", "samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PleasccError(f"{name.replace('_', ' ')} {value} is not positive: pass "
+                                   f"--{name.replace('_', '-')} 1 or more, or leave it out")
+        if self.reset_bn and METHODS[self.method][1] == "least-squares":
+            raise PleasccError("--reset-bn recomputes a baseline's BatchNorm statistics; pleas fits its BatchNorms "
+                               "by least squares: drop --reset-bn")
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(MergeOptions) if f.name == name)
+
+
+def flag(f: dataclasses.Field) -> str | None:
+    """The command-line flag of an option (None: the API only)."""
+    given = f.metadata["flag"]
+    return "--" + f.name.replace("_", "-") if given == "" else given
+
+
+def add_arguments(parser) -> None:
+    """``pleascc merge``'s flags for the options that have one, with their defaults and help."""
+    for f in dataclasses.fields(MergeOptions):
+        if flag(f) is None:
+            continue
+        help = f.metadata["help"].replace("`", "").replace("%", "%%")
+        if f.type == "bool":
+            parser.add_argument(flag(f), dest=f.name, action="store_true", help=help)
+            continue
+        kind = {"float": float, "int | None": int}.get(f.type)
+        parser.add_argument(flag(f), dest=f.name, default=f.default, type=kind, choices=f.metadata["choices"],
+                            metavar=f.metadata["metavar"], help=f"{help} (default: {_shown(f.default)})")
+
+
+def from_arguments(args) -> MergeOptions:
+    """The options a parsed ``pleascc merge`` command line gives (the others at their defaults)."""
+    return MergeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MergeOptions)
+                           if flag(f) is not None})
+
+
+def markdown_table() -> str:
+    """docs/merge.md's table of the merge's options (a test keeps the page equal to it)."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(MergeOptions):
+        if flag(f) is not None:
+            rows.append(f"| `{flag(f)}` | {_shown(f.default)} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+def _shown(default) -> str:
+    return "—" if default is None else str(default).lower() if isinstance(default, bool) else str(default)

@@ -113,20 +113,28 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"pleascc {pleascc.__version__}"
 
 
-def test_command_line_defaults_are_the_api_defaults():
-    """The CLI parses without torch, so it reads its defaults from ``pleascc.options``: the API's own."""
-    import inspect
+def test_the_command_line_the_api_and_the_docs_derive_from_one_options_class():
+    """``MergeOptions`` is the one source: the command line's flags and defaults, ``pleascc.merge``'s keywords
+    (an unknown one is an error) and docs/merge.md's table."""
+    import dataclasses
+    from pathlib import Path
 
     from pleascc.cli import _parser
+    from pleascc.options import MergeOptions, flag, from_arguments, markdown_table
     from pleascc.passes.budget import WIDTHS
 
-    args = vars(_parser().parse_args(["merge", "a.pt", "b.pt", "-o", "m.onnx", "--data", "d"]))
-    signature = inspect.signature(pleascc.api.merge).parameters
-    for option, parameter in [("positions", "positions"), ("zip_alpha", "zip_alpha"), ("zip_beta", "zip_beta"),
-                              ("regmean_alpha", "regmean_alpha"), ("cache_gb", "cache_gb"), ("budget", "budget"),
-                              ("method", "method"), ("matching", "matching"), ("widths", "width_search"),
-                              ("least_squares", "least_squares"), ("match_samples", "match_samples")]:
-        assert args[option] == signature[parameter].default, option
+    args = _parser().parse_args(["merge", "a.pt", "b.pt", "-o", "m.onnx", "--data", "d"])
+    assert from_arguments(args) == MergeOptions()
+    flagged = _parser().parse_args(["merge", "a.pt", "b.pt", "-o", "m.onnx", "--data", "d", "--widths", "stages",
+                                    "--positions", "0", "--budget", "1.5", "--reset-bn", "--method", "zipit"])
+    assert from_arguments(flagged) == MergeOptions(width_search="stages", positions=None, budget=1.5, reset_bn=True,
+                                                   method="zipit")
+    assert [f.name for f in dataclasses.fields(MergeOptions) if flag(f) is None] == [
+        "ridge", "samples", "seed", "progress"]  # the API's only, or flags shared with other commands
+    with pytest.raises(TypeError):
+        pleascc.merge(None, None, None, budgets=1.5)
+    page = (Path(__file__).parents[1] / "docs" / "merge.md").read_text()
+    assert markdown_table() in page, "docs/merge.md: paste pleascc.options.markdown_table() over its table"
     assert tuple(WIDTHS) == pleascc.options.WIDTH_SEARCHES
 
 

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import pleascc
 from pleascc import api
-from pleascc.layout import statistics_copies
+from pleascc.channels_last import statistics_copies
 from pleascc.trace import trace
 
 CPU = torch.device("cpu")
