@@ -329,15 +329,19 @@ def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], segm
     ``MergedReads``.
     """
     residuals: dict[str, float] = {}
-    for k, segment in enumerate(segments):
-        record(k, {node for node, level in levels.items() if level in segment})
-        for level in segment:
-            todo = [p for p in problems if levels[p.layer.node] == level]
-            clock = time.perf_counter()
-            merged = emit_current()
-            _add_time(timings, "emit", clock)
-            residuals.update(fit(todo, reads(merged, layer_inputs(merged))))
-            gc.collect()  # the model this pass replaced is a cycle (GraphModule <-> its graph): free its weights now
+    gc.freeze()  # what exists now outlives the passes: the collections below scan only what they made
+    try:
+        for k, segment in enumerate(segments):
+            record(k, {node for node, level in levels.items() if level in segment})
+            for level in segment:
+                todo = [p for p in problems if levels[p.layer.node] == level]
+                clock = time.perf_counter()
+                merged = emit_current()
+                _add_time(timings, "emit", clock)
+                residuals.update(fit(todo, reads(merged, layer_inputs(merged))))
+                gc.collect()  # the model this pass replaced is a cycle (GraphModule <-> graph): free its weights
+    finally:
+        gc.unfreeze()
     return residuals
 
 
