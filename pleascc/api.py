@@ -78,20 +78,20 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
     runs = statistics_copies(gms, target, read_rows(x[:2]))
     sequential = refit == "least-squares" and opts.least_squares == "sequential"  # records A's and B's layer outputs
     batch_size = opts.batch_size or batch_size_for(analysis, gms[0].graph, opts.positions)
-    local = _shard(x)  # this process's opts.samples; all of them unless run under torch.distributed
+    local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
     separate = _separate_labels(opts.labels, heads, states)
     separate_heads = {layer.node for layer in heads} if separate else set()
     fused = norm_producers(analysis, separate_heads) if sequential else {}  # norms fitted in their conv's pass
     levels = layer_levels(gms[0], analysis, fused) if sequential else {}
-    segments, outputs_memory = _plan_outputs(gms[0], analysis, levels, len(local), opts.positions, opts.cache_gb * 2**30,
-                                             opts.work_dir) if sequential else ([], 0)
+    segments, outputs_memory = _plan_outputs(gms[0], analysis, levels, len(local), opts.positions,
+                                             opts.cache_gb * 2**30, opts.work_dir) if sequential else ([], 0)
     timings["trace_and_analyze"] = time.perf_counter() - clock
 
     with ActivationStore(opts.cache_gb * 2**30, opts.work_dir) as store:
         outputs = LayerOutputs(store, {n for n, level in levels.items() if level in segments[0]}, outputs_memory) \
             if sequential else None
         clock = time.perf_counter()
-        # the opts.matching pass reads every sample, so it records the first segment's outputs
+        # the matching pass reads every sample, so it records the first segment's outputs
         everything = opts.matching != "weight" and (opts.match_samples is None or opts.match_samples >= len(x))
         if opts.matching == "weight":  # data-free: the weights alone
             matchings = weight_matching(analysis, states, seed=opts.seed)
@@ -102,7 +102,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
                                            outputs=outputs if everything else None)
             timings["matching_statistics"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            matchings = _match(analysis, correlations, states, matcher, {"alpha": opts.zip_alpha, "beta": opts.zip_beta})
+            matchings = _match(analysis, correlations, states, matcher,
+                               {"alpha": opts.zip_alpha, "beta": opts.zip_beta})
         costs = budget_pass.layer_costs(analysis, separate_heads)
         if opts.zip_until is not None:
             widths = budget_pass.zip_until_widths(analysis, matchings, opts.zip_until)
@@ -129,8 +130,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
                 p.w = regmean(p, per_model, opts.regmean_alpha, opts.ridge, has_bias=bool(p.layer.bias))
         elif refit:
             underdetermined = _check_least_squares_samples(problems, analysis, x, opts.positions)
-            fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, opts.progress, opts.ridge, opts.positions,
-                                    timings)
+            fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, opts.progress, opts.ridge,
+                                    opts.positions, timings)
             if not sequential:
                 residuals, passes = fit(problems), 1
             else:
@@ -138,7 +139,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
                 with tqdm(total=passes * batch_count(len(local), batch_size), desc="least squares", unit="batch",
                           disable=not opts.progress or distributed.rank() > 0) as bar:
                     def record(segment: int, nodes: set[str]) -> None:
-                        if segment or not everything:  # the opts.matching pass did not record it
+                        if segment or not everything:  # the matching pass did not record it
                             outputs.nodes = nodes
                             layer_outputs(runs, analysis, local, outputs, batch_size, opts.positions, bar.update)
 
