@@ -28,7 +28,8 @@ from pleascc.passes.errors import PleasccError
 
 ALIGN = 64  # bytes: each tensor in a spilled value starts on such a boundary, so it can be viewed in its dtype
 BLOCK = 4096  # bytes: direct I/O's unit; each spilled value starts on one and is padded to whole ones
-QUEUED_BYTES = 2**28  # spilled values waiting for the writer thread at most; ``put`` waits past it
+QUEUED_BYTES = 2**26  # spilled values waiting for the writer thread at most; ``put`` waits past it
+AHEAD_BYTES = 2**26  # spilled values being read ahead at most; past it a value is read when asked for
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
 
 
@@ -46,8 +47,10 @@ class _Spilled:
 class ActivationStore:
     """Key → value (tensors, or tuples and lists of them; anything else is kept as it is).
 
-    ``memory_bytes``: how much of the values stays in memory; the rest goes
-    to a file under ``work_dir`` (default: the system's temporary directory).
+    ``memory_bytes``: how much memory the store holds at most: values kept
+    in memory and, once some have spilled, the spill file's buffers (writes
+    queued, reads ahead).  The rest goes to a file under ``work_dir``
+    (default: the system's temporary directory).
     """
 
     def __init__(self, memory_bytes: float, work_dir: str | Path | None = None) -> None:
@@ -77,6 +80,8 @@ class ActivationStore:
         self.drop(key)
         size = nbytes(value)
         limit = self.limit if memory_limit is None else min(memory_limit, self.limit)
+        if self._file is not None:  # the spill file's buffers come out of the same memory
+            limit -= QUEUED_BYTES + AHEAD_BYTES
         if size == 0 or self.memory_bytes + size <= limit:
             self._memory[key] = _owned(value)
             self.memory_bytes += size
@@ -162,7 +167,8 @@ class SpillFile:
         self.writer = threading.Thread(target=self._write_queued, daemon=True)
         self.writer.start()
         self.reader = ThreadPoolExecutor(max_workers=1)
-        self.ahead: dict[int, Future] = {}  # offset -> its bytes, being read ahead
+        self.ahead: dict[int, tuple[Future, int]] = {}  # offset -> its bytes being read ahead, and their length
+        self.ahead_bytes = 0
 
     def write(self, raw: torch.Tensor) -> int:
         """Queue ``raw`` (aligned, whole blocks) to be written; return its offset in the file."""
@@ -178,22 +184,23 @@ class SpillFile:
         return offset
 
     def read_ahead(self, offset: int, length: int) -> None:
-        """Start reading the bytes at ``offset``, for a ``read`` soon."""
+        """Start reading the bytes at ``offset``, for a ``read`` soon, unless ``AHEAD_BYTES`` are being read ahead."""
         with self.changed:
-            if offset not in self.queued and offset not in self.ahead:
-                self.ahead[offset] = self.reader.submit(self._read, offset, length)
+            if offset not in self.queued and offset not in self.ahead and self.ahead_bytes + length <= AHEAD_BYTES:
+                self.ahead[offset] = self.reader.submit(self._read, offset, length), length
+                self.ahead_bytes += length
 
     def read(self, offset: int, length: int) -> torch.Tensor:
         with self.changed:
             self._raise_error()
-            raw, ahead = self.queued.get(offset), self.ahead.pop(offset, None)
+            raw, ahead = self.queued.get(offset), self._forget_ahead(offset)
         if raw is not None:  # not written yet: its bytes are still here
             return raw
         return ahead.result() if ahead is not None else self._read(offset, length)
 
     def free(self, offset: int, length: int) -> None:
         with self.changed:
-            self.ahead.pop(offset, None)
+            self._forget_ahead(offset)
             if offset in self.queued:
                 self.freed.add(offset)
             else:
@@ -208,6 +215,12 @@ class SpillFile:
         self.reader.shutdown(cancel_futures=True)
         os.close(self.fd)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _forget_ahead(self, offset: int) -> Future | None:
+        """The read ahead of ``offset``'s bytes, if one was started, no longer counted (the lock held)."""
+        future, length = self.ahead.pop(offset, (None, 0))
+        self.ahead_bytes -= length
+        return future
 
     def _read(self, offset: int, length: int) -> torch.Tensor:
         raw = _aligned_empty(length)

@@ -63,12 +63,12 @@ def malloc_info() -> MallInfo | None:
     return mallinfo()
 
 
-IDLE_RESIDENT_BYTES = 5 * 2**29  # resident bytes beyond malloc's in use (2.5 GB) past which free pages are released
+IDLE_RESIDENT_BYTES = 2**31  # anonymous resident bytes beyond malloc's in use past which free pages go back
 
 
 def release_freed_memory() -> bool:
-    """Hand the free pages inside malloc's heap back to the OS (``malloc_trim``) where the process holds more than
-    ``IDLE_RESIDENT_BYTES`` beyond what malloc has in use; True if it did.
+    """Hand the free pages inside malloc's heap back to the OS (``malloc_trim``) where the process's anonymous
+    memory exceeds what malloc has in use by more than ``IDLE_RESIDENT_BYTES``; True if it did.
 
     After each batch of sequential least squares: a batch frees its
     activations around values the store keeps for later passes and spill
@@ -76,19 +76,23 @@ def release_freed_memory() -> bool:
     first stages at 2048 samples left 5 GB idle by a pass's end).  Released
     pages are faulted back in when reused, so it is done only past the bound
     (``KEEP_BYTES`` kept for reuse, the libraries' own, a batch's holes); the
-    check itself (``mallinfo2``) costs about a millisecond.
+    check itself (``mallinfo2``) costs about a millisecond.  Anonymous, not
+    all resident memory: pages of mapped files (libraries, a memory-mapped
+    dataset) are not malloc's, and trimming cannot release them.
     """
-    info, resident = malloc_info(), _resident_bytes()
-    if info is None or resident is None or resident - info.uordblks - info.hblkhd <= IDLE_RESIDENT_BYTES:
+    info, anonymous = malloc_info(), _anonymous_resident_bytes()
+    if info is None or anonymous is None or anonymous - info.uordblks - info.hblkhd <= IDLE_RESIDENT_BYTES:
         return False
     glibc().malloc_trim(0)
     return True
 
 
-def _resident_bytes() -> int | None:
-    """The process's resident memory now (Linux's /proc/self/statm), None elsewhere."""
+def _anonymous_resident_bytes() -> int | None:
+    """The process's resident memory not backed by a file now (Linux's /proc/self/statm: resident − shared),
+    None elsewhere."""
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            _, resident, shared = map(int, f.read().split()[:3])
+            return (resident - shared) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return None

@@ -43,11 +43,11 @@ kept, holes = [], []
 for _ in range(16):  # 16 MB holes between 1 MB values that stay
     holes.append(torch.ones(4 << 20)); kept.append(torch.ones(1 << 18))
 del holes
-before = allocator._resident_bytes()
+before = allocator._anonymous_resident_bytes()
 print(allocator.malloc_info() is not None and before is not None)
-print(allocator.release_freed_memory(), before - allocator._resident_bytes())
+print(allocator.release_freed_memory(), before - allocator._anonymous_resident_bytes())
 allocator.IDLE_RESIDENT_BYTES = 0
-print(allocator.release_freed_memory(), before - allocator._resident_bytes())
+print(allocator.release_freed_memory(), before - allocator._anonymous_resident_bytes())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     if out[0] == "False":

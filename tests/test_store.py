@@ -11,7 +11,8 @@ import pleascc
 import pleascc.api
 from conftest import raises
 from pleascc.passes.frontier import Frontier
-from pleascc.passes.store import ActivationStore
+from pleascc.passes import store as store_module
+from pleascc.passes.store import BLOCK, ActivationStore
 from resnet20 import resnet20
 
 
@@ -47,17 +48,20 @@ def _assert_same(got, want):
         assert got == want
 
 
-def test_memory_holds_up_to_the_limit_and_the_rest_spills(tmp_path):
+def test_memory_holds_up_to_the_limit_and_the_rest_spills(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "QUEUED_BYTES", 100)
+    monkeypatch.setattr(store_module, "AHEAD_BYTES", 100)
     with ActivationStore(1000, tmp_path) as store:
-        store.put("a", torch.zeros(200))  # 800 bytes: in memory
+        store.put("a", torch.zeros(150))  # 600 bytes: in memory
         store.put("b", torch.zeros(200))  # would pass 1000: on disk
-        assert (store.memory_bytes, store.disk_bytes) == (800, 800)
+        assert (store.memory_bytes, store.disk_bytes) == (600, 800)
         (spill,) = store.directory.iterdir()
         store.drop("b")
         assert store.disk_bytes == 0
         assert _eventually(lambda: spill.stat().st_blocks == 0)  # its blocks freed, once written
-        store.put("c", torch.zeros(50))  # fits again
-        assert store.memory_bytes == 1000 and store.peak_disk_bytes == 800
+        store.put("c", torch.zeros(50))  # fits within the limit less the spill file's buffers (800)
+        store.put("d", torch.zeros(1))  # would pass it: on disk
+        assert (store.memory_bytes, store.disk_bytes, store.peak_disk_bytes) == (800, 4, 800)
         store.drop("a")
         view = torch.zeros(1000)[:10]
         store.put("view", view)  # a view is kept as its own bytes, not its base's
@@ -72,6 +76,21 @@ def _eventually(condition, seconds: float = 5.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def test_reads_ahead_stay_within_their_bound(tmp_path, monkeypatch):
+    """Values past ``AHEAD_BYTES`` of reads ahead are read when asked for, and come back the same."""
+    monkeypatch.setattr(store_module, "AHEAD_BYTES", 2 * BLOCK)
+    values = {k: torch.full((BLOCK // 4,), float(k)) for k in range(4)}  # a block each
+    with ActivationStore(0, tmp_path) as store:
+        for k, v in values.items():
+            store.put(k, v)
+        assert _eventually(lambda: not store._file.queued)  # written, so reads go to the file
+        store.read_ahead(list(values))
+        assert len(store._file.ahead) == 2 and store._file.ahead_bytes == 2 * BLOCK
+        for k, v in values.items():
+            assert torch.equal(store.get(k), v)
+        assert store._file.ahead_bytes == 0
 
 
 def test_the_spill_directory_goes_on_error(tmp_path):
