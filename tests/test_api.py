@@ -11,6 +11,7 @@ import pleascc
 from pleascc import api
 from pleascc.demo import digits_cnn
 from pleascc.passes import emit as emit_pass
+from pleascc.passes import store
 from pleascc.passes.fused_norms import norm_producers
 from pleascc.passes.solve import layer_levels
 from pleascc.passes.stats import batch_count
@@ -102,10 +103,12 @@ def test_matching_reads_only_the_first_match_samples():
     assert not torch.allclose(fit_on_all, outputs(x[:60], "pleas")[1])
 
 
-@pytest.mark.parametrize("cache_gb", [2.0, 1e-6])  # 1e-6: nearly everything goes to disk
-def test_sequential_passes_give_the_same_merge_kept_in_memory_or_on_disk(cache_gb):
+@pytest.mark.parametrize("cache_gb", [2.0, 2 * 2**-20 + 1e-6])  # the spill buffers, and 1 KB: most goes to disk
+def test_sequential_passes_give_the_same_merge_kept_in_memory_or_on_disk(cache_gb, monkeypatch):
     """Blocks of merged and kept-apart units, separate heads: the same weights wherever the passes' values were
     kept (all in memory, or all on disk)."""
+    monkeypatch.setattr(store, "QUEUED_BYTES", 2**10)  # the spill file's buffers, taken from --cache-gb
+    monkeypatch.setattr(store, "AHEAD_BYTES", 2**10)
     a, b = _pair()
     x = torch.randn(300, 1, 8, 8)
     kept = pleascc.merge(a, b, x, budget=1.5, labels="separate", cache_gb=cache_gb, progress=False)
