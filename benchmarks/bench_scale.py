@@ -203,7 +203,8 @@ def measure_forward(job: dict) -> dict:
     from pleascc import api
     from pleascc.channels_last import statistics_copies
     from pleascc.options import MergeOptions
-    from pleascc.passes.stats import batch_size_for, lockstep
+    from pleascc.passes.batching import batch_size_for
+    from pleascc.passes.executor import lockstep
 
     torch.set_num_threads(job["threads"])
     api.reuse_freed_memory()  # as a merge does
@@ -228,27 +229,26 @@ def measure_forward(job: dict) -> dict:
     return {**job, "batch_size": batch, "seconds": {mode: min(t) for mode, t in seconds.items()}}
 
 
-def breakdown(stats: pstats.Stats, total: float) -> dict[str, float]:
+def breakdown(profile: pstats.Stats, total: float) -> dict[str, float]:
     """A profiled merge's seconds by what they do; the parts do not overlap, ``other`` is the rest."""
-    from pleascc.passes import merge_maps, solve
-    from pleascc.passes import stats as passes
+    from pleascc.passes import frontier, gram, matching_stats, merge_maps, reads, solve, stats
 
     def profile_key(function) -> tuple[str, int, str]:  # pstats' name for a Python function
         code = function.__code__
         return code.co_filename, code.co_firstlineno, code.co_name
 
     def cumulative(function, caller=None) -> float:
-        *info, callers = stats.stats.get(profile_key(function), (0, 0, 0, 0, {}))
+        *info, callers = profile.stats.get(profile_key(function), (0, 0, 0, 0, {}))
         return info[3] if caller is None else callers.get(profile_key(caller), (0, 0, 0, 0))[3]
 
-    grams, targets = cumulative(passes.GramSum.add), cumulative(passes._accumulate)
+    grams, targets = cumulative(gram.GramSum.add), cumulative(stats._accumulate)
     parts = {
-        "forward (every pass)": cumulative(passes._execute),
-        "matching statistics": cumulative(passes._add_site),
+        "forward (every pass)": cumulative(frontier.execute),
+        "matching statistics": cumulative(matching_stats._add_site),
         "least-squares Grams": grams,
         "least-squares targets": targets,
-        "least-squares rows (read, mapped)": cumulative(passes._add_layer) - grams - targets
-        + cumulative(passes._read_input) + cumulative(merge_maps.MergeMaps.merge, caller=passes._mapped_reads),
+        "least-squares rows (read, mapped)": cumulative(stats._add_layer) - grams - targets
+        + cumulative(reads.read_input) + cumulative(merge_maps.MergeMaps.merge, caller=stats._mapped_reads),
         "solves": cumulative(solve.least_squares),
     }
     return {**parts, "other": total - sum(parts.values())}

@@ -164,7 +164,7 @@ def execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch.
     """One node's value from its inputs' values in ``env`` (an fx.Interpreter step that can start anywhere).
 
     The model is called with ``x`` alone: later placeholders take their defaults.  ``twin``: the node's op
-    in place (``stats.lockstep``), called instead.
+    in place (``executor.lockstep``), called instead.
     """
     if node.op == "placeholder":
         first = next(n for n in gm.graph.nodes if n.op == "placeholder")

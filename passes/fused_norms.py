@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from pleascc.passes.groups import Analysis
-from pleascc.passes.stats import Problem, _square_sum
+from pleascc.passes.stats import Problem, square_sum
 
 
 def norm_producers(analysis: Analysis, separate_heads: set[str]) -> dict[str, str]:
@@ -68,7 +68,7 @@ class FusedNorm:
         self.r0x = r0x.double() if self.r0x is None else self.r0x.add_(r0x)
         rr0 = torch.linalg.vector_norm(residual, dim=1).double().square()
         self.rr0 = rr0 if self.rr0 is None else self.rr0.add_(rr0)
-        self.tt += _square_sum(target)
+        self.tt += square_sum(target)
         self.count += inputs.shape[1]
 
     def total(self, total) -> None:

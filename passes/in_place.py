@@ -3,7 +3,7 @@
 The tracer makes every op out of place (``OUT_OF_PLACE``, ``INPLACE_METHODS``),
 as the passes read values that a later in-place op would overwrite; the
 statistics passes run an op in place again where nothing reads its input
-afterwards (``in_place_twin``, used by ``stats.lockstep``).
+afterwards (``in_place_twin``, used by ``executor.lockstep``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def in_place_twin(gm: fx.GraphModule, node: fx.Node) -> Callable | None:
     ``trace`` makes every op out of place, as the passes read values that a
     later in-place op would overwrite; where nothing reads the input again,
     running it in place saves an allocation and a pass over memory
-    (``stats.lockstep``).  One rule per kind of op: a module or function with
+    (``executor.lockstep``).  One rule per kind of op: a module or function with
     an ``inplace`` flag, a function with an in-place twin, a method with one.
     """
     if node.op == "call_module":

@@ -13,7 +13,7 @@ from scipy.optimize import linear_sum_assignment
 
 from pleascc.passes.groups import Analysis, permute_state
 from pleascc.passes.match import Matching
-from pleascc.passes.stats import observe
+from pleascc.passes.matching_stats import observe
 
 State = dict[str, torch.Tensor]
 

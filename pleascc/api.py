@@ -35,8 +35,9 @@ from pleascc.passes.solve import least_squares as ridge_fit
 from pleascc.passes.fused_norms import fuse_norms, norm_producers
 from pleascc.passes.frontier import Frontier, LayerOutputs, frontier_bytes, level_output_bytes, output_segments
 from pleascc.passes.rows import NpyRows, read_rows
-from pleascc.passes.stats import (MergedReads, Problem, batch_count, batch_size_for, batches, feature_moments,
-                                  gram_moments, layer_moments, layer_outputs, weight_similarity)
+from pleascc.passes.batching import batch_count, batch_size_for, batches
+from pleascc.passes.matching_stats import feature_moments, weight_similarity
+from pleascc.passes.stats import MergedReads, Problem, gram_moments, layer_moments, layer_outputs
 from pleascc.passes.store import ActivationStore
 from pleascc.passes.weight_matching import weight_matching
 from pleascc.trace import check_same_graph, trace

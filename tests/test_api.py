@@ -12,9 +12,9 @@ from pleascc import api
 from pleascc.demo import digits_cnn
 from pleascc.passes import emit as emit_pass
 from pleascc.passes import store
+from pleascc.passes.batching import batch_count
 from pleascc.passes.fused_norms import norm_producers
 from pleascc.passes.solve import layer_levels
-from pleascc.passes.stats import batch_count
 from pleascc.trace import trace
 
 
@@ -52,7 +52,7 @@ def test_batch_size_and_data_on_disk_do_not_change_the_merge(tmp_path):
 def test_batch_size_shrinks_with_the_activations():
     """The default batch holds a fixed number of activation bytes: a 16× larger image, a smaller batch."""
     from pleascc.passes.groups import analyze
-    from pleascc.passes.stats import MAX_BATCH, batch_size_for
+    from pleascc.passes.batching import MAX_BATCH, batch_size_for
 
     gm = trace(torchvision_resnet18())
     small, large = (batch_size_for(analyze(gm, (torch.randn(2, 3, size, size),)), gm.graph) for size in (32, 224))
@@ -309,7 +309,7 @@ def test_statistics_read_a_fixed_subset_of_positions():
 
     Reading every position (None, or more than there are) gives the same merge.
     """
-    from pleascc.passes.stats import sampled_positions
+    from pleascc.passes.reads import sampled_positions
 
     assert sampled_positions(100, 100) is None and sampled_positions(100, None) is None
     keep = sampled_positions(100, 10)

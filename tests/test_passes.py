@@ -6,11 +6,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pleascc.passes import budget as budget_pass
+from pleascc.passes.batching import FIRST_BATCH, batches
+from pleascc.passes.gram import GramSum, mirror_upper
 from pleascc.passes.groups import analyze, permutation_groups
 from pleascc.passes.match import hungarian, identity, match_heads, zip_units
+from pleascc.passes.matching_stats import CrossMoments, feature_moments
 from pleascc.passes.merge_maps import Gather, MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
-from pleascc.passes.stats import (FIRST_BATCH, CrossMoments, GramSum, Problem, _accumulate, batches, feature_moments,
-                                  mirror_upper)
+from pleascc.passes.stats import Problem, _accumulate
 from pleascc.passes.solve import least_squares
 from pleascc.passes.spaces import SpaceTable
 from pleascc.trace import trace
@@ -108,7 +110,8 @@ def test_merge_averages_merged_units_and_blocks_skip_cross_terms():
 def test_merged_patches_are_the_patches_merged(positions):  # 9·4 from 4²: merge the maps, then read
     """One-pass least squares merges a convolution's input maps before reading patches where that is less
     work; merging maps units one by one, the rows are those of merging each model's patches."""
-    from pleascc.passes.stats import _merged_input, _read_input
+    from pleascc.passes.reads import read_input
+    from pleascc.passes.stats import _merged_input
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1, stride=2)).eval()
@@ -119,7 +122,7 @@ def test_merged_patches_are_the_patches_merged(positions):  # 9·4 from 4²: mer
     maps = MergeMaps(analysis.table, {root: selections_from_pairs(6, torch.randperm(6), torch.randperm(6), 9)})
     inputs = [torch.randn(2, 6, 4, 4) for _ in range(2)]
     output = model[2](inputs[0])
-    want = maps.merge([_read_input(layer, v, positions) for v in inputs], [(1, layer.in_dim)])
+    want = maps.merge([read_input(layer, v, positions) for v in inputs], [(1, layer.in_dim)])
     assert torch.equal(_merged_input(layer, inputs, output, maps, positions), want)
 
 
@@ -525,7 +528,7 @@ def test_gram_sum_is_the_matrix_product(shape, dtype, monkeypatch):
     """One wide float32 group goes to BLAS ssyrk (one triangle, summed in place in float32, flushed into
     float64 every few batches), the rest to a batched product: summed over five batches, across a flush
     and a partial sum left at the end, and made whole, the same Gram."""
-    monkeypatch.setattr("pleascc.passes.stats.FLUSH_ROWS", 2 * shape[1])
+    monkeypatch.setattr("pleascc.passes.gram.FLUSH_ROWS", 2 * shape[1])
     torch.manual_seed(0)
     batches = [torch.randn(shape, dtype=dtype) for _ in range(5)]
     gram = GramSum()
@@ -544,7 +547,7 @@ def test_gram_sum_is_the_matrix_product(shape, dtype, monkeypatch):
 ])
 def test_patches_at_sampled_positions_are_im2col_columns(conv, shape):
     """Gathering only the sampled patches gives those columns of the full im2col."""
-    from pleascc.passes.stats import _patches, sampled_positions
+    from pleascc.passes.reads import _patches, sampled_positions
 
     x = torch.randn(shape)
     full = _patches(x, conv, None)
@@ -571,7 +574,7 @@ def test_batch_axis_follows_the_samples():
 
 def test_tokens_read_are_the_same_however_samples_are_batched():
     """A fixed subset of each sample's tokens: one batch, or two shards of it, read the same rows."""
-    from pleascc.passes.stats import at_tokens, sampled_positions
+    from pleascc.passes.reads import at_tokens, sampled_positions
 
     x = torch.randn(7, 5, 3)  # (tokens, samples, features)
     whole = at_tokens(x, 1, (-1,), 4)
@@ -598,7 +601,7 @@ class _Residual(nn.Module):
 def test_lockstep_yields_each_models_values_and_frees_the_rest():
     """Reads are each model's eager values, yielded in graph order; the models stop after the last read,
     and a read keeps a value alive past its last user."""
-    from pleascc.passes.stats import lockstep
+    from pleascc.passes.executor import lockstep
 
     torch.manual_seed(0)
     models = [_Residual().eval() for _ in range(2)]
@@ -631,7 +634,7 @@ class _Aliases(nn.Module):
 def test_lockstep_runs_ops_in_place_only_on_values_nothing_else_holds():
     """Where a value's only reader is an op with an in-place twin and no read follows, lockstep overwrites it;
     values another live value shares, or that a read still needs, are left alone: the same values as eager."""
-    from pleascc.passes.stats import _dropped_after, _in_place_twins, lockstep
+    from pleascc.passes.executor import _dropped_after, _in_place_twins, lockstep
 
     torch.manual_seed(0)
     model = _Aliases().eval()
@@ -701,7 +704,8 @@ def test_batches_hold_a_forwards_live_values_and_one_layers_rows():
     and one layer's rows, so reading all positions (bigger rows) takes a smaller batch."""
     import torchvision
 
-    from pleascc.passes.stats import MAX_BATCH, batch_size_for, peak_live_bytes
+    from pleascc.passes.batching import MAX_BATCH, batch_size_for
+    from pleascc.passes.executor import peak_live_bytes
 
     gm = trace(torchvision.models.resnet18(num_classes=10).eval())
     analysis = analyze(gm, (torch.randn(2, 3, 224, 224),))

@@ -1,0 +1,129 @@
+"""What a layer's fit reads of a value: spatial positions and tokens sampled, convolutions' patches (im2col).
+
+Matching's correlations and least squares' moments read the same sampled
+positions of a feature map (``sampled_positions``, fixed per map size, so a
+sharded merge reads what one process would); a convolution's fit reads the
+im2col patches at them, gathered without unfolding the whole map.  Kept
+apart from the sums: matching, least squares and batch sizing all read
+through it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pleascc.passes.errors import PleasccError
+from pleascc.passes.groups import Layer
+from pleascc.passes.merge_maps import take
+
+
+@functools.lru_cache(maxsize=None)
+def sampled_positions(length: int, most: int | None) -> torch.Tensor | None:
+    """A fixed random subset of ``most`` of a feature map's ``length`` spatial positions; None: all of them.
+
+    A 3×3 convolution's least squares has 9·C_in unknowns per output but
+    N·H·W rows, and its Gram costs ~4.5× the convolution itself; far fewer
+    rows determine the fit (and a BatchNorm's two unknowns, or matching's
+    correlations, need fewer still).  The subset is the same for every
+    sample, so a sharded merge reads the same rows as a single process.
+    """
+    if most is None or length <= most:
+        return None
+    generator = torch.Generator().manual_seed(length)
+    return torch.randperm(length, generator=generator)[:most].sort().values
+
+
+def at_positions(x: torch.Tensor, positions: int | None) -> torch.Tensor:
+    """A channels-first (N, C, *spatial) tensor as (N, C, positions read): ``sampled_positions`` of its spatial ones."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    keep = sampled_positions(flat.shape[2], positions)
+    return flat if keep is None else take(flat, 2, keep.to(flat.device))
+
+
+def at_tokens(x: torch.Tensor, batch_axis: int, unit_axes: tuple[int, ...], positions: int | None) -> torch.Tensor:
+    """``x`` as (N, tokens read, *units): its samples first, its units last, the axes between (tokens,
+    within one sample) flattened and read at ``sampled_positions``."""
+    unit_axes = tuple(a % x.dim() for a in unit_axes)
+    x = torch.movedim(x, (batch_axis, *unit_axes), (0, *range(-len(unit_axes), 0)))
+    flat = x.reshape(x.shape[0], -1, *x.shape[x.dim() - len(unit_axes):])
+    keep = sampled_positions(flat.shape[1], positions)
+    return flat if keep is None else flat.index_select(1, keep.to(flat.device))
+
+
+def read_layer_value(layer: Layer, v: torch.Tensor, positions: int | None) -> torch.Tensor:
+    """A layer's input or output as its fit reads it: channels-first maps at ``sampled_positions``, a linear
+    layer's value at sampled tokens where the analysis knows its batch axis (units stay last)."""
+    if layer.kind == "linear":
+        return v if layer.batch_axis is None else at_tokens(v, layer.batch_axis, (-1,), positions)
+    return at_positions(v, positions)
+
+
+def read_input(layer: Layer, x: torch.Tensor, positions: int | None) -> torch.Tensor:
+    """What a layer's fit reads of one input, before the models' are merged along ``unit_axis``.
+
+    A convolution's: its im2col patches at the sampled output positions,
+    as (N, C, k·P); a normalization's: (N, C, P); a linear layer's: (N, tokens
+    read, C) where its batch axis is known, else all of it.  Sampling first
+    means the merge only touches the values that are read.
+    """
+    if layer.kind == "conv":
+        return _patches(x, layer.conv, positions).reshape(x.shape[0], x.shape[1], -1)
+    return read_layer_value(layer, x, positions)
+
+
+def unit_axis(layer: Layer) -> int:
+    """The axis of ``read_input``'s result that holds the layer's input units."""
+    return layer.in_axis if layer.kind == "linear" else 1
+
+
+def _patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor:
+    """im2col (N, C·k, L) of a 1- or 2-D convolution's input, at ``sampled_positions`` of its L outputs.
+
+    Only the sampled patches are gathered, from the unpadded map, with zeros
+    where a patch reaches into the padding: a full im2col is k× the input,
+    and padding the map first copied all of it to read k·64 values per
+    channel (5–10× slower for ResNet-50's first three stages).
+    """
+    if isinstance(conv["padding"], str):
+        raise PleasccError("least squares for convolutions with string padding is not supported; "
+                           "use --method permute")
+    if x.dim() == 3:  # 1-D: a 2-D convolution of height 1
+        one = {k: (1, _pair(v)[0]) for k, v in conv.items()}
+        one["padding"] = (0, _pair(conv["padding"])[0])
+        return _patches(x.unsqueeze(2), one, positions)
+    if x.dim() != 4:
+        raise PleasccError("least squares for 3-D convolutions is not supported yet; use --method permute")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(conv[k]) for k in ("kernel_size", "stride", "padding", "dilation"))
+    out_h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    keep = sampled_positions(out_h * out_w, positions)
+    if keep is None:
+        return F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))
+    keep, (h, w) = keep.to(x.device), x.shape[2:]
+    rows = (keep // out_w * sh - ph)[None, :] + (torch.arange(kh, device=x.device) * dh)[:, None]  # (kh, P)
+    cols = (keep % out_w * sw - pw)[None, :] + (torch.arange(kw, device=x.device) * dw)[:, None]  # (kw, P)
+    index = rows.clamp(0, h - 1)[:, None, :] * w + cols.clamp(0, w - 1)[None, :, :]  # (kh, kw, P) into the map
+    patches = take(x.reshape(*x.shape[:2], h * w), 2, index.reshape(-1))
+    inside = ((rows >= 0) & (rows < h))[:, None, :] & ((cols >= 0) & (cols < w))[None, :, :]
+    if not bool(inside.all()):
+        patches.masked_fill_(~inside.reshape(-1), 0)
+    return patches.reshape(x.shape[0], -1, len(keep))
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def kernel_positions(layer: Layer) -> int:
+    """Columns of a layer's rows per input unit: a convolution's kernel size, else 1."""
+    return math.prod(_pair(layer.conv["kernel_size"])) if layer.kind == "conv" else 1
+
+
+def patch_values(layer: Layer, output: torch.Tensor, positions: int | None) -> int:
+    """Values per input channel a convolution's patches hold: its kernel's size at each output position read."""
+    outputs = math.prod(output.shape[2:])
+    return kernel_positions(layer) * (outputs if positions is None else min(outputs, positions))
