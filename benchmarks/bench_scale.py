@@ -231,7 +231,7 @@ def measure_forward(job: dict) -> dict:
 
 def breakdown(profile: pstats.Stats, total: float) -> dict[str, float]:
     """A profiled merge's seconds by what they do; the parts do not overlap, ``other`` is the rest."""
-    from pleascc.passes import frontier, gram, matching_stats, merge_maps, reads, solve, stats
+    from pleascc.passes import frontier, gram, layers, matching_stats, merge_maps, solve, stats
 
     def profile_key(function) -> tuple[str, int, str]:  # pstats' name for a Python function
         code = function.__code__
@@ -248,7 +248,8 @@ def breakdown(profile: pstats.Stats, total: float) -> dict[str, float]:
         "least-squares Grams": grams,
         "least-squares targets": targets,
         "least-squares rows (read, mapped)": cumulative(stats._add_layer) - grams - targets
-        + cumulative(reads.read_input) + cumulative(merge_maps.MergeMaps.merge, caller=stats._mapped_reads),
+        + cumulative(layers.Layer.read_input) + cumulative(layers.ConvLayer.read_input)
+        + cumulative(merge_maps.MergeMaps.merge, caller=stats._mapped_reads),
         "solves": cumulative(solve.least_squares),
     }
     return {**parts, "other": total - sum(parts.values())}

@@ -9,7 +9,6 @@ what the passes sum.
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
@@ -19,7 +18,6 @@ from tqdm.auto import tqdm
 from pleascc.passes import distributed
 from pleascc.passes.executor import peak_live_bytes
 from pleascc.passes.groups import Analysis, Layer
-from pleascc.passes.reads import kernel_positions
 from pleascc.passes.rows import NpyRows, read_rows
 
 
@@ -46,13 +44,7 @@ def _rows_bytes(layer: Layer, shapes: dict[str, tuple | None], positions: int | 
     """A layer's least-squares rows on the example: up to twice one model's input width, read (float32)
     and laid out as rows (float32)."""
     source, output = shapes.get(layer.source), shapes.get(layer.node)
-    if not source or not output:
-        return 0
-    if layer.kind == "linear":
-        return 2 * 8 * math.prod(source)
-    read = math.prod(output[2:])
-    read = read if positions is None else min(read, positions)
-    return 2 * 8 * output[0] * source[1] * kernel_positions(layer) * read
+    return layer.rows_bytes(source, output, positions) if source and output else 0
 
 
 FIRST_BATCH = 2  # samples in a statistics pass's first batch (``batches``)

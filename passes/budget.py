@@ -39,11 +39,6 @@ class Cost:
     positions: float
 
 
-def is_blocked(layer: Layer) -> bool:
-    """Dense layers (Linear, F.linear on parameters, ungrouped Conv): merged, they skip the cross-model blocks."""
-    return layer.kind == "linear" or (layer.kind == "conv" and layer.groups_dim is None)
-
-
 def positions(analysis: Analysis, layer: Layer) -> int:
     """Where a layer is applied per sample: its output's size without batch and feature axes."""
     shape = analysis.shapes[layer.node]
@@ -57,10 +52,10 @@ def layer_costs(analysis: Analysis, separate_heads: set[str]) -> list[Cost]:
         dims = analysis.params[layer.weight].dims
         if layer.node in separate_heads:
             costs.append(Cost("heads", dims, where))
-        elif is_blocked(layer):
+        elif layer.blocked:
             costs.append(Cost("blocked", dims, where))
         else:
-            costs.append(Cost("plain", dims if layer.kind != "norm" else dims[:1], where))
+            costs.append(Cost("plain", dims, where))  # grouped convolutions, norms (one axis): as emitted
     per_sample = 1 / analysis.example_batch
     costs += [Cost("plain", dims, per_sample) for dims in analysis.products]  # attention: scores, then ·v
     return costs

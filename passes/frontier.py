@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from pleascc.passes.groups import Analysis, Layer
+from pleascc.passes.groups import Analysis
 from pleascc.passes.store import ActivationStore, nbytes
 
 # Ops that do real work per value: never recomputed to save keeping their output.
@@ -195,7 +195,8 @@ def level_output_bytes(analysis: Analysis, levels: dict[str, int], samples: int,
     (from the shapes ShapeProp found on the example batch)."""
     per_level: dict[int, int] = {}
     for layer in analysis.layers:
-        size = 2 * samples * _read_bytes(layer, analysis.shapes.get(layer.node), positions) // analysis.example_batch
+        shape = analysis.shapes.get(layer.node)
+        size = 2 * samples * (layer.read_bytes(shape, positions) if shape else 0) // analysis.example_batch
         per_level[levels[layer.node]] = per_level.get(levels[layer.node], 0) + size
     return dict(sorted(per_level.items()))
 
@@ -231,16 +232,3 @@ def frontier_bytes(gm: fx.GraphModule, analysis: Analysis, samples: int) -> int:
         widest = max(widest, live - ends.get(k, 0))
         live -= ends.pop(k, 0)
     return widest * samples // analysis.example_batch
-
-
-def _read_bytes(layer: Layer, shape: tuple | None, positions: int | None) -> int:
-    """Float32 bytes of a layer's output as its fit reads it (on the example batch)."""
-    if not shape:
-        return 0
-    if layer.kind == "linear":
-        if layer.batch_axis is None:
-            return 4 * math.prod(shape)
-        tokens = math.prod(shape) // shape[layer.batch_axis] // shape[-1]
-        return 4 * shape[layer.batch_axis] * shape[-1] * min(tokens, positions or tokens)
-    per_map = math.prod(shape[2:])
-    return 4 * shape[0] * shape[1] * min(per_map, positions or per_map)

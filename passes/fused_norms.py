@@ -33,7 +33,7 @@ def norm_producers(analysis: Analysis, separate_heads: set[str]) -> dict[str, st
     """
     refit = {layer.node: layer for layer in analysis.layers if layer.refit and layer.node not in separate_heads}
     return {node: layer.source for node, layer in refit.items()
-            if layer.kind == "norm" and layer.source in refit and refit[layer.source].kind == "conv"}
+            if layer.source in refit and layer.fuses_into(refit[layer.source])}
 
 
 def fuse_norms(problems: list[Problem], producers: dict[str, str]) -> None:

@@ -51,7 +51,7 @@ class GramSum:
             self._flush()
 
     def add_product(self, gram: torch.Tensor) -> None:
-        """One batch's (groups, d, d) product, formed already (``_norm_gram``)."""
+        """One batch's (groups, d, d) product, formed already (a norm's: ``layers._norm_gram``)."""
         self.total = gram.double() if self.total is None else self.total.add_(gram)
 
     def _flush(self) -> None:

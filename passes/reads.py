@@ -5,19 +5,18 @@ positions of a feature map (``sampled_positions``, fixed per map size, so a
 sharded merge reads what one process would); a convolution's fit reads the
 im2col patches at them, gathered without unfolding the whole map.  Kept
 apart from the sums: matching, least squares and batch sizing all read
-through it.
+through it; which of these a layer's fit reads, its class says
+(``layers``: ``Layer.read_input``).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 
 from pleascc.passes.errors import PleasccError
-from pleascc.passes.groups import Layer
 from pleascc.passes.merge_maps import take
 
 
@@ -52,32 +51,6 @@ def at_tokens(x: torch.Tensor, batch_axis: int, unit_axes: tuple[int, ...], posi
     flat = x.reshape(x.shape[0], -1, *x.shape[x.dim() - len(unit_axes):])
     keep = sampled_positions(flat.shape[1], positions)
     return flat if keep is None else flat.index_select(1, keep.to(flat.device))
-
-
-def read_layer_value(layer: Layer, v: torch.Tensor, positions: int | None) -> torch.Tensor:
-    """A layer's input or output as its fit reads it: channels-first maps at ``sampled_positions``, a linear
-    layer's value at sampled tokens where the analysis knows its batch axis (units stay last)."""
-    if layer.kind == "linear":
-        return v if layer.batch_axis is None else at_tokens(v, layer.batch_axis, (-1,), positions)
-    return at_positions(v, positions)
-
-
-def read_input(layer: Layer, x: torch.Tensor, positions: int | None) -> torch.Tensor:
-    """What a layer's fit reads of one input, before the models' are merged along ``unit_axis``.
-
-    A convolution's: its im2col patches at the sampled output positions,
-    as (N, C, k·P); a normalization's: (N, C, P); a linear layer's: (N, tokens
-    read, C) where its batch axis is known, else all of it.  Sampling first
-    means the merge only touches the values that are read.
-    """
-    if layer.kind == "conv":
-        return _patches(x, layer.conv, positions).reshape(x.shape[0], x.shape[1], -1)
-    return read_layer_value(layer, x, positions)
-
-
-def unit_axis(layer: Layer) -> int:
-    """The axis of ``read_input``'s result that holds the layer's input units."""
-    return layer.in_axis if layer.kind == "linear" else 1
 
 
 def _patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor:
@@ -116,14 +89,3 @@ def _patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor
 
 def _pair(v) -> tuple[int, int]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-def kernel_positions(layer: Layer) -> int:
-    """Columns of a layer's rows per input unit: a convolution's kernel size, else 1."""
-    return math.prod(_pair(layer.conv["kernel_size"])) if layer.kind == "conv" else 1
-
-
-def patch_values(layer: Layer, output: torch.Tensor, positions: int | None) -> int:
-    """Values per input channel a convolution's patches hold: its kernel's size at each output position read."""
-    outputs = math.prod(output.shape[2:])
-    return kernel_positions(layer) * (outputs if positions is None else min(outputs, positions))

@@ -42,18 +42,12 @@ def merge_param(analysis: Analysis, maps: MergeMaps, name: str, a: torch.Tensor,
 
 def warm_start(analysis: Analysis, maps: MergeMaps, layer: Layer, states: tuple[State, State],
                model: int | None) -> torch.Tensor:
-    """The layer's warm-start weights as (groups, outputs per group, inputs per group + 1)."""
+    """The layer's warm-start weights as (groups, outputs per group, inputs per group + 1): its kind's
+    (``Layer.warm_start``), from its parameters merged (``merge_param``)."""
     def merged(name: str) -> torch.Tensor:
         return merge_param(analysis, maps, name, states[0][name], states[1][name], model).double()
 
-    if layer.kind == "norm":
-        mean_name, var_name, eps = layer.running
-        scale = [states[k][layer.weight] / (states[k][var_name] + eps).sqrt() for k in (0, 1)]
-        shift = [states[k][layer.bias] - states[k][mean_name] * scale[k] for k in (0, 1)]
-        both = [torch.stack([scale[k], shift[k]], dim=1).double() for k in (0, 1)]
-        dim = analysis.params[layer.weight].dims[0]
-        return maps.merge(tuple(both), [(0, dim)]).unsqueeze(1)
-    return _as_rows(maps, layer, merged(layer.weight), merged(layer.bias) if layer.bias else None)
+    return layer.warm_start(analysis, maps, states, merged)
 
 
 def own_weights(analysis: Analysis, maps: MergeMaps, layer: Layer, state: State, model: int) -> torch.Tensor:
@@ -61,16 +55,7 @@ def own_weights(analysis: Analysis, maps: MergeMaps, layer: Layer, state: State,
     def gathered(name: str) -> torch.Tensor:
         return maps.gather(state[name].double(), model, list(enumerate(analysis.params[name].dims)))
 
-    return _as_rows(maps, layer, gathered(layer.weight), gathered(layer.bias) if layer.bias else None)
-
-
-def _as_rows(maps: MergeMaps, layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A weight and bias as (groups, outputs per group, inputs per group + 1)."""
-    out = weight.shape[0]
-    groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
-    bias = bias if bias is not None else torch.zeros(out, dtype=torch.float64)
-    w = weight.reshape(groups, out // groups, -1)
-    return torch.cat([w, bias.reshape(groups, out // groups, 1)], dim=2)
+    return layer.as_rows(maps, gathered(layer.weight), gathered(layer.bias) if layer.bias else None)
 
 
 def block_slice(w: torch.Tensor, block: Block, in_width: int) -> torch.Tensor:
@@ -140,22 +125,6 @@ def _with_bias_column(delta: torch.Tensor, has_bias: bool) -> torch.Tensor:
     if has_bias:
         return delta
     return torch.cat([delta, torch.zeros(*delta.shape[:2], 1, dtype=delta.dtype, device=delta.device)], dim=2)
-
-
-def layer_params(layer: Layer, w: torch.Tensor, like: State) -> State:
-    """Turn a solved (groups, out, in + 1) block back into the layer's parameters."""
-    if layer.kind == "norm":
-        mean_name, var_name, eps = layer.running
-        scale, shift = w[:, 0, 0], w[:, 0, 1]
-        ones = torch.ones_like(scale)
-        return {layer.weight: scale * (1 + eps) ** 0.5, layer.bias: shift,
-                mean_name: torch.zeros_like(scale), var_name: ones}
-    groups, out_per_group, _ = w.shape
-    shape = list(like[layer.weight].shape)
-    out = {layer.weight: w[:, :, :-1].reshape(groups * out_per_group, -1, *shape[2:])}
-    if layer.bias:
-        out[layer.bias] = w[:, :, -1].reshape(-1)
-    return out
 
 
 def layer_levels(gm: fx.GraphModule, analysis: Analysis, fused: dict[str, str] | None = None) -> dict[str, int]:

@@ -23,7 +23,6 @@ the first, matching's, is ``matching_stats``.  Both run the models with
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
@@ -39,7 +38,6 @@ from pleascc.passes.frontier import Frontier, LayerOutputs
 from pleascc.passes.gram import GramSum, mirror_upper
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps, take
-from pleascc.passes.reads import kernel_positions, patch_values, read_input, read_layer_value, unit_axis
 
 if TYPE_CHECKING:
     from pleascc.passes.fused_norms import FusedNorm
@@ -171,8 +169,8 @@ def _mapped_reads(gms, maps: MergeMaps, x: torch.Tensor, layers: dict[str, Layer
 
 
 def _read_outputs(layer: Layer, values: list[torch.Tensor], positions: int | None) -> list[torch.Tensor]:
-    """A's and B's outputs of a layer as its fit reads them (``read_layer_value``), checked (``checked``)."""
-    return checked([read_layer_value(layer, v, positions) for v in values], layer.node)
+    """A's and B's outputs of a layer as its fit reads them (``Layer.read_value``), checked (``checked``)."""
+    return checked([layer.read_value(v, positions) for v in values], layer.node)
 
 
 def checked(values: list[torch.Tensor], node: str) -> list[torch.Tensor]:
@@ -199,18 +197,19 @@ def _check_finite(value: torch.Tensor, model: str, node: str) -> None:
 
 def _merged_input(layer: Layer, inputs: list[torch.Tensor], output: torch.Tensor, maps: MergeMaps,
                   positions: int | None) -> torch.Tensor:
-    """A layer's merged input as its fit reads it (``read_input``), from A's and B's inputs.
+    """A layer's merged input as its fit reads it (``Layer.read_input``), from A's and B's inputs.
 
     The merge maps units one by one, so it commutes with reading patches or
-    positions.  A convolution whose patches hold more values per channel
-    than its input map (ResNet-50's last stages: 9·64 from 14² or 7²) merges
-    the maps first and reads patches once; other layers read first, so the
-    merge touches only what is read.
+    positions.  Where reading holds more values than the inputs (a
+    convolution's patches: ``ConvLayer.merges_first``) the inputs are merged
+    first and read once; otherwise read first, so the merge touches only
+    what is read.
     """
-    if layer.kind == "conv" and patch_values(layer, output, positions) >= math.prod(inputs[0].shape[2:]):
-        return read_input(layer, maps.merge(checked(inputs, layer.source), [(1, layer.in_dim)]), positions)
-    read = checked([read_input(layer, v, positions) for v in inputs], layer.source)
-    return maps.merge(read, [(unit_axis(layer), layer.in_dim)])
+    units = [(layer.unit_axis, layer.in_dim)]
+    if layer.merges_first(inputs[0], output, positions):
+        return layer.read_input(maps.merge(checked(inputs, layer.source), units), positions)
+    read = checked([layer.read_input(v, positions) for v in inputs], layer.source)
+    return maps.merge(read, units)
 
 
 def _merged_model_reads(merged: MergedReads, batch: int, x: torch.Tensor, layers: dict[str, Layer],
@@ -222,7 +221,7 @@ def _merged_model_reads(merged: MergedReads, batch: int, x: torch.Tensor, layers
     inputs = merged.frontier.run(batch, x)
     for node, layer in layers.items():
         source = merged.inputs[node]
-        read = read_input(layer, inputs[source], positions)
+        read = layer.read_input(inputs[source], positions)
         _check_finite(read, "merged", source)
         yield node, read, {n: merged.outputs.pop(n, batch) for n in (node, *fused[node])}
 
@@ -232,28 +231,19 @@ def _add_layer(group: list[ProblemRead], x_merged: torch.Tensor,
     """One batch of one layer: its Grams (one per rows key) and each of its problems' target moments, from
     its merged input and A's and B's outputs as its fit reads them (and at the norms fused into it)."""
     layer = group[0].problem.layer
-    axis = unit_axis(layer)
+    axis = layer.unit_axis
     rows: dict[tuple | None, torch.Tensor] = {}
     for p, key, columns, warm_start in group:
         if key not in rows:
             x_in = x_merged if key is None else take(x_merged, axis, p.block.cols.to(x_merged.device))
-            gram = grams.setdefault((layer.node, key), GramSum())
-            if layer.kind == "norm":  # its values as read: moments per channel (``_norm_gram``)
-                rows[key] = x_in
-                gram.add_product(_norm_gram(x_in))
-            else:
-                rows[key] = _rows(layer, x_in, maps)
-                gram.add(rows[key])
-        y = _block_target(p, outputs)
-        if layer.kind == "norm":
-            _accumulate_norm(p, rows[key], y, warm_start)
-            continue
+            rows[key] = layer.rows(x_in, maps)
+            layer.add_gram(grams.setdefault((layer.node, key), GramSum()), rows[key])
         inputs = rows[key] if columns is None else take(rows[key], 2, columns.to(x_merged.device))
-        prediction = inputs @ warm_start.transpose(1, 2)
-        _accumulate(p, inputs, _target_rows(layer, y, maps), prediction)
+        prediction = layer.predict(inputs, warm_start)
+        _accumulate(p, inputs, layer.target_rows(_block_target(p, outputs), maps), prediction)
         if p.fused:
             norm_target = _block_target(p.fused.norm, outputs, p.block.rows)
-            p.fused.add(inputs, prediction, _target_rows(layer, norm_target, maps))
+            p.fused.add(inputs, prediction, layer.target_rows(norm_target, maps))
 
 
 def _block_target(p: Problem, outputs: dict[str, list[torch.Tensor]], rows: torch.Tensor | None = None
@@ -268,47 +258,21 @@ def _block_target(p: Problem, outputs: dict[str, list[torch.Tensor]], rows: torc
 def _rows_key(p: Problem, maps: MergeMaps) -> tuple | None:
     """Which rows (and Gram) a problem reads: None for all the merged input's units, else its block's.
 
-    A one-group convolution or linear layer's blocks read columns of the
-    full rows, so they share its Gram (an A-only block's is a submatrix of
-    it): one Gram per layer, not one per block.
+    A one-group layer's blocks (``Layer.one_group``: a linear layer's, a
+    convolution's of one group) read columns of the full rows, so they share
+    its Gram (an A-only block's is a submatrix of it): one Gram per layer,
+    not one per block.
     """
-    layer, cols = p.layer, p.block.cols
-    one_group = layer.kind == "linear" or layer.kind == "conv" and (
-        layer.groups_dim is None or maps.size(layer.groups_dim) == 1)
-    return None if cols is None or one_group else tuple(cols.tolist())
+    cols = p.block.cols
+    return None if cols is None or p.layer.one_group(maps) else tuple(cols.tolist())
 
 
 def _block_columns(p: Problem, maps: MergeMaps) -> torch.Tensor:
     """The columns of a one-group layer's rows its block reads: its units' (channel-major, as im2col
     lays them out), and the bias column."""
-    per_unit = kernel_positions(p.layer)
+    per_unit = p.layer.kernel_positions
     units = p.block.cols[:, None] * per_unit + torch.arange(per_unit)
     return torch.cat([units.flatten(), torch.tensor([maps.size(p.layer.in_dim) * per_unit])])
-
-
-def _rows(layer: Layer, x: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
-    """Merged ``read_input`` as (groups, samples, features per group), with a ones column for the bias,
-    in the input's precision (float32: see ``GramSum``)."""
-    if layer.kind == "conv":
-        groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
-        n, per_group = x.shape[0], x.shape[1] // groups * kernel_positions(layer)
-        cols = x.reshape(n, groups, per_group, -1).permute(1, 0, 3, 2)  # (groups, N, P, features)
-    else:
-        cols = x.reshape(1, -1, x.shape[-1])
-    rows = cols.new_empty(*cols.shape[:-1], cols.shape[-1] + 1)  # one copy: layout and ones
-    rows[..., :-1] = cols
-    rows[..., -1] = 1
-    return rows.reshape(cols.shape[0], -1, rows.shape[-1])
-
-
-def _target_rows(layer: Layer, y: torch.Tensor, maps: MergeMaps) -> torch.Tensor:
-    """Target (sampled like ``read_input``: (N, C, P) for convolutions) as (groups, samples, outputs per
-    group), matching ``_rows``."""
-    if layer.kind == "conv":
-        groups = maps.size(layer.groups_dim) if layer.groups_dim is not None else 1
-        n, c = y.shape[:2]
-        return y.reshape(n, groups, c // groups, -1).permute(1, 0, 3, 2).reshape(groups, -1, c // groups)
-    return y.reshape(-1, y.shape[-1]).unsqueeze(0)
 
 
 def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, problems: list[Problem],
@@ -317,7 +281,7 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
     """RegMean's statistics: each model's own layer inputs in the merged layout, as Gram matrices (in place).
 
     A block's rows that only one model feeds see only that model's inputs.
-    ``positions``: read as least squares reads them (``read_input``); both
+    ``positions``: read as least squares reads them (``Layer.read_input``); both
     models' Grams then shrink by the same factor, which RegMean's solution
     does not see.
     """
@@ -334,12 +298,12 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
                     for model in models:
                         key = _regmean_key(p, model)
                         if key not in added:
-                            axis = unit_axis(layer)
-                            x_in = read_input(layer, values[source][model], positions)
+                            axis = layer.unit_axis
+                            x_in = layer.read_input(values[source][model], positions)
                             _check_finite(x_in, "AB"[model], source)
                             x_in = maps.gather(x_in, model, [(axis, layer.in_dim)])
                             x_in = x_in if cols is None else take(x_in, axis, cols.to(x_in.device))
-                            grams.setdefault(key, GramSum()).add(_rows(layer, x_in, maps))
+                            layer.add_gram(grams.setdefault(key, GramSum()), layer.rows(x_in, maps))
                             added.add(key)
     totals = {key: mirror_upper(distributed.total(g.result())) for key, g in grams.items()}
     for p, models in (read for group in by_source.values() for read in group):
@@ -370,35 +334,13 @@ def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor, predicti
     rounded in float32 with the Gram (``GramSum``), and move a self-merge's
     weights visibly through an ill-conditioned Gram.  Products are float32,
     sums across batches float64, added to in place (no float64 copy of each product).
+    A layer's rows, ``prediction`` and products are its kind's (``Layer.rows``, ``predict``,
+    ``residual_moments``): a normalization's are sums per channel.
     """
     residual = target - prediction
-    rx = residual.transpose(1, 2) @ inputs
+    rx, count = p.layer.residual_moments(residual, inputs)
     p.rx = rx.double() if p.rx is None else p.rx.add_(rx)
-    p.count += inputs.shape[1]
-    p.tt += square_sum(target)
-    p.rr += square_sum(residual)
-
-
-def _norm_gram(x: torch.Tensor) -> torch.Tensor:
-    """A normalization's Gram per channel of its read input (N, C, P): [[Σx², Σx], [Σx, n]], as (C, 2, 2).
-
-    Its fit has two unknowns per channel (γ, β), so its moments are sums over
-    each channel's values, reduced in the maps' own layout, not formed as
-    (C, N·P, 2) rows through batched 1×2 products (slow, channels-last slower).
-    """
-    total, square = x.sum((0, 2)), x.square().sum((0, 2))
-    gram = torch.stack([square, total, total, torch.full_like(total, x.shape[0] * x.shape[2])], dim=1)
-    return gram.reshape(-1, 2, 2)
-
-
-def _accumulate_norm(p: Problem, x: torch.Tensor, target: torch.Tensor, warm_start: torch.Tensor) -> None:
-    """``_accumulate`` for a normalization, on its read input and target (N, C, P) as they are: the
-    residual against the warm start's γ·x + β per channel, and its sums with x and with 1."""
-    gamma, beta = warm_start[:, 0, 0, None], warm_start[:, 0, 1, None]
-    residual = target - (x * gamma + beta)
-    rx = torch.stack([(residual * x).sum((0, 2)), residual.sum((0, 2))], dim=1).unsqueeze(1)
-    p.rx = rx.double() if p.rx is None else p.rx.add_(rx)
-    p.count += x.shape[0] * x.shape[2]
+    p.count += count
     p.tt += square_sum(target)
     p.rr += square_sum(residual)
 

@@ -24,13 +24,12 @@ from pleascc.load import check_same_architecture
 from pleascc.options import METHODS, MergeOptions
 from pleascc.passes import budget as budget_pass
 from pleascc.passes import distributed
-from pleascc.passes.budget import is_blocked
 from pleascc.passes.emit import emit, layer_inputs
 from pleascc.passes.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
 from pleascc.passes.match import match_all, match_heads, match_product, zipit
 from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks
-from pleascc.passes.solve import block_slice, layer_levels, layer_params, merge_param, own_weights, regmean, warm_start
+from pleascc.passes.solve import block_slice, layer_levels, merge_param, own_weights, regmean, warm_start
 from pleascc.passes.solve import least_squares as ridge_fit
 from pleascc.passes.fused_norms import fuse_norms, norm_producers
 from pleascc.passes.frontier import Frontier, LayerOutputs, frontier_bytes, level_output_bytes, output_segments
@@ -122,13 +121,13 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
         emit_with = functools.partial(emit, gms[0], analysis, maps, state)
         residuals, passes, underdetermined = {}, 0, []
         if refit == "regmean":
-            blocked = [p for p in problems if is_blocked(p.layer) or p.model is not None]  # norms stay averaged
+            blocked = [p for p in problems if p.layer.blocked or p.model is not None]  # norms stay averaged
             gram_moments(runs, maps, blocked, local, batch_size, opts.progress, opts.positions)
             for p in blocked:
                 in_width = maps.size(p.layer.in_dim)
                 per_model = {m: block_slice(own_weights(analysis, maps, p.layer, states[m], m), p.block, in_width)
                              for m in p.grams}
-                p.w = regmean(p, per_model, opts.regmean_alpha, opts.ridge, has_bias=bool(p.layer.bias))
+                p.w = regmean(p, per_model, opts.regmean_alpha, opts.ridge, has_bias=p.layer.has_bias)
         elif refit:
             underdetermined = _check_least_squares_samples(problems, analysis, x, opts.positions)
             fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, opts.progress, opts.ridge,
@@ -158,7 +157,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
     timings["solve"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    refitted = problems if not opts.reset_bn else [p for p in problems if p.layer.kind != "norm"]  # γ, β averaged
+    # --reset-bn re-estimates running statistics, which norms' fits fold into γ, β: those stay averaged
+    refitted = problems if not opts.reset_bn else [p for p in problems if not p.layer.folds_running_stats]
     merged = emit_with(_layer_weights(refitted, states))
     _add_time(timings, "emit", clock)
     if opts.reset_bn:
@@ -312,7 +312,7 @@ def _fit(gms, analysis: Analysis, maps: MergeMaps, x: torch.Tensor, batch_size: 
     residuals = {}
     norms = {id(p.fused.norm): p.fused.norm for p in problems if p.fused}  # solved after their convolutions
     for p in [*problems, *norms.values()]:
-        p.w, residuals[p.name] = ridge_fit(p, ridge, has_bias=p.layer.kind == "norm" or bool(p.layer.bias))
+        p.w, residuals[p.name] = ridge_fit(p, ridge, has_bias=p.layer.has_bias)
         if p.fused:
             p.fused.finish(p)
         p.xx = p.rx = None  # solved: a wide layer's moments are hundreds of MB
@@ -358,7 +358,7 @@ def _layer_weights(problems: list[Problem], states) -> dict[tuple[str, int | Non
     """Each block's parameters: its fit where there is one, else its warm start (the baselines)."""
     layer_weights: dict[tuple[str, int | None], list] = {}
     for p in problems:
-        params = layer_params(p.layer, (p.w0 if p.w is None else p.w).cpu(), states[p.model or 0])
+        params = p.layer.params((p.w0 if p.w is None else p.w).cpu(), states[p.model or 0])
         layer_weights.setdefault((p.layer.node, p.model), []).append((p.block, params))
     return layer_weights
 
@@ -415,7 +415,7 @@ def head_layers(analysis: Analysis) -> list[Layer]:
     table = analysis.table
     return [
         layer for layer in analysis.layers
-        if layer.kind != "norm" and {a.id for a in table.atoms(layer.out_dim)} <= analysis.output_roots
+        if layer.may_head and {a.id for a in table.atoms(layer.out_dim)} <= analysis.output_roots
     ]
 
 
@@ -436,7 +436,7 @@ def _problems(analysis: Analysis, maps: MergeMaps, states, separate_heads: set[s
         for model in (0, 1) if layer.node in separate_heads else (None,):
             w0 = warm_start(analysis, maps, layer, states, model)
             target = _own_output(model) if model is not None else functools.partial(_merged_output, maps, layer)
-            blocks = row_blocks(maps, layer.out_dim, layer.in_dim, model) if is_blocked(layer) else [Block()]
+            blocks = row_blocks(maps, layer.out_dim, layer.in_dim, model) if layer.blocked else [Block()]
             for k, block in enumerate(blocks):
                 name = layer.node + ("" if model is None else f"[{'AB'[model]}]")
                 name += f"#{k}" if len(blocks) > 1 else ""
@@ -467,12 +467,9 @@ def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x:
     needs: list[tuple[int, int, str]] = []  # (samples needed, weights fitted, layer)
     for p in problems:
         layer = p.layer
-        weight_dims = analysis.params[layer.weight].dims
-        unknowns = 2 if layer.kind == "norm" else math.prod(analysis.table.size(d) for d in weight_dims[1:]) + 1
         read = budget_pass.positions(analysis, layer)
-        sampled = layer.kind in ("conv", "norm") or layer.batch_axis is not None
-        read = min(read, positions) if sampled and positions else read
-        needs.append((math.ceil(unknowns / read), p.w0.numel(), layer.node))
+        read = min(read, positions) if layer.sampled and positions else read
+        needs.append((math.ceil(layer.unknowns(analysis) / read), p.w0.numel(), layer.node))
     fitted = sum(weights for _, weights, _ in needs)
 
     def underdetermined(samples: int) -> int:

@@ -9,6 +9,7 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes.batching import FIRST_BATCH, batches
 from pleascc.passes.gram import GramSum, mirror_upper
 from pleascc.passes.groups import analyze, permutation_groups
+from pleascc.passes.layers import Layer, LinearLayer, NormLayer
 from pleascc.passes.match import hungarian, identity, match_heads, zip_units
 from pleascc.passes.matching_stats import CrossMoments, feature_moments
 from pleascc.passes.merge_maps import Gather, MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
@@ -16,6 +17,11 @@ from pleascc.passes.stats import Problem, _accumulate
 from pleascc.passes.solve import least_squares
 from pleascc.passes.spaces import SpaceTable
 from pleascc.trace import trace
+
+
+def _toy_layer(kind: type[Layer] = LinearLayer) -> Layer:
+    """A layer of ``kind`` for problems built by hand: what its moments sum, not where it sits in a graph."""
+    return kind(node="toy", weight="toy.weight", bias="toy.bias", in_axis=-1, in_dim=None, out_axis=-1, out_dim=None)
 
 
 def _mlp(seed: int) -> nn.Module:
@@ -110,7 +116,6 @@ def test_merge_averages_merged_units_and_blocks_skip_cross_terms():
 def test_merged_patches_are_the_patches_merged(positions):  # 9·4 from 4²: merge the maps, then read
     """One-pass least squares merges a convolution's input maps before reading patches where that is less
     work; merging maps units one by one, the rows are those of merging each model's patches."""
-    from pleascc.passes.reads import read_input
     from pleascc.passes.stats import _merged_input
 
     torch.manual_seed(0)
@@ -122,7 +127,7 @@ def test_merged_patches_are_the_patches_merged(positions):  # 9·4 from 4²: mer
     maps = MergeMaps(analysis.table, {root: selections_from_pairs(6, torch.randperm(6), torch.randperm(6), 9)})
     inputs = [torch.randn(2, 6, 4, 4) for _ in range(2)]
     output = model[2](inputs[0])
-    want = maps.merge([read_input(layer, v, positions) for v in inputs], [(1, layer.in_dim)])
+    want = maps.merge([layer.read_input(v, positions) for v in inputs], [(1, layer.in_dim)])
     assert torch.equal(_merged_input(layer, inputs, output, maps, positions), want)
 
 
@@ -170,7 +175,7 @@ def test_least_squares_recovers_a_linear_map_from_the_warm_start():
 
 def _accumulated(inputs: torch.Tensor, target: torch.Tensor, w0: torch.Tensor, batches: int = 3) -> Problem:
     """A toy problem whose moments ``_accumulate`` summed over ``batches`` batches of rows."""
-    problem = Problem(layer=None, target=None, name="toy", w0=w0, xx=inputs.transpose(1, 2) @ inputs)
+    problem = Problem(layer=_toy_layer(), target=None, name="toy", w0=w0, xx=inputs.transpose(1, 2) @ inputs)
     for x, t in zip(inputs.chunk(batches, dim=1), target.chunk(batches, dim=1)):
         _accumulate(problem, x, t, x @ w0.to(x).transpose(1, 2))
     return problem
@@ -193,7 +198,7 @@ def test_accumulated_moments_are_the_residuals_own():
 def test_normalization_moments_are_those_of_its_rows(channels_last):
     """A normalization's Gram and residual moments, summed per channel on its (N, C, P) values as read (in
     either layout), equal those of its (C, N·P, 2) rows [x, 1] through the general products."""
-    from pleascc.passes.stats import _accumulate_norm, _norm_gram
+    from pleascc.passes.layers import _norm_gram
 
     torch.manual_seed(0)
     maps = torch.randn(3, 5, 4, 6) * 3 + 1, torch.randn(3, 5, 4, 6)
@@ -203,10 +208,10 @@ def test_normalization_moments_are_those_of_its_rows(channels_last):
     w0 = torch.randn(5, 1, 2)
     per_channel = x.permute(1, 0, 2).reshape(5, 72, 1)
     rows = torch.cat([per_channel, torch.ones_like(per_channel)], dim=2)
-    by_rows = Problem(layer=None, target=None, name="rows", w0=w0)
+    by_rows = Problem(layer=_toy_layer(), target=None, name="rows", w0=w0)
     _accumulate(by_rows, rows, target.permute(1, 0, 2).reshape(5, 72, 1), rows @ w0.transpose(1, 2))
-    by_sums = Problem(layer=None, target=None, name="sums", w0=w0)
-    _accumulate_norm(by_sums, x, target, w0)
+    by_sums = Problem(layer=_toy_layer(NormLayer), target=None, name="sums", w0=w0)
+    _accumulate(by_sums, x, target, by_sums.layer.predict(x, w0))
     assert torch.allclose(_norm_gram(x), rows.transpose(1, 2) @ rows, rtol=1e-5, atol=1e-3)
     assert torch.allclose(by_sums.rx, by_rows.rx, rtol=1e-5, atol=1e-3) and by_sums.count == by_rows.count == 72
     assert by_sums.rr == pytest.approx(by_rows.rr, rel=1e-5) and by_sums.tt == pytest.approx(by_rows.tt, rel=1e-5)
@@ -215,10 +220,10 @@ def test_normalization_moments_are_those_of_its_rows(channels_last):
 @pytest.mark.parametrize("rows", [None, [0, 2, 3]])
 def test_a_fused_norms_moments_are_those_of_its_own_pass(rows):
     """A norm's moments derived from its convolution's Gram, its fitted weights and the norm's sums at the warm
-    starts (``FusedNorm``) equal those summed on the fitted convolution's outputs (``_accumulate_norm``), for
+    starts (``FusedNorm``) equal those summed on the fitted convolution's outputs (``_accumulate``), for
     a block of the convolution's channels too."""
     from pleascc.passes.fused_norms import FusedNorm
-    from pleascc.passes.stats import _accumulate_norm, _norm_gram
+    from pleascc.passes.layers import _norm_gram
 
     torch.manual_seed(0)
     groups, out, n = 2, 3, 240  # 6 channels: (groups, out per group)
@@ -235,8 +240,9 @@ def test_a_fused_norms_moments_are_those_of_its_own_pass(rows):
     fused.finish(Problem(layer=None, target=None, name="conv", w0=w0, xx=inputs.transpose(1, 2) @ inputs, w=w))
     as_read = (inputs @ w.transpose(1, 2)).permute(1, 0, 2).reshape(1, n, -1).permute(0, 2, 1)  # (1, C, n)
     at = slice(None) if rows is None else fused.rows
-    own = Problem(layer=None, target=None, name="own", w0=norm.w0[at])
-    _accumulate_norm(own, as_read, target.permute(1, 0, 2).reshape(1, n, -1).permute(0, 2, 1), own.w0)
+    own = Problem(layer=_toy_layer(NormLayer), target=None, name="own", w0=norm.w0[at])
+    _accumulate(own, as_read, target.permute(1, 0, 2).reshape(1, n, -1).permute(0, 2, 1),
+                own.layer.predict(as_read, own.w0))
     assert torch.allclose(norm.xx[at], _norm_gram(as_read), rtol=1e-10)
     assert torch.allclose(norm.rx[at], own.rx, rtol=1e-10)
     assert norm.rr == pytest.approx(own.rr, rel=1e-10) and norm.tt == pytest.approx(own.tt, rel=1e-10)

@@ -1,5 +1,7 @@
 """What the analysis finds (``Analysis``: spaces, parameter bindings, layers, feature norms) and ways to read it.
 
+``Layer`` (one class per kind of refittable layer) lives in ``passes.layers``; it is re-exported here.
+
 ``permutation_groups`` and ``coverage`` are what ``pleascc groups`` reports;
 ``random_permutations`` and ``permute_state`` permute a model's free spaces
 (the invariance property).
@@ -14,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from pleascc.passes.layers import Layer
 from pleascc.passes.spaces import Atom, Cat, Dim, SpaceTable
 
 Size = Callable[[Dim], int]  # a dim's width in the emitted model
@@ -31,26 +34,6 @@ class ParamBinding:
     name: str
     dims: list
     roles: list
-
-
-@dataclass
-class Layer:
-    """An affine op that least squares can refit: y = W·x + b along one axis."""
-
-    node: str
-    kind: str  # "linear" | "conv" | "norm"
-    weight: str
-    bias: str | None
-    in_axis: int
-    in_dim: Dim
-    out_axis: int
-    out_dim: Dim
-    groups_dim: Dim | None = None  # conv: the dim whose width is the group count
-    conv: dict = field(default_factory=dict)  # kernel_size, stride, padding, dilation
-    running: tuple | None = None  # norm: (running_mean, running_var, eps)
-    source: str = ""  # the node holding the layer's input
-    batch_axis: int | None = None  # the axis of its input (and output) holding the samples, if known
-    refit: bool = True  # False: counted and observed like any layer, merged by its permuted average
 
 
 @dataclass

@@ -10,11 +10,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pleascc.passes.groups.analysis import Layer, Size
+from pleascc.passes.groups.analysis import Size
 from pleascc.passes.groups.attention import _observe_heads
 from pleascc.passes.groups.driver import _unknown
 from pleascc.passes.groups.elementwise import _broadcast_batch
 from pleascc.passes.groups.registry import Context, _getattr_path, _is_param, _mixed_axis, _set_arg, rule
+from pleascc.passes.layers import ConvLayer, LinearLayer
 from pleascc.passes.opaque_ops import STANDARDIZED_CONVS
 from pleascc.passes.spaces import Dim, Prod
 
@@ -70,7 +71,8 @@ def _linear(ctx: Context, node: fx.Node, x: fx.Node, weight: str, bias: str | No
     ctx.bind(weight, [out, dims[-1]], ["out", "in"])
     if bias is not None:
         ctx.bind(bias, [out])
-    ctx.layers.append(Layer(node.name, "linear", weight, bias, -1, dims[-1], -1, out))
+    ctx.layers.append(LinearLayer(node=node.name, weight=weight, bias=bias, in_axis=-1, in_dim=dims[-1],
+                                  out_axis=-1, out_dim=out))
     if node.op == "call_module":
         ctx.module_rewrites[node.target] = lambda m, size: _resize_linear(m, size, dims[-1], out)
     return dims[:-1] + [out]
@@ -102,9 +104,10 @@ def _conv_layer(ctx: Context, node: fx.Node, m: nn.Module, dims: list, out: Dim,
     if m.bias is not None:
         ctx.bind(f"{node.target}.bias", [out])
     conv = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation)
-    ctx.layers.append(Layer(node.name, "conv", f"{node.target}.weight",
-                            f"{node.target}.bias" if m.bias is not None else None,
-                            1, dims[1], 1, out, groups_dim, conv, refit=refit))
+    ctx.layers.append(ConvLayer(node=node.name, weight=f"{node.target}.weight",
+                                bias=f"{node.target}.bias" if m.bias is not None else None,
+                                in_axis=1, in_dim=dims[1], out_axis=1, out_dim=out, groups_dim=groups_dim, conv=conv,
+                                refit=refit))
     ctx.module_rewrites[node.target] = lambda mod, size: _resize_conv(mod, size, dims[1], out, groups_dim)
     spatial = [d if _pointwise(m, a) else _mixed_axis(ctx, node, d, size)
                for a, (d, size) in enumerate(zip(dims[2:], ctx.shape(node)[2:]))]

@@ -7,8 +7,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pleascc.passes.groups.analysis import FeatureNorm, Layer, Size
+from pleascc.passes.groups.analysis import FeatureNorm, Size
 from pleascc.passes.groups.registry import Context, _is_param, _set_arg, rule
+from pleascc.passes.layers import NormLayer
 from pleascc.passes.spaces import Dim, Prod
 
 
@@ -22,8 +23,8 @@ def _batch_norm(ctx: Context, node: fx.Node):
             ctx.bind(f"{node.target}.{name}", [chan])
     if m.affine and m.track_running_stats:
         running = (f"{node.target}.running_mean", f"{node.target}.running_var", m.eps)
-        ctx.layers.append(Layer(node.name, "norm", f"{node.target}.weight", f"{node.target}.bias",
-                                1, chan, 1, chan, running=running))
+        ctx.layers.append(NormLayer(node=node.name, weight=f"{node.target}.weight", bias=f"{node.target}.bias",
+                                    in_axis=1, in_dim=chan, out_axis=1, out_dim=chan, running=running))
     ctx.module_rewrites[node.target] = lambda mod, size: setattr(mod, "num_features", size(chan))
     return dims
 
@@ -40,8 +41,9 @@ def _batch_norm_function(ctx: Context, node: fx.Node):
             names[name] = param.target if _is_param(param) else None
     eps = ctx.arg(node, 7, "eps", 1e-5)
     if len(names) == 4 and all(names.values()):
-        ctx.layers.append(Layer(node.name, "norm", names["weight"], names["bias"], 1, dims[1], 1, dims[1],
-                                running=(names["running_mean"], names["running_var"], eps)))
+        ctx.layers.append(NormLayer(node=node.name, weight=names["weight"], bias=names["bias"], in_axis=1,
+                                    in_dim=dims[1], out_axis=1, out_dim=dims[1],
+                                    running=(names["running_mean"], names["running_var"], eps)))
     return dims
 
 
