@@ -69,7 +69,7 @@ def block_slice(w: torch.Tensor, block: Block, in_width: int) -> torch.Tensor:
     return w
 
 
-def least_squares(problem: Problem, ridge: float, has_bias: bool) -> tuple[torch.Tensor, float]:
+def ridge_fit(problem: Problem, ridge: float, has_bias: bool) -> tuple[torch.Tensor, float]:
     """The ridge fit around the warm start; returns the weights and the relative residual."""
     xx, rx = problem.xx, problem.rx
     if not has_bias:  # no bias to fit: drop the ones column
@@ -88,7 +88,7 @@ def regmean(problem: Problem, own: dict[int, torch.Tensor], alpha: float, ridge:
     ``own[m]``: model m's block weights in the merged layout; the Gram
     matrices of its inputs are ``problem.grams``.  Shrinking the Grams'
     off-diagonals (α < 1) pulls the merge toward plain averaging.  The ridge
-    pulls toward the warm start, as in ``least_squares``, so a self-merge is exact.
+    pulls toward the warm start, as in ``ridge_fit``, so a self-merge is exact.
     """
     keep = slice(None) if has_bias else slice(0, -1)  # no bias: drop the ones column
     some = next(iter(problem.grams.values()))

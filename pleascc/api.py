@@ -1,59 +1,90 @@
-"""The driver: load → trace → groups → stats → match → budget → solve → emit."""
+"""The driver's pipeline, one named step each: trace and analyse → match → choose widths → least squares → emit.
+
+``merge`` reads as that diagram; each step's work lives in the passes
+(``pleascc.passes``) and in ``pleascc.least_squares``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
-import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from pleascc.allocator import release_freed_memory, reuse_freed_memory
+from pleascc.allocator import reuse_freed_memory
+from pleascc.channels_last import statistics_copies
 from pleascc.data import CalibrationData, check_data_fits, load_data
 from pleascc.export import export_onnx
-from pleascc.channels_last import statistics_copies
+from pleascc.least_squares import LeastSquares, add_time, check_samples, layer_weights, make_problems, plan_outputs
 from pleascc.load import check_same_architecture
 from pleascc.options import METHODS, MergeOptions
 from pleascc.passes import budget as budget_pass
 from pleascc.passes import distributed
-from pleascc.passes.emit import emit, layer_inputs
+from pleascc.passes.batching import batch_size_for, batches
+from pleascc.passes.emit import emit
 from pleascc.passes.errors import PleasccError
-from pleascc.passes.groups import Analysis, Layer, analyze, coverage
-from pleascc.passes.match import match_all, match_heads, match_product, zipit
-from pleascc.passes.merge_maps import Block, MergeMaps, per_head_selections, row_blocks
-from pleascc.passes.solve import block_slice, layer_levels, merge_param, own_weights, regmean, warm_start
-from pleascc.passes.solve import least_squares as ridge_fit
+from pleascc.passes.feature_matching import match_features, selections
+from pleascc.passes.frontier import LayerOutputs
 from pleascc.passes.fused_norms import fuse_norms, norm_producers
-from pleascc.passes.frontier import Frontier, LayerOutputs, frontier_bytes, level_output_bytes, output_segments
+from pleascc.passes.groups import Analysis, Layer, analyze, coverage
+from pleascc.passes.matching_stats import feature_moments
+from pleascc.passes.merge_maps import MergeMaps
 from pleascc.passes.rows import NpyRows, read_rows
-from pleascc.passes.batching import batch_count, batch_size_for, batches
-from pleascc.passes.matching_stats import feature_moments, weight_similarity
-from pleascc.passes.stats import MergedReads, Problem, gram_moments, layer_moments, layer_outputs
+from pleascc.passes.solve import block_slice, layer_levels, merge_param, own_weights, regmean
+from pleascc.passes.stats import Problem, gram_moments
 from pleascc.passes.store import ActivationStore
 from pleascc.passes.weight_matching import weight_matching
 from pleascc.trace import check_same_graph, trace
 
 __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
 
-SPILL_SHARE = 0.9  # of the work directory's free space, the most sequential least squares plans to fill
-TIE_BREAK = 1e-3  # weight of weight-row similarity in matching scores: separates units data can't tell apart
-
 
 @dataclass
+
+
 class MergeResult:
     """The merged model (a GraphModule; with separate labels it returns (logits_A, logits_B))."""
 
     model: fx.GraphModule
     report: dict
     analysis: Analysis
+
+
+@dataclass
+
+
+class _Plan:
+    """What a merge settles before its heavy work: inputs checked, graphs traced and analysed, and how its
+    least-squares passes will run (``sequential``: which levels, which segments of recorded outputs)."""
+
+    options: MergeOptions
+    x: torch.Tensor | NpyRows  # every calibration sample
+    local: torch.Tensor | NpyRows  # this process's share of them
+    gms: tuple[fx.GraphModule, fx.GraphModule]
+    runs: tuple[fx.GraphModule, fx.GraphModule]  # the copies the statistics passes run (``statistics_copies``)
+    analysis: Analysis
+    heads: list[Layer]
+    states: tuple[dict, dict]
+    matcher: str
+    refit: str | None
+    batch_size: int
+    separate: bool
+    separate_heads: set[str]
+    sequential: bool
+    fused: dict[str, str]  # norms fitted in their convolution's pass
+    levels: dict[str, int]
+    segments: list[list[int]]
+    outputs_memory: float
+
+    @property
+    def matches_every_sample(self) -> bool:
+        """Whether the matching pass reads every sample (so it can record the first segment's outputs)."""
+        opts = self.options
+        return opts.matching != "weight" and (opts.match_samples is None or opts.match_samples >= len(self.x))
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.Tensor | str,
@@ -71,6 +102,39 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     reuse_freed_memory()  # else every batch page-faults its activations back in
+    plan = _plan(model_a, model_b, data, opts)
+    clock = add_time(timings, "trace_and_analyze", clock)
+    with ActivationStore(opts.cache_gb * 2**30, opts.work_dir) as store:
+        outputs = LayerOutputs(store, {n for n, level in plan.levels.items() if level in plan.segments[0]},
+                               plan.outputs_memory) if plan.sequential else None
+        correlations = _matching_statistics(plan, outputs, timings)
+        clock = time.perf_counter()
+        matchings = _match(plan, correlations)
+        costs, widths = _widths(plan, matchings)
+        maps = MergeMaps(plan.analysis.table, selections(plan.analysis, matchings, widths))
+        clock = add_time(timings, "match_and_budget", clock)
+        fits, emit_with = _warm_start(plan, maps)
+        residuals, passes, underdetermined = _refit(plan, maps, fits, emit_with, store, outputs, timings)
+        kept = {"least_squares_memory_peak_mb": store.peak_memory_bytes / 2**20,
+                "least_squares_disk_peak_mb": store.peak_disk_bytes / 2**20,
+                "least_squares_spilled_mb": store.spilled_bytes / 2**20}
+    add_time(timings, "solve", clock)
+    merged = _emit(plan, fits, emit_with, timings)
+    report = _report(plan.analysis, model_a, merged, matchings, widths, costs, residuals, timings,
+                     method=opts.method, budget=opts.budget, separate=plan.separate, samples=len(plan.x),
+                     batch_size=plan.batch_size,
+                     match_samples=None if opts.matching == "weight" else min(len(plan.x), opts.match_samples
+                                                                              or len(plan.x)),
+                     width_search="zip-until " + opts.zip_until if opts.zip_until else opts.width_search,
+                     least_squares=opts.least_squares if plan.refit == "least-squares" else None,
+                     positions=opts.positions, least_squares_passes=passes, **kept, device=str(opts.device),
+                     underdetermined_layers=underdetermined)
+    return MergeResult(merged.eval(), report, plan.analysis)
+
+
+def _plan(model_a: nn.Module, model_b: nn.Module, data, opts: MergeOptions) -> _Plan:
+    """Check the inputs, trace and analyse both models, and plan the passes: every error a merge can raise
+    before its heavy work comes from here."""
     target = _usable_device(opts.device)
     matcher, refit = METHODS[opts.method]
     x = _calibration_tensor(data, opts.samples, model_a, opts.seed)
@@ -83,94 +147,101 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
     separate_heads = {layer.node for layer in heads} if separate else set()
     fused = norm_producers(analysis, separate_heads) if sequential else {}  # norms fitted in their conv's pass
     levels = layer_levels(gms[0], analysis, fused) if sequential else {}
-    segments, outputs_memory = _plan_outputs(gms[0], analysis, levels, len(local), opts.positions,
-                                             opts.cache_gb * 2**30, opts.work_dir) if sequential else ([], 0)
-    timings["trace_and_analyze"] = time.perf_counter() - clock
+    segments, outputs_memory = plan_outputs(gms[0], analysis, levels, len(local), opts.positions,
+                                            opts.cache_gb * 2**30, opts.work_dir) if sequential else ([], 0)
+    return _Plan(options=opts, x=x, local=local, gms=gms, runs=runs, analysis=analysis, heads=heads, states=states,
+                 matcher=matcher, refit=refit, batch_size=batch_size, separate=separate, separate_heads=separate_heads,
+                 sequential=sequential, fused=fused, levels=levels, segments=segments, outputs_memory=outputs_memory)
 
-    with ActivationStore(opts.cache_gb * 2**30, opts.work_dir) as store:
-        outputs = LayerOutputs(store, {n for n, level in levels.items() if level in segments[0]}, outputs_memory) \
-            if sequential else None
-        clock = time.perf_counter()
-        # the matching pass reads every sample, so it records the first segment's outputs
-        everything = opts.matching != "weight" and (opts.match_samples is None or opts.match_samples >= len(x))
-        if opts.matching == "weight":  # data-free: the weights alone
-            matchings = weight_matching(analysis, states, seed=opts.seed)
-        else:
-            matched_on = local if everything else _shard(x[:opts.match_samples])
-            correlations = feature_moments(runs, analysis, matched_on, batch_size, opts.progress,
-                                           within=matcher == "zipit", positions=opts.positions,
-                                           outputs=outputs if everything else None)
-            timings["matching_statistics"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            matchings = _match(analysis, correlations, states, matcher,
-                               {"alpha": opts.zip_alpha, "beta": opts.zip_beta})
-        costs = budget_pass.layer_costs(analysis, separate_heads)
-        if opts.zip_until is not None:
-            widths = budget_pass.zip_until_widths(analysis, matchings, opts.zip_until)
-        else:
-            widths = budget_pass.WIDTHS[opts.width_search](analysis, matchings, costs, opts.budget)
-        maps = MergeMaps(analysis.table, _selections(analysis, matchings, widths))
-        timings["match_and_budget"] = time.perf_counter() - clock
 
-        clock = time.perf_counter()
-        problems = _problems(analysis, maps, states, separate_heads)
-        fuse_norms(problems, fused)
-        own = {n for layer in heads if layer.node in separate_heads for n in (layer.weight, layer.bias)}
-        state = {name: merge_param(analysis, maps, name, states[0][name], states[1][name])
-                 for name in states[0] if name not in own}  # separate heads: from their own fits
-        emit_with = functools.partial(emit, gms[0], analysis, maps, state)
-        residuals, passes, underdetermined = {}, 0, []
-        if refit == "regmean":
-            blocked = [p for p in problems if p.layer.blocked or p.model is not None]  # norms stay averaged
-            gram_moments(runs, maps, blocked, local, batch_size, opts.progress, opts.positions)
-            for p in blocked:
-                in_width = maps.size(p.layer.in_dim)
-                per_model = {m: block_slice(own_weights(analysis, maps, p.layer, states[m], m), p.block, in_width)
-                             for m in p.grams}
-                p.w = regmean(p, per_model, opts.regmean_alpha, opts.ridge, has_bias=p.layer.has_bias)
-        elif refit:
-            underdetermined = _check_least_squares_samples(problems, analysis, x, opts.positions)
-            fit = functools.partial(_fit, runs, analysis, maps, local, batch_size, opts.progress, opts.ridge,
-                                    opts.positions, timings)
-            if not sequential:
-                residuals, passes = fit(problems), 1
-            else:
-                passes = len(set(levels.values())) + len(segments) - everything
-                with tqdm(total=passes * batch_count(len(local), batch_size), desc="least squares", unit="batch",
-                          disable=not opts.progress or distributed.rank() > 0) as bar:
-                    def record(segment: int, nodes: set[str]) -> None:
-                        if segment or not everything:  # the matching pass did not record it
-                            outputs.nodes = nodes
-                            layer_outputs(runs, analysis, local, outputs, batch_size, opts.positions, bar.update)
+def _matching_statistics(plan: _Plan, outputs: LayerOutputs | None, timings: dict[str, float]) -> dict | None:
+    """The matching pass's correlations (None where matching reads the weights alone); reading every sample, it
+    also records A's and B's outputs for the first segment of sequential least squares."""
+    opts = plan.options
+    if opts.matching == "weight":
+        return None
+    clock = time.perf_counter()
+    everything = plan.matches_every_sample
+    matched_on = plan.local if everything else _shard(plan.x[:opts.match_samples])
+    correlations = feature_moments(plan.runs, plan.analysis, matched_on, plan.batch_size, opts.progress,
+                                   within=plan.matcher == "zipit", positions=opts.positions,
+                                   outputs=outputs if everything else None)
+    add_time(timings, "matching_statistics", clock)
+    return correlations
 
-                    def after_batch() -> None:
-                        bar.update()
-                        release_freed_memory()  # holes a pass leaves around what the store keeps add up within it
 
-                    reads = functools.partial(MergedReads, frontier=Frontier(store), outputs=outputs, tick=after_batch)
-                    own_pass = [p for p in problems if p.layer.node not in fused]  # fused norms: with their conv
-                    residuals = _fit_sequentially(fit, own_pass, levels, segments, record, reads, timings,
-                                                  lambda: emit_with(_layer_weights(problems, states)).to(opts.device))
-        kept = {"least_squares_memory_peak_mb": store.peak_memory_bytes / 2**20,
-                "least_squares_disk_peak_mb": store.peak_disk_bytes / 2**20,
-                "least_squares_spilled_mb": store.spilled_bytes / 2**20}
-    timings["solve"] = time.perf_counter() - clock
+def _match(plan: _Plan, correlations: dict | None) -> dict:
+    """Every free space's matching: from the features' correlations, or the weights alone (data-free)."""
+    opts = plan.options
+    if correlations is None:
+        return weight_matching(plan.analysis, plan.states, seed=opts.seed)
+    return match_features(plan.analysis, correlations, plan.states, plan.matcher,
+                          {"alpha": opts.zip_alpha, "beta": opts.zip_beta})
 
+
+def _widths(plan: _Plan, matchings: dict) -> tuple[list, dict]:
+    """Each layer's cost, and each free space's merged width under the budget (or ZipIt!'s stopping rule)."""
+    opts = plan.options
+    costs = budget_pass.layer_costs(plan.analysis, plan.separate_heads)
+    if opts.zip_until is not None:
+        return costs, budget_pass.zip_until_widths(plan.analysis, matchings, opts.zip_until)
+    return costs, budget_pass.WIDTHS[opts.width_search](plan.analysis, matchings, costs, opts.budget)
+
+
+def _warm_start(plan: _Plan, maps: MergeMaps):
+    """The fits to make (one per block of every refitted layer, each from its permuted average), and the
+    emitter of merged models, its other parameters permuted and averaged."""
+    fits = make_problems(plan.analysis, maps, plan.states, plan.separate_heads)
+    fuse_norms(fits, plan.fused)
+    own = {n for layer in plan.heads if layer.node in plan.separate_heads for n in (layer.weight, layer.bias)}
+    state = {name: merge_param(plan.analysis, maps, name, plan.states[0][name], plan.states[1][name])
+             for name in plan.states[0] if name not in own}  # separate heads: from their own fits
+    return fits, functools.partial(emit, plan.gms[0], plan.analysis, maps, state)
+
+
+def _refit(plan: _Plan, maps: MergeMaps, fits: list[Problem], emit_with, store: ActivationStore,
+           outputs: LayerOutputs | None, timings: dict[str, float]) -> tuple[dict, int, list[str]]:
+    """The method's refit of the warm start: least squares (one pass, or level by level), RegMean, or none;
+    returns the residuals, the passes made and the underdetermined layers."""
+    opts = plan.options
+    if plan.refit == "regmean":
+        _regmean(plan, maps, fits)
+    if plan.refit != "least-squares":
+        return {}, 0, []
+    underdetermined = check_samples(fits, plan.analysis, plan.x, opts.positions)
+    solver = LeastSquares(plan.runs, plan.analysis, maps, plan.local, plan.batch_size, opts.progress, opts.ridge,
+                          opts.positions, timings)
+    if not plan.sequential:
+        return solver.fit(fits), 1, underdetermined
+    residuals, passes = solver.fit_in_levels(
+        fits, plan.fused, plan.levels, plan.segments, outputs, store, plan.matches_every_sample,
+        lambda: emit_with(layer_weights(fits, plan.states)).to(opts.device))
+    return residuals, passes, underdetermined
+
+
+def _regmean(plan: _Plan, maps: MergeMaps, fits: list[Problem]) -> None:
+    """RegMean: each dense block from both models' own weights and Grams; norms stay averaged."""
+    opts = plan.options
+    blocked = [p for p in fits if p.layer.blocked or p.model is not None]
+    gram_moments(plan.runs, maps, blocked, plan.local, plan.batch_size, opts.progress, opts.positions)
+    for p in blocked:
+        in_width = maps.size(p.layer.in_dim)
+        per_model = {m: block_slice(own_weights(plan.analysis, maps, p.layer, plan.states[m], m), p.block, in_width)
+                     for m in p.grams}
+        p.w = regmean(p, per_model, opts.regmean_alpha, opts.ridge, has_bias=p.layer.has_bias)
+
+
+def _emit(plan: _Plan, fits: list[Problem], emit_with, timings: dict[str, float]) -> fx.GraphModule:
+    """The merged model, with each block's fit (or warm start); BatchNorm statistics recomputed on request."""
+    opts = plan.options
     clock = time.perf_counter()
     # --reset-bn re-estimates running statistics, which norms' fits fold into γ, β: those stay averaged
-    refitted = problems if not opts.reset_bn else [p for p in problems if not p.layer.folds_running_stats]
-    merged = emit_with(_layer_weights(refitted, states))
-    _add_time(timings, "emit", clock)
+    refitted = fits if not opts.reset_bn else [p for p in fits if not p.layer.folds_running_stats]
+    merged = emit_with(layer_weights(refitted, plan.states))
+    add_time(timings, "emit", clock)
     if opts.reset_bn:
-        reset_batch_norm(merged, local, batch_size, opts.progress)
-    report = _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings,
-                     method=opts.method, budget=opts.budget, separate=separate, samples=len(x), batch_size=batch_size,
-                     match_samples=None if opts.matching == "weight" else min(len(x), opts.match_samples or len(x)),
-                     width_search="zip-until " + opts.zip_until if opts.zip_until else opts.width_search,
-                     least_squares=opts.least_squares if refit == "least-squares" else None, positions=opts.positions,
-                     least_squares_passes=passes, **kept, device=str(opts.device),
-                     underdetermined_layers=underdetermined)
-    return MergeResult(merged.eval(), report, analysis)
+        reset_batch_norm(merged, plan.local, plan.batch_size, opts.progress)
+    return merged
 
 
 def _trace_pair(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor):
@@ -196,31 +267,6 @@ def _check_finite_weights(states: tuple[dict, dict]) -> None:
                                "diverged run?); merge a finite one")
 
 
-def _plan_outputs(gm: fx.GraphModule, analysis: Analysis, levels: dict[str, int], samples: int,
-                  positions: int | None, memory: float, work_dir: str | None) -> tuple[list[list[int]], float]:
-    """Before any heavy work, where sequential least squares keeps what it reads: the runs of levels whose
-    recorded outputs fit memory and disk together (``output_segments``), and how much of the memory the
-    outputs may take (when not all fits, what the frontier's bound leaves; the rest goes to disk)."""
-    level_bytes = level_output_bytes(analysis, levels, samples, positions)
-    frontier = frontier_bytes(gm, analysis, samples)
-    if sum(level_bytes.values()) + frontier <= memory:
-        return [list(level_bytes)], memory
-    directory = work_dir or tempfile.gettempdir()
-    needed = frontier + max(level_bytes.values(), default=0) - memory
-    fix = f"pass --work-dir DIR on a disk with room, or --cache-gb {math.ceil(needed / 2**30) + 1} or more"
-    try:
-        shutil.rmtree(tempfile.mkdtemp(prefix="pleascc-", dir=directory))
-    except OSError as exc:
-        raise PleasccError(f"sequential least squares needs to spill activations to {directory}, which cannot be "
-                           f"written ({exc.strerror}): {fix}") from exc
-    free = shutil.disk_usage(directory).free
-    room = memory + SPILL_SHARE * free - frontier
-    if room < max(level_bytes.values(), default=0):
-        raise PleasccError(f"sequential least squares needs to spill {needed / 2**30:.1f} GB of activations to "
-                           f"{directory}, which has {free / 2**30:.1f} GB free: {fix}")
-    return output_segments(level_bytes, room), max(memory - frontier, 0.0)
-
-
 def _usable_device(device: str) -> torch.device:
     """``device`` parsed and tried with one allocation, before any work is done on it."""
     try:
@@ -235,132 +281,6 @@ def _usable_device(device: str) -> torch.device:
 def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Parameters and every buffer, non-persistent ones too (EVA's zero k-bias is resized like the rest)."""
     return {name: t.detach() for name, t in (*gm.named_parameters(), *gm.named_buffers())}
-
-
-def _match(analysis: Analysis, correlations: dict, states, matcher: str, zip_options: dict) -> dict:
-    """Pair units per free group: correlation, plus a small weight-based tie-break.
-
-    ``zipit`` zips the plain spaces (``correlations`` then holds their joint
-    A+B correlations); heads, head dims and per-group channels are paired as
-    by ``hungarian``.
-    """
-    sizes = {root: analysis.root_size(root) for root in analysis.free_roots()}
-    joints = {r: c for r, c in correlations.items() if r in sizes and c.shape[0] == 2 * sizes[r]}
-    correlations = {r: c[:sizes[r], sizes[r]:] if r in joints else c for r, c in correlations.items()}
-    ties = weight_similarity(analysis, states)
-    scores = {root: correlations.get(root, torch.zeros(n, n)) + TIE_BREAK * ties.get(root, torch.zeros(n, n))
-              for root, n in sizes.items()}
-    matchings = match_all(scores, sizes, "identity" if matcher == "identity" else "hungarian")
-    if matcher == "identity":
-        return matchings
-    done = _match_products(analysis, correlations, sizes, matchings)
-    if matcher == "zipit":
-        matchings.update({root: zipit(joint, **zip_options) for root, joint in joints.items()
-                          if root not in done and root not in analysis.table.keep_width})
-    return matchings
-
-
-def _match_products(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> set[int]:
-    """Product axes (heads × head dim): their factors are matched jointly; returns the spaces matched so."""
-    done = _match_heads(analysis, correlations, sizes, matchings)
-    for key, corr in correlations.items():
-        if isinstance(key, tuple) and not set(key) <= done:
-            known = {f: _partner_of(matchings[r]) for f, r in enumerate(key) if r in done}
-            found = match_product(corr, [analysis.root_size(r) for r in key], [r in sizes for r in key], known=known)
-            for root, m in zip(key, found):
-                if root in sizes and root not in done:
-                    matchings[root] = m
-            done.update(r for r in key if r in sizes)
-    return done
-
-
-def _match_heads(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> set[int]:
-    """Heads whose head dims may differ per head: heads as units, then dims inside each pair of heads."""
-    by_heads: dict[int, list[int]] = {}
-    for inner, outer in analysis.per_head.items():
-        if inner in sizes and outer in sizes and (outer, inner) in correlations:
-            by_heads.setdefault(outer, []).append(inner)
-    for outer, inners in by_heads.items():
-        matchings[outer], found = match_heads([correlations[(outer, i)] for i in inners], sizes[outer])
-        matchings.update(zip(inners, found))
-    return {r for outer, inners in by_heads.items() for r in (outer, *inners)}
-
-
-def _selections(analysis: Analysis, matchings: dict, widths: dict) -> dict:
-    """Every free space's (P_A, P_B); per-head head dims follow their heads' pairs."""
-    selections = {root: m.selections(widths[root]) for root, m in matchings.items()}
-    for root, m in matchings.items():
-        if m.within is not None:
-            selections[root] = per_head_selections(selections[analysis.per_head[root]], m.within)
-    return selections
-
-
-def _partner_of(m) -> torch.Tensor:
-    """B's unit for each of A's units."""
-    partner = torch.empty_like(m.pairs_b)
-    partner[m.pairs_a] = m.pairs_b
-    return partner
-
-
-def _fit(gms, analysis: Analysis, maps: MergeMaps, x: torch.Tensor, batch_size: int, progress: bool,
-         ridge: float, positions: int | None, timings: dict[str, float], problems: list[Problem],
-         merged: MergedReads | None = None) -> dict[str, float]:
-    """One pass over the data, then each problem's least-squares fit (``p.w``); returns the residuals."""
-    clock = time.perf_counter()
-    layer_moments(gms, analysis, maps, problems, x, batch_size, progress, merged, positions)
-    clock = _add_time(timings, "least_squares_statistics", clock)
-    residuals = {}
-    norms = {id(p.fused.norm): p.fused.norm for p in problems if p.fused}  # solved after their convolutions
-    for p in [*problems, *norms.values()]:
-        p.w, residuals[p.name] = ridge_fit(p, ridge, has_bias=p.layer.has_bias)
-        if p.fused:
-            p.fused.finish(p)
-        p.xx = p.rx = None  # solved: a wide layer's moments are hundreds of MB
-    _add_time(timings, "solves", clock)
-    return residuals
-
-
-def _fit_sequentially(fit, problems: list[Problem], levels: dict[str, int], segments: list[list[int]], record,
-                      reads, timings: dict[str, float], emit_current) -> dict[str, float]:
-    """Fit layers level by level, each on the inputs the merged model, refitted up to there, gives it.
-
-    A level's layers depend only on earlier levels, so this equals fitting one
-    layer at a time, in one pass over the data per level.  ``record``: a
-    segment's number and layers → A's and B's outputs there recorded
-    (``output_segments``); ``reads``: the merged model and its layer inputs →
-    ``MergedReads``.
-    """
-    residuals: dict[str, float] = {}
-    gc.freeze()  # what exists now outlives the passes: the collections below scan only what they made
-    try:
-        for k, segment in enumerate(segments):
-            record(k, {node for node, level in levels.items() if level in segment})
-            for level in segment:
-                todo = [p for p in problems if levels[p.layer.node] == level]
-                clock = time.perf_counter()
-                merged = emit_current()
-                _add_time(timings, "emit", clock)
-                residuals.update(fit(todo, reads(merged, layer_inputs(merged))))
-                gc.collect()  # the model this pass replaced is a cycle (GraphModule <-> graph): free its weights
-    finally:
-        gc.unfreeze()
-    return residuals
-
-
-def _add_time(timings: dict[str, float], phase: str, since: float) -> float:
-    """Add the time since ``since`` to ``phase``'s; return now."""
-    now = time.perf_counter()
-    timings[phase] = timings.get(phase, 0.0) + now - since
-    return now
-
-
-def _layer_weights(problems: list[Problem], states) -> dict[tuple[str, int | None], list]:
-    """Each block's parameters: its fit where there is one, else its warm start (the baselines)."""
-    layer_weights: dict[tuple[str, int | None], list] = {}
-    for p in problems:
-        params = p.layer.params((p.w0 if p.w is None else p.w).cpu(), states[p.model or 0])
-        layer_weights.setdefault((p.layer.node, p.model), []).append((p.block, params))
-    return layer_weights
 
 
 def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int) -> torch.Tensor | NpyRows:
@@ -427,61 +347,6 @@ def _separate_labels(labels: str | None, heads: list[Layer], states) -> bool:
         raise PleasccError("--labels separate needs a classifier head (a Linear or Conv whose output is the "
                            "model's output); none was found")
     return labels == "separate" or (labels is None and differ)
-
-
-def _problems(analysis: Analysis, maps: MergeMaps, states, separate_heads: set[str]) -> list[Problem]:
-    """One fit per block of every layer; a separate head is fitted once per model."""
-    problems = []
-    for layer in (layer for layer in analysis.layers if layer.refit):
-        for model in (0, 1) if layer.node in separate_heads else (None,):
-            w0 = warm_start(analysis, maps, layer, states, model)
-            target = _own_output(model) if model is not None else functools.partial(_merged_output, maps, layer)
-            blocks = row_blocks(maps, layer.out_dim, layer.in_dim, model) if layer.blocked else [Block()]
-            for k, block in enumerate(blocks):
-                name = layer.node + ("" if model is None else f"[{'AB'[model]}]")
-                name += f"#{k}" if len(blocks) > 1 else ""
-                problems.append(Problem(layer, target, name, block_slice(w0, block, maps.size(layer.in_dim)),
-                                        model, block))
-    return problems
-
-
-def _merged_output(maps: MergeMaps, layer: Layer, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
-    return maps.merge((y_a, y_b), [(layer.out_axis, layer.out_dim)])
-
-
-def _own_output(model: int):
-    return lambda y_a, y_b: (y_a, y_b)[model]
-
-
-def _check_least_squares_samples(problems: list[Problem], analysis: Analysis, x: torch.Tensor,
-                                 positions: int | None) -> list[str]:
-    """The layers whose fits have fewer observations than one model's layer has unknowns per output.
-
-    Such a fit is still defined: the ridge toward the warm start picks the
-    smallest change that fits the data, where gradient descent from the warm
-    start would converge.  So a few of them (a wide classifier on a small
-    calibration set) are reported; when they hold most of the fitted weights,
-    the data are too few and the merge stops.  (Past one model's unknowns, the
-    extra inputs of wider merged layers are held by the warm start.)
-    """
-    needs: list[tuple[int, int, str]] = []  # (samples needed, weights fitted, layer)
-    for p in problems:
-        layer = p.layer
-        read = budget_pass.positions(analysis, layer)
-        read = min(read, positions) if layer.sampled and positions else read
-        needs.append((math.ceil(layer.unknowns(analysis) / read), p.w0.numel(), layer.node))
-    fitted = sum(weights for _, weights, _ in needs)
-
-    def underdetermined(samples: int) -> int:
-        return sum(weights for needed, weights, _ in needs if samples < needed)
-
-    if 2 * underdetermined(len(x)) > fitted:
-        enough = min(needed for needed, _, _ in needs if 2 * underdetermined(needed) <= fitted)
-        largest = max((n for n in needs if len(x) < n[0]), key=lambda n: n[1])[2]
-        raise PleasccError(f"calibration data has {len(x)} samples but least squares needs at least {enough} to "
-                           f"determine most layers (e.g. {largest}): pass more data (--samples) "
-                           "or use --method permute")
-    return sorted({layer for needed, _, layer in needs if len(x) < needed})
 
 
 def _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings, **settings) -> dict:

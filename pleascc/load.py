@@ -238,25 +238,22 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise _not_a_checkpoint(path, f"unreadable .safetensors: {_first_line(exc)}") from exc
 
 
-def _load_weights_only(path: str) -> object:
+def _torch_load(path: str, trusted: bool) -> object:
+    """``torch.load``, unpickling code only when ``trusted``; a pickled object it refuses, or whose class cannot
+    be imported, gets a line of its own, anything else is not a checkpoint."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=not trusted, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        found = None if trusted else re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if found is None:
             raise _not_a_checkpoint(path, _unreadable_reason(path)) from exc
         raise PleasccError(
             f"{path} holds a pickled object ({found.group(1)}) and unpickling it runs code: "
             f"pass --trust-pickle if you trust the file, or save model.state_dict() and pass --arch"
         ) from exc
-    except Exception as exc:
-        raise _not_a_checkpoint(path, _unreadable_reason(path)) from exc
-
-
-def _load_trusted(path: str) -> object:
-    try:
-        return torch.load(path, weights_only=False, map_location="cpu")
     except (AttributeError, ImportError) as exc:
+        if not trusted:
+            raise _not_a_checkpoint(path, _unreadable_reason(path)) from exc
         raise PleasccError(
             f"{path} holds a pickled object whose class cannot be imported ({_first_line(exc)}): "
             f"make its module importable, or save model.state_dict() and pass --arch"
@@ -273,8 +270,7 @@ def load_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, torch.Te
         raise PleasccError(f"checkpoint {path} is a directory: pass the checkpoint file inside it")
     if path.endswith(".safetensors"):
         return _unwrap(path, _load_safetensors(path))
-    raw = _load_trusted(path) if trust_pickle else _load_weights_only(path)
-    return _unwrap(path, raw)
+    return _unwrap(path, _torch_load(path, trusted=trust_pickle))
 
 
 # ---------------------------------------------------------------------------- models

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import pleascc
-import pleascc.api
+import pleascc.least_squares
 from pleascc.cli import main
 from pleascc.demo import digits_cnn
 from pleascc.export import onnx_predict
@@ -321,7 +321,7 @@ def _interrupt(*args, **kwargs):
 
 
 def test_interrupt(files, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pleascc.api, "layer_moments", _interrupt)
+    monkeypatch.setattr(pleascc.least_squares, "layer_moments", _interrupt)
     out = tmp_path / "out.onnx"
     assert main(_merge_args(files, out, "--report", str(tmp_path / "r.json"))) == 130
     assert "interrupted" in capsys.readouterr().err
@@ -334,7 +334,7 @@ def test_a_terminated_merge_leaves_no_output_and_no_spill_files(files, tmp_path)
     work.mkdir()
     code = textwrap.dedent(f"""
         import os, signal, sys, time
-        import pleascc.api
+        import pleascc.least_squares
         from pleascc.cli import main
 
         def terminate(*args, **kwargs):
@@ -342,7 +342,7 @@ def test_a_terminated_merge_leaves_no_output_and_no_spill_files(files, tmp_path)
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(10)
 
-        pleascc.api.layer_moments = terminate
+        pleascc.least_squares.layer_moments = terminate
         sys.exit(main({_merge_args(files, out, "--cache-gb", "0", "--work-dir", str(work))!r}))
     """)
     proc = _run("-c", code)
@@ -355,13 +355,13 @@ def test_process_exit_code_on_interrupt(files, tmp_path):
     out = tmp_path / "out.onnx"
     code = textwrap.dedent(f"""
         import sys
-        import pleascc.api
+        import pleascc.least_squares
         from pleascc.cli import main
 
         def interrupt(*args, **kwargs):
             raise KeyboardInterrupt
 
-        pleascc.api.layer_moments = interrupt
+        pleascc.least_squares.layer_moments = interrupt
         sys.exit(main({_merge_args(files, out)!r}))
     """)
     proc = _run("-c", code)

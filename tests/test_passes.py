@@ -14,7 +14,7 @@ from pleascc.passes.match import hungarian, identity, match_heads, zip_units
 from pleascc.passes.matching_stats import CrossMoments, feature_moments
 from pleascc.passes.merge_maps import Gather, MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
 from pleascc.passes.stats import Problem, _accumulate
-from pleascc.passes.solve import least_squares
+from pleascc.passes.solve import ridge_fit
 from pleascc.passes.spaces import SpaceTable
 from pleascc.trace import trace
 
@@ -169,7 +169,7 @@ def test_least_squares_recovers_a_linear_map_from_the_warm_start():
     problem = Problem(layer=None, target=None, name="toy", w0=w0, xx=inputs.transpose(1, 2) @ inputs,
                       rx=residual.transpose(1, 2) @ inputs, count=200, tt=float((residual ** 2).sum()),
                       rr=float((residual ** 2).sum()))
-    w, rel = least_squares(problem, ridge=1e-10, has_bias=True)
+    w, rel = ridge_fit(problem, ridge=1e-10, has_bias=True)
     assert torch.allclose(w[0, :, :4], w_true, atol=1e-6) and rel < 1e-10
 
 
@@ -261,7 +261,7 @@ def test_least_squares_reports_the_fits_own_residual(ridge):
     target = torch.randn(1, 50, 3, dtype=torch.float64)
     w0 = torch.randn(1, 3, 5, dtype=torch.float64)
     problem = _accumulated(inputs, target, w0)
-    w, rel = least_squares(problem, ridge=ridge, has_bias=True)
+    w, rel = ridge_fit(problem, ridge=ridge, has_bias=True)
     want = float(((target - inputs @ w.transpose(1, 2)) ** 2).sum()) / problem.tt
     assert rel == pytest.approx(want, rel=1e-6)
     assert torch.allclose(w[0, :, 2], w0[0, :, 2])

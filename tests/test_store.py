@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import pleascc
 import pleascc.api
+import pleascc.least_squares
 from conftest import raises
 from pleascc.passes.frontier import Frontier
 from pleascc.passes import store as store_module
@@ -138,8 +139,9 @@ def test_outputs_that_do_not_fit_the_disk_are_recorded_a_run_of_levels_at_a_time
     analysis = analyze(gm, (x[:2],))
     levels = layer_levels(gm, analysis)
     outputs = sum(level_output_bytes(analysis, levels, len(x), 64).values())
-    free = (frontier_bytes(gm, analysis, len(x)) + outputs / 3) / pleascc.api.SPILL_SHARE
-    monkeypatch.setattr(pleascc.api.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free})())
+    free = (frontier_bytes(gm, analysis, len(x)) + outputs / 3) / pleascc.least_squares.SPILL_SHARE
+    monkeypatch.setattr(pleascc.least_squares.shutil, "disk_usage",
+                        lambda path: type("Usage", (), {"free": free})())
     runs = pleascc.merge(a, b, x, cache_gb=0, work_dir=str(tmp_path), progress=False)
     assert runs.report["least_squares_passes"] >= whole.report["least_squares_passes"] + 2
     assert torch.equal(_weights(whole.model), _weights(runs.model))
@@ -151,14 +153,14 @@ def test_the_spill_directory_goes_when_a_merge_fails_or_is_interrupted(pair, tmp
     for error in (RuntimeError, KeyboardInterrupt):
         calls = []
 
-        def fail_on_the_third_pass(*args, original=pleascc.api.layer_moments, **kwargs):
+        def fail_on_the_third_pass(*args, original=pleascc.least_squares.layer_moments, **kwargs):
             calls.append(1)
             if len(calls) == 3:
                 assert any(tmp_path.iterdir())  # the store had spilled by then
                 raise error
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(pleascc.api, "layer_moments", fail_on_the_third_pass)
+        monkeypatch.setattr(pleascc.least_squares, "layer_moments", fail_on_the_third_pass)
         with pytest.raises(error):
             pleascc.merge(a, b, x, cache_gb=0, work_dir=str(tmp_path), progress=False)
         assert list(tmp_path.iterdir()) == []
@@ -175,7 +177,8 @@ def test_an_unwritable_work_dir_is_refused_before_any_pass(pair, tmp_path, monke
 def test_too_little_room_is_refused_before_any_pass(pair, tmp_path, monkeypatch):
     a, b, x = pair
     monkeypatch.setattr(pleascc.api, "feature_moments", lambda *args, **kwargs: pytest.fail("ran a pass"))
-    monkeypatch.setattr(pleascc.api.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    monkeypatch.setattr(pleascc.least_squares.shutil, "disk_usage",
+                        lambda path: type("Usage", (), {"free": 1000})())
     msg = raises("GB free", pleascc.merge, a, b, x, cache_gb=0, work_dir=str(tmp_path), progress=False)
     assert str(tmp_path) in msg and "--work-dir" in msg
 

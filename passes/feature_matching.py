@@ -1,0 +1,83 @@
+"""Feature matching: every free space's pairing of A's units with B's, from the matching pass's correlations.
+
+Plain spaces are matched one by one (``match.match_all``; ZipIt! zips them
+from their joint correlations); heads and the dims inside them, which permute
+together, are matched jointly (``match_heads``, ``match_product``).  A small
+weight-based tie-break separates units the data cannot tell apart.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pleascc.passes.groups import Analysis
+from pleascc.passes.match import match_all, match_heads, match_product, zipit
+from pleascc.passes.matching_stats import weight_similarity
+from pleascc.passes.merge_maps import per_head_selections
+
+TIE_BREAK = 1e-3  # weight of weight-row similarity in matching scores: separates units data can't tell apart
+
+
+def match_features(analysis: Analysis, correlations: dict, states, matcher: str, zip_options: dict) -> dict:
+    """Pair units per free group: correlation, plus a small weight-based tie-break.
+
+    ``zipit`` zips the plain spaces (``correlations`` then holds their joint
+    A+B correlations); heads, head dims and per-group channels are paired as
+    by ``hungarian``.
+    """
+    sizes = {root: analysis.root_size(root) for root in analysis.free_roots()}
+    joints = {r: c for r, c in correlations.items() if r in sizes and c.shape[0] == 2 * sizes[r]}
+    correlations = {r: c[:sizes[r], sizes[r]:] if r in joints else c for r, c in correlations.items()}
+    ties = weight_similarity(analysis, states)
+    scores = {root: correlations.get(root, torch.zeros(n, n)) + TIE_BREAK * ties.get(root, torch.zeros(n, n))
+              for root, n in sizes.items()}
+    matchings = match_all(scores, sizes, "identity" if matcher == "identity" else "hungarian")
+    if matcher == "identity":
+        return matchings
+    done = _match_products(analysis, correlations, sizes, matchings)
+    if matcher == "zipit":
+        matchings.update({root: zipit(joint, **zip_options) for root, joint in joints.items()
+                          if root not in done and root not in analysis.table.keep_width})
+    return matchings
+
+
+def _match_products(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> set[int]:
+    """Product axes (heads × head dim): their factors are matched jointly; returns the spaces matched so."""
+    done = _match_heads(analysis, correlations, sizes, matchings)
+    for key, corr in correlations.items():
+        if isinstance(key, tuple) and not set(key) <= done:
+            known = {f: _partner_of(matchings[r]) for f, r in enumerate(key) if r in done}
+            found = match_product(corr, [analysis.root_size(r) for r in key], [r in sizes for r in key], known=known)
+            for root, m in zip(key, found):
+                if root in sizes and root not in done:
+                    matchings[root] = m
+            done.update(r for r in key if r in sizes)
+    return done
+
+
+def _match_heads(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> set[int]:
+    """Heads whose head dims may differ per head: heads as units, then dims inside each pair of heads."""
+    by_heads: dict[int, list[int]] = {}
+    for inner, outer in analysis.per_head.items():
+        if inner in sizes and outer in sizes and (outer, inner) in correlations:
+            by_heads.setdefault(outer, []).append(inner)
+    for outer, inners in by_heads.items():
+        matchings[outer], found = match_heads([correlations[(outer, i)] for i in inners], sizes[outer])
+        matchings.update(zip(inners, found))
+    return {r for outer, inners in by_heads.items() for r in (outer, *inners)}
+
+
+def selections(analysis: Analysis, matchings: dict, widths: dict) -> dict:
+    """Every free space's (P_A, P_B); per-head head dims follow their heads' pairs."""
+    selections = {root: m.selections(widths[root]) for root, m in matchings.items()}
+    for root, m in matchings.items():
+        if m.within is not None:
+            selections[root] = per_head_selections(selections[analysis.per_head[root]], m.within)
+    return selections
+
+
+def _partner_of(m) -> torch.Tensor:
+    """B's unit for each of A's units."""
+    partner = torch.empty_like(m.pairs_b)
+    partner[m.pairs_a] = m.pairs_b
+    return partner
