@@ -12,6 +12,8 @@ import torch
 from pleascc.demo import digits_cnn
 from pleascc.export import onnx_predict
 
+pytestmark = pytest.mark.slow  # two processes over loopback
+
 ARCH = ["--arch", "pleascc.demo:digits_cnn", "--arch-kwargs", '{"width": 8}']
 
 

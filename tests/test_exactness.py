@@ -19,6 +19,8 @@ from pleascc.demo import digits_cnn
 from pleascc.export import onnx_predict
 from pleascc.verify import permuted_copy
 
+pytestmark = pytest.mark.slow  # exact merges of whole models through ONNX Runtime
+
 
 class TinyMix(nn.Module):
     """Concatenation, grouped conv, chunk gating, channel padding and flatten→Linear in one net."""

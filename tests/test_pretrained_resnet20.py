@@ -2,10 +2,13 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from cifar10 import load_cifar10, to_tensor
 from resnet20 import resnet20
+
+pytestmark = pytest.mark.slow  # the pretrained CIFAR ResNet-20
 
 STRIDE = 5  # the test split is sorted by class: every 5th image gives 2,000 with 200 per class
 

@@ -12,6 +12,8 @@ from zoo_coverage import TRANSFORMERS, build
 import pleascc
 from pleascc.verify import non_degenerate, permutation_invariance, permuted_copy
 
+pytestmark = pytest.mark.slow  # the transformer zoo and its exact merges
+
 
 @pytest.mark.parametrize("source,name,resolution,kwargs", TRANSFORMERS, ids=[z[1] for z in TRANSFORMERS])
 def test_random_permutation_leaves_transformers_unchanged(source, name, resolution, kwargs):

@@ -8,6 +8,8 @@ from zoo_coverage import TRANSFORMERS, ZOO, build
 from pleascc.trace import trace
 from pleascc.verify import non_degenerate, permutation_invariance
 
+pytestmark = pytest.mark.slow  # every architecture of the zoo
+
 CNNS = [z for z in ZOO if z not in TRANSFORMERS]  # transformers: tests/test_transformers.py
 
 
