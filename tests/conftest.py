@@ -1,9 +1,13 @@
-"""Shared fixtures: make examples/ importable and locate the read-only shared data."""
+"""Shared fixtures and helpers: make examples/ importable, locate the read-only shared data, run a model through
+ONNX Runtime."""
 
 import sys
 from pathlib import Path
 
 import pytest
+
+import pleascc
+from pleascc.export import onnx_predict
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
@@ -51,3 +55,16 @@ def raises(match: str, fn, *args, **kwargs) -> str:
     assert "\n" not in msg
     assert match in msg, msg
     return msg
+
+
+def predict_through_onnx(model, x_test, tmp_path):
+    """``model``'s outputs on ``x_test`` as ONNX Runtime computes them from its export."""
+    path = str(tmp_path / "merged.onnx")
+    pleascc.export_onnx(model, x_test[:4], path)
+    return onnx_predict(path, x_test)
+
+
+def relative_error(got, want) -> float:
+    """Largest absolute difference of ``got`` (NumPy) from ``want`` (a tensor), relative to ``want``'s largest."""
+    want = want.detach().numpy()
+    return float(abs(got - want).max() / abs(want).max())

@@ -11,12 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from conftest import healthy
+from conftest import healthy, predict_through_onnx, relative_error
 from resnet20 import resnet20
 
 import pleascc
 from pleascc.demo import digits_cnn
-from pleascc.export import onnx_predict
 from pleascc.verify import permuted_copy
 
 pytestmark = pytest.mark.slow  # exact merges of whole models through ONNX Runtime
@@ -68,17 +67,6 @@ def _setup(name, seed=0):
     return healthy(factory(), x[:256], seed), x, torch.randn(64, *shape)
 
 
-def _through_onnx(model, x_test, tmp_path):
-    path = str(tmp_path / "merged.onnx")
-    pleascc.export_onnx(model, x_test[:4], path)
-    return onnx_predict(path, x_test)
-
-
-def _relative(got, want) -> float:
-    want = want.detach().numpy()
-    return float(abs(got - want).max() / abs(want).max())
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_self_and_permuted_copy_merge_reproduce_the_model(name, tmp_path):
     model, x, x_test = _setup(name)
@@ -89,8 +77,8 @@ def test_self_and_permuted_copy_merge_reproduce_the_model(name, tmp_path):
     for other in (model, twin):
         result = pleascc.merge(model, other, x, budget=1.0, least_squares=_variant(name), progress=False)
         assert result.report["relative_flops"] == pytest.approx(1.0)
-        (got,) = _through_onnx(result.model, x_test, tmp_path)
-        assert _relative(got, want) < 1e-4
+        (got,) = predict_through_onnx(result.model, x_test, tmp_path)
+        assert relative_error(got, want) < 1e-4
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -100,10 +88,10 @@ def test_budget_two_with_separate_labels_is_the_two_models_side_by_side(name, tm
     result = pleascc.merge(model_a, model_b, x, budget=2.0, labels="separate", least_squares=_variant(name),
                            progress=False)
     assert result.report["relative_flops"] == pytest.approx(2.0)
-    got_a, got_b = _through_onnx(result.model, x_test, tmp_path)
+    got_a, got_b = predict_through_onnx(result.model, x_test, tmp_path)
     with torch.no_grad():
-        assert _relative(got_a, model_a(x_test)) < 1e-4
-        assert _relative(got_b, model_b(x_test)) < 1e-4
+        assert relative_error(got_a, model_a(x_test)) < 1e-4
+        assert relative_error(got_b, model_b(x_test)) < 1e-4
 
 
 @pytest.mark.parametrize("method", ["average", "permute", "zipit"])
@@ -113,7 +101,7 @@ def test_baselines_are_exact_on_a_permuted_copy_only_when_they_match(method, tmp
     twin = permuted_copy(model, x)
     result = pleascc.merge(model, twin, x, budget=1.0, method=method, progress=False)
     with torch.no_grad():
-        diff = _relative(result.model(x_test).numpy(), model(x_test))
+        diff = relative_error(result.model(x_test).numpy(), model(x_test))
     assert (diff < 1e-4) == (method != "average")
 
 
@@ -123,7 +111,7 @@ def test_weight_matching_undoes_a_permutation_without_data(tmp_path):
     model, x, x_test = _setup("resnet20-optionA")
     twin = permuted_copy(model, x)
     result = pleascc.merge(model, twin, x[:8], method="permute", matching="weight", progress=False)
-    (got,) = _through_onnx(result.model, x_test, tmp_path)
+    (got,) = predict_through_onnx(result.model, x_test, tmp_path)
     with torch.no_grad():
-        assert _relative(got, model(x_test)) < 1e-4
+        assert relative_error(got, model(x_test)) < 1e-4
     assert "matching_statistics" not in result.report["timings_s"]

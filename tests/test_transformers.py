@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from test_exactness import _relative, _through_onnx
+from conftest import predict_through_onnx, relative_error
 from tiny_vit import TinyViT
 from vit_cifar import vit_cifar
 from zoo_coverage import TRANSFORMERS, build
@@ -64,15 +64,15 @@ def test_transformer_merges_that_must_be_exact(name, tmp_path):
     for other in (model, twin):
         result = pleascc.merge(model, other, x, budget=1.0, least_squares=variant, progress=False)
         assert result.report["relative_flops"] == pytest.approx(1.0)
-        (got,) = _through_onnx(result.model, x_test, tmp_path)
-        assert _relative(got, want) < 1e-4
+        (got,) = predict_through_onnx(result.model, x_test, tmp_path)
+        assert relative_error(got, want) < 1e-4
     model_b, _, _ = _small(name, 1)
     result = pleascc.merge(model, model_b, x, budget=2.0, labels="separate", least_squares=variant, progress=False)
     assert result.report["relative_flops"] == pytest.approx(2.0)
-    got_a, got_b = _through_onnx(result.model, x_test, tmp_path)
+    got_a, got_b = predict_through_onnx(result.model, x_test, tmp_path)
     with torch.no_grad():
-        assert _relative(got_a, want) < 1e-4
-        assert _relative(got_b, model_b(x_test)) < 1e-4
+        assert relative_error(got_a, want) < 1e-4
+        assert relative_error(got_b, model_b(x_test)) < 1e-4
 
 
 def test_head_widths_change_by_whole_heads():
