@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
-from pleascc.passes.reads import _pair, _patches, at_positions, at_tokens
+from pleascc.passes.reads import at_positions, at_tokens, im2col_patches, pair
 from pleascc.passes.spaces import Dim
 
 if TYPE_CHECKING:
@@ -229,12 +229,12 @@ class ConvLayer(Layer):
 
     def read_input(self, x: torch.Tensor, positions: int | None) -> torch.Tensor:
         """Its im2col patches at the sampled output positions, as (N, C, k·P)."""
-        return _patches(x, self.conv, positions).reshape(x.shape[0], x.shape[1], -1)
+        return im2col_patches(x, self.conv, positions).reshape(x.shape[0], x.shape[1], -1)
 
     @property
     def kernel_positions(self) -> int:
         """Its kernel's size."""
-        return math.prod(_pair(self.conv["kernel_size"]))
+        return math.prod(pair(self.conv["kernel_size"]))
 
     def merges_first(self, x: torch.Tensor, output: torch.Tensor, positions: int | None) -> bool:
         """Where its patches hold more values per channel than its input map (ResNet-50's last stages: 9·64

@@ -53,7 +53,7 @@ def at_tokens(x: torch.Tensor, batch_axis: int, unit_axes: tuple[int, ...], posi
     return flat if keep is None else flat.index_select(1, keep.to(flat.device))
 
 
-def _patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor:
+def im2col_patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor:
     """im2col (N, C·k, L) of a 1- or 2-D convolution's input, at ``sampled_positions`` of its L outputs.
 
     Only the sampled patches are gathered, from the unpadded map, with zeros
@@ -65,12 +65,12 @@ def _patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor
         raise PleasccError("least squares for convolutions with string padding is not supported; "
                            "use --method permute")
     if x.dim() == 3:  # 1-D: a 2-D convolution of height 1
-        one = {k: (1, _pair(v)[0]) for k, v in conv.items()}
-        one["padding"] = (0, _pair(conv["padding"])[0])
-        return _patches(x.unsqueeze(2), one, positions)
+        one = {k: (1, pair(v)[0]) for k, v in conv.items()}
+        one["padding"] = (0, pair(conv["padding"])[0])
+        return im2col_patches(x.unsqueeze(2), one, positions)
     if x.dim() != 4:
         raise PleasccError("least squares for 3-D convolutions is not supported yet; use --method permute")
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(conv[k]) for k in ("kernel_size", "stride", "padding", "dilation"))
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (pair(conv[k]) for k in ("kernel_size", "stride", "padding", "dilation"))
     out_h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     out_w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     keep = sampled_positions(out_h * out_w, positions)
@@ -87,5 +87,5 @@ def _patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor
     return patches.reshape(x.shape[0], -1, len(keep))
 
 
-def _pair(v) -> tuple[int, int]:
+def pair(v) -> tuple[int, int]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -69,16 +69,29 @@ class _Plan:
     analysis: Analysis
     heads: list[Layer]
     states: tuple[dict, dict]
-    matcher: str
-    refit: str | None
     batch_size: int
     separate: bool
-    separate_heads: set[str]
-    sequential: bool
-    fused: dict[str, str]  # norms fitted in their convolution's pass
-    levels: dict[str, int]
-    segments: list[list[int]]
-    outputs_memory: float
+    fused: dict[str, str] = field(default_factory=dict)  # sequential: norms fitted in their convolution's pass
+    levels: dict[str, int] = field(default_factory=dict)  # sequential: each layer's level
+    segments: list[list[int]] = field(default_factory=list)  # sequential: runs of levels recorded together
+    outputs_memory: float = 0.0  # sequential: memory the recorded outputs may take
+
+    @property
+    def matcher(self) -> str:
+        return METHODS[self.options.method][0]
+
+    @property
+    def refit(self) -> str | None:
+        return METHODS[self.options.method][1]
+
+    @property
+    def sequential(self) -> bool:
+        """Whether least squares fits level by level, recording A's and B's layer outputs."""
+        return self.refit == "least-squares" and self.options.least_squares == "sequential"
+
+    @property
+    def separate_heads(self) -> set[str]:
+        return {layer.node for layer in self.heads} if self.separate else set()
 
     @property
     def matches_every_sample(self) -> bool:
@@ -136,22 +149,19 @@ def _plan(model_a: nn.Module, model_b: nn.Module, data, opts: MergeOptions) -> _
     """Check the inputs, trace and analyse both models, and plan the passes: every error a merge can raise
     before its heavy work comes from here."""
     target = _usable_device(opts.device)
-    matcher, refit = METHODS[opts.method]
     x = _calibration_tensor(data, opts.samples, model_a, opts.seed)
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
     runs = statistics_copies(gms, target, read_rows(x[:2]))
-    sequential = refit == "least-squares" and opts.least_squares == "sequential"  # records A's and B's layer outputs
     batch_size = opts.batch_size or batch_size_for(analysis, gms[0].graph, opts.positions)
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
-    separate = _separate_labels(opts.labels, heads, states)
-    separate_heads = {layer.node for layer in heads} if separate else set()
-    fused = norm_producers(analysis, separate_heads) if sequential else {}  # norms fitted in their conv's pass
-    levels = layer_levels(gms[0], analysis, fused) if sequential else {}
-    segments, outputs_memory = plan_outputs(gms[0], analysis, levels, len(local), opts.positions,
-                                            opts.cache_gb * 2**30, opts.work_dir) if sequential else ([], 0)
-    return _Plan(options=opts, x=x, local=local, gms=gms, runs=runs, analysis=analysis, heads=heads, states=states,
-                 matcher=matcher, refit=refit, batch_size=batch_size, separate=separate, separate_heads=separate_heads,
-                 sequential=sequential, fused=fused, levels=levels, segments=segments, outputs_memory=outputs_memory)
+    plan = _Plan(options=opts, x=x, local=local, gms=gms, runs=runs, analysis=analysis, heads=heads, states=states,
+                 batch_size=batch_size, separate=_separate_labels(opts.labels, heads, states))
+    if plan.sequential:
+        plan.fused = norm_producers(analysis, plan.separate_heads)
+        plan.levels = layer_levels(gms[0], analysis, plan.fused)
+        plan.segments, plan.outputs_memory = plan_outputs(gms[0], analysis, plan.levels, len(local), opts.positions,
+                                                          opts.cache_gb * 2**30, opts.work_dir)
+    return plan
 
 
 def _matching_statistics(plan: _Plan, outputs: LayerOutputs | None, timings: dict[str, float]) -> dict | None:

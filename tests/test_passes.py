@@ -553,12 +553,12 @@ def test_gram_sum_is_the_matrix_product(shape, dtype, monkeypatch):
 ])
 def test_patches_at_sampled_positions_are_im2col_columns(conv, shape):
     """Gathering only the sampled patches gives those columns of the full im2col."""
-    from pleascc.passes.reads import _patches, sampled_positions
+    from pleascc.passes.reads import im2col_patches, sampled_positions
 
     x = torch.randn(shape)
-    full = _patches(x, conv, None)
+    full = im2col_patches(x, conv, None)
     keep = sampled_positions(full.shape[2], 5)
-    assert keep is not None and torch.equal(_patches(x, conv, 5), full[:, :, keep])
+    assert keep is not None and torch.equal(im2col_patches(x, conv, 5), full[:, :, keep])
 
 
 class _SeqFirst(nn.Module):
