@@ -1,27 +1,92 @@
-"""Running traced models node by node, together, on one batch (``lockstep``), and what that holds at once.
+"""Running traced models node by node: one model (``NodeRunner``), several together on one batch (``lockstep``).
 
 Every statistics pass streams the calibration data through A and B this way:
 a value is read as soon as both models have it, dropped once nothing later
 reads it, and overwritten in place where nothing else reads it.  Kept apart
 from the sums the passes take (``matching_stats``, ``stats``), so that batch
 sizing (``batching``) counts the live values without depending on them.
+
+``NodeRunner`` is a ``torch.fx.Interpreter``, as ``torch.fx.passes.shape_prop.ShapeProp``
+is: fx's own op methods say what each node means (a placeholder, an attribute,
+a call), and a runner only says what the passes do differently.  Its callers
+run nodes one at a time (``step``) rather than the whole graph (``run``):
+``lockstep`` interleaves models and yields between nodes.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
 
-from pleascc.passes.frontier import arguments, execute
 from pleascc.passes.in_place import in_place_twin
+
+
+class NodeRunner(fx.Interpreter):
+    """One traced model run a node at a time on the batch ``x``, holding the values in ``env`` (keyed by node).
+
+    The model is called with ``x`` alone (``placeholder``).  ``env``: values to start from (the nodes
+    they belong to are not run).  ``last_uses``: per node, the values to drop
+    once it has run and been read (``free``), as ``garbage_collect_values``
+    does, but after the caller's reads.  ``in_place``: per node, its op
+    writing into its first argument (``in_place.in_place_twin``), run instead
+    where that argument's value may be overwritten (``_may_overwrite``).
+    """
+
+    def __init__(self, gm: fx.GraphModule, x: torch.Tensor, env: dict[fx.Node, Any] | None = None,
+                 last_uses: dict[fx.Node, list[fx.Node]] | None = None,
+                 in_place: dict[fx.Node, Callable] | None = None) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.x, self.env = x, env if env is not None else {}
+        self.last_uses, self.in_place = last_uses or {}, in_place or {}
+        self.input = next((n.target for n in self.graph.nodes if n.op == "placeholder"), None)
+
+    def step(self, node: fx.Node) -> None:
+        """Run ``node`` on the values in ``env`` and hold its value there."""
+        self.env[node] = self.run_node(node)
+
+    def free(self, node: fx.Node) -> None:
+        """Drop the values nothing needs once ``node`` has run (``last_uses``)."""
+        for done in self.last_uses.get(node, ()):
+            del self.env[done]
+
+    def run_node(self, n: fx.Node) -> Any:
+        """``n``'s value, by its op method, or by its in-place twin where it may overwrite its first argument.
+
+        Unlike ``fx.Interpreter.run_node``, it sets no node metadata for the
+        op and logs nothing: the passes run every node of every batch here.
+        """
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        twin = self.in_place.get(n)
+        if twin is not None and self._may_overwrite(n, args, kwargs):
+            return twin(*args, **kwargs)
+        return getattr(self, n.op)(n.target, args, kwargs)
+
+    def placeholder(self, target: str, args: tuple, kwargs: dict) -> Any:
+        """The batch for the first placeholder; a later one's default (None without one)."""
+        return self.x if target == self.input else (args[0] if args else None)
+
+    def _may_overwrite(self, node: fx.Node, args: tuple, kwargs: dict) -> bool:
+        """Whether ``node``'s first argument's value (``args[0]``) is a tensor no other live value shares memory
+        with (an op may return its input, or a view of it), and the result has its shape and dtype (no
+        broadcast into it)."""
+        value = args[0]
+        if not isinstance(value, torch.Tensor) or value._base is not None:
+            return False
+        for source, other in self.env.items():
+            if source is not node.args[0] and any(t is value or t._base is value for t in _tensors_in(other)):
+                return False
+        tensors = [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor)]
+        numbers = [n for n in args[1:2] if isinstance(n, (int, float, bool))]
+        return (torch.broadcast_shapes(value.shape, *(t.shape for t in tensors)) == value.shape
+                and all(torch.result_type(value, other) == value.dtype for other in (*tensors, *numbers)))
 
 
 def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, tuple[str, ...]]
              ) -> Iterator[tuple[str, dict[str, list[torch.Tensor]]]]:
-    """Run models of one graph (``check_same_graph``) node by node together on one batch.
+    """Run models of one graph (``check_same_graph``) node by node together on one batch, a runner each.
 
     Once a node named in ``reads`` has run in every model, yield its name and
     the values of the nodes it reads, one per model; readers check what they
@@ -33,20 +98,20 @@ def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, 
     graphs = [list(gm.graph.nodes) for gm in gms]
     position = {node.name: k for k, node in enumerate(graphs[0])}
     dropped_after = _dropped_after(graphs[0], reads)
-    twins = _in_place_twins(gms, graphs, position, dropped_after, reads)
-    envs: list[dict[str, object]] = [{} for _ in gms]
+    overwritable = _overwritable(graphs[0], position, dropped_after, reads)
+    runners = [NodeRunner(gm, x, last_uses={nodes[k]: [nodes[j] for j in done] for k, done in dropped_after.items()},
+                          in_place={nodes[k]: twin for k in overwritable
+                                    if (twin := in_place_twin(gm, nodes[k])) is not None})
+               for gm, nodes in zip(gms, graphs)]
     for k in range(max(position[name] for name in reads) + 1):
+        for runner, nodes in zip(runners, graphs):
+            runner.step(nodes[k])
         name = graphs[0][k].name
-        for m, (gm, env, nodes) in enumerate(zip(gms, envs, graphs)):
-            twin = twins.get((m, k))
-            twin = twin if twin is not None and _may_overwrite(nodes[k], env) else None
-            env[nodes[k].name] = execute(gm, nodes[k], env, x, twin)
         if name in reads:
-            yield name, {read: [env[nodes[position[read]].name] for env, nodes in zip(envs, graphs)]
+            yield name, {read: [runner.env[nodes[position[read]]] for runner, nodes in zip(runners, graphs)]
                          for read in reads[name]}
-        for j in dropped_after.get(k, ()):
-            for env, nodes in zip(envs, graphs):
-                del env[nodes[j].name]
+        for runner, nodes in zip(runners, graphs):
+            runner.free(nodes[k])
 
 
 def _dropped_after(nodes: list[fx.Node], reads: dict[str, tuple[str, ...]]) -> dict[int, list[int]]:
@@ -62,39 +127,13 @@ def _dropped_after(nodes: list[fx.Node], reads: dict[str, tuple[str, ...]]) -> d
     return dropped
 
 
-def _in_place_twins(gms: tuple[fx.GraphModule, ...], graphs: list[list[fx.Node]], position: dict[str, int],
-                    dropped_after: dict[int, list[int]], reads: dict[str, tuple[str, ...]]
-                    ) -> dict[tuple[int, int], Callable]:
-    """Per (model, position), the in-place twin (``in_place_twin``) of a node that may overwrite its first
-    argument: a value computed by an op, read by this node alone, and by no read from here on."""
-    twins = {}
-    for k, node in enumerate(graphs[0]):
-        first = node.args[0] if node.args else None
-        if (not isinstance(first, fx.Node) or first.op not in ("call_module", "call_function", "call_method")
-                or len(first.users) != 1 or position[first.name] not in dropped_after.get(k, ())
-                or first.name in reads.get(node.name, ())):
-            continue
-        for m, (gm, nodes) in enumerate(zip(gms, graphs)):
-            twin = in_place_twin(gm, nodes[k])
-            if twin is not None:
-                twins[m, k] = twin
-    return twins
-
-
-def _may_overwrite(node: fx.Node, env: dict[str, object]) -> bool:
-    """Whether ``node``'s first argument's value is a tensor no other live value shares memory with (an op
-    may return its input, or a view of it), and the result has its shape and dtype (no broadcast into it)."""
-    value = env[node.args[0].name]
-    if not isinstance(value, torch.Tensor) or value._base is not None:
-        return False
-    for name, other in env.items():
-        if name != node.args[0].name and any(t is value or t._base is value for t in _tensors_in(other)):
-            return False
-    args, kwargs = arguments(node, env)
-    tensors = [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor)]
-    numbers = [n for n in args[1:2] if isinstance(n, (int, float, bool))]
-    return (torch.broadcast_shapes(value.shape, *(t.shape for t in tensors)) == value.shape
-            and all(torch.result_type(value, other) == value.dtype for other in (*tensors, *numbers)))
+def _overwritable(nodes: list[fx.Node], position: dict[str, int], dropped_after: dict[int, list[int]],
+                  reads: dict[str, tuple[str, ...]]) -> list[int]:
+    """The positions of the nodes that may overwrite their first argument where they have an in-place twin
+    (``in_place_twin``): a value computed by an op, read by this node alone, and by no read from here on."""
+    return [k for k, node in enumerate(nodes) if node.args and isinstance(first := node.args[0], fx.Node)
+            and first.op in ("call_module", "call_function", "call_method") and len(first.users) == 1
+            and position[first.name] in dropped_after.get(k, ()) and first.name not in reads.get(node.name, ())]
 
 
 def _tensors_in(value) -> Iterator[torch.Tensor]:
