@@ -231,7 +231,7 @@ def measure_forward(job: dict) -> dict:
 
 def breakdown(profile: pstats.Stats, total: float) -> dict[str, float]:
     """A profiled merge's seconds by what they do; the parts do not overlap, ``other`` is the rest."""
-    from pleascc.passes import frontier, gram, layers, matching_stats, merge_maps, solve, stats
+    from pleascc.passes import executor, gram, layers, matching_stats, merge_maps, solve, stats
 
     def profile_key(function) -> tuple[str, int, str]:  # pstats' name for a Python function
         code = function.__code__
@@ -243,7 +243,7 @@ def breakdown(profile: pstats.Stats, total: float) -> dict[str, float]:
 
     grams, targets = cumulative(gram.GramSum.add), cumulative(stats._accumulate)
     parts = {
-        "forward (every pass)": cumulative(frontier.execute),
+        "forward (every pass)": cumulative(executor.NodeRunner.run_node),
         "matching statistics": cumulative(matching_stats._add_site),
         "least-squares Grams": grams,
         "least-squares targets": targets,

@@ -10,7 +10,9 @@ sizing (``batching``) counts the live values without depending on them.
 is: fx's own op methods say what each node means (a placeholder, an attribute,
 a call), and a runner only says what the passes do differently.  Its callers
 run nodes one at a time (``step``) rather than the whole graph (``run``):
-``lockstep`` interleaves models and yields between nodes.
+``lockstep`` interleaves models and yields between nodes, and sequential least
+squares (``frontier.Frontier.run``) runs only the nodes whose values the store
+does not hold, from the values it loads.
 """
 
 from __future__ import annotations

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from pleascc.passes.executor import NodeRunner
 from pleascc.passes.groups import Analysis
 from pleascc.passes.store import ActivationStore, nbytes
 
@@ -103,18 +103,20 @@ class Frontier:
         self.store.read_ahead([("frontier", batch, name) for name in self.loads])
 
     def run(self, batch: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The names' values on batch ``batch`` (input ``x``), computing only what the store does not hold."""
-        env = {name: self.store.get(("frontier", batch, name)) for name in self.loads}
+        """The names' values on batch ``batch`` (input ``x``), computing only what the store does not hold
+        (a ``NodeRunner`` that starts from the values it loads and runs only the nodes they do not give)."""
+        runner = NodeRunner(self.gm, x, {self.nodes[name]: self.store.get(("frontier", batch, name))
+                                         for name in self.loads})
         for node in self.run_nodes:
-            env[node.name] = execute(self.gm, node, env, x)
+            runner.step(node)
         if self.plan is None:
-            self.plan = self._plan(env)
+            self.plan = self._plan(runner.env)
         newly_kept, forgotten = self.plan
         for name in newly_kept:
-            self.store.put(("frontier", batch, name), env[name])
+            self.store.put(("frontier", batch, name), runner.env[self.nodes[name]])
         for name in forgotten:
             self.store.drop(("frontier", batch, name))
-        return {name: env[name] for name in self.names}
+        return {name: runner.env[self.nodes[name]] for name in self.names}
 
     def finish(self) -> None:
         """After every batch of a pass: what the store holds now is what the next pass resumes from."""
@@ -122,7 +124,7 @@ class Frontier:
             newly_kept, forgotten = self.plan
             self.kept = (self.kept - set(forgotten)) | set(newly_kept)
 
-    def _plan(self, env: dict[str, object]) -> tuple[list[str], list[str]]:
+    def _plan(self, env: dict[fx.Node, object]) -> tuple[list[str], list[str]]:
         """Which values to keep after this pass (decided on its first batch): those a node not yet run reads,
         less the ones cheap nodes make from values kept already.  Those are recomputed when read instead,
         once: a node run a second time is kept if still read, so chains of recomputation stay one long."""
@@ -146,7 +148,7 @@ class Frontier:
         self.kept, self.done, self.ran_before = set(), set(), set()
 
 
-def _is_cheap(gm: fx.GraphModule, node: fx.Node, env: dict[str, object]) -> bool:
+def _is_cheap(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, object]) -> bool:
     """A node whose value costs less to recompute than to keep: an op with no matrix of weights that makes
     a value at least as large as each input (a norm, an activation, an add, a view)."""
     if node.op == "call_module":
@@ -155,38 +157,8 @@ def _is_cheap(gm: fx.GraphModule, node: fx.Node, env: dict[str, object]) -> bool
     elif node.op not in ("call_function", "call_method") or node.target in EXPENSIVE or (
             str(getattr(node.target, "__name__", node.target)).endswith("_")):
         return False
-    out = nbytes(env[node.name])
-    return out > 0 and all(nbytes(env[n.name]) <= out for n in node.all_input_nodes if n.name in env)
-
-
-def execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, object], x: torch.Tensor,
-            twin: Callable | None = None):
-    """One node's value from its inputs' values in ``env`` (an fx.Interpreter step that can start anywhere).
-
-    The model is called with ``x`` alone: later placeholders take their defaults.  ``twin``: the node's op
-    in place (``executor.lockstep``), called instead.
-    """
-    if node.op == "placeholder":
-        first = next(n for n in gm.graph.nodes if n.op == "placeholder")
-        return x if node is first else (node.args[0] if node.args else None)
-    if node.op == "get_attr":
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        return value
-    args, kwargs = arguments(node, env)
-    if twin is not None:
-        return twin(*args, **kwargs)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return gm.get_submodule(node.target)(*args, **kwargs)
-
-
-def arguments(node: fx.Node, env: dict[str, object]) -> tuple[tuple, dict]:
-    """``node``'s arguments, with the values of the nodes they name."""
-    return fx.node.map_arg(node.args, lambda n: env[n.name]), fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+    out = nbytes(env[node])
+    return out > 0 and all(nbytes(env[n]) <= out for n in node.all_input_nodes if n in env)
 
 
 def level_output_bytes(analysis: Analysis, levels: dict[str, int], samples: int,
