@@ -253,7 +253,7 @@ def breakdown(profile: pstats.Stats, total: float) -> dict[str, float]:
         "least-squares rows (read, mapped)": cumulative(stats._add_layer) - grams - targets
         + cumulative(layers.Layer.read_input) + cumulative(layers.ConvLayer.read_input)
         + cumulative(merge_maps.MergeMaps.merge, caller=stats._mapped_reads),
-        "solves": cumulative(solve.least_squares),
+        "solves": cumulative(solve.ridge_fit),
     }
     return {**parts, "other": total - sum(parts.values())}
 
