@@ -205,12 +205,15 @@ def measure_forward(job: dict) -> dict:
     from pleascc.options import MergeOptions
     from pleascc.passes.batching import batch_size_for
     from pleascc.passes.executor import lockstep
+    from pleascc.passes.groups import analyze
+    from pleascc.trace import trace
 
     torch.set_num_threads(job["threads"])
     api.reuse_freed_memory()  # as a merge does
     (model_a, shape), (model_b, _) = build(job["arch"], 0), build(job["arch"], 1)
     x = torch.randn(job["samples"], *shape, generator=torch.Generator().manual_seed(2))
-    gms, analysis, _, _ = api._trace_pair(model_a, model_b, x)
+    gms = (trace(model_a), trace(model_b))
+    analysis = analyze(gms[0], (x[:2],))
     batch = batch_size_for(analysis, gms[0].graph, MergeOptions().positions)
     last = [n.name for n in gms[0].graph.nodes if n.op in ("call_module", "call_function", "call_method")][-1]
     merge_runs = statistics_copies(gms, torch.device("cpu"), x[:2])
@@ -250,7 +253,7 @@ def breakdown(profile: pstats.Stats, total: float) -> dict[str, float]:
         "least-squares rows (read, mapped)": cumulative(stats._add_layer) - grams - targets
         + cumulative(layers.Layer.read_input) + cumulative(layers.ConvLayer.read_input)
         + cumulative(merge_maps.MergeMaps.merge, caller=stats._mapped_reads),
-        "solves": cumulative(solve.least_squares),
+        "solves": cumulative(solve.ridge_fit),
     }
     return {**parts, "other": total - sum(parts.values())}
 

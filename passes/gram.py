@@ -76,9 +76,8 @@ def mirror_upper(m: torch.Tensor) -> torch.Tensor:
     """``m``, each (d, d) matrix's upper triangle copied onto its lower one in place (a ``GramSum``'s result).
 
     ssyrk fills one triangle only.  Building the symmetric matrix as
-    triu + triu(1)ᵀ took three d×d float64 copies per Gram, 2.6 s of a
-    ResNet-50 merge (6% of its forward floor); a strip at a time, it
-    needs no copy the size of the matrix.
+    triu + triu(1)ᵀ takes three d×d float64 copies per Gram; a strip at a
+    time, it needs no copy the size of the matrix.
     """
     d = m.shape[-1]
     for start in range(0, d, MIRROR_BLOCK):

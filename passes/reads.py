@@ -25,7 +25,7 @@ def sampled_positions(length: int, most: int | None) -> torch.Tensor | None:
     """A fixed random subset of ``most`` of a feature map's ``length`` spatial positions; None: all of them.
 
     A 3×3 convolution's least squares has 9·C_in unknowns per output but
-    N·H·W rows, and its Gram costs ~4.5× the convolution itself; far fewer
+    N·H·W rows, and its Gram costs several times the convolution itself; far fewer
     rows determine the fit (and a BatchNorm's two unknowns, or matching's
     correlations, need fewer still).  The subset is the same for every
     sample, so a sharded merge reads the same rows as a single process.
@@ -58,8 +58,8 @@ def im2col_patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.
 
     Only the sampled patches are gathered, from the unpadded map, with zeros
     where a patch reaches into the padding: a full im2col is k× the input,
-    and padding the map first copied all of it to read k·64 values per
-    channel (5–10× slower for ResNet-50's first three stages).
+    and padding the map first would copy all of it to read k·64 values per
+    channel.
     """
     if isinstance(conv["padding"], str):
         raise PleasccError("least squares for convolutions with string padding is not supported; "

@@ -143,10 +143,10 @@ class SpillFile:
     """One append-only file of spilled values, written and read ahead by threads of their own while the
     passes compute.
 
-    Direct I/O where the file system allows it (no page cache: buffered
-    writes of a pass's values ran at 0.5 GB/s on this project's 2-core
-    machine, direct ones at 2.2); a dropped value's blocks are punched out
-    of the file, so the disk holds about what the store holds.
+    Direct I/O where the file system allows it: a value is written once and
+    read once, so the page cache would only copy it and compete with the
+    store for memory.  A dropped value's blocks are punched out of the
+    file, so the disk holds about what the store holds.
     """
 
     def __init__(self, directory: Path) -> None:

@@ -3,9 +3,9 @@
 glibc serves blocks above its mmap threshold (at most 32 MB, adjusted as
 blocks are freed) with a fresh mmap and unmaps them on free, and returns the
 heap's free top to the OS past its trim threshold.  A statistics pass
-allocates and frees the same activations batch after batch, ResNet-50's
-first stage alone 67 MB per tensor at batch 21, so every batch faults them
-back in, zero-filled page by page.  Raising both thresholds keeps freed
+allocates and frees the same activations batch after batch, a 224² CNN's
+first stage tens of MB per tensor, so every batch faults them back in,
+zero-filled page by page.  Raising both thresholds keeps freed
 blocks in the heap for the next batch (`benchmarks/bench_scale.py breakdown
 --glibc-defaults` measures the difference).  After each batch of
 sequential least squares, ``release_freed_memory`` hands back what the heap
@@ -72,8 +72,8 @@ def release_freed_memory() -> bool:
 
     After each batch of sequential least squares: a batch frees its
     activations around values the store keeps for later passes and spill
-    buffers still queued, and the holes add up within a pass (ResNet-50's
-    first stages at 2048 samples left 5 GB idle by a pass's end).  Released
+    buffers still queued, and the holes add up within a pass to gigabytes
+    on a 224² model.  Released
     pages are faulted back in when reused, so it is done only past the bound
     (``KEEP_BYTES`` kept for reuse, the libraries' own, a batch's holes); the
     check itself (``mallinfo2``) costs about a millisecond.  Anonymous, not

@@ -13,13 +13,12 @@ def statistics_copies(gms: tuple[fx.GraphModule, ...], device: torch.device, exa
                       ) -> tuple[fx.GraphModule, ...]:
     """The graphs the statistics passes run: ``gms`` on ``device``, channels-last on the CPU where that holds.
 
-    oneDNN's CPU convolutions run faster on channels-last maps (ResNet-50 at
-    224²: 0.809× the time, ``bench_scale.py forward``), and the passes read
-    values by their logical shape only,
-    so the statistics are the same.  A graph that ``.view``s a map, or whose
-    output changes so, keeps its layout: the copy is checked on ``example``.
-    So does a graph with one 4-D weight (vit_small's patch embedding: its
-    forward at 0.990×, nothing to gain).
+    oneDNN's CPU convolutions run faster on channels-last maps
+    (``bench_scale.py forward`` measures it), and the passes read values by
+    their logical shape only, so the statistics are the same.  A graph that
+    ``.view``s a map, or whose output changes so, keeps its layout: the copy
+    is checked on ``example``.  So does a graph with one 4-D weight (a ViT's
+    patch embedding: a single convolution, nothing to gain).
     Copies, as the caller's models share their weights with ``gms``.
     """
     if device.type != "cpu":

@@ -10,7 +10,7 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes.batching import FIRST_BATCH, batches
 from pleascc.passes.gram import GramSum, mirror_upper
 from pleascc.passes.groups import analyze, permutation_groups
-from pleascc.passes.layers import Layer, LinearLayer, NormLayer
+from pleascc.passes.layers import ConvLayer, Layer, LinearLayer, NormLayer
 from pleascc.passes.match import hungarian, identity, match_heads, zip_units
 from pleascc.passes.matching_stats import CrossMoments, feature_moments
 from pleascc.passes.merge_maps import Gather, MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
@@ -123,7 +123,7 @@ def test_merged_patches_are_the_patches_merged(positions):  # 9·4 from 4²: mer
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1, stride=2)).eval()
     gm = trace(model)
     analysis = analyze(gm, (torch.randn(2, 3, 4, 4),))
-    layer = next(layer for layer in analysis.layers if layer.kind == "conv" and analysis.table.size(layer.in_dim) == 6)
+    layer = next(layer for layer in analysis.layers if isinstance(layer, ConvLayer) and analysis.table.size(layer.in_dim) == 6)
     root = analysis.table.resolve(layer.in_dim).id
     maps = MergeMaps(analysis.table, {root: selections_from_pairs(6, torch.randperm(6), torch.randperm(6), 9)})
     inputs = [torch.randn(2, 6, 4, 4) for _ in range(2)]
