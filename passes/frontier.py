@@ -105,8 +105,9 @@ class Frontier:
     def run(self, batch: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The names' values on batch ``batch`` (input ``x``), computing only what the store does not hold
         (a ``NodeRunner`` that starts from the values it loads and runs only the nodes they do not give)."""
-        runner = NodeRunner(self.gm, x, {self.nodes[name]: self.store.get(("frontier", batch, name))
-                                         for name in self.loads})
+        keys = {name: ("frontier", batch, name) for name in self.loads}
+        self.store.reserve(list(keys.values()))  # those read back from disk: held beside the store's memory
+        runner = NodeRunner(self.gm, x, {self.nodes[name]: self.store.get(key) for name, key in keys.items()})
         for node in self.run_nodes:
             runner.step(node)
         if self.plan is None:

@@ -49,8 +49,9 @@ class ActivationStore:
 
     ``memory_bytes``: how much memory the store holds at most: values kept
     in memory and, once some have spilled, the spill file's buffers (writes
-    queued, reads ahead).  The rest goes to a file under ``work_dir``
-    (default: the system's temporary directory).
+    queued, reads ahead) and what its readers hold of values read back
+    (``reserve``).  The rest goes to a file under ``work_dir`` (default: the
+    system's temporary directory).
     """
 
     def __init__(self, memory_bytes: float, work_dir: str | Path | None = None) -> None:
@@ -60,6 +61,7 @@ class ActivationStore:
         self._disk: dict[Hashable, tuple[int, int, object, int]] = {}  # key -> (offset, length, skeleton, bytes)
         self._file: SpillFile | None = None
         self.memory_bytes = self.disk_bytes = 0
+        self.reserved = 0  # bytes of values read back that a reader holds at once, at most (``reserve``)
         self.peak_memory_bytes = self.peak_disk_bytes = self.spilled_bytes = 0
 
     def __enter__(self) -> "ActivationStore":
@@ -80,8 +82,8 @@ class ActivationStore:
         self.drop(key)
         size = nbytes(value)
         limit = self.limit if memory_limit is None else min(memory_limit, self.limit)
-        if self._file is not None:  # the spill file's buffers come out of the same memory
-            limit -= QUEUED_BYTES + AHEAD_BYTES
+        if self._file is not None:  # the spill file's buffers and the values read back take the same memory
+            limit -= QUEUED_BYTES + AHEAD_BYTES + self.reserved
         if size == 0 or self.memory_bytes + size <= limit:
             self._memory[key] = _owned(value)
             self.memory_bytes += size
@@ -104,6 +106,15 @@ class ActivationStore:
             return self._memory[key]
         offset, length, skeleton, _ = self._disk[key]
         return _rebuild(skeleton, self._file.read(offset, length))
+
+    def reserve(self, keys: list[Hashable]) -> None:
+        """Leave room in the limit for a reader to hold the values of ``keys`` that went to disk, read back.
+
+        A value read back is a copy its reader holds outside what the store
+        counts; a reader that holds several at once (a pass's batch) says so,
+        and values kept from then on leave room for the most it asked.
+        """
+        self.reserved = max(self.reserved, sum(self._disk[key][3] for key in keys if key in self._disk))
 
     def read_ahead(self, keys: list[Hashable]) -> None:
         """Start reading those of ``keys`` that went to disk, to be asked for soon (``get``)."""

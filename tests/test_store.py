@@ -69,6 +69,22 @@ def test_memory_holds_up_to_the_limit_and_the_rest_spills(tmp_path, monkeypatch)
         assert store.get("view").untyped_storage().nbytes() == 40
 
 
+def test_values_read_back_take_room_from_the_limit(tmp_path, monkeypatch):
+    """A pass holds what it reads back from disk beside the store's memory: once it says so (``reserve``),
+    values kept from then on leave that much room, so all of it stays within the limit."""
+    monkeypatch.setattr(store_module, "QUEUED_BYTES", 100)
+    monkeypatch.setattr(store_module, "AHEAD_BYTES", 100)
+    with ActivationStore(1000, tmp_path) as store:
+        store.put("a", torch.zeros(100))  # 400 bytes: in memory
+        store.put("b", torch.zeros(200))  # 800: on disk
+        store.reserve(["a", "b", "missing"])  # only b is read back from disk
+        assert store.reserved == 800
+        store.put("c", torch.zeros(1))  # 400 + 4 would fit 1000 less the buffers, not less b read back too
+        assert (store.memory_bytes, store.disk_bytes) == (400, 804)
+        store.reserve(["a"])  # the most asked for stays reserved
+        assert store.reserved == 800
+
+
 def _eventually(condition, seconds: float = 5.0) -> bool:
     """Whether ``condition`` holds within ``seconds`` (the spill file is written by a thread of its own)."""
     deadline = time.monotonic() + seconds
