@@ -7,11 +7,11 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 
 from pleascc import __version__, options
+from pleascc.outputs import beside, check_writable, check_writable_folder, write_atomically
 from pleascc.passes.errors import PleasccError, first_line
 
 EXAMPLES = """examples:
@@ -186,10 +186,9 @@ def _merge(args) -> int:
     device = args.device
     if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = distributed.init_from_environment(device)
-    _check_writable(args.output)
+    for path, option in _merge_outputs(args):
+        check_writable(path, option)
     dtype = output_dtype(args.dtype, args.format)
-    if args.report:
-        _check_writable(args.report)
     model_a, model_b = _load(args, args.model_a), _load(args, args.model_b)
     data = _calibration(args, model_a)
     result = pleascc.merge(model_a, model_b, data, choices, device=device, seed=args.seed,
@@ -210,9 +209,15 @@ def _merge(args) -> int:
         from pleascc.plots import draw_report
 
         _write_json(args.report, report)
-        draw_report(report, _png_beside(args.report))
+        draw_report(report, beside(args.report, ".png"))
     print(summary(report))
     return 0
+
+
+def _merge_outputs(args) -> list[tuple[str, str]]:
+    """Every file a merge writes, with the option that names it."""
+    paths = [(args.output, "-o")] + ([(beside(args.output, ".pt2"), "-o")] if args.format == "pt" else [])
+    return paths + ([(args.report, "--report"), (beside(args.report, ".png"), "--report")] if args.report else [])
 
 
 def summary(report: dict) -> str:
@@ -248,40 +253,19 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _png_beside(path: str) -> str:
-    """report.json -> report.png: the picture of a JSON report."""
-    return os.path.splitext(path)[0] + ".png"
-
-
-def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isfile(folder):
-        raise PleasccError(f"cannot write {path}: {folder} is a file, not a folder; choose another path")
-    if not os.path.isdir(folder):
-        raise PleasccError(f"cannot write {path}: folder {folder} does not exist; create it or choose another path")
-    if os.path.isdir(path):
-        raise PleasccError(f"cannot write {path}: it is a folder; pass a file path (inside it, say)")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise PleasccError(f"cannot write {path}: permission denied; choose another path")
-
-
 def _write_json(path: str, value: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(value, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    write_atomically(path, dump)
 
 
 def _eval(args) -> int:
     from pleascc.evaluate import evaluate_onnx
 
     if args.report:
-        _check_writable(args.report)
+        check_writable(args.report, "--report")
     data = _calibration(args, None)
     report = evaluate_onnx(args.model, data.x, data.y, args.head_classes, args.batch_size)
     if args.report:
@@ -296,6 +280,8 @@ def _eval(args) -> int:
 
 
 def _groups(args) -> int:
+    if args.draw:
+        check_writable(args.draw, "--draw")
     import torch
 
     from pleascc.passes.groups import analyze, coverage, permutation_groups
@@ -315,8 +301,6 @@ def _groups(args) -> int:
     else:
         example = torch.randn(2, *(args.input_shape or _default_input_shape(model)))
     _check_fits(model, example, "check --data" if args.data else "pass --input-shape (e.g. 3,224,224) or --data")
-    if args.draw:
-        _check_writable(args.draw)
     gm = trace(model)
     analysis = analyze(gm, (example,))
     print(format_groups(analysis, permutation_groups(analysis), coverage(analysis, model)))
@@ -370,6 +354,7 @@ def _short(names: list[str], limit: int = 3) -> str:
 
 
 def _demo(args) -> int:
+    check_writable_folder(args.out, "--out")
     from pleascc.demo import run_demo
 
     run_demo(args.out)

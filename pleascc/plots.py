@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import networkx as nx
 import torch.fx as fx
 
+from pleascc.outputs import write_atomically
 from pleascc.passes.groups import Analysis, leaves
 
 
@@ -21,15 +19,7 @@ def _figure():
 
 
 def _save(fig, path: str) -> None:
-    """Write through a temporary file, so a failure leaves no partial PNG."""
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 def node_groups(analysis: Analysis) -> dict[str, int | None]:

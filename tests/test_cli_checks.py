@@ -1,0 +1,71 @@
+"""What a new user hits first: outputs that cannot be written, refused before any heavy work (one line, exit 2,
+no file); files written under the user's umask."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+import pleascc.api
+import pleascc.data
+import pleascc.demo
+import pleascc.load
+from conftest import ARCH, cli_error, merge_args, save_npz
+from pleascc.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+UNWRITABLE = ["/proc/x", "/sys/x", "{tmp}/no_such_folder/x", "{a_file}/x"]  # no new files, even for root
+OUTPUTS = [(command, path) for command in ("merge -o", "merge --report", "eval --report", "groups --draw", "demo --out")
+           for path in UNWRITABLE if not (command == "demo --out" and "no_such_folder" in path)]  # demo makes it
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError("heavy work started before the check")
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    """Loading a model or data, and the matching pass, fail the test: a check must come before them."""
+    for module, name in ((pleascc.load, "load_model"), (pleascc.load, "build_arch"), (pleascc.data, "load_data"),
+                         (pleascc.demo, "run_demo"), (pleascc.api, "feature_moments")):
+        monkeypatch.setattr(module, name, _fail)
+
+
+@pytest.mark.parametrize("command, path", OUTPUTS)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(files, tmp_path, capsys, no_heavy_work,
+                                                                      command, path):
+    """/proc and /sys (which take no new files, even from root), a missing folder, a folder that is a file: one
+    line naming the path and the option to change, exit 2, and nothing written anywhere."""
+    target = path.format(tmp=tmp_path, a_file=files["a_file"])
+    good = tmp_path / "out.onnx"
+    argv = {"merge -o": merge_args(files, target + ".onnx"),
+            "merge --report": merge_args(files, good, "--report", target + ".json"),
+            "eval --report": ["eval", str(good), "--data", files["calib"], "--report", target + ".json"],
+            "groups --draw": ["groups", files["a"], *ARCH, "--draw", target + ".png"],
+            "demo --out": ["demo", "--out", target]}[command]
+    err = cli_error(capsys, argv)
+    assert target in err and f"choose another {command.split()[1]}" in err, err
+    assert list(tmp_path.iterdir()) == [] and not os.path.exists(target)
+
+
+# ---------------------------------------------------------------------------- file modes
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_reports_and_pictures_are_written_under_the_umask(files, tmp_path, umask_022):
+    """Like the ONNX file, the report, its PNG, eval's report and the groups picture are 0644 under umask 022."""
+    out = tmp_path / "out.onnx"
+    assert main(merge_args(files, out, "--method", "average", "--report", str(tmp_path / "r.json"))) == 0
+    labeled = save_npz(tmp_path / "test.npz", x=np.load(files["calib"])["x"][:20], y=np.arange(20) % 5)
+    assert main(["eval", str(out), "--data", labeled, "--report", str(tmp_path / "e.json")]) == 0
+    assert main(["groups", files["a"], *ARCH, "--input-shape", "1,8,8", "--draw", str(tmp_path / "g.png")]) == 0
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["out.onnx", "r.json", "r.png", "test.npz", "e.json", "g.png"], 0o644)
