@@ -75,6 +75,7 @@ class _Plan:
     levels: dict[str, int] = field(default_factory=dict)  # sequential: each layer's level
     segments: list[list[int]] = field(default_factory=list)  # sequential: runs of levels recorded together
     outputs_memory: float = 0.0  # sequential: memory the recorded outputs may take
+    underdetermined: list[str] = field(default_factory=list)  # least squares: fits with fewer rows than unknowns
 
     @property
     def matcher(self) -> str:
@@ -148,7 +149,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
 def _plan(model_a: nn.Module, model_b: nn.Module, data, opts: MergeOptions) -> _Plan:
     """Check the inputs, trace and analyse both models, and plan the passes: every error a merge can raise
     before its heavy work comes from here."""
-    target = _usable_device(opts.device)
+    target = usable_device(opts.device)
     x = _calibration_tensor(data, opts.samples, model_a, opts.seed)
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
     runs = statistics_copies(gms, target, read_rows(x[:2]))
@@ -156,6 +157,8 @@ def _plan(model_a: nn.Module, model_b: nn.Module, data, opts: MergeOptions) -> _
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
     plan = _Plan(options=opts, x=x, local=local, gms=gms, runs=runs, analysis=analysis, heads=heads, states=states,
                  batch_size=batch_size, separate=_separate_labels(opts.labels, heads, states))
+    if plan.refit == "least-squares":
+        plan.underdetermined = check_samples(analysis, plan.separate_heads, len(x), opts.positions)
     if plan.sequential:
         plan.fused = norm_producers(analysis, plan.separate_heads)
         plan.levels = layer_levels(gms[0], analysis, plan.fused)
@@ -218,15 +221,14 @@ def _refit(plan: _Plan, maps: MergeMaps, fits: list[Problem], emit_with, store: 
         _regmean(plan, maps, fits)
     if plan.refit != "least-squares":
         return {}, 0, []
-    underdetermined = check_samples(fits, plan.analysis, plan.x, opts.positions)
     solver = LeastSquares(plan.runs, plan.analysis, maps, plan.local, plan.batch_size, opts.progress, opts.ridge,
                           opts.positions, timings)
     if not plan.sequential:
-        return solver.fit(fits), 1, underdetermined
+        return solver.fit(fits), 1, plan.underdetermined
     residuals, passes = solver.fit_in_levels(
         fits, plan.fused, plan.levels, plan.segments, outputs, store, plan.matches_every_sample,
         lambda: emit_with(layer_weights(fits, plan.states)).to(opts.device))
-    return residuals, passes, underdetermined
+    return residuals, passes, plan.underdetermined
 
 
 def _regmean(plan: _Plan, maps: MergeMaps, fits: list[Problem]) -> None:
@@ -277,7 +279,7 @@ def _check_finite_weights(states: tuple[dict, dict]) -> None:
                                "diverged run?); merge a finite one")
 
 
-def _usable_device(device: str) -> torch.device:
+def usable_device(device: str) -> torch.device:
     """``device`` parsed and tried with one allocation, before any work is done on it."""
     try:
         target = torch.device(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -176,23 +177,24 @@ def _calibration(args, model):
 
 
 def _merge(args) -> int:
+    start = time.perf_counter()
+    choices = options.from_arguments(args)  # checked, with the output paths, before anything heavy is imported
+    _check_counts(args, "image_size")
+    for path, option in _merge_outputs(args):
+        check_writable(path, option)
     import pleascc
+    from pleascc.api import usable_device
     from pleascc.export import output_dtype
     from pleascc.passes import distributed
     from pleascc.passes.rows import read_rows
 
-    start = time.perf_counter()
-    choices = options.from_arguments(args)  # checked before any work
-    device = args.device
-    if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = distributed.init_from_environment(device)
-    for path, option in _merge_outputs(args):
-        check_writable(path, option)
     dtype = output_dtype(args.dtype, args.format)
+    if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        choices = dataclasses.replace(choices, device=distributed.init_from_environment(choices.device))
+    usable_device(choices.device)
     model_a, model_b = _load(args, args.model_a), _load(args, args.model_b)
     data = _calibration(args, model_a)
-    result = pleascc.merge(model_a, model_b, data, choices, device=device, seed=args.seed,
-                           progress=not args.no_progress)
+    result = pleascc.merge(model_a, model_b, data, choices, progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0
     example = read_rows(data.x[: min(len(data.x), 8)])
@@ -212,6 +214,12 @@ def _merge(args) -> int:
         draw_report(report, beside(args.report, ".png"))
     print(summary(report))
     return 0
+
+
+def _check_counts(args, *names: str) -> None:
+    """The command's counts and sizes that ``MergeOptions`` does not check, before anything is loaded."""
+    for name in names:
+        options.check_positive(name, getattr(args, name))
 
 
 def _merge_outputs(args) -> list[tuple[str, str]]:
@@ -262,10 +270,12 @@ def _write_json(path: str, value: dict) -> None:
 
 
 def _eval(args) -> int:
-    from pleascc.evaluate import evaluate_onnx
-
+    _check_counts(args, "samples", "image_size", "batch_size")
     if args.report:
         check_writable(args.report, "--report")
+    from pleascc.evaluate import evaluate_onnx, parse_head_classes
+
+    parse_head_classes(args.head_classes)
     data = _calibration(args, None)
     report = evaluate_onnx(args.model, data.x, data.y, args.head_classes, args.batch_size)
     if args.report:
@@ -280,6 +290,9 @@ def _eval(args) -> int:
 
 
 def _groups(args) -> int:
+    if args.model == "none" and not args.arch:
+        raise PleasccError("'pleascc groups none' needs --arch to build the model")
+    _check_counts(args, "samples", "image_size", "input_shape")
     if args.draw:
         check_writable(args.draw, "--draw")
     import torch
@@ -289,8 +302,6 @@ def _groups(args) -> int:
     from pleascc.trace import trace
 
     if args.model == "none":
-        if not args.arch:
-            raise PleasccError("'pleascc groups none' needs --arch to build the model")
         from pleascc.load import build_arch
 
         model = build_arch(args.arch, args.arch_kwargs).eval()

@@ -19,6 +19,7 @@ LABELS = ("shared", "separate")
 MATCHINGS = ("activation", "weight")
 WIDTH_SEARCHES = ("greedy", "uniform", "stages")  # see passes.budget.WIDTHS
 LEAST_SQUARES = ("sequential", "one-pass")  # fit inputs: the merged model's own, or the originals' features
+SHARED_FLAGS = ("samples", "seed")  # options whose flags every command has (``pleascc.cli``'s data flags)
 
 
 def _option(default, help: str, flag: str | None = "", choices: tuple | None = None, metavar: str | None = None):
@@ -102,13 +103,19 @@ class MergeOptions:
         if not 1.0 <= self.budget <= 2.0:
             raise PleasccError(f"budget {self.budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
         for name in ("positions", "match_samples", "batch_size", "samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise PleasccError(f"{name.replace('_', ' ')} {value} is not positive: pass "
-                                   f"--{name.replace('_', '-')} 1 or more, or leave it out")
+            check_positive(name, getattr(self, name))
         if self.reset_bn and METHODS[self.method][1] == "least-squares":
             raise PleasccError("--reset-bn recomputes a baseline's BatchNorm statistics; pleas fits its BatchNorms "
                                "by least squares: drop --reset-bn")
+
+
+def check_positive(name: str, value: int | tuple[int, ...] | None) -> None:
+    """A count (or each size of a shape) of the merge or of the command line: left out (None), or 1 or more."""
+    values = value if isinstance(value, tuple) else (value,)
+    if any(v is not None and v < 1 for v in values):
+        shown = ",".join(str(v) for v in values)
+        raise PleasccError(f"{name.replace('_', ' ')} {shown} is not positive: pass --{name.replace('_', '-')} "
+                           "1 or more, or leave it out")
 
 
 def _field(name: str) -> dataclasses.Field:
@@ -136,9 +143,10 @@ def add_arguments(parser) -> None:
 
 
 def from_arguments(args) -> MergeOptions:
-    """The options a parsed ``pleascc merge`` command line gives (the others at their defaults)."""
+    """The options a parsed ``pleascc merge`` command line gives: its flags, and ``--samples`` and ``--seed``,
+    which it shares with the other commands (the others at their defaults)."""
     return MergeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MergeOptions)
-                           if flag(f) is not None})
+                           if flag(f) is not None or f.name in SHARED_FLAGS})
 
 
 def markdown_table() -> str:

@@ -1,8 +1,11 @@
-"""What a new user hits first: outputs that cannot be written, refused before any heavy work (one line, exit 2,
-no file); files written under the user's umask."""
+"""What a new user hits first: outputs that cannot be written and bad options, refused before any heavy work
+(one line, exit 2, no file); files written under the user's umask."""
 
 import os
 import stat
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -48,6 +51,57 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(files, tmp_
     err = cli_error(capsys, argv)
     assert target in err and f"choose another {command.split()[1]}" in err, err
     assert list(tmp_path.iterdir()) == [] and not os.path.exists(target)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--budget", "5"], ["budget 5.0", "[1, 2]"]),
+    (["--samples", "0"], ["samples 0", "--samples 1 or more"]),
+    (["--image-size", "0"], ["image size 0", "--image-size"]),
+    (["--method", "pleas", "--reset-bn"], ["drop --reset-bn"]),
+    (["--method", "zipit", "--matching", "weight"], ["weight matching"]),
+    (["--dtype", "bfloat16"], ["bfloat16", "--format pt"]),
+    (["--device", "gpu"], ["device 'gpu' is not usable", "--device cpu"]),
+])
+def test_merge_options_are_checked_before_any_model_or_data_loads(files, tmp_path, capsys, no_heavy_work, argv,
+                                                                 words):
+    err = cli_error(capsys, merge_args(files, tmp_path / "out.onnx", *argv))
+    assert all(word in err for word in words), err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "m.onnx", "--data", "d.npz", "--batch-size", "0"], ["batch size 0"]),
+    (["eval", "m.onnx", "--data", "d.npz", "--head-classes", "0-4,x"], ["--head-classes", "0-4,5-9"]),
+    (["groups", "a.pt", "--input-shape", "0,8,8"], ["input shape 0,8,8", "--input-shape"]),
+    (["groups", "none"], ["needs --arch"]),
+])
+def test_other_commands_check_their_options_before_loading(capsys, no_heavy_work, argv, words):
+    err = cli_error(capsys, argv)
+    assert all(word in err for word in words), err
+
+
+def test_bad_options_and_outputs_answer_before_torch_is_imported(files, tmp_path):
+    """The usual first mistakes answer at once: importing torch alone takes seconds."""
+    code = textwrap.dedent(f"""
+        import sys
+        from pleascc.cli import main
+        for argv in ({merge_args(files, tmp_path / "out.onnx", "--budget", "5")!r},
+                     {merge_args(files, "/proc/x.onnx")!r},
+                     {merge_args(files, tmp_path / "out.onnx", "--report", "/sys/r.json")!r}):
+            assert main(argv) == 2
+        assert "torch" not in sys.modules, "torch was imported"
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("pleascc: error: ") == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_too_few_samples_for_least_squares_is_refused_before_the_matching_pass(files, tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setattr(pleascc.api, "feature_moments", _fail)
+    err = cli_error(capsys, merge_args(files, tmp_path / "out.onnx", data="few"))
+    assert "6 samples" in err and "needs at least 10" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------- file modes
