@@ -83,7 +83,7 @@ class _Plan:
 
     @property
     def refit(self) -> str | None:
-        return METHODS[self.options.method][1]
+        return self.options.refit
 
     @property
     def sequential(self) -> bool:
@@ -108,9 +108,12 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
     ``data``: calibration inputs (a tensor N×…, a ``CalibrationData``, or a path
     ``load_data`` reads).  ``options``: a ``MergeOptions``, or its fields as
     keywords (``budget=1.5, method="zipit"``, …; each field's help says what it
-    does), checked before any work.  On glibc, the process keeps up to 1 GB of
-    freed memory for reuse from then on (``allocator.reuse_freed_memory``): the
-    passes free and reallocate the same activations every batch.
+    does), checked before any work.  After ``permute``, ``average`` and ``zipit``
+    the merged BatchNorms' running statistics are recomputed on the data, as
+    those methods' papers evaluate (``reset_bn=False`` keeps them averaged).
+    On glibc, the process keeps up to 1 GB of freed memory for reuse from then
+    on (``allocator.reuse_freed_memory``): the passes free and reallocate the
+    same activations every batch.
     """
     opts = dataclasses.replace(options or MergeOptions(), **choices)
     timings: dict[str, float] = {}
@@ -136,6 +139,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
     merged = _emit(plan, fits, emit_with, timings)
     report = _report(plan.analysis, model_a, merged, matchings, widths, costs, residuals, timings,
                      method=opts.method, budget=opts.budget, separate=plan.separate, samples=len(plan.x),
+                     reset_bn=opts.resets_batch_norm,
                      batch_size=plan.batch_size,
                      match_samples=None if opts.matching == "weight" else min(len(plan.x), opts.match_samples
                                                                               or len(plan.x)),
@@ -244,14 +248,15 @@ def _regmean(plan: _Plan, maps: MergeMaps, fits: list[Problem]) -> None:
 
 
 def _emit(plan: _Plan, fits: list[Problem], emit_with, timings: dict[str, float]) -> fx.GraphModule:
-    """The merged model, with each block's fit (or warm start); BatchNorm statistics recomputed on request."""
+    """The merged model, with each block's fit (or warm start); BatchNorm statistics recomputed where the
+    options say (``MergeOptions.resets_batch_norm``)."""
     opts = plan.options
     clock = time.perf_counter()
-    # --reset-bn re-estimates running statistics, which norms' fits fold into γ, β: those stay averaged
-    refitted = fits if not opts.reset_bn else [p for p in fits if not p.layer.folds_running_stats]
+    # the reset re-estimates running statistics, which norms' fits fold into γ, β: those stay averaged
+    refitted = fits if not opts.resets_batch_norm else [p for p in fits if not p.layer.folds_running_stats]
     merged = emit_with(layer_weights(refitted, plan.states))
     add_time(timings, "emit", clock)
-    if opts.reset_bn:
+    if opts.resets_batch_norm:
         reset_batch_norm(merged, plan.local, plan.batch_size, opts.progress)
     return merged
 
@@ -318,6 +323,8 @@ def reset_batch_norm(model: nn.Module, x: torch.Tensor, batch_size: int = 64, pr
     Under torch.distributed each rank's statistics are averaged over the ranks.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:  # nothing to recompute: no pass over the data
+        return
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()

@@ -237,7 +237,8 @@ def summary(report: dict) -> str:
         f"method {report['method']}, budget {report['budget']}: {report['relative_flops']:.3f}x the FLOPs of one "
         f"model, {report['params_merged']:,} parameters (one model: {report['params_a']:,})",
         f"{len(groups)} permutation groups, {merged}/{units} unit pairs merged; "
-        f"coverage {report['coverage']:.1%} of parameters; labels {'separate' if report['separate'] else 'shared'}",
+        f"coverage {report['coverage']:.1%} of parameters; labels {'separate' if report['separate'] else 'shared'}"
+        + ("; BatchNorm statistics recomputed on the data" if report["reset_bn"] else ""),
     ]
     if report.get("least_squares"):
         lines.append(f"least squares: {report['least_squares']}, {report['least_squares_passes']} pass(es) over the "

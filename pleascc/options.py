@@ -7,6 +7,7 @@ before it imports torch (``--help`` stays instant); this module imports nothing 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -71,9 +72,11 @@ class MergeOptions:
     device: str = _option(
         "cpu", "where the statistics passes run and the least-squares systems are solved: `cpu` or `cuda` "
                "(matching runs on the CPU; under torchrun each rank its local GPU, NCCL for the sums)")
-    reset_bn: bool = _option(
-        False, "baselines: recompute the merged model's BatchNorm statistics on the data afterwards, as ZipIt! and "
-               "Git Re-Basin evaluate their merges (PLeaS fits its BatchNorms by least squares and refuses it)")
+    reset_bn: bool | None = _option(
+        None, "recompute the merged model's BatchNorm statistics on the data afterwards, as ZipIt! and Git Re-Basin "
+              "evaluate their merges (default: on for permute, average and zipit, which refit no layer; off for "
+              "regmean; pleas fits its BatchNorms by least squares and refuses it); a model without BatchNorm is "
+              "left as it is")
     zip_alpha: float = _option(0.3, "zipit: similarity decay of a merged unit (0: pairs only, no larger clusters)")
     zip_beta: float = _option(0.125, "zipit: share of the merges that may join two units of one model")
     zip_until: str | None = _option(
@@ -104,9 +107,20 @@ class MergeOptions:
             raise PleasccError(f"budget {self.budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
         for name in ("positions", "match_samples", "batch_size", "samples"):
             check_positive(name, getattr(self, name))
-        if self.reset_bn and METHODS[self.method][1] == "least-squares":
+        if self.reset_bn and self.refit == "least-squares":
             raise PleasccError("--reset-bn recomputes a baseline's BatchNorm statistics; pleas fits its BatchNorms "
                                "by least squares: drop --reset-bn")
+
+    @property
+    def refit(self) -> str | None:
+        """How the method refits layers after matching: PLeaS least squares, RegMean, or not at all (None)."""
+        return METHODS[self.method][1]
+
+    @property
+    def resets_batch_norm(self) -> bool:
+        """``reset_bn``, or the method's default: on for the methods that refit no layer, whose averaged
+        BatchNorm statistics no longer describe the merged features (their papers reset them)."""
+        return self.refit is None if self.reset_bn is None else self.reset_bn
 
 
 def check_positive(name: str, value: int | tuple[int, ...] | None) -> None:
@@ -128,14 +142,15 @@ def flag(f: dataclasses.Field) -> str | None:
     return "--" + f.name.replace("_", "-") if given == "" else given
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``pleascc merge``'s flags for the options that have one, with their defaults and help."""
     for f in dataclasses.fields(MergeOptions):
         if flag(f) is None:
             continue
         help = f.metadata["help"].replace("`", "").replace("%", "%%")
-        if f.type == "bool":
-            parser.add_argument(flag(f), dest=f.name, action="store_true", help=help)
+        if f.type == "bool | None":  # --reset-bn and --no-reset-bn; None: the method's default
+            parser.add_argument(flag(f), dest=f.name, default=f.default, action=argparse.BooleanOptionalAction,
+                                help=help)
             continue
         kind = {"float": float, "int | None": int}.get(f.type)
         parser.add_argument(flag(f), dest=f.name, default=f.default, type=kind, choices=f.metadata["choices"],
@@ -154,7 +169,8 @@ def markdown_table() -> str:
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(MergeOptions):
         if flag(f) is not None:
-            rows.append(f"| `{flag(f)}` | {_shown(f.default)} | {f.metadata['help']} |")
+            flags = f"`{flag(f)}`" + (f", `--no-{flag(f)[2:]}`" if f.type == "bool | None" else "")
+            rows.append(f"| {flags} | {_shown(f.default)} | {f.metadata['help']} |")
     return "\n".join(rows)
 
 

@@ -46,6 +46,8 @@ def test_the_command_line_the_api_and_the_docs_derive_from_one_options_class():
                                     "--positions", "0", "--budget", "1.5", "--reset-bn", "--method", "zipit"])
     assert from_arguments(flagged) == MergeOptions(width_search="stages", positions=None, budget=1.5, reset_bn=True,
                                                    method="zipit")
+    kept = _parser().parse_args(["merge", "a.pt", "b.pt", "-o", "m.onnx", "--data", "d", "--no-reset-bn"])
+    assert from_arguments(kept) == MergeOptions(reset_bn=False)
     assert [f.name for f in dataclasses.fields(MergeOptions) if flag(f) is None] == [
         "ridge", "samples", "seed", "progress"]  # the API's only, or flags shared with other commands
     with pytest.raises(TypeError):
