@@ -81,7 +81,7 @@ class MergeOptions:
     zip_beta: float = _option(0.125, "zipit: share of the merges that may join two units of one model")
     zip_until: str | None = _option(
         None, "merge up to this layer or module (`layer3`) and keep both models' later layers (ZipIt!'s partial "
-              "zipping; sets the widths instead of `--budget`)", metavar="LAYER")
+              "zipping; sets the widths instead of `--budget`; default: none, the budget sets them)", metavar="LAYER")
     regmean_alpha: float = _option(0.9, "regmean: scale of the input Grams' off-diagonals (1: plain least squares)")
     ridge: float = _option(1e-4, "least squares' ridge, relative to each Gram's mean diagonal", flag=None)
     samples: int | None = _option(None, "use a seeded subset of this many calibration samples", flag=None)
@@ -123,6 +123,11 @@ class MergeOptions:
         return self.refit is None if self.reset_bn is None else self.reset_bn
 
 
+def help_of(name: str) -> str:
+    """An option's help, as the command line shows it."""
+    return _field(name).metadata["help"].replace("`", "")
+
+
 def check_positive(name: str, value: int | tuple[int, ...] | None) -> None:
     """A count (or each size of a shape) of the merge or of the command line: left out (None), or 1 or more."""
     values = value if isinstance(value, tuple) else (value,)
@@ -143,18 +148,19 @@ def flag(f: dataclasses.Field) -> str | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``pleascc merge``'s flags for the options that have one, with their defaults and help."""
+    """``pleascc merge``'s flags for the options that have one, with their defaults and help (the parser's
+    formatter shows each default, unless the help says it)."""
     for f in dataclasses.fields(MergeOptions):
         if flag(f) is None:
             continue
-        help = f.metadata["help"].replace("`", "").replace("%", "%%")
+        help = help_of(f.name).replace("%", "%%")
         if f.type == "bool | None":  # --reset-bn and --no-reset-bn; None: the method's default
             parser.add_argument(flag(f), dest=f.name, default=f.default, action=argparse.BooleanOptionalAction,
                                 help=help)
             continue
         kind = {"float": float, "int | None": int}.get(f.type)
         parser.add_argument(flag(f), dest=f.name, default=f.default, type=kind, choices=f.metadata["choices"],
-                            metavar=f.metadata["metavar"], help=f"{help} (default: {_shown(f.default)})")
+                            metavar=f.metadata["metavar"], help=help)
 
 
 def from_arguments(args) -> MergeOptions:
@@ -170,9 +176,10 @@ def markdown_table() -> str:
     for f in dataclasses.fields(MergeOptions):
         if flag(f) is not None:
             flags = f"`{flag(f)}`" + (f", `--no-{flag(f)[2:]}`" if f.type == "bool | None" else "")
-            rows.append(f"| {flags} | {_shown(f.default)} | {f.metadata['help']} |")
+            rows.append(f"| {flags} | {shown(f.default)} | {f.metadata['help']} |")
     return "\n".join(rows)
 
 
-def _shown(default) -> str:
+def shown(default: object) -> str:
+    """A default as the options table and ``--help`` show it."""
     return "—" if default is None else str(default).lower() if isinstance(default, bool) else str(default)

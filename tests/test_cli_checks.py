@@ -1,6 +1,7 @@
 """What a new user hits first: outputs that cannot be written and bad options, refused before any heavy work
-(one line, exit 2, no file); files written under the user's umask."""
+(one line, exit 2, no file); help that shows every default; files written under the user's umask."""
 
+import argparse
 import os
 import stat
 import subprocess
@@ -15,7 +16,7 @@ import pleascc.data
 import pleascc.demo
 import pleascc.load
 from conftest import ARCH, cli_error, merge_args, save_npz
-from pleascc.cli import main
+from pleascc.cli import _Formatter, _parser, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,6 +103,33 @@ def test_too_few_samples_for_least_squares_is_refused_before_the_matching_pass(f
     err = cli_error(capsys, merge_args(files, tmp_path / "out.onnx", data="few"))
     assert "6 samples" in err and "needs at least 10" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- help
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("command", ["merge", "eval", "groups", "demo"])
+def test_help_shows_every_default(command):
+    formatter = _Formatter(f"pleascc {command}")
+    for action in _subcommands()[command]._actions:
+        if action.option_strings and not action.required and action.default is not argparse.SUPPRESS:
+            shown = formatter._get_help_string(action)
+            assert "default" in shown and "default: None" not in shown and "default: —" not in shown, shown
+
+
+def test_help_describes_each_commands_own_data_and_every_format_it_reads():
+    helps = {name: {a.dest: a.help for a in parser._actions} for name, parser in _subcommands().items()}
+    formats = pleascc.data.IMAGE_EXTENSIONS + pleascc.data.TENSOR_EXTENSIONS + pleascc.data.STREAMED_EXTENSIONS
+    for command in ("merge", "eval", "groups"):
+        assert all(ext in helps[command]["data"] for ext in formats), command
+    assert "calibration" in helps["merge"]["data"] and "weight matching" in helps["merge"]["seed"]
+    for command in ("eval", "groups"):
+        assert "calibration" not in helps[command]["data"] and "weight matching" not in helps[command]["seed"]
+    assert "--format pt" in helps["merge"]["output"] and ".pt2" in helps["merge"]["output"]
 
 
 # ---------------------------------------------------------------------------- file modes
