@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 import pleascc
 import pleascc.least_squares
@@ -108,6 +109,31 @@ def test_groups_of_checkpoint(files, capsys, tmp_path):
     for data in ("calib", "calib_npy"):
         assert main(["groups", files["a"], *ARCH, "--data", files[data]]) == 0
         assert "4 permutation groups" in capsys.readouterr().out
+
+
+def test_the_groups_picture_reads_top_to_bottom_at_normal_size(tmp_path):
+    """A chain with residuals stays in one line; a deep graph wraps into columns, side branches beside it; the
+    PNG is a page, not a strip, and ink covers it rather than a corner of it."""
+    import matplotlib.image
+
+    from pleascc.passes.groups import analyze
+    from pleascc.plots import ROWS_PER_COLUMN, drawn_nodes, layout
+    from pleascc.trace import trace
+
+    gm = trace(digits_cnn(5, width=8))
+    chain = layout(drawn_nodes(gm, analyze(gm, (torch.randn(2, 1, 8, 8),))))
+    assert {x for x, _ in chain.pos.values()} == {0} and chain.rows == len(chain.pos)
+    resnet = trace(torchvision.models.resnet18())
+    wrapped = layout(drawn_nodes(resnet, analyze(resnet, (torch.randn(2, 3, 32, 32),))))
+    assert set(wrapped.column.values()) == {0, 1} and wrapped.rows <= ROWS_PER_COLUMN and wrapped.width == 4
+    path = tmp_path / "g.png"
+    assert main(["groups", "none", "--arch", "torchvision:resnet18", "--input-shape", "3,32,32", "--draw",
+                 str(path)]) == 0
+    image = matplotlib.image.imread(path)[..., :3]
+    height, width = image.shape[:2]
+    assert 600 < width < 2000 and 600 < height < 1400
+    inked = (image < 0.9).any(axis=2)
+    assert all(part.any(axis=0).mean() > 0.2 for part in np.array_split(inked, 3))  # thirds from top to bottom
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
