@@ -42,11 +42,12 @@ from pleascc.demo import task_accuracies  # noqa: E402
 from pleascc.export import onnx_predict  # noqa: E402
 
 BUDGETS = (1.0, 1.25, 1.5, 1.75, 2.0)
-VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose the calibration set
-    "average": {"method": "average"},
-    "permute": {"method": "permute"},
-    "permute (weight)": {"method": "permute", "matching": "weight"},
-    "zipit": {"method": "zipit"},
+VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose the calibration set; the baselines'
+    # rows without "(reset BN)" keep the averaged BatchNorm statistics (pleascc resets them by default)
+    "average": {"method": "average", "reset_bn": False},
+    "permute": {"method": "permute", "reset_bn": False},
+    "permute (weight)": {"method": "permute", "matching": "weight", "reset_bn": False},
+    "zipit": {"method": "zipit", "reset_bn": False},
     "regmean": {"method": "regmean"},
     "pleas one-pass": {"method": "pleas", "least_squares": "one-pass"},
     "pleas": {"method": "pleas"},
@@ -69,7 +70,7 @@ VARIANTS = {  # row label -> pleascc.merge options; "samples" and "data" choose 
     "average (reset BN)": {"method": "average", "reset_bn": True},  # as ZipIt! and Git Re-Basin evaluate
     "permute (reset BN)": {"method": "permute", "reset_bn": True},
     "zipit (reset BN)": {"method": "zipit", "reset_bn": True},
-    "zipit, all positions": {"method": "zipit", "positions": None},
+    "zipit, all positions": {"method": "zipit", "positions": None, "reset_bn": False},
 }
 DEFAULT_VARIANTS = ["average", "permute", "pleas one-pass", "pleas"]
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -62,11 +62,12 @@ def check(source: str, name: str, resolution: int, kwargs: dict, samples: int) -
         with torch.no_grad():
             want = flat_outputs(model(x_test))
         for label, other in (("self", model), ("permuted_copy", permuted_copy(model, x))):
-            merged = pleascc.merge(model, other, x, budget=1.0, method="permute", progress=False).model
+            merged = pleascc.merge(model, other, x, budget=1.0, method="permute", reset_bn=False,
+                                   progress=False).model
             row[label] = _relative(_through_onnx(merged, x_test), want)
         torch.manual_seed(1)
         model_b = build(source, name, kwargs)
-        merged = pleascc.merge(model, model_b, x, budget=2.0, labels="separate", method="permute",
+        merged = pleascc.merge(model, model_b, x, budget=2.0, labels="separate", method="permute", reset_bn=False,
                                progress=False).model
         got = _through_onnx(merged, x_test)
         with torch.no_grad():

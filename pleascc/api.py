@@ -75,6 +75,7 @@ class _Plan:
     levels: dict[str, int] = field(default_factory=dict)  # sequential: each layer's level
     segments: list[list[int]] = field(default_factory=list)  # sequential: runs of levels recorded together
     outputs_memory: float = 0.0  # sequential: memory the recorded outputs may take
+    underdetermined: list[str] = field(default_factory=list)  # least squares: fits with fewer rows than unknowns
 
     @property
     def matcher(self) -> str:
@@ -82,7 +83,7 @@ class _Plan:
 
     @property
     def refit(self) -> str | None:
-        return METHODS[self.options.method][1]
+        return self.options.refit
 
     @property
     def sequential(self) -> bool:
@@ -107,9 +108,12 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
     ``data``: calibration inputs (a tensor N×…, a ``CalibrationData``, or a path
     ``load_data`` reads).  ``options``: a ``MergeOptions``, or its fields as
     keywords (``budget=1.5, method="zipit"``, …; each field's help says what it
-    does), checked before any work.  On glibc, the process keeps up to 1 GB of
-    freed memory for reuse from then on (``allocator.reuse_freed_memory``): the
-    passes free and reallocate the same activations every batch.
+    does), checked before any work.  After ``permute``, ``average`` and ``zipit``
+    the merged BatchNorms' running statistics are recomputed on the data, as
+    those methods' papers evaluate (``reset_bn=False`` keeps them averaged).
+    On glibc, the process keeps up to 1 GB of freed memory for reuse from then
+    on (``allocator.reuse_freed_memory``): the passes free and reallocate the
+    same activations every batch.
     """
     opts = dataclasses.replace(options or MergeOptions(), **choices)
     timings: dict[str, float] = {}
@@ -135,6 +139,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
     merged = _emit(plan, fits, emit_with, timings)
     report = _report(plan.analysis, model_a, merged, matchings, widths, costs, residuals, timings,
                      method=opts.method, budget=opts.budget, separate=plan.separate, samples=len(plan.x),
+                     reset_bn=opts.resets_batch_norm,
                      batch_size=plan.batch_size,
                      match_samples=None if opts.matching == "weight" else min(len(plan.x), opts.match_samples
                                                                               or len(plan.x)),
@@ -148,7 +153,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
 def _plan(model_a: nn.Module, model_b: nn.Module, data, opts: MergeOptions) -> _Plan:
     """Check the inputs, trace and analyse both models, and plan the passes: every error a merge can raise
     before its heavy work comes from here."""
-    target = _usable_device(opts.device)
+    target = usable_device(opts.device)
     x = _calibration_tensor(data, opts.samples, model_a, opts.seed)
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
     runs = statistics_copies(gms, target, read_rows(x[:2]))
@@ -156,6 +161,8 @@ def _plan(model_a: nn.Module, model_b: nn.Module, data, opts: MergeOptions) -> _
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
     plan = _Plan(options=opts, x=x, local=local, gms=gms, runs=runs, analysis=analysis, heads=heads, states=states,
                  batch_size=batch_size, separate=_separate_labels(opts.labels, heads, states))
+    if plan.refit == "least-squares":
+        plan.underdetermined = check_samples(analysis, plan.separate_heads, len(x), opts.positions)
     if plan.sequential:
         plan.fused = norm_producers(analysis, plan.separate_heads)
         plan.levels = layer_levels(gms[0], analysis, plan.fused)
@@ -218,15 +225,14 @@ def _refit(plan: _Plan, maps: MergeMaps, fits: list[Problem], emit_with, store: 
         _regmean(plan, maps, fits)
     if plan.refit != "least-squares":
         return {}, 0, []
-    underdetermined = check_samples(fits, plan.analysis, plan.x, opts.positions)
     solver = LeastSquares(plan.runs, plan.analysis, maps, plan.local, plan.batch_size, opts.progress, opts.ridge,
                           opts.positions, timings)
     if not plan.sequential:
-        return solver.fit(fits), 1, underdetermined
+        return solver.fit(fits), 1, plan.underdetermined
     residuals, passes = solver.fit_in_levels(
         fits, plan.fused, plan.levels, plan.segments, outputs, store, plan.matches_every_sample,
         lambda: emit_with(layer_weights(fits, plan.states)).to(opts.device))
-    return residuals, passes, underdetermined
+    return residuals, passes, plan.underdetermined
 
 
 def _regmean(plan: _Plan, maps: MergeMaps, fits: list[Problem]) -> None:
@@ -242,14 +248,15 @@ def _regmean(plan: _Plan, maps: MergeMaps, fits: list[Problem]) -> None:
 
 
 def _emit(plan: _Plan, fits: list[Problem], emit_with, timings: dict[str, float]) -> fx.GraphModule:
-    """The merged model, with each block's fit (or warm start); BatchNorm statistics recomputed on request."""
+    """The merged model, with each block's fit (or warm start); BatchNorm statistics recomputed where the
+    options say (``MergeOptions.resets_batch_norm``)."""
     opts = plan.options
     clock = time.perf_counter()
-    # --reset-bn re-estimates running statistics, which norms' fits fold into γ, β: those stay averaged
-    refitted = fits if not opts.reset_bn else [p for p in fits if not p.layer.folds_running_stats]
+    # the reset re-estimates running statistics, which norms' fits fold into γ, β: those stay averaged
+    refitted = fits if not opts.resets_batch_norm else [p for p in fits if not p.layer.folds_running_stats]
     merged = emit_with(layer_weights(refitted, plan.states))
     add_time(timings, "emit", clock)
-    if opts.reset_bn:
+    if opts.resets_batch_norm:
         reset_batch_norm(merged, plan.local, plan.batch_size, opts.progress)
     return merged
 
@@ -277,7 +284,7 @@ def _check_finite_weights(states: tuple[dict, dict]) -> None:
                                "diverged run?); merge a finite one")
 
 
-def _usable_device(device: str) -> torch.device:
+def usable_device(device: str) -> torch.device:
     """``device`` parsed and tried with one allocation, before any work is done on it."""
     try:
         target = torch.device(device)
@@ -316,6 +323,8 @@ def reset_batch_norm(model: nn.Module, x: torch.Tensor, batch_size: int = 64, pr
     Under torch.distributed each rank's statistics are averaged over the ranks.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:  # nothing to recompute: no pass over the data
+        return
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()

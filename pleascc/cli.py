@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 
 from pleascc import __version__, options
+from pleascc.outputs import beside, check_writable, check_writable_folder, write_atomically
 from pleascc.passes.errors import PleasccError, first_line
 
 EXAMPLES = """examples:
@@ -35,82 +36,126 @@ MERGE_EXAMPLES = """examples:
 """
 
 
+DATA_FORMATS = ("a folder of images (.jpg .jpeg .png .bmp .gif .webp .tif .tiff .ppm .pgm) in one subfolder per "
+                "class, or all at its top level (unlabeled); a .npz, .pt or .pth file holding a float array x (N, ...) "
+                "of preprocessed inputs and optional integer labels y; or a .npy of x alone, read from disk batch by "
+                "batch")
+DATA_HELP = {  # command -> what its --data is for, its --seed, and where images' preprocessing comes from
+    "merge": ("calibration inputs (labels are not used)", options.help_of("seed"), "the timm model's own, else "),
+    "eval": ("test data, labeled for accuracies (y, or the class subfolders; unlabeled: latency only)",
+             "seed of the --samples subset", ""),
+    "groups": ("example inputs, of which the analysis runs the first two (default: random inputs of "
+               "--input-shape)", "seed of the --samples subset", "the timm model's own, else "),
+}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and every option's default shown, unless its help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "default" in help or action.required or not action.option_strings or action.default is argparse.SUPPRESS:
+            return help
+        return f"{help} (default: {options.shown(action.default)})"
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", help="architecture for state-dict checkpoints: timm:NAME, torchvision:NAME, "
-                                  "pkg.module:factory or path/to/file.py:factory")
-    p.add_argument("--arch-kwargs", default=None, type=_json_dict, help="JSON keyword arguments for the factory")
+    p.add_argument("--arch", help="the architecture of state-dict checkpoints: timm:NAME, torchvision:NAME, "
+                                  "pkg.module:factory or path/to/file.py:factory (default: none; a state dict "
+                                  "needs it, a whole pickled module does not)")
+    p.add_argument("--arch-kwargs", default=None, type=_json_dict,
+                   help="JSON keyword arguments for the factory, e.g. '{\"num_classes\": 10}' (default: none)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that are whole pickled modules (unpickling runs code)")
 
 
-def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--data", required=required, help="calibration data: a folder of images in class subfolders, "
-                                                     "or a .npz/.pt file with a float array x (N, ...)")
-    p.add_argument("--samples", type=int, default=None, help="use at most this many calibration samples")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the sample subset (and of weight matching's order): same inputs and seed, "
-                        "byte-identical output")
-    p.add_argument("--image-size", type=int, default=None, help="resize/crop images to this size")
-    p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
-    p.add_argument("--std", type=_floats, default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
+def _data_options(p: argparse.ArgumentParser, command: str) -> None:
+    """--data and its preprocessing, described for what ``command`` does with the data."""
+    purpose, seed, own = DATA_HELP[command]
+    p.add_argument("--data", required=command != "groups", help=f"{purpose}: {DATA_FORMATS}")
+    p.add_argument("--samples", type=int, default=None,
+                   help="read a seeded subset of this many samples (default: all)")
+    p.add_argument("--seed", type=int, default=0, help=seed)
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"images: resize and center-crop to this size (default: {own}224)")
+    p.add_argument("--mean", type=_floats, default=None,
+                   help=f"images: per-channel mean, e.g. 0.485,0.456,0.406 (default: {own}ImageNet's)")
+    p.add_argument("--std", type=_floats, default=None,
+                   help=f"images: per-channel std, e.g. 0.229,0.224,0.225 (default: {own}ImageNet's)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pleascc", description="Merge two trained models of one architecture with PLeaS and emit ONNX.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES, formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"pleascc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_merge_parser, _eval_parser, _groups_parser, _demo_parser):
+        add(sub)
+    return parser
 
+
+def _merge_parser(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("merge", help="merge two models into one ONNX file", epilog=MERGE_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=_Formatter)
     m.add_argument("model_a", help="checkpoint of model A (.pt, .pth, .safetensors)")
     m.add_argument("model_b", help="checkpoint of model B")
-    m.add_argument("-o", "--output", required=True, help="where to write the merged model (.onnx)")
+    m.add_argument("-o", "--output", required=True,
+                   help="where to write the merged model: an ONNX file (.onnx; weights past 1.8 GB go to "
+                        "OUTPUT.data beside it), or with --format pt its state dict (.pt) and a torch.export archive "
+                        "beside it (same name, .pt2)")
     m.add_argument("--format", choices=("onnx", "pt"), default="onnx",
-                   help="onnx (default; weights past 1.8 GB go to OUTPUT.data beside it), or pt: the state dict at "
-                        "OUTPUT and a torch.export archive (.pt2) beside it, for work in PyTorch")
+                   help="onnx, or pt for work in PyTorch (see -o)")
     m.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="precision of the written model's weights and input (merging itself is float32; "
                         "bfloat16 with --format pt only)")
     _model_options(m)
-    _data_options(m, required=True)
+    _data_options(m, "merge")
     options.add_arguments(m)
     m.add_argument("--distributed", action="store_true",
                    help="shard the calibration data over the processes torchrun starts (all-reducing the "
                         "statistics with torch.distributed; on by itself under torchrun); rank 0 writes")
-    m.add_argument("--report", help="write a JSON report here, and its PNG summary beside it (same name, .png)")
+    m.add_argument("--report", help="write a JSON report here, and its PNG summary beside it (same name, .png) "
+                                    "(default: no report)")
     m.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="accuracy per head and latency of an ONNX model, with ONNX Runtime",
                        epilog="examples:\n  pleascc eval merged.onnx --data test.npz\n"
                               "  pleascc eval merged.onnx --data test_images/ --image-size 32 --head-classes 0-4,5-9",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=_Formatter)
     e.add_argument("model", help="an ONNX file (as written by 'pleascc merge')")
-    _data_options(e, required=True)
+    _data_options(e, "eval")
     e.add_argument("--head-classes", default=None,
                    help="the labels each output head predicts, e.g. 0-4,5-9 (default: consecutive blocks, "
                         "in output order, as wide as each head)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--report", help="write the results as JSON here")
+    e.add_argument("--batch-size", type=int, default=64,
+                   help="samples per ONNX Runtime run, for the accuracies and the second latency figure")
+    e.add_argument("--report", help="write the results as JSON here (default: printed only)")
 
+
+def _groups_parser(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("groups", help="print a model's permutation groups and fixed spaces",
                        epilog="examples:\n  pleascc groups a.pt --arch timm:resnet18\n"
                               "  pleascc groups none --arch timm:vit_tiny_patch16_224 --draw groups.png\n"
                               "  pleascc groups a.pt --arch models.py:make_net --input-shape 3,32,32",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("model", help="checkpoint, or an --arch spec alone with 'none'")
+                       formatter_class=_Formatter)
+    g.add_argument("model", help="checkpoint, or 'none' to build the --arch model with random weights")
     _model_options(g)
-    _data_options(g, required=False)
+    _data_options(g, "groups")
     g.add_argument("--input-shape", type=_ints, default=None,
-                   help="one sample's shape when no --data is given, e.g. 3,224,224")
-    g.add_argument("--draw", metavar="PNG", help="also draw the groups over the model graph into this PNG")
+                   help="one sample's shape when no --data is given, e.g. 3,32,32 (default: the timm model's own "
+                        "input size, else 3,224,224)")
+    g.add_argument("--draw", metavar="PNG",
+                   help="also draw the groups over the model graph into this PNG (default: no picture)")
 
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="train two small CNNs on scikit-learn digits, merge them, evaluate the ONNX",
                        epilog="examples:\n  pleascc demo\n  pleascc demo --out /tmp/pleascc-demo",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=_Formatter)
     d.add_argument("--out", default="pleascc-demo", help="folder for the checkpoints, data and ONNX files")
-    return parser
 
 
 def _json_dict(text: str) -> dict:
@@ -176,24 +221,24 @@ def _calibration(args, model):
 
 
 def _merge(args) -> int:
+    start = time.perf_counter()
+    choices = options.from_arguments(args)  # checked, with the output paths, before anything heavy is imported
+    _check_counts(args, "image_size")
+    for path, option in _merge_outputs(args):
+        check_writable(path, option)
     import pleascc
+    from pleascc.api import usable_device
     from pleascc.export import output_dtype
     from pleascc.passes import distributed
     from pleascc.passes.rows import read_rows
 
-    start = time.perf_counter()
-    choices = options.from_arguments(args)  # checked before any work
-    device = args.device
-    if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = distributed.init_from_environment(device)
-    _check_writable(args.output)
     dtype = output_dtype(args.dtype, args.format)
-    if args.report:
-        _check_writable(args.report)
+    if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        choices = dataclasses.replace(choices, device=distributed.init_from_environment(choices.device))
+    usable_device(choices.device)
     model_a, model_b = _load(args, args.model_a), _load(args, args.model_b)
     data = _calibration(args, model_a)
-    result = pleascc.merge(model_a, model_b, data, choices, device=device, seed=args.seed,
-                           progress=not args.no_progress)
+    result = pleascc.merge(model_a, model_b, data, choices, progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0
     example = read_rows(data.x[: min(len(data.x), 8)])
@@ -210,9 +255,21 @@ def _merge(args) -> int:
         from pleascc.plots import draw_report
 
         _write_json(args.report, report)
-        draw_report(report, _png_beside(args.report))
+        draw_report(report, beside(args.report, ".png"))
     print(summary(report))
     return 0
+
+
+def _check_counts(args, *names: str) -> None:
+    """The command's counts and sizes that ``MergeOptions`` does not check, before anything is loaded."""
+    for name in names:
+        options.check_positive(name, getattr(args, name))
+
+
+def _merge_outputs(args) -> list[tuple[str, str]]:
+    """Every file a merge writes, with the option that names it."""
+    paths = [(args.output, "-o")] + ([(beside(args.output, ".pt2"), "-o")] if args.format == "pt" else [])
+    return paths + ([(args.report, "--report"), (beside(args.report, ".png"), "--report")] if args.report else [])
 
 
 def summary(report: dict) -> str:
@@ -224,7 +281,8 @@ def summary(report: dict) -> str:
         f"method {report['method']}, budget {report['budget']}: {report['relative_flops']:.3f}x the FLOPs of one "
         f"model, {report['params_merged']:,} parameters (one model: {report['params_a']:,})",
         f"{len(groups)} permutation groups, {merged}/{units} unit pairs merged; "
-        f"coverage {report['coverage']:.1%} of parameters; labels {'separate' if report['separate'] else 'shared'}",
+        f"coverage {report['coverage']:.1%} of parameters; labels {'separate' if report['separate'] else 'shared'}"
+        + ("; BatchNorm statistics recomputed on the data" if report["reset_bn"] else ""),
     ]
     if report.get("least_squares"):
         lines.append(f"least squares: {report['least_squares']}, {report['least_squares_passes']} pass(es) over the "
@@ -248,40 +306,21 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _png_beside(path: str) -> str:
-    """report.json -> report.png: the picture of a JSON report."""
-    return os.path.splitext(path)[0] + ".png"
-
-
-def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isfile(folder):
-        raise PleasccError(f"cannot write {path}: {folder} is a file, not a folder; choose another path")
-    if not os.path.isdir(folder):
-        raise PleasccError(f"cannot write {path}: folder {folder} does not exist; create it or choose another path")
-    if os.path.isdir(path):
-        raise PleasccError(f"cannot write {path}: it is a folder; pass a file path (inside it, say)")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise PleasccError(f"cannot write {path}: permission denied; choose another path")
-
-
 def _write_json(path: str, value: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(value, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    write_atomically(path, dump)
 
 
 def _eval(args) -> int:
-    from pleascc.evaluate import evaluate_onnx
-
+    _check_counts(args, "samples", "image_size", "batch_size")
     if args.report:
-        _check_writable(args.report)
+        check_writable(args.report, "--report")
+    from pleascc.evaluate import evaluate_onnx, parse_head_classes
+
+    parse_head_classes(args.head_classes)
     data = _calibration(args, None)
     report = evaluate_onnx(args.model, data.x, data.y, args.head_classes, args.batch_size)
     if args.report:
@@ -296,6 +335,11 @@ def _eval(args) -> int:
 
 
 def _groups(args) -> int:
+    if args.model == "none" and not args.arch:
+        raise PleasccError("'pleascc groups none' needs --arch to build the model")
+    _check_counts(args, "samples", "image_size", "input_shape")
+    if args.draw:
+        check_writable(args.draw, "--draw")
     import torch
 
     from pleascc.passes.groups import analyze, coverage, permutation_groups
@@ -303,8 +347,6 @@ def _groups(args) -> int:
     from pleascc.trace import trace
 
     if args.model == "none":
-        if not args.arch:
-            raise PleasccError("'pleascc groups none' needs --arch to build the model")
         from pleascc.load import build_arch
 
         model = build_arch(args.arch, args.arch_kwargs).eval()
@@ -315,8 +357,6 @@ def _groups(args) -> int:
     else:
         example = torch.randn(2, *(args.input_shape or _default_input_shape(model)))
     _check_fits(model, example, "check --data" if args.data else "pass --input-shape (e.g. 3,224,224) or --data")
-    if args.draw:
-        _check_writable(args.draw)
     gm = trace(model)
     analysis = analyze(gm, (example,))
     print(format_groups(analysis, permutation_groups(analysis), coverage(analysis, model)))
@@ -370,6 +410,7 @@ def _short(names: list[str], limit: int = 3) -> str:
 
 
 def _demo(args) -> int:
+    check_writable_folder(args.out, "--out")
     from pleascc.demo import run_demo
 
     run_demo(args.out)

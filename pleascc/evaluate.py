@@ -27,15 +27,23 @@ def open_session(path: str):
                            "pass a file written by 'pleascc merge'") from None
 
 
-def head_classes(widths: list[int], spec: str | None) -> list[range]:
-    """The labels each output head predicts: ``spec`` as "0-4,5-9", or by default consecutive blocks of its width."""
+def parse_head_classes(spec: str | None) -> list[range] | None:
+    """``--head-classes`` "0-4,5-9" as one range of labels per head (None: the default), checked before any
+    data is read."""
     if spec is None:
-        starts = np.cumsum([0, *widths[:-1]])
-        return [range(int(s), int(s) + w) for s, w in zip(starts, widths)]
+        return None
     try:
-        ranges = [range(int(lo), int(hi) + 1) for lo, hi in (part.split("-") for part in spec.split(","))]
+        return [range(int(lo), int(hi) + 1) for lo, hi in (part.split("-") for part in spec.split(","))]
     except ValueError:
         raise PleasccError(f"--head-classes {spec!r}: write one first-last range per head, e.g. 0-4,5-9") from None
+
+
+def head_classes(widths: list[int], spec: str | None) -> list[range]:
+    """The labels each output head predicts: ``spec`` as "0-4,5-9", or by default consecutive blocks of its width."""
+    ranges = parse_head_classes(spec)
+    if ranges is None:
+        starts = np.cumsum([0, *widths[:-1]])
+        return [range(int(s), int(s) + w) for s, w in zip(starts, widths)]
     if [len(r) for r in ranges] != widths:
         raise PleasccError(f"--head-classes {spec} gives {[len(r) for r in ranges]} classes per head but the model's "
                            f"heads have {widths}; give one range per head, as wide as the head")

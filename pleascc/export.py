@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pleascc.outputs import beside, check_writable
 from pleascc.passes.errors import PleasccError, first_line
 from pleascc.verify import flat_outputs
 
@@ -55,10 +56,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, verify: b
     beside ``path``, then moved).  Returns the check's figures.
     """
     _check_onnx_dtype(dtype)
+    check_writable(path)
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise PleasccError(f"cannot write {path}: folder {folder} does not exist or is not writable; "
-                           "choose another -o path")
     model = model.eval()
     with torch.no_grad():
         expected = flat_outputs(model(example))
@@ -86,7 +85,9 @@ def export_torch(model: nn.Module, example: torch.Tensor, path: str, tolerance: 
     a dynamic batch axis, in ``dtype``; it is reloaded and checked against the
     float32 model before anything is moved into place.
     """
-    archive = os.path.splitext(path)[0] + ".pt2"
+    archive = beside(path, ".pt2")
+    for written in (path, archive):
+        check_writable(written)
     folder = os.path.dirname(os.path.abspath(path))
     model = model.eval()
     with torch.no_grad():

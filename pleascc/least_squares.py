@@ -175,34 +175,37 @@ def _own_output(model: int):
     return lambda y_a, y_b: (y_a, y_b)[model]
 
 
-def check_samples(problems: list[Problem], analysis: Analysis, x: torch.Tensor, positions: int | None) -> list[str]:
-    """The layers whose fits have fewer observations than one model's layer has unknowns per output.
+def check_samples(analysis: Analysis, separate_heads: set[str], samples: int, positions: int | None) -> list[str]:
+    """Before any pass over the data: the layers whose fits will have fewer observations than one model's layer
+    has unknowns per output.
 
     Such a fit is still defined: the ridge toward the warm start picks the
     smallest change that fits the data, where gradient descent from the warm
     start would converge.  So a few of them (a wide classifier on a small
-    calibration set) are reported; when they hold most of the fitted weights,
-    the data are too few and the merge stops.  (Past one model's unknowns, the
-    extra inputs of wider merged layers are held by the warm start.)
+    calibration set) are reported; when they hold most of the fitted weights
+    (one model's, each separate head once per model), the data are too few and
+    the merge stops, saying how many samples would do.  (Past one model's
+    unknowns, the extra inputs of wider merged layers are held by the warm start.)
     """
     needs: list[tuple[int, int, str]] = []  # (samples needed, weights fitted, layer)
-    for p in problems:
-        layer = p.layer
+    for layer in (layer for layer in analysis.layers if layer.refit):
         read = budget_pass.positions(analysis, layer)
         read = min(read, positions) if layer.sampled and positions else read
-        needs.append((math.ceil(layer.unknowns(analysis) / read), p.w0.numel(), layer.node))
+        unknowns = layer.unknowns(analysis)
+        weights = unknowns * analysis.table.size(analysis.params[layer.weight].dims[0])
+        needs.append((math.ceil(unknowns / read), weights * (2 if layer.node in separate_heads else 1), layer.node))
     fitted = sum(weights for _, weights, _ in needs)
 
-    def underdetermined(samples: int) -> int:
-        return sum(weights for needed, weights, _ in needs if samples < needed)
+    def underdetermined(count: int) -> int:
+        return sum(weights for needed, weights, _ in needs if count < needed)
 
-    if 2 * underdetermined(len(x)) > fitted:
+    if 2 * underdetermined(samples) > fitted:
         enough = min(needed for needed, _, _ in needs if 2 * underdetermined(needed) <= fitted)
-        largest = max((n for n in needs if len(x) < n[0]), key=lambda n: n[1])[2]
-        raise PleasccError(f"calibration data has {len(x)} samples but least squares needs at least {enough} to "
+        largest = max((n for n in needs if samples < n[0]), key=lambda n: n[1])[2]
+        raise PleasccError(f"calibration data has {samples} samples but least squares needs at least {enough} to "
                            f"determine most layers (e.g. {largest}): pass more data (--samples) "
                            "or use --method permute")
-    return sorted({layer for needed, _, layer in needs if len(x) < needed})
+    return sorted({layer for needed, _, layer in needs if samples < needed})
 
 
 def layer_weights(problems: list[Problem], states) -> dict[tuple[str, int | None], list]:

@@ -7,6 +7,7 @@ before it imports torch (``--help`` stays instant); this module imports nothing 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ LABELS = ("shared", "separate")
 MATCHINGS = ("activation", "weight")
 WIDTH_SEARCHES = ("greedy", "uniform", "stages")  # see passes.budget.WIDTHS
 LEAST_SQUARES = ("sequential", "one-pass")  # fit inputs: the merged model's own, or the originals' features
+SHARED_FLAGS = ("samples", "seed")  # options whose flags every command has (``pleascc.cli``'s data flags)
 
 
 def _option(default, help: str, flag: str | None = "", choices: tuple | None = None, metavar: str | None = None):
@@ -70,14 +72,16 @@ class MergeOptions:
     device: str = _option(
         "cpu", "where the statistics passes run and the least-squares systems are solved: `cpu` or `cuda` "
                "(matching runs on the CPU; under torchrun each rank its local GPU, NCCL for the sums)")
-    reset_bn: bool = _option(
-        False, "baselines: recompute the merged model's BatchNorm statistics on the data afterwards, as ZipIt! and "
-               "Git Re-Basin evaluate their merges (PLeaS fits its BatchNorms by least squares and refuses it)")
+    reset_bn: bool | None = _option(
+        None, "recompute the merged model's BatchNorm statistics on the data afterwards, as ZipIt! and Git Re-Basin "
+              "evaluate their merges (default: on for permute, average and zipit, which refit no layer; off for "
+              "regmean; pleas fits its BatchNorms by least squares and refuses it); a model without BatchNorm is "
+              "left as it is")
     zip_alpha: float = _option(0.3, "zipit: similarity decay of a merged unit (0: pairs only, no larger clusters)")
     zip_beta: float = _option(0.125, "zipit: share of the merges that may join two units of one model")
     zip_until: str | None = _option(
         None, "merge up to this layer or module (`layer3`) and keep both models' later layers (ZipIt!'s partial "
-              "zipping; sets the widths instead of `--budget`)", metavar="LAYER")
+              "zipping; sets the widths instead of `--budget`; default: none, the budget sets them)", metavar="LAYER")
     regmean_alpha: float = _option(0.9, "regmean: scale of the input Grams' off-diagonals (1: plain least squares)")
     ridge: float = _option(1e-4, "least squares' ridge, relative to each Gram's mean diagonal", flag=None)
     samples: int | None = _option(None, "use a seeded subset of this many calibration samples", flag=None)
@@ -102,13 +106,35 @@ class MergeOptions:
         if not 1.0 <= self.budget <= 2.0:
             raise PleasccError(f"budget {self.budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
         for name in ("positions", "match_samples", "batch_size", "samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise PleasccError(f"{name.replace('_', ' ')} {value} is not positive: pass "
-                                   f"--{name.replace('_', '-')} 1 or more, or leave it out")
-        if self.reset_bn and METHODS[self.method][1] == "least-squares":
+            check_positive(name, getattr(self, name))
+        if self.reset_bn and self.refit == "least-squares":
             raise PleasccError("--reset-bn recomputes a baseline's BatchNorm statistics; pleas fits its BatchNorms "
                                "by least squares: drop --reset-bn")
+
+    @property
+    def refit(self) -> str | None:
+        """How the method refits layers after matching: PLeaS least squares, RegMean, or not at all (None)."""
+        return METHODS[self.method][1]
+
+    @property
+    def resets_batch_norm(self) -> bool:
+        """``reset_bn``, or the method's default: on for the methods that refit no layer, whose averaged
+        BatchNorm statistics no longer describe the merged features (their papers reset them)."""
+        return self.refit is None if self.reset_bn is None else self.reset_bn
+
+
+def help_of(name: str) -> str:
+    """An option's help, as the command line shows it."""
+    return _field(name).metadata["help"].replace("`", "")
+
+
+def check_positive(name: str, value: int | tuple[int, ...] | None) -> None:
+    """A count (or each size of a shape) of the merge or of the command line: left out (None), or 1 or more."""
+    values = value if isinstance(value, tuple) else (value,)
+    if any(v is not None and v < 1 for v in values):
+        shown = ",".join(str(v) for v in values)
+        raise PleasccError(f"{name.replace('_', ' ')} {shown} is not positive: pass --{name.replace('_', '-')} "
+                           "1 or more, or leave it out")
 
 
 def _field(name: str) -> dataclasses.Field:
@@ -121,24 +147,27 @@ def flag(f: dataclasses.Field) -> str | None:
     return "--" + f.name.replace("_", "-") if given == "" else given
 
 
-def add_arguments(parser) -> None:
-    """``pleascc merge``'s flags for the options that have one, with their defaults and help."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``pleascc merge``'s flags for the options that have one, with their defaults and help (the parser's
+    formatter shows each default, unless the help says it)."""
     for f in dataclasses.fields(MergeOptions):
         if flag(f) is None:
             continue
-        help = f.metadata["help"].replace("`", "").replace("%", "%%")
-        if f.type == "bool":
-            parser.add_argument(flag(f), dest=f.name, action="store_true", help=help)
+        help = help_of(f.name).replace("%", "%%")
+        if f.type == "bool | None":  # --reset-bn and --no-reset-bn; None: the method's default
+            parser.add_argument(flag(f), dest=f.name, default=f.default, action=argparse.BooleanOptionalAction,
+                                help=help)
             continue
         kind = {"float": float, "int | None": int}.get(f.type)
         parser.add_argument(flag(f), dest=f.name, default=f.default, type=kind, choices=f.metadata["choices"],
-                            metavar=f.metadata["metavar"], help=f"{help} (default: {_shown(f.default)})")
+                            metavar=f.metadata["metavar"], help=help)
 
 
 def from_arguments(args) -> MergeOptions:
-    """The options a parsed ``pleascc merge`` command line gives (the others at their defaults)."""
+    """The options a parsed ``pleascc merge`` command line gives: its flags, and ``--samples`` and ``--seed``,
+    which it shares with the other commands (the others at their defaults)."""
     return MergeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MergeOptions)
-                           if flag(f) is not None})
+                           if flag(f) is not None or f.name in SHARED_FLAGS})
 
 
 def markdown_table() -> str:
@@ -146,9 +175,11 @@ def markdown_table() -> str:
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(MergeOptions):
         if flag(f) is not None:
-            rows.append(f"| `{flag(f)}` | {_shown(f.default)} | {f.metadata['help']} |")
+            flags = f"`{flag(f)}`" + (f", `--no-{flag(f)[2:]}`" if f.type == "bool | None" else "")
+            rows.append(f"| {flags} | {shown(f.default)} | {f.metadata['help']} |")
     return "\n".join(rows)
 
 
-def _shown(default) -> str:
+def shown(default: object) -> str:
+    """A default as the options table and ``--help`` show it."""
     return "—" if default is None else str(default).lower() if isinstance(default, bool) else str(default)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import math
+from typing import NamedTuple
 
-import networkx as nx
 import torch.fx as fx
 
+from pleascc.outputs import write_atomically
 from pleascc.passes.groups import Analysis, leaves
+
+ROWS_PER_COLUMN = 36  # the most graph levels one column of the groups picture holds; deeper graphs wrap
+ROW_INCHES, LEGEND_INCHES = 0.24, 2.4  # a level's height; the legend's width
+CHAR_INCHES = 0.058  # a label character's width at 7 points: a branch is as wide as the longest label
+LABEL_CHARS = 36  # labels past this are shortened, so that one long name does not widen every branch
+MARKERS = "osD^vP*"  # with tab10's ten colours: 70 groups told apart before any repeats
 
 
 def _figure():
@@ -21,15 +27,7 @@ def _figure():
 
 
 def _save(fig, path: str) -> None:
-    """Write through a temporary file, so a failure leaves no partial PNG."""
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 def node_groups(analysis: Analysis) -> dict[str, int | None]:
@@ -41,41 +39,124 @@ def node_groups(analysis: Analysis) -> dict[str, int | None]:
     return out
 
 
+def drawn_nodes(gm: fx.GraphModule, analysis: Analysis) -> list[fx.Node]:
+    """The nodes the groups picture shows: those holding tensors, and the output; parameter reads are their
+    op's, and size bookkeeping (``x.shape[0]``, asserts) holds no axis to permute."""
+    return [node for node in gm.graph.nodes if node.op == "output"
+            or (node.op != "get_attr" and analysis.node_dims.get(node.name) is not None)]
+
+
+def node_levels(nodes: list[fx.Node]) -> dict[str, int]:
+    """Each node's level: one past its deepest drawn input (fx lists inputs first); a node with none that is not
+    a model input (a tensor made from parameters alone) sits just above its first user."""
+    level: dict[str, int] = {}
+    for node in nodes:
+        level[node.name] = max((level[arg.name] + 1 for arg in node.all_input_nodes if arg.name in level), default=0)
+    for node in reversed(nodes):
+        users = [level[user.name] for user in node.users if user.name in level]
+        if node.op != "placeholder" and users and not any(arg.name in level for arg in node.all_input_nodes):
+            level[node.name] = max(min(users) - 1, 0)
+    return level
+
+
+class Layout(NamedTuple):
+    """Where each node of the groups picture goes: x in branches, y in levels downwards, and its column."""
+
+    pos: dict[str, tuple[float, int]]
+    column: dict[str, int]
+    width: int  # branches, over all the columns
+    rows: int  # levels per column
+
+
+def layout(nodes: list[fx.Node]) -> Layout:
+    """Levels top to bottom; in a level, each node under its leftmost input where that is free, else in the
+    next free branch to the right; past ``ROWS_PER_COLUMN`` levels the next ones go in a column to the right,
+    as a newspaper's (a strip of a deep graph is unreadable at any size)."""
+    level = node_levels(nodes)
+    levels = max(level.values()) + 1
+    rows = math.ceil(levels / math.ceil(levels / ROWS_PER_COLUMN))
+    branch: dict[str, int] = {}
+    for k in range(levels):
+        taken: set[int] = set()
+        for node in sorted((n for n in nodes if level[n.name] == k), key=lambda n: _under(n, branch)):
+            slot = _under(node, branch)
+            while slot in taken:
+                slot += 1
+            branch[node.name] = slot
+            taken.add(slot)
+    column = {name: level[name] // rows for name in branch}
+    widths = [1 + max((b for name, b in branch.items() if column[name] == c), default=0)
+              for c in range(max(column.values()) + 1)]
+    starts = [sum(widths[:c]) for c in range(len(widths))]
+    pos = {name: (starts[column[name]] + b, level[name] % rows) for name, b in branch.items()}
+    return Layout(pos, column, sum(widths), rows)
+
+
+def _under(node: fx.Node, branch: dict[str, int]) -> int:
+    """The leftmost branch of a node's placed inputs (0 for none): where it goes if that is free, so that a
+    chain keeps its line and a join (a residual's add, a concatenation) comes back to the left."""
+    return min((branch[arg.name] for arg in node.all_input_nodes if arg.name in branch), default=0)
+
+
+def node_label(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A node's name and, where the name does not say it, what it computes (``layer1_0_conv1 (Conv2d)``)."""
+    if node.op == "call_module":
+        kind = type(gm.get_submodule(node.target)).__name__
+    else:
+        kind = getattr(node.target, "__name__", str(node.target)) if node.op.startswith("call") else \
+            "input" if node.op == "placeholder" else node.op
+    label = node.name if kind.lower() in node.name.lower() else f"{node.name} ({kind})"
+    return label if len(label) <= LABEL_CHARS else label[:LABEL_CHARS - 1] + "…"
+
+
+def _edge(ax, start: tuple[float, int], end: tuple[float, int]) -> None:
+    """An arrow down a column: straight to the next level, bowed past the nodes it skips (a residual)."""
+    skipped = end[1] - start[1] - 1 if start[0] == end[0] else 0
+    ax.annotate("", xy=end, xytext=start, arrowprops=dict(
+        arrowstyle="-|>", mutation_scale=7, shrinkA=4, shrinkB=4, lw=0.7, color="0.45",
+        connectionstyle=f"arc3,rad={min(0.35, 2 / skipped) if skipped else 0.0}"))  # bowed about 0.2 inches
+
+
+def _wrapped_edge(ax, source: str, end: tuple[float, int]) -> None:
+    """An input from an earlier column: its name left of the node, with a short dotted arrow, rather than a line
+    across the picture."""
+    ax.annotate(f"from {source}", xy=end, xytext=(end[0] - 0.12, end[1]), fontsize=6, color="0.4", ha="right",
+                va="center", arrowprops=dict(arrowstyle="-|>", mutation_scale=6, shrinkB=4, lw=0.6, color="0.55",
+                                             linestyle=":"))
+
+
 def draw_groups(gm: fx.GraphModule, analysis: Analysis, path: str) -> None:
-    """The graph left to right by depth, each node coloured by its group; grey crosses hold only fixed spaces."""
+    """The traced graph top to bottom, each node marked with its group (the first free axis it holds) in a
+    colour and marker of its own, its name beside it; grey crosses hold only fixed axes."""
     plt = _figure()
-    graph = nx.DiGraph()
-    for node in gm.graph.nodes:
-        graph.add_node(node.name)
-        graph.add_edges_from((arg.name, node.name) for arg in node.all_input_nodes)
-    generations = list(nx.topological_generations(graph))
-    for depth, layer in enumerate(generations):
-        for name in layer:
-            graph.nodes[name]["depth"] = depth
-    pos = nx.multipartite_layout(graph, subset_key="depth")
+    nodes = drawn_nodes(gm, analysis)
+    pos, column, width, rows = layout(nodes)
+    labels = {node.name: node_label(gm, node) for node in nodes}
+    branch = 0.35 + CHAR_INCHES * max(map(len, labels.values()))  # inches: a node and its label
     groups = node_groups(analysis)
     roots = sorted({g for g in groups.values() if g is not None})
-    palette = plt.get_cmap("tab20")
-    colour = {root: palette(k % 20) for k, root in enumerate(roots)}
-    breadth = max(len(layer) for layer in generations)
-    fig, ax = plt.subplots(figsize=(min(4 + len(generations) * 0.35, 60), min(3 + breadth * 0.8, 20)))
-    nx.draw_networkx_edges(graph, pos, ax=ax, alpha=0.35, width=0.6, arrows=True, arrowsize=6,
-                           connectionstyle="arc3,rad=0.25")  # arcs: a skip connection stands out from the chain
-    for name, (x, y) in pos.items():
-        ax.annotate(name, (x, y), xytext=(0, -6), textcoords="offset points", rotation=90, fontsize=5,
-                    ha="center", va="top", color="dimgrey")
-    free = [n for n in graph if groups.get(n) is not None]
-    fixed = [n for n in graph if groups.get(n) is None]
-    nx.draw_networkx_nodes(graph, pos, nodelist=free, node_color=[colour[groups[n]] for n in free],
-                           node_size=40, ax=ax)
-    nx.draw_networkx_nodes(graph, pos, nodelist=fixed, node_color="lightgrey", node_shape="x", node_size=30, ax=ax)
-    for root in roots[:20]:
-        ax.scatter([], [], color=colour[root], label=f"group {root} ({analysis.root_size(root)})")
-    ax.scatter([], [], color="lightgrey", marker="x", label="fixed only")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(f"{len(roots)} permutation groups over {len(graph)} nodes (colour: a node's first free axis)")
+    style = {root: (plt.get_cmap("tab10")(k % 10), MARKERS[k // 10 % len(MARKERS)]) for k, root in enumerate(roots)}
+    fig = plt.figure(figsize=(width * branch + LEGEND_INCHES, rows * ROW_INCHES + 0.9))
+    size = fig.get_size_inches()
+    ax = fig.add_axes((0, 0.15 / size[1], width * branch / size[0], rows * ROW_INCHES / size[1]))
+    ax.set(xlim=(-0.35 / branch, width - 0.35 / branch), ylim=(rows - 0.5, -0.5))  # room left for bowed arrows
     ax.axis("off")
-    fig.tight_layout()
+    for node in nodes:
+        for arg in (arg for arg in node.all_input_nodes if arg.name in pos):
+            if column[arg.name] == column[node.name]:
+                _edge(ax, pos[arg.name], pos[node.name])
+            else:
+                _wrapped_edge(ax, arg.name, pos[node.name])
+    for name, (x, y) in pos.items():
+        colour, marker = style.get(groups.get(name), ("0.6", "x"))
+        ax.scatter([x], [y], s=30, color=colour, marker=marker, zorder=3)
+        ax.text(x + 0.12 / branch, y, labels[name], fontsize=7, va="center", ha="left", zorder=4)
+    handles = [plt.Line2D([], [], ls="", color=c, marker=m, label=f"group {root}: {analysis.root_size(root)} units")
+               for root, (c, m) in style.items()]
+    handles.append(plt.Line2D([], [], ls="", color="0.6", marker="x", label="only fixed axes"))
+    fig.suptitle(f"{len(roots)} permutation groups over {len(pos)} nodes", x=0.02, ha="left", fontsize=10)
+    fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(1, 1 - 0.5 / size[1]), fontsize=7, frameon=False,
+               title="group of a node's first free axis", title_fontsize=7)  # under the title
     _save(fig, path)
     plt.close(fig)
 

@@ -96,9 +96,9 @@ def test_matching_reads_only_the_first_match_samples():
         with torch.no_grad():
             return result.report, torch.cat(result.model(x[:16]), 1)
 
-    report, subset = outputs(x, "permute", match_samples=60)
+    report, subset = outputs(x, "permute", match_samples=60, reset_bn=False)  # the reset would read all 200
     assert report["match_samples"] == 60 and report["samples"] == 200
-    assert torch.equal(subset, outputs(x[:60], "permute")[1])
+    assert torch.equal(subset, outputs(x[:60], "permute", reset_bn=False)[1])
     fit_on_all = outputs(x, "pleas", match_samples=60)[1]
     assert not torch.allclose(fit_on_all, outputs(x[:60], "pleas")[1])
 
@@ -207,7 +207,8 @@ def test_zipit_merges_within_and_across_models_at_any_budget(budget):
     """ZipIt!'s clusters may hold two units of one model; 2.0 is still the two models side by side."""
     a, b = _pair()
     x = torch.randn(300, 1, 8, 8)
-    result = pleascc.merge(a, b, x, budget=budget, labels="separate", method="zipit", zip_beta=0.5, progress=False)
+    result = pleascc.merge(a, b, x, budget=budget, labels="separate", method="zipit", zip_beta=0.5, reset_bn=False,
+                           progress=False)  # the models' own statistics: side by side is both models
     assert 1.0 <= result.report["relative_flops"] <= budget + 1e-3  # separate heads: two small heads
     with torch.no_grad():
         got_a, got_b = result.model(x[:50])
@@ -302,6 +303,40 @@ def test_reset_bn_side_by_side_on_the_models_own_statistics_is_both_models():
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     with pytest.raises(pleascc.PleasccError, match="drop --reset-bn"):
         pleascc.merge(a, b, x, method="pleas", reset_bn=True, progress=False)
+
+
+def _state(result) -> dict[str, torch.Tensor]:
+    return result.model.state_dict()
+
+
+@pytest.mark.parametrize("method", ["permute", "average", "zipit", "regmean"])
+def test_the_baselines_that_refit_no_layer_reset_batch_norm_by_default(method):
+    """permute, average and zipit are evaluated after the reset in their papers: it is their default, and
+    ``reset_bn=False`` opts out; regmean keeps the averaged statistics unless asked."""
+    a, b = _pair()
+    x = torch.randn(128, 1, 8, 8)
+    merges = {reset: pleascc.merge(a, b, x, method=method, labels="separate", reset_bn=reset, progress=False)
+              for reset in (None, True, False)}
+    default = True if method != "regmean" else False
+    assert merges[None].report["reset_bn"] is default
+    for name, value in _state(merges[None]).items():
+        assert torch.equal(value, _state(merges[default])[name]), name
+    assert not torch.equal(_state(merges[True])["1.running_var"], _state(merges[False])["1.running_var"])
+
+
+def test_the_reset_leaves_a_model_without_batch_norm_as_it_is(monkeypatch):
+    """No BatchNorm: the default reset is a no-op and costs no pass over the data."""
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval())
+    x = torch.randn(100, 6)
+    kept = pleascc.merge(*nets, x, method="permute", reset_bn=False, progress=False)
+    monkeypatch.setattr(api, "batches", lambda *args, **kwargs: pytest.fail("a pass over the data"))
+    reset = pleascc.merge(*nets, x, method="permute", progress=False)
+    assert reset.report["reset_bn"]
+    for name, value in _state(kept).items():
+        assert torch.equal(value, _state(reset)[name]), name
 
 
 def test_statistics_read_a_fixed_subset_of_positions():

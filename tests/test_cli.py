@@ -9,98 +9,16 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from torch import nn
+import torchvision
 
 import pleascc
 import pleascc.least_squares
+from conftest import ARCH, cli_error, merge_args, save_npz
 from pleascc.cli import main
 from pleascc.demo import digits_cnn
 from pleascc.export import onnx_predict
 
-ARCH = ["--arch", "pleascc.demo:digits_cnn", "--arch-kwargs", '{"width": 8}']
-SAMPLES = 300
-UNTRACEABLE = """\
-import torch.nn as nn
-from pleascc.demo import digits_cnn
-
-
-class Net(nn.Sequential):
-    def forward(self, x):
-        if x.sum() > 0:
-            x = x * 2
-        return super().forward(x)
-
-
-def make(num_classes=5, width=8):
-    return Net(*digits_cnn(num_classes, width))
-"""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared with other jobs: torch's thread pool would oversubscribe them (100× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _save_npz(path, **arrays):
-    np.savez(path, **arrays)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Checkpoints, calibration files and architecture files, made once for the module."""
-    root = tmp_path_factory.mktemp("inputs")
-    torch.manual_seed(0)
-    f = {}
-    for name, width in (("a", 8), ("b", 8), ("b16", 16)):
-        f[name] = str(root / f"{name}.pt")
-        torch.save(digits_cnn(num_classes=5, width=width).state_dict(), f[name])
-    nan_model = digits_cnn(num_classes=5, width=8)
-    with torch.no_grad():
-        nan_model[0].weight[0, 0, 0, 0] = float("nan")
-    f["nan_weight"] = str(root / "nan_weight.pt")
-    torch.save(nan_model.state_dict(), f["nan_weight"])
-    f["whole"] = str(root / "whole.pt")
-    torch.save(digits_cnn(num_classes=5, width=8), f["whole"])
-    f["whole_other"] = str(root / "whole_other.pt")
-    torch.save(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 5)),
-               f["whole_other"])
-    f["junk"] = str(root / "junk.pt")
-    (root / "junk.pt").write_bytes(np.random.default_rng(0).bytes(1000))
-    x = np.random.default_rng(0).standard_normal((SAMPLES, 1, 8, 8)).astype(np.float32)
-    f["calib"] = _save_npz(root / "calib.npz", x=x)
-    f["few"] = _save_npz(root / "few.npz", x=x[:6])  # most layers underdetermined
-    f["ten"] = _save_npz(root / "ten.npz", x=x[:10])  # only the classifier (17 unknowns) underdetermined
-    f["three_channels"] = _save_npz(root / "three_channels.npz", x=np.repeat(x, 3, axis=1))
-    x_nan = x.copy()
-    x_nan[5, 0, 1, 1] = np.nan
-    f["nan_data"] = _save_npz(root / "nan_data.npz", x=x_nan)
-    f["no_x"] = _save_npz(root / "no_x.npz", inputs=x)
-    for name, array in (("calib_npy", x), ("nan_npy", x_nan)):  # read batch by batch from disk
-        f[name] = str(root / f"{name}.npy")
-        np.save(f[name], array)
-    f["untraceable"] = str(root / "untraceable.py")
-    (root / "untraceable.py").write_text(UNTRACEABLE)
-    f["a_file"] = str(root / "somefile.txt")
-    (root / "somefile.txt").write_text("not a folder\n")
-    return f
-
-
-def _merge_args(files, out, *extra, a="a", b="b", data="calib", arch=ARCH):
-    return ["merge", files[a], files[b], *arch, "--data", files[data], "-o", str(out), "--no-progress", *extra]
-
-
-def _error(capsys, argv) -> str:
-    """Run the CLI, expecting exit 2 and a single-line 'pleascc: error:' message; return the message."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pleascc: error: "), err
-    assert err.count("\n") == 1 and err.endswith("\n"), err
-    return err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- success
@@ -129,6 +47,8 @@ def test_the_command_line_the_api_and_the_docs_derive_from_one_options_class():
                                     "--positions", "0", "--budget", "1.5", "--reset-bn", "--method", "zipit"])
     assert from_arguments(flagged) == MergeOptions(width_search="stages", positions=None, budget=1.5, reset_bn=True,
                                                    method="zipit")
+    kept = _parser().parse_args(["merge", "a.pt", "b.pt", "-o", "m.onnx", "--data", "d", "--no-reset-bn"])
+    assert from_arguments(kept) == MergeOptions(reset_bn=False)
     assert [f.name for f in dataclasses.fields(MergeOptions) if flag(f) is None] == [
         "ridge", "samples", "seed", "progress"]  # the API's only, or flags shared with other commands
     with pytest.raises(TypeError):
@@ -142,7 +62,7 @@ def test_merge_pleas_writes_onnx_and_report(files, tmp_path, capsys):
     import onnxruntime as ort
 
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    argv = _merge_args(files, out, "--labels", "separate", "--budget", "1.5", "--report", str(report))
+    argv = merge_args(files, out, "--labels", "separate", "--budget", "1.5", "--report", str(report))
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "least squares: sequential" in printed
@@ -169,7 +89,7 @@ def test_merge_pleas_writes_onnx_and_report(files, tmp_path, capsys):
                                      ("--budget", "1.5", "--widths", "stages")])
 def test_merge_other_methods(files, tmp_path, options):
     out = tmp_path / "out.onnx"
-    assert main(_merge_args(files, out, *options, "--labels", "separate")) == 0
+    assert main(merge_args(files, out, *options, "--labels", "separate")) == 0
     assert out.is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
 
@@ -177,7 +97,7 @@ def test_merge_other_methods(files, tmp_path, options):
 def test_an_underdetermined_classifier_is_reported_not_refused(files, tmp_path, capsys):
     """Fewer samples than the classifier's unknowns: its fit is the smallest change from the warm start."""
     out = tmp_path / "out.onnx"
-    assert main(_merge_args(files, out, "--report", str(tmp_path / "report.json"), data="ten")) == 0
+    assert main(merge_args(files, out, "--report", str(tmp_path / "report.json"), data="ten")) == 0
     assert "fewer observations than unknowns" in capsys.readouterr().out
     assert json.loads((tmp_path / "report.json").read_text())["underdetermined_layers"] == ["_10"]
 
@@ -191,10 +111,35 @@ def test_groups_of_checkpoint(files, capsys, tmp_path):
         assert "4 permutation groups" in capsys.readouterr().out
 
 
+def test_the_groups_picture_reads_top_to_bottom_at_normal_size(tmp_path):
+    """A chain with residuals stays in one line; a deep graph wraps into columns, side branches beside it; the
+    PNG is a page, not a strip, and ink covers it rather than a corner of it."""
+    import matplotlib.image
+
+    from pleascc.passes.groups import analyze
+    from pleascc.plots import ROWS_PER_COLUMN, drawn_nodes, layout
+    from pleascc.trace import trace
+
+    gm = trace(digits_cnn(5, width=8))
+    chain = layout(drawn_nodes(gm, analyze(gm, (torch.randn(2, 1, 8, 8),))))
+    assert {x for x, _ in chain.pos.values()} == {0} and chain.rows == len(chain.pos)
+    resnet = trace(torchvision.models.resnet18())
+    wrapped = layout(drawn_nodes(resnet, analyze(resnet, (torch.randn(2, 3, 32, 32),))))
+    assert set(wrapped.column.values()) == {0, 1} and wrapped.rows <= ROWS_PER_COLUMN and wrapped.width == 4
+    path = tmp_path / "g.png"
+    assert main(["groups", "none", "--arch", "torchvision:resnet18", "--input-shape", "3,32,32", "--draw",
+                 str(path)]) == 0
+    image = matplotlib.image.imread(path)[..., :3]
+    height, width = image.shape[:2]
+    assert 600 < width < 2000 and 600 < height < 1400
+    inked = (image < 0.9).any(axis=2)
+    assert all(part.any(axis=0).mean() > 0.2 for part in np.array_split(inked, 3))  # thirds from top to bottom
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("device", ["cuda", "gpu"])
 def test_unusable_device_is_a_one_line_error(files, tmp_path, capsys, device):
-    err = _error(capsys, _merge_args(files, tmp_path / "out.onnx", "--device", device))
+    err = cli_error(capsys, merge_args(files, tmp_path / "out.onnx", "--device", device))
     assert f"device '{device}' is not usable" in err and "--device cpu" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -206,7 +151,7 @@ def test_merge_reads_npy_data_from_disk_batch_by_batch(files, tmp_path):
     outputs = []
     for data in ("calib", "calib_npy"):
         out = tmp_path / f"{data}.onnx"
-        assert main(_merge_args(files, out, "--budget", "1.5", "--batch-size", "16", data=data)) == 0
+        assert main(merge_args(files, out, "--budget", "1.5", "--batch-size", "16", data=data)) == 0
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         outputs.append(session.run(None, {session.get_inputs()[0].name: np.load(files["calib_npy"])[:4]}))
     for want, got in zip(*outputs):
@@ -247,7 +192,7 @@ def test_bad_input(files, tmp_path, capsys, case):
         kwargs = {**kwargs, "arch": [a.format(**files) for a in kwargs["arch"]]}
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    err = _error(capsys, _merge_args(files, out_dir / "out.onnx", "--report", str(out_dir / "r.json"), **kwargs))
+    err = cli_error(capsys, merge_args(files, out_dir / "out.onnx", "--report", str(out_dir / "r.json"), **kwargs))
     for word in words:
         assert word in err, err
     assert list(out_dir.iterdir()) == []
@@ -256,7 +201,7 @@ def test_bad_input(files, tmp_path, capsys, case):
 @pytest.mark.parametrize("output", ["/nonexistent_dir/out.onnx", "{a_file}/out.onnx"])
 def test_unwritable_output(files, capsys, output):
     output = output.format(**files)
-    err = _error(capsys, _merge_args(files, output))
+    err = cli_error(capsys, merge_args(files, output))
     assert output in err
     assert not os.path.exists(output)
 
@@ -265,7 +210,7 @@ def test_a_spill_directory_that_cannot_be_written_is_refused_up_front(files, tmp
     """Sequential least squares that must spill (no memory for it) into a folder that is not one: one line
     naming the folder and the options that fix it, exit 2, no output file."""
     out = tmp_path / "out.onnx"
-    err = _error(capsys, _merge_args(files, out, "--cache-gb", "0", "--work-dir", files["a"]))
+    err = cli_error(capsys, merge_args(files, out, "--cache-gb", "0", "--work-dir", files["a"]))
     assert files["a"] in err and "--work-dir" in err and "--cache-gb" in err
     assert not out.exists()
 
@@ -277,7 +222,7 @@ def test_read_only_output_folder(files, tmp_path, capsys):
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        err = _error(capsys, _merge_args(files, folder / "out.onnx"))
+        err = cli_error(capsys, merge_args(files, folder / "out.onnx"))
         assert "permission denied" in err
         assert list(folder.iterdir()) == []
     finally:
@@ -290,13 +235,13 @@ def test_output_is_a_folder(files, tmp_path, capsys, which):
     folder.mkdir()
     out = folder if which == "output" else tmp_path / "out.onnx"
     extra = ["--report", str(folder)] if which == "report" else []
-    err = _error(capsys, _merge_args(files, out, *extra))
+    err = cli_error(capsys, merge_args(files, out, *extra))
     assert "is a folder" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and list(folder.iterdir()) == []
 
 
 def test_groups_with_input_of_wrong_shape(files, capsys):
-    err = _error(capsys, ["groups", files["a"], *ARCH])  # default input shape 3,224,224
+    err = cli_error(capsys, ["groups", files["a"], *ARCH])  # default input shape 3,224,224
     assert "(3, 224, 224)" in err and "--input-shape" in err
 
 
@@ -310,7 +255,7 @@ def _run(*code_or_args: str) -> subprocess.CompletedProcess:
 
 def test_process_exit_code_on_bad_input(files, tmp_path):
     out = tmp_path / "out.onnx"
-    proc = _run("-m", "pleascc", *_merge_args(files, out, a="junk"))
+    proc = _run("-m", "pleascc", *merge_args(files, out, a="junk"))
     assert proc.returncode == 2
     assert proc.stderr.startswith("pleascc: error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -323,7 +268,7 @@ def _interrupt(*args, **kwargs):
 def test_interrupt(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pleascc.least_squares, "layer_moments", _interrupt)
     out = tmp_path / "out.onnx"
-    assert main(_merge_args(files, out, "--report", str(tmp_path / "r.json"))) == 130
+    assert main(merge_args(files, out, "--report", str(tmp_path / "r.json"))) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -343,7 +288,7 @@ def test_a_terminated_merge_leaves_no_output_and_no_spill_files(files, tmp_path)
             time.sleep(10)
 
         pleascc.least_squares.layer_moments = terminate
-        sys.exit(main({_merge_args(files, out, "--cache-gb", "0", "--work-dir", str(work))!r}))
+        sys.exit(main({merge_args(files, out, "--cache-gb", "0", "--work-dir", str(work))!r}))
     """)
     proc = _run("-c", code)
     assert proc.returncode == 130, proc.stderr
@@ -362,7 +307,7 @@ def test_process_exit_code_on_interrupt(files, tmp_path):
             raise KeyboardInterrupt
 
         pleascc.least_squares.layer_moments = interrupt
-        sys.exit(main({_merge_args(files, out)!r}))
+        sys.exit(main({merge_args(files, out)!r}))
     """)
     proc = _run("-c", code)
     assert proc.returncode == 130, proc.stderr
@@ -373,9 +318,9 @@ def test_process_exit_code_on_interrupt(files, tmp_path):
 def test_eval_reports_accuracy_per_head_and_latency(files, tmp_path, capsys):
     """The merged model with separate heads: head 0 on labels 0-4, head 1 on 5-9, and the joint argmax."""
     out = tmp_path / "out.onnx"
-    assert main(_merge_args(files, out, "--labels", "separate", "--method", "permute")) == 0
+    assert main(merge_args(files, out, "--labels", "separate", "--method", "permute")) == 0
     x = np.load(files["calib"])["x"][:40]
-    labeled = _save_npz(tmp_path / "test.npz", x=x, y=np.arange(40) % 10)
+    labeled = save_npz(tmp_path / "test.npz", x=x, y=np.arange(40) % 10)
     report = tmp_path / "eval.json"
     assert main(["eval", str(out), "--data", labeled, "--report", str(report)]) == 0
     printed = capsys.readouterr().out
@@ -392,12 +337,12 @@ def test_eval_reports_accuracy_per_head_and_latency(files, tmp_path, capsys):
 def test_eval_bad_inputs_are_one_line_errors(files, tmp_path, capsys, case):
     out = tmp_path / "out.onnx"
     if case != "missing":
-        assert main(_merge_args(files, out, "--method", "average")) == 0
+        assert main(merge_args(files, out, "--method", "average")) == 0
     args = {"missing": ["eval", str(tmp_path / "none.onnx"), "--data", files["calib"]],
             "not_onnx": ["eval", files["a"], "--data", files["calib"]],
             "bad_ranges": ["eval", str(out), "--data", files["calib"], "--head-classes", "0-9,x"],
             "wrong_shape": ["eval", str(out), "--data", files["three_channels"]]}[case]
-    message = _error(capsys, args)
+    message = cli_error(capsys, args)
     assert {"missing": "not found", "not_onnx": "not an ONNX model", "bad_ranges": "--head-classes",
             "wrong_shape": "does not fit"}[case] in message
 
@@ -407,7 +352,7 @@ def test_same_inputs_and_seed_give_a_byte_identical_onnx_file(files, tmp_path):
     outputs = []
     for k in range(2):
         out = tmp_path / f"m{k}.onnx"
-        argv = _merge_args(files, out, "--budget", "1.5", "--labels", "separate", "--samples", "200", "--seed", "3")
+        argv = merge_args(files, out, "--budget", "1.5", "--labels", "separate", "--samples", "200", "--seed", "3")
         subprocess.run([sys.executable, "-m", "pleascc", *argv], check=True, capture_output=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
         outputs.append(out.read_bytes())
@@ -416,7 +361,7 @@ def test_same_inputs_and_seed_give_a_byte_identical_onnx_file(files, tmp_path):
 
 def test_format_pt_writes_a_state_dict_and_a_torch_export_archive(files, tmp_path):
     out = tmp_path / "merged.pt"
-    assert main(_merge_args(files, out, "--format", "pt", "--labels", "separate", "--budget", "1.5")) == 0
+    assert main(merge_args(files, out, "--format", "pt", "--labels", "separate", "--budget", "1.5")) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.pt", "merged.pt2"]
     program = torch.export.load(str(tmp_path / "merged.pt2")).module()
     x = torch.from_numpy(np.load(files["calib"])["x"][:5])
@@ -430,16 +375,16 @@ def test_half_precision_outputs_stay_close_to_the_float32_merge(files, tmp_path,
     """float16 ONNX (input and weights) and a bfloat16 state dict; bfloat16 ONNX is refused before merging."""
     x = torch.from_numpy(np.load(files["calib"])["x"][:40])
     full, half = tmp_path / "full.onnx", tmp_path / "half.onnx"
-    assert main(_merge_args(files, full, "--method", "permute")) == 0
-    assert main(_merge_args(files, half, "--method", "permute", "--dtype", "float16")) == 0
+    assert main(merge_args(files, full, "--method", "permute")) == 0
+    assert main(merge_args(files, half, "--method", "permute", "--dtype", "float16")) == 0
     want, got = onnx_predict(str(full), x)[0], onnx_predict(str(half), x)[0]
     assert got.dtype == np.float16 and np.abs(got - want).max() < 3e-2 * np.abs(want).max()
     assert main(["eval", str(half), "--data", files["calib"]]) == 0  # eval feeds float16 to it
     out = tmp_path / "m.pt"
-    assert main(_merge_args(files, out, "--method", "permute", "--dtype", "bfloat16", "--format", "pt")) == 0
+    assert main(merge_args(files, out, "--method", "permute", "--dtype", "bfloat16", "--format", "pt")) == 0
     assert {t.dtype for t in torch.load(out, weights_only=True).values() if t.is_floating_point()} == {torch.bfloat16}
     capsys.readouterr()
-    assert "bfloat16" in _error(capsys, _merge_args(files, tmp_path / "b.onnx", "--dtype", "bfloat16"))
+    assert "bfloat16" in cli_error(capsys, merge_args(files, tmp_path / "b.onnx", "--dtype", "bfloat16"))
     assert not (tmp_path / "b.onnx").exists()
 
 

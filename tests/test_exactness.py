@@ -99,7 +99,7 @@ def test_baselines_are_exact_on_a_permuted_copy_only_when_they_match(method, tmp
     """Averaging ignores permutations; activation matching and zipping undo them."""
     model, x, x_test = _setup("resnet20-optionA")
     twin = permuted_copy(model, x)
-    result = pleascc.merge(model, twin, x, budget=1.0, method=method, progress=False)
+    result = pleascc.merge(model, twin, x, budget=1.0, method=method, reset_bn=False, progress=False)
     with torch.no_grad():
         diff = relative_error(result.model(x_test).numpy(), model(x_test))
     assert (diff < 1e-4) == (method != "average")
@@ -110,7 +110,7 @@ def test_weight_matching_undoes_a_permutation_without_data(tmp_path):
     """Git Re-Basin's weight matching finds a permuted copy's permutation from the weights alone."""
     model, x, x_test = _setup("resnet20-optionA")
     twin = permuted_copy(model, x)
-    result = pleascc.merge(model, twin, x[:8], method="permute", matching="weight", progress=False)
+    result = pleascc.merge(model, twin, x[:8], method="permute", matching="weight", reset_bn=False, progress=False)
     (got,) = predict_through_onnx(result.model, x_test, tmp_path)
     with torch.no_grad():
         assert relative_error(got, model(x_test)) < 1e-4

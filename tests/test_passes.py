@@ -457,7 +457,8 @@ def test_transposed_convs_permute_and_merge_by_their_permuted_average():
     result = permutation_invariance(model, x[:2])
     assert result["unsupported"] == [] and result["relative_diff"] < 1e-4 and result["free_groups"] == 2
     for budget in (1.0, 1.5, 2.0):  # a permuted copy merged back: exact at any width
-        merged = pleascc.merge(model, permuted_copy(model, x), x, method="permute", budget=budget, progress=False)
+        merged = pleascc.merge(model, permuted_copy(model, x), x, method="permute", budget=budget, reset_bn=False,
+                               progress=False)
         with torch.no_grad():
             assert (merged.model(x) - model(x)).abs().max() < 1e-4 * model(x).abs().max()
 
@@ -523,7 +524,7 @@ def test_blur_pool_filter_is_widened_with_its_channels():
     torch.manual_seed(0)
     a, b = Blurred().eval(), Blurred().eval()
     x = torch.randn(64, 3, 8, 8)
-    result = pleascc.merge(a, b, x, budget=2.0, labels="separate", method="permute", progress=False)
+    result = pleascc.merge(a, b, x, budget=2.0, labels="separate", method="permute", reset_bn=False, progress=False)
     with torch.no_grad():
         got_a, got_b = result.model(x)
         assert torch.allclose(got_a, a(x), atol=1e-5) and torch.allclose(got_b, b(x), atol=1e-5)

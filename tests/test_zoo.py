@@ -55,7 +55,7 @@ def test_weight_standardized_convs_count_in_the_budget_and_keep_their_input_widt
     torch.manual_seed(0)
     model = non_degenerate(timm.create_model("test_nfnet", num_classes=10))
     x = torch.randn(8, *model.pretrained_cfg["input_size"])
-    result = pleascc.merge(model, model, x, method="permute", budget=1.5, progress=False)
+    result = pleascc.merge(model, model, x, method="permute", budget=1.5, reset_bn=False, progress=False)
     assert result.report["relative_flops"] <= 1.5
     with torch.no_grad():
         assert (result.model(x) - model(x)).abs().max() < 1e-4 * model(x).abs().max()
