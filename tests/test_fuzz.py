@@ -17,18 +17,27 @@ from pleascc.passes.errors import PleasccError
 ARCH = ("pleascc.demo:digits_cnn", {"width": 8})
 
 
-def _valid_files() -> dict[str, bytes]:
+def _originals() -> dict[str, dict[str, torch.Tensor]]:
+    """What each valid file holds: the model's state, or the data's arrays."""
     torch.manual_seed(0)
     state = digits_cnn(5, width=8).state_dict()
-    pt = io.BytesIO()
-    torch.save(state, pt)
-    npz = io.BytesIO()
     rng = np.random.default_rng(0)
-    np.savez(npz, x=rng.standard_normal((40, 1, 8, 8)).astype(np.float32), y=np.arange(40) % 5)
-    tensors = io.BytesIO()
-    torch.save({"x": torch.randn(40, 1, 8, 8)}, tensors)
-    return {".pt": pt.getvalue(), ".safetensors": save_safetensors({k: v.contiguous() for k, v in state.items()}),
-            ".npz": npz.getvalue(), ".data.pt": tensors.getvalue()}
+    npz = {"x": torch.from_numpy(rng.standard_normal((40, 1, 8, 8)).astype(np.float32)),
+           "y": torch.arange(40) % 5}
+    return {".pt": state, ".safetensors": state, ".npz": npz, ".data.pt": {"x": torch.randn(40, 1, 8, 8)}}
+
+
+ORIGINALS = _originals()
+
+
+def _valid_files() -> dict[str, bytes]:
+    pt, npz, tensors = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    torch.save(ORIGINALS[".pt"], pt)
+    np.savez(npz, x=ORIGINALS[".npz"]["x"].numpy(), y=ORIGINALS[".npz"]["y"].numpy())
+    torch.save(ORIGINALS[".data.pt"], tensors)
+    state = {k: v.contiguous() for k, v in ORIGINALS[".safetensors"].items()}
+    return {".pt": pt.getvalue(), ".safetensors": save_safetensors(state), ".npz": npz.getvalue(),
+            ".data.pt": tensors.getvalue()}
 
 
 VALID = _valid_files()
@@ -36,15 +45,15 @@ VALID = _valid_files()
 
 @st.composite
 def corrupted(draw):
-    """A valid file of one kind, truncated, with bytes overwritten, or both."""
+    """A valid file of one kind, truncated, with bytes overwritten, or both; and how many bytes were overwritten."""
     suffix = draw(st.sampled_from(sorted(VALID)))
     data = bytearray(VALID[suffix])
     if draw(st.booleans()):
         data = data[:draw(st.integers(0, len(data) - 1))]
-    for _ in range(draw(st.integers(0, 8))):
-        if data:
-            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
-    return suffix, bytes(data)
+    overwritten = draw(st.integers(0, 8)) if data else 0
+    for _ in range(overwritten):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return suffix, bytes(data), overwritten
 
 
 def _load(path: str, suffix: str):
@@ -53,21 +62,42 @@ def _load(path: str, suffix: str):
     return load_data(path)
 
 
+def _loaded_tensors(loaded, suffix: str) -> dict[str, torch.Tensor]:
+    if suffix in (".pt", ".safetensors"):
+        return loaded.state_dict()
+    return {name: getattr(loaded, name) for name in ORIGINALS[suffix]}
+
+
+def _changed_elements(loaded: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> int:
+    """Elements that differ from the original, every name, shape and dtype being the same (asserted)."""
+    assert loaded.keys() == original.keys()
+    changed = 0
+    for name, value in original.items():
+        got = torch.as_tensor(loaded[name])
+        assert got.shape == value.shape and got.dtype == value.dtype, name
+        same = (got == value) | (got.isnan() & value.isnan()) if value.is_floating_point() else got == value
+        changed += int((~same).sum())
+    return changed
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=corrupted())
 def test_corrupted_files_are_one_line_errors_or_load(tmp_path, case):
-    """Either the file still loads (a flipped byte inside a tensor) or the loader says why, in one line."""
-    suffix, data = case
+    """Either the loader says why, in one line, or what it loads is the file's content: every tensor of the
+    original, each element intact but where an overwritten byte fell (one byte changes one element at most)."""
+    suffix, data, overwritten = case
     path = tmp_path / ("f" + (".pt" if suffix == ".data.pt" else suffix))
     path.write_bytes(data)
     try:
-        _load(str(path), suffix)
+        loaded = _load(str(path), suffix)
     except PleasccError as err:
         assert "\n" not in str(err) and str(path) in str(err)
+        return
+    assert _changed_elements(_loaded_tensors(loaded, suffix), ORIGINALS[suffix]) <= overwritten
 
 
 @pytest.mark.parametrize("suffix", sorted(VALID))
 def test_the_uncorrupted_files_load(tmp_path, suffix):
     path = tmp_path / ("f" + (".pt" if suffix == ".data.pt" else suffix))
     path.write_bytes(VALID[suffix])
-    assert _load(str(path), suffix) is not None
+    assert _changed_elements(_loaded_tensors(_load(str(path), suffix), suffix), ORIGINALS[suffix]) == 0

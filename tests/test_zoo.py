@@ -61,12 +61,22 @@ def test_weight_standardized_convs_count_in_the_budget_and_keep_their_input_widt
         assert (result.model(x) - model(x)).abs().max() < 1e-4 * model(x).abs().max()
 
 
-def test_a_wrong_group_is_caught():
-    """The property has teeth: permuting one weight alone changes the output."""
-    model = torchvision.models.resnet18(weights=None).eval()
+def test_a_wrong_group_is_caught(monkeypatch):
+    """The property has teeth: pleascc's own check flags a deliberately broken rule, a BatchNorm whose parameters
+    it leaves out of its channels' group (so permuting the channels leaves them in place)."""
+    import torch.nn as nn
+
+    from pleascc.passes.groups.registry import RULES
+
+    def broken_batch_norm(ctx, node):
+        dims = ctx.dims_of(node.args[0])
+        apart = ctx.table.new(ctx.module(node).num_features)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            ctx.bind(f"{node.target}.{name}", [apart])
+        return dims
+
+    model = non_degenerate(torchvision.models.resnet18(weights=None).eval())
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        before = model(x)
-        w = model.layer1[0].conv1.weight
-        w.copy_(w[torch.randperm(w.shape[0])])
-        assert (model(x) - before).abs().max() > 1e-3
+    assert permutation_invariance(model, x)["relative_diff"] < 1e-6
+    monkeypatch.setitem(RULES, nn.BatchNorm2d, broken_batch_norm)
+    assert permutation_invariance(model, x)["relative_diff"] > 1e-3
