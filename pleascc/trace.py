@@ -13,22 +13,34 @@ import torch.nn.functional as F
 
 from pleascc.passes.errors import PleasccError, first_line
 from pleascc.passes.in_place import INPLACE_METHODS, OUT_OF_PLACE
-from pleascc.passes.opaque_ops import grid_offsets, timm_registrations
+from pleascc import hf
+from pleascc.passes.opaque_ops import TRANSPOSED_LINEARS, grid_offsets, timm_registrations
 
 # fx keeps a wrapped function opaque only in the modules that name it to fx.wrap: here, where GPSA calls it
 fx.wrap("grid_offsets")
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer plus timm's leaf modules and wrapped functions, when timm is present."""
+    """fx's tracer plus timm's leaf modules and wrapped functions, when timm is present, and GPT-2's Conv1D."""
 
     def __init__(self) -> None:
         leaves, functions = timm_registrations()
         super().__init__(autowrap_functions=tuple(functions))
-        self._leaves = tuple(leaves)
+        self._leaves = tuple(leaves + TRANSPOSED_LINEARS)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        """A module outside the model's tree without tensors of its own (transformers' wrappers of functions,
+        which the ``kernels`` package makes modules) is traced through, like the function it wraps."""
+        if not any(m is sub for sub in self.root.modules()) and not any(True for _ in m.state_dict()):
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+class _ExampleTracer(hf.ExampleTracing, _Tracer):
+    """For transformers' models, which unpack shapes."""
 
 
 def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
@@ -38,12 +50,23 @@ def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
     parameters with its source.
     """
     model = copy.deepcopy(model).eval()
+    transformers = hf.is_transformers_model(model)
+    if transformers:
+        model = hf.adapt(model)
     _open_modules(model)
     for m in model.modules():
         if getattr(m, "inplace", False) is True:
             m.inplace = False
     try:
-        graph = _Tracer().trace(model)
+        if transformers:
+            tracer = _ExampleTracer()
+            tracer.start_example(model, hf.example(model))
+            with hf.mask_builders(model):
+                graph = tracer.trace(model)
+        else:
+            graph = _Tracer().trace(model)
+    except PleasccError:
+        raise
     except Exception as err:  # any failure inside user code: name the line
         raise PleasccError(f"cannot trace {name}: {_where(err)}; make that code traceable by torch.fx "
                            "(no data-dependent Python control flow) or wrap it with torch.fx.wrap") from None
