@@ -82,3 +82,13 @@ def attention_bias(embeds: torch.Tensor, padding: torch.Tensor | None, causal: b
         allowed = allowed & padding.to(torch.bool)[:, None, None, :]
     zero = torch.zeros((), dtype=embeds.dtype, device=embeds.device)
     return torch.where(allowed, zero, torch.finfo(embeds.dtype).min)
+
+
+@fx.wrap
+def tokens_mask(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The (N, T) padding mask of ``ids``: ``mask`` where given, else all ones (every token is real).
+
+    Wrapped for fx, so that a traced model's optional padding-mask input is a
+    tensor in the graph whether or not a caller passes one.
+    """
+    return torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device) if mask is None else mask

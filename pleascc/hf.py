@@ -3,9 +3,9 @@
 transformers builds masks with Python control flow, returns ``ModelOutput``
 objects, keeps caches and picks an attention kernel at run time; none of that
 traces.  ``adapt`` turns a model (a copy: the tracer's) into one whose forward
-takes the main input (``input_ids``, or ``pixel_values``) and an optional
-padding mask and returns tensors, with eager attention and norms the analysis
-knows; ``mask_builders`` swaps transformers' mask builders for one opaque op,
+takes the main input (``input_ids``, or ``pixel_values``) and, for token ids,
+an optional padding mask, and returns its first output, with eager attention
+and norms the analysis knows; ``mask_builders`` swaps transformers' mask builders for one opaque op,
 ``attention_bias``, while tracing.  What is not understood fails closed: a
 mask builder asked for anything but causal, bidirectional, sliding-window and
 padding masks is a ``PleasccError`` naming the module.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import sys
 from typing import Callable, Iterator
 
@@ -24,10 +25,11 @@ import torch.nn as nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from pleascc.passes.errors import PleasccError
-from pleascc.passes.opaque_ops import attention_bias
+from pleascc.passes.opaque_ops import attention_bias, tokens_mask
 
-# fx keeps a wrapped function opaque only in the modules that name it to fx.wrap: here, where the builders call it
+# fx keeps a wrapped function opaque only in the modules that name it to fx.wrap: here, where they are called
 fx.wrap("attention_bias")
+fx.wrap("tokens_mask")
 
 ATTENTION = "eager"  # transformers' own attention in plain ops; its sdpa path branches on sizes in Python
 
@@ -47,15 +49,15 @@ def adapt(model: nn.Module) -> nn.Module:
 
 
 def _traced_class(cls: type) -> type:
-    """``cls`` with a forward of (main input, optional padding mask) that returns a tensor or a tuple of them."""
+    """``cls`` with a forward of (main input, optional padding mask) that returns its first output."""
     signature = inspect.signature(cls.forward).parameters
     main = cls.main_input_name
     fixed = {"return_dict": False, **{k: False for k in ("use_cache", "output_attentions",
                                                          "output_hidden_states") if k in signature}}
     original = cls.forward
-    if "attention_mask" in signature:
+    if "attention_mask" in signature and main == "input_ids":  # a padding mask either way: all ones by default
         def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
-            return _tensors(original(self, **{main: x}, attention_mask=attention_mask, **fixed))
+            return _tensors(original(self, **{main: x}, attention_mask=tokens_mask(x, attention_mask), **fixed))
     else:
         def forward(self, x: torch.Tensor):
             return _tensors(original(self, **{main: x}, **fixed))
@@ -63,8 +65,9 @@ def _traced_class(cls: type) -> type:
 
 
 def _tensors(output):
-    """A model's tuple output as one tensor when it holds one, else as it is."""
-    return output[0] if isinstance(output, tuple) and len(output) == 1 else output
+    """A model's first output (logits, embeddings): the hidden states it may return beside them would make
+    the residual stream an output, which no merge may permute."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def example(model: nn.Module) -> torch.Tensor:
@@ -103,25 +106,45 @@ class ExampleTracing:
                                       f"{type(value).__name__}")
         return len(value)
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A condition on sizes or dtypes (not on a tensor's values) takes the example's branch, and the graph
+        checks at run time that its input takes the same (``torch._assert``): a guard, never a silent guess."""
+        value = self._value(obj.node)
+        if not isinstance(value, bool):
+            return super().to_bool(obj)
+        condition = obj if value else self.create_proxy("call_function", operator.not_, (obj,), {})
+        self.create_proxy("call_function", torch._assert, (condition, f"pleascc traced this model for inputs "
+                          f"where {obj.node.format_node()} is {value}"), {})
+        return value
+
+    def rank(self, obj: fx.Proxy) -> int:
+        value = self._value(obj.node)
+        if not isinstance(value, torch.Tensor):
+            raise fx.proxy.TraceError(f"cannot take the rank of {obj.node.name}, a traced {type(value).__name__}")
+        return value.ndim
+
     def _value(self, node: fx.Node):
         if self._run is None:
             root, args = self._example
             self._run = fx.Interpreter(root, garbage_collect_values=False, graph=self.graph)
             self._run.args_iter = iter(args)
         with _maybe_revert_all_patches(), torch.no_grad():
-            while self._last is not node:
+            while node not in self._run.env:  # the nodes up to it not run yet, in order
                 self._last = self._last.next if self._last is not None else next(iter(self.graph.nodes))
                 self._run.env[self._last] = self._run.run_node(self._last)
         return self._run.env[node]
 
 
 class _SizedProxy(fx.Proxy):
-    """A proxy whose shapes have a length (``list.extend`` asks for it before iterating)."""
+    """A proxy whose shapes have a length (``list.extend`` asks for it before iterating) and whose tensors have
+    a rank (``if mask.ndim < 4``), both the example's: neither depends on the sizes of an input."""
 
     def __len__(self) -> int:
         return self.tracer.length(self)
 
-    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+    def __getattr__(self, k: str):
+        if k == "ndim":
+            return self.tracer.rank(self)
         return _SizedAttribute(self, k)
 
 
@@ -177,7 +200,7 @@ def _mask_builder(kind: str) -> Callable:
             raise PleasccError(f"cannot trace {type(config).__name__}'s {kind} mask with "
                                f"{sorted(extra) or 'positional arguments'}: pleascc knows causal, bidirectional, "
                                "sliding-window and padding masks of eager attention")
-        if isinstance(attention_mask, (torch.Tensor, fx.Proxy)) and not _is_2d(attention_mask):
+        if attention_mask is not None and attention_mask.ndim != 2:  # the example's rank, while tracing
             raise PleasccError(f"cannot trace a {kind} mask from a prepared mask: pass a (batch, tokens) padding "
                                "mask")
         window = getattr(config, "sliding_window", None) if kind == "sliding_window_causal" else None
@@ -189,11 +212,6 @@ def _mask_builder(kind: str) -> Callable:
 _IGNORED = {"position_ids", "layer_idx", "allow_is_causal_skip", "allow_is_bidirectional_skip"}
 _BUILDERS = {f"create_{kind}_mask": _mask_builder(kind) for kind in ("causal", "bidirectional",
                                                                         "sliding_window_causal")}
-
-
-def _is_2d(mask) -> bool:
-    """A padding mask (batch, tokens); while tracing, the placeholder the adapted forward gave it."""
-    return isinstance(mask, fx.Proxy) and mask.node.op == "placeholder" or getattr(mask, "ndim", 0) == 2
 
 
 @contextlib.contextmanager

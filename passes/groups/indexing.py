@@ -1,5 +1,5 @@
-"""Rules for indexing and padding: ``x[...]`` (slices, one gather) and elements of tuples, embedding tables
-gathered by ids, ``F.pad`` and the padding modules."""
+"""Rules for indexing and padding: ``x[...]`` (slices, one gather) and elements of tuples, ``gather``,
+embedding tables gathered by ids, ``F.pad`` and the padding modules."""
 
 from __future__ import annotations
 
@@ -85,6 +85,23 @@ def _reads_shape(node) -> bool:
 
 def _dtype(node: fx.Node):
     return getattr(node.meta.get("tensor_meta"), "dtype", None)
+
+
+@rule(torch.gather, "gather")
+def _gather(ctx: Context, node: fx.Node):
+    """``x.gather(dim, index)``: along ``dim`` the index's values name x's units, so that axis of x is fixed and
+    the output's is the index's; the other axes are x's and the index's, one space where their sizes agree
+    (else the index reads a prefix of x's axis, which is fixed)."""
+    x, index = node.args[0], ctx.arg(node, 2, "index")
+    dims_x, dims_i, shape_x, shape_i = ctx.dims_of(x), ctx.dims_of(index), ctx.shape(x), ctx.shape(index)
+    axis = ctx.arg(node, 1, "dim") % len(dims_x)
+    out = list(dims_i)
+    for k, dim in enumerate(dims_x):
+        if k != axis and shape_x[k] == shape_i[k]:
+            ctx.table.unify(dim, dims_i[k], node.name)
+        else:
+            ctx.table.fix(dim, f"{node.name}: gathered")
+    return out
 
 
 @rule(nn.Embedding)

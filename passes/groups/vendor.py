@@ -1,6 +1,6 @@
 """Rules for functions libraries hide from tracing: torchvision Swin's, timm's (windows, grids,
-resampling), ``grid_offsets`` (ConViT's offsets) and ``attention_bias`` (transformers' masks), from
-``opaque_ops``."""
+resampling), ``grid_offsets`` (ConViT's offsets), and ``tokens_mask`` and ``attention_bias`` (transformers' padding
+and attention masks), from ``opaque_ops``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torchvision.models import swin_transformer as swin
 from pleascc.passes.groups.analysis import Size
 from pleascc.passes.groups.reductions import _pool
 from pleascc.passes.groups.registry import RULES, Context, _mixed_axis, _set_arg, rule
-from pleascc.passes.opaque_ops import attention_bias, grid_offsets, timm_registrations
+from pleascc.passes.opaque_ops import attention_bias, grid_offsets, timm_registrations, tokens_mask
 from pleascc.passes.spaces import Cat, Prod
 
 
@@ -113,3 +113,12 @@ def _attention_bias(ctx: Context, node: fx.Node):
     ctx.table.fix(embeds[1], f"{node.name}: tokens")
     tokens = ctx.shape(node)[-1]
     return [embeds[0], ctx.table.new(1), *ctx.new_dims((tokens, tokens), f"{node.name}: tokens")]
+
+
+@rule(tokens_mask)
+def _tokens_mask(ctx: Context, node: fx.Node):
+    """(N, T) over the ids' samples and tokens: the given mask's axes, which it passes through."""
+    ids, mask = ctx.dims_of(node.args[0]), ctx.dims_of(ctx.arg(node, 1, "mask"))
+    for k, dim in enumerate(mask or []):
+        ctx.table.unify(ids[k], dim, node.name)
+    return ids[:2]
