@@ -5,12 +5,13 @@ objects, keeps caches and picks an attention kernel at run time; none of that
 traces.  ``adapt`` turns a model (a copy: the tracer's) into one whose forward
 takes the main input (``input_ids``, or ``pixel_values``) and, for token ids,
 an optional padding mask, and returns its first output, with eager attention
-and norms the analysis knows; ``mask_builders`` swaps transformers' mask builders for one opaque op,
-``attention_bias``, while tracing.  What is not understood fails closed: a
-mask builder asked for anything but causal, bidirectional, sliding-window and
-padding masks is a ``PleasccError`` naming the module.
+and norms the analysis knows.  ``mask_builders`` swaps transformers' mask
+builders for one opaque op, ``attention_bias``, while tracing, and
+``ExampleTracing`` lets the tracer unpack shapes.  What is not understood fails
+closed: a mask builder asked for anything but causal, bidirectional,
+sliding-window and padding masks is a ``PleasccError`` (``trace`` names the
+module), and a condition on sizes is checked when the graph runs.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -57,14 +58,15 @@ def _traced_class(cls: type) -> type:
     original = cls.forward
     if "attention_mask" in signature and main == "input_ids":  # a padding mask either way: all ones by default
         def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
-            return _tensors(original(self, **{main: x}, attention_mask=tokens_mask(x, attention_mask), **fixed))
+            mask = tokens_mask(x, attention_mask)
+            return _first_output(original(self, **{main: x}, attention_mask=mask, **fixed))
     else:
         def forward(self, x: torch.Tensor):
-            return _tensors(original(self, **{main: x}, **fixed))
+            return _first_output(original(self, **{main: x}, **fixed))
     return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
 
 
-def _tensors(output):
+def _first_output(output):
     """A model's first output (logits, embeddings): the hidden states it may return beside them would make
     the residual stream an output, which no merge may permute."""
     return output[0] if isinstance(output, tuple) else output
