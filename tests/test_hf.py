@@ -269,6 +269,27 @@ def test_embeddings_fix_the_vocabulary_and_permute_the_width():
     assert analysis.table.find(width.id) == analysis.table.find(analysis.params["1.weight"].dims[1].id)
 
 
+class _ComputedView(nn.Module):
+    """GPT-2's reshape to a shape built in the graph from a size read at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x)).flatten(0, 1)
+        return self.head(h.view((-1,) + x.shape[1:2] + (h.size(-1),)))
+
+
+def test_a_shape_computed_in_the_graph_gets_the_merged_width():
+    torch.manual_seed(0)
+    models, x = [_ComputedView().eval(), _ComputedView().eval()], torch.randn(64, 5, 4)
+    result = pleascc.merge(*models, x, budget=2.0, labels="separate", progress=False)
+    with torch.no_grad():
+        for got, model in zip(result.model(x), models):
+            assert relative_error(got.numpy(), model(x)) < 1e-4
+
+
 # ----- exact merges through ONNX Runtime
 
 
