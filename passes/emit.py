@@ -114,7 +114,7 @@ def _emit_layer(gm: fx.GraphModule, node: fx.Node, layer: Layer, blocks: list[tu
 def _block_module(gm: fx.GraphModule, node: fx.Node, layer: Layer, params: State, prefix: str) -> nn.Module:
     """One block of a layer as a module: a resized copy of a layer module, or an nn.Linear for F.linear."""
     if node.op == "call_module":
-        return _sized_copy(gm.get_submodule(node.target), params, prefix)
+        return _sized_copy(gm.get_submodule(node.target), params, prefix, layer)
     linear = nn.Linear(1, 1, bias=layer.bias is not None)
     _assign(linear, "weight", params[layer.weight])
     if layer.bias is not None:
@@ -174,16 +174,12 @@ def _split_feature_norm(gm: fx.GraphModule, node: fx.Node, norm: FeatureNorm, ma
     graph.erase_node(node)
 
 
-def _sized_copy(module: nn.Module, params: State, prefix: str) -> nn.Module:
-    """A copy of a Linear/Conv holding ``params``, its size attributes updated."""
+def _sized_copy(module: nn.Module, params: State, prefix: str, layer: Layer) -> nn.Module:
+    """A copy of a layer module holding ``params``, its size attributes updated."""
     module = copy.deepcopy(module)
     for name, value in params.items():
         _assign(module, name.removeprefix(prefix + "."), value)
-    weight = module.weight
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = weight.shape
-    else:
-        module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
+    layer.resize(module)
     return module
 
 

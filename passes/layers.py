@@ -2,8 +2,8 @@
 cost, its warm start and the parameters its solution becomes.
 
 ``Layer`` holds the fields every kind has and the defaults most kinds share;
-``LinearLayer``, ``ConvLayer`` (grouped and depthwise too) and ``NormLayer``
-override where they differ.  A new kind is a subclass here and a rule that
+``LinearLayer`` (and ``TransposedLinearLayer``), ``ConvLayer`` (grouped and
+depthwise too) and ``NormLayer`` override where they differ.  A new kind is a subclass here and a rule that
 records it (``groups``); the passes call these methods and never ask a layer
 its kind.
 """
@@ -213,6 +213,28 @@ class LinearLayer(Layer):
     def blocked(self) -> bool:
         return True
 
+    def resize(self, module: torch.nn.Module) -> None:
+        """Set a copy's size attributes to the weight it now holds (emit's blocks)."""
+        module.out_features, module.in_features = module.weight.shape
+
+
+@dataclass
+class TransposedLinearLayer(LinearLayer):
+    """A Linear whose weight is stored (in, out), as GPT-2's ``Conv1D``: fitted as a Linear, stored back so."""
+
+    def unknowns(self, analysis: Analysis) -> int:
+        return analysis.table.size(analysis.params[self.weight].dims[0]) + 1
+
+    def as_rows(self, maps: MergeMaps, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return super().as_rows(maps, weight.t(), bias)
+
+    def params(self, w: torch.Tensor, like: State) -> State:
+        out = super().params(w, {**like, self.weight: like[self.weight].t()})
+        return {**out, self.weight: out[self.weight].t()}
+
+    def resize(self, module: torch.nn.Module) -> None:
+        module.nx, module.nf = module.weight.shape
+
 
 @dataclass
 class ConvLayer(Layer):
@@ -263,6 +285,9 @@ class ConvLayer(Layer):
     @property
     def blocked(self) -> bool:
         return self.groups_dim is None
+
+    def resize(self, module: torch.nn.Module) -> None:
+        module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
 
 
 @dataclass

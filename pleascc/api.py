@@ -296,8 +296,10 @@ def usable_device(device: str) -> torch.device:
 
 
 def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Parameters and every buffer, non-persistent ones too (EVA's zero k-bias is resized like the rest)."""
-    return {name: t.detach() for name, t in (*gm.named_parameters(), *gm.named_buffers())}
+    """Parameters and every buffer, non-persistent ones too (EVA's zero k-bias is resized like the rest); a tensor
+    several modules hold (tied embeddings) under each name, each merged on its own."""
+    return {name: t.detach() for name, t in (*gm.named_parameters(remove_duplicate=False),
+                                            *gm.named_buffers(remove_duplicate=False))}
 
 
 def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int) -> torch.Tensor | NpyRows:
@@ -305,16 +307,21 @@ def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int) 
     if isinstance(data, str):
         data = load_data(data, samples=samples, model=model, seed=seed)
     x = data.x if isinstance(data, CalibrationData) else data
-    if not isinstance(x, NpyRows) and (not isinstance(x, torch.Tensor) or not x.is_floating_point()):
-        raise PleasccError("calibration data must be a float tensor of preprocessed inputs (N, ...)")
+    if not isinstance(x, NpyRows) and (not isinstance(x, torch.Tensor) or x.dtype not in _INPUT_DTYPES):
+        raise PleasccError("calibration data must be a float tensor of preprocessed inputs (N, ...) or an "
+                           "integer tensor of token ids (N, tokens)")
     x = x[:samples] if samples else x
     if len(x) < 2:
         raise PleasccError(f"calibration data has {len(x)} sample(s); matching needs at least 2: pass more data")
-    if isinstance(x, NpyRows):
+    if isinstance(x, NpyRows) or not x.is_floating_point():
         return x
     if not torch.isfinite(x).all():
         raise PleasccError("calibration data contains NaN or Inf: check its preprocessing")
     return x.float()
+
+
+# floats (images, features) or token ids; the statistics are per sample and position either way
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
 
 
 def reset_batch_norm(model: nn.Module, x: torch.Tensor, batch_size: int = 64, progress: bool = False) -> None:

@@ -154,9 +154,12 @@ def onnx_predict(path: str, x: torch.Tensor, batch_size: int = 256) -> list[np.n
 
 
 def session_feed(session, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """``x`` as the session's input, in the model's input type (float16 models take float16)."""
+    """``x`` as the session's input, in the model's input type (float16 models take float16, token ids int64)."""
     inp = session.get_inputs()[0]
-    return {inp.name: x.numpy().astype(np.float16 if inp.type == "tensor(float16)" else np.float32)}
+    return {inp.name: x.numpy().astype(_ONNX_INPUTS.get(inp.type, np.float32))}
+
+
+_ONNX_INPUTS = {"tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 def session_predict(session, x: torch.Tensor, batch_size: int) -> list[np.ndarray]:

@@ -13,22 +13,42 @@ import torch.nn.functional as F
 
 from pleascc.passes.errors import PleasccError, first_line
 from pleascc.passes.in_place import INPLACE_METHODS, OUT_OF_PLACE
-from pleascc.passes.opaque_ops import grid_offsets, timm_registrations
+from pleascc import hf
+from pleascc.passes.opaque_ops import TRANSPOSED_LINEARS, grid_offsets, timm_registrations
 
 # fx keeps a wrapped function opaque only in the modules that name it to fx.wrap: here, where GPSA calls it
 fx.wrap("grid_offsets")
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer plus timm's leaf modules and wrapped functions, when timm is present."""
+    """fx's tracer plus timm's leaf modules and wrapped functions, when timm is present, and GPT-2's Conv1D."""
 
     def __init__(self) -> None:
         leaves, functions = timm_registrations()
         super().__init__(autowrap_functions=tuple(functions))
-        self._leaves = tuple(leaves)
+        self._leaves = tuple(leaves + TRANSPOSED_LINEARS)
+        self.failed_in: str | None = None  # the innermost module whose code failed to trace
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        """A module outside the model's tree without tensors of its own (transformers' wrappers of functions,
+        which the ``kernels`` package makes modules) is traced through, like the function it wraps."""
+        if not any(m is sub for sub in self.root.modules()) and not any(True for _ in m.state_dict()):
+            return forward(*args, **kwargs)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = f"{self.path_of_module(m)} ({type(m).__name__})"
+            raise
+
+
+class _ExampleTracer(hf.ExampleTracing, _Tracer):
+    """For transformers' models, which unpack shapes and slice their buffers by sizes read in the graph."""
+
+    proxy_buffer_attributes = True
 
 
 def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
@@ -38,14 +58,26 @@ def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
     parameters with its source.
     """
     model = copy.deepcopy(model).eval()
+    transformers = hf.is_transformers_model(model)
+    if transformers:
+        model = hf.adapt(model)
     _open_modules(model)
     for m in model.modules():
         if getattr(m, "inplace", False) is True:
             m.inplace = False
+    tracer = _ExampleTracer() if transformers else _Tracer()
     try:
-        graph = _Tracer().trace(model)
-    except Exception as err:  # any failure inside user code: name the line
-        raise PleasccError(f"cannot trace {name}: {_where(err)}; make that code traceable by torch.fx "
+        if transformers:
+            tracer.start_example(model, hf.example(model))
+            with hf.mask_builders(model):
+                graph = tracer.trace(model)
+        else:
+            graph = tracer.trace(model)
+    except Exception as err:  # any failure inside user code: name the module and the line
+        where = f"{name}, in {tracer.failed_in}" if tracer.failed_in else name
+        if isinstance(err, PleasccError):
+            raise PleasccError(f"{where}: {err}") from None
+        raise PleasccError(f"cannot trace {where}: {_where(err)}; make that code traceable by torch.fx "
                            "(no data-dependent Python control flow) or wrap it with torch.fx.wrap") from None
     gm = fx.GraphModule(model, graph, model.__class__.__name__)
     _make_out_of_place(gm)

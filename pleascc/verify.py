@@ -18,9 +18,9 @@ def permutation_invariance(model: nn.Module, example: torch.Tensor, seed: int = 
     a correct analysis gives a relative difference near 1e-15.
     """
     gm = trace(model)
-    analysis = analyze(gm, (example.float(),))
+    analysis = analyze(gm, (as_float(example, torch.float32),))
     gm = copy.deepcopy(gm).double().eval()
-    x = example.double()
+    x = as_float(example, torch.float64)
     with torch.no_grad():
         before = flat_outputs(gm(x))
         perms = random_permutations(analysis, torch.Generator().manual_seed(seed))
@@ -39,11 +39,16 @@ def permutation_invariance(model: nn.Module, example: torch.Tensor, seed: int = 
 
 def permuted_copy(model: nn.Module, example: torch.Tensor, seed: int = 7) -> nn.Module:
     """The same function with every free group permuted at random: a merge must undo it."""
-    analysis = analyze(trace(model), (example[:2].float(),))
+    analysis = analyze(trace(model), (as_float(example[:2], torch.float32),))
     perms = random_permutations(analysis, torch.Generator().manual_seed(seed))
     other = copy.deepcopy(model)
     other.load_state_dict(permute_state(analysis, model.state_dict(), perms))
     return other
+
+
+def as_float(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A model input in ``dtype``, if it is a float input; token ids stay integers."""
+    return x.to(dtype) if x.is_floating_point() else x
 
 
 def non_degenerate(model: nn.Module) -> nn.Module:

@@ -65,10 +65,16 @@ def _broadcast(ctx: Context, node: fx.Node, operands: list[list], shapes: list[t
     """The ``rank`` trailing axes of broadcasting operands: axes that meet with size > 1 are one space."""
     out = []
     for k in range(rank, 0, -1):
-        sized = [d[-k] for d, s in zip(operands, shapes) if len(s) >= k and s[-k] != 1]
-        for other in sized[1:]:
-            ctx.table.unify(sized[0], other, node.name)
-        out.append(sized[0] if sized else ctx.table.new(1))
+        sized = [(d[-k], s[-k]) for d, s in zip(operands, shapes) if len(s) >= k and s[-k] != 1]
+        if len({size for _, size in sized}) > 1:  # not broadcasting (an op this rule does not know): fixed
+            reason = f"{node.name}: axes of sizes {sorted({size for _, size in sized})} meet"
+            for dim, _ in sized:
+                ctx.table.fix(dim, reason)
+            out.append(ctx.table.new(max(size for _, size in sized), reason))
+            continue
+        for other, _ in sized[1:]:
+            ctx.table.unify(sized[0][0], other, node.name)
+        out.append(sized[0][0] if sized else ctx.table.new(1))
     return out
 
 

@@ -1,5 +1,5 @@
-"""Rules for indexing and padding: ``x[...]`` (slices, one gather) and elements of tuples, ``F.pad`` and
-the padding modules."""
+"""Rules for indexing and padding: ``x[...]`` (slices, one gather) and elements of tuples, ``gather``,
+embedding tables gathered by ids, ``F.pad`` and the padding modules."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pleascc.passes.groups.analysis import Size
 from pleascc.passes.groups.driver import _unknown
-from pleascc.passes.groups.registry import Context, _set_arg, rule
+from pleascc.passes.groups.registry import Context, _getattr_path, _is_param, _set_arg, rule
 from pleascc.passes.groups.shape import _frozen_size
 from pleascc.passes.spaces import Cat
 
@@ -85,6 +85,54 @@ def _reads_shape(node) -> bool:
 
 def _dtype(node: fx.Node):
     return getattr(node.meta.get("tensor_meta"), "dtype", None)
+
+
+@rule(torch.gather, "gather")
+def _gather(ctx: Context, node: fx.Node):
+    """``x.gather(dim, index)``: along ``dim`` the index's values name x's units, so that axis of x is fixed and
+    the output's is the index's; the other axes are x's and the index's, one space where their sizes agree
+    (else the index reads a prefix of x's axis, which is fixed)."""
+    x, index = node.args[0], ctx.arg(node, 2, "index")
+    dims_x, dims_i, shape_x, shape_i = ctx.dims_of(x), ctx.dims_of(index), ctx.shape(x), ctx.shape(index)
+    axis = ctx.arg(node, 1, "dim") % len(dims_x)
+    out = list(dims_i)
+    for k, dim in enumerate(dims_x):
+        if k != axis and shape_x[k] == shape_i[k]:
+            ctx.table.unify(dim, dims_i[k], node.name)
+        else:
+            ctx.table.fix(dim, f"{node.name}: gathered")
+    return out
+
+
+@rule(nn.Embedding)
+def _embedding_module(ctx: Context, node: fx.Node):
+    m = ctx.module(node)
+    if m.max_norm is not None:  # renormalizes rows in place: left to _unknown
+        return _unknown(ctx, node, type(m))
+    out = _embedding(ctx, node, node.args[0], f"{node.target}.weight")
+    ctx.module_rewrites[node.target] = lambda mod, size: setattr(mod, "embedding_dim", size(out[-1]))
+    return out
+
+
+@rule(F.embedding)
+def _embedding_function(ctx: Context, node: fx.Node):
+    weight = ctx.arg(node, 1, "weight")
+    if not _is_param(weight) or ctx.arg(node, 3, "max_norm") is not None:
+        return _unknown(ctx, node, F.embedding)
+    return _embedding(ctx, node, node.args[0], weight.target)
+
+
+def _embedding(ctx: Context, node: fx.Node, ids: fx.Node, weight: str) -> list:
+    """A (vocabulary × width) table gathered by ids: the ids' axes, then the width, a space of its own.
+
+    The ids name the table's rows, so the vocabulary stays fixed; the width
+    is the features the table produces (token, position or type embeddings).
+    """
+    rows, width = _getattr_path(ctx.gm, weight).shape
+    vocab = ctx.table.new(rows, f"{node.name}: vocabulary (rows named by ids)")
+    out = ctx.table.new(width)
+    ctx.bind(weight, [vocab, out])
+    return list(ctx.dims_of(ids)) + [out]
 
 
 @rule(F.pad)

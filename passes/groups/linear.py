@@ -1,4 +1,4 @@
-"""Rules for layers: ``nn.Linear`` and ``F.linear``, convolutions (grouped, depthwise, transposed,
+"""Rules for layers: ``nn.Linear``, ``F.linear`` and GPT-2's ``Conv1D``, convolutions (grouped, depthwise, transposed,
 weight-standardized), and ``@``/``matmul``/``bmm``.  Least squares refits the layers they record."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pleascc.passes.groups.attention import _observe_heads
 from pleascc.passes.groups.driver import _unknown
 from pleascc.passes.groups.elementwise import _broadcast_batch
 from pleascc.passes.groups.registry import Context, _getattr_path, _is_param, _mixed_axis, _set_arg, rule
-from pleascc.passes.layers import ConvLayer, LinearLayer
-from pleascc.passes.opaque_ops import STANDARDIZED_CONVS
+from pleascc.passes.layers import ConvLayer, LinearLayer, TransposedLinearLayer
+from pleascc.passes.opaque_ops import STANDARDIZED_CONVS, TRANSPOSED_LINEARS
 from pleascc.passes.spaces import Dim, Prod
 
 
@@ -49,6 +49,13 @@ def _linear_module(ctx: Context, node: fx.Node):
                    f"{node.target}.bias" if ctx.module(node).bias is not None else None)
 
 
+@rule(*TRANSPOSED_LINEARS)
+def _transposed_linear_module(ctx: Context, node: fx.Node):
+    """GPT-2's ``Conv1D``: a Linear whose weight is stored (in, out)."""
+    return _linear(ctx, node, node.args[0], f"{node.target}.weight",
+                   f"{node.target}.bias" if ctx.module(node).bias is not None else None, transposed=True)
+
+
 @rule(F.linear)
 def _linear_function(ctx: Context, node: fx.Node):
     """``F.linear`` on a parameter; a bias computed in the graph (EVA, BEiT) is one space with the rows."""
@@ -64,22 +71,28 @@ def _linear_function(ctx: Context, node: fx.Node):
     return dims[:-1] + [out]  # not refitted: least squares would need the computed bias
 
 
-def _linear(ctx: Context, node: fx.Node, x: fx.Node, weight: str, bias: str | None):
+def _linear(ctx: Context, node: fx.Node, x: fx.Node, weight: str, bias: str | None, transposed: bool = False):
     dims = ctx.dims_of(x)
     w = _getattr_path(ctx.gm, weight)
-    out = ctx.table.new(w.shape[0])
-    ctx.bind(weight, [out, dims[-1]], ["out", "in"])
+    out = ctx.table.new(w.shape[1 if transposed else 0])
+    if transposed:
+        ctx.bind(weight, [dims[-1], out], ["in", "out"])
+    else:
+        ctx.bind(weight, [out, dims[-1]], ["out", "in"])
     if bias is not None:
         ctx.bind(bias, [out])
-    ctx.layers.append(LinearLayer(node=node.name, weight=weight, bias=bias, in_axis=-1, in_dim=dims[-1],
-                                  out_axis=-1, out_dim=out))
+    kind = TransposedLinearLayer if transposed else LinearLayer
+    ctx.layers.append(kind(node=node.name, weight=weight, bias=bias, in_axis=-1, in_dim=dims[-1], out_axis=-1,
+                           out_dim=out))
     if node.op == "call_module":
-        ctx.module_rewrites[node.target] = lambda m, size: _resize_linear(m, size, dims[-1], out)
+        names = ("nx", "nf") if transposed else ("in_features", "out_features")  # Conv1D's, Linear's
+        ctx.module_rewrites[node.target] = lambda m, size: _resize_linear(m, names, size(dims[-1]), size(out))
     return dims[:-1] + [out]
 
 
-def _resize_linear(module: nn.Linear, size: Size, in_dim: Dim, out_dim: Dim) -> None:
-    module.in_features, module.out_features = size(in_dim), size(out_dim)
+def _resize_linear(module: nn.Module, names: tuple[str, str], in_size: int, out_size: int) -> None:
+    setattr(module, names[0], in_size)
+    setattr(module, names[1], out_size)
 
 
 def _conv_channels(ctx: Context, node: fx.Node, chan: Dim, m: nn.Module) -> tuple[Dim, Dim | None, Dim, Dim]:

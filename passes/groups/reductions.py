@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pleascc.passes.groups.elementwise import _elementwise
 from pleascc.passes.groups.registry import Context, _mixed_axis, rule
-from pleascc.passes.opaque_ops import timm_classes
+from pleascc.passes.opaque_ops import library_classes
 
 
 @rule(
@@ -20,7 +20,7 @@ from pleascc.passes.opaque_ops import timm_classes
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate,
-    *timm_classes("timm.layers.pool2d_same", "MaxPool2dSame", "AvgPool2dSame"),  # padded to "same" first
+    *library_classes("timm.layers.pool2d_same", "MaxPool2dSame", "AvgPool2dSame"),  # padded to "same" first
 )
 def _pool(ctx: Context, node: fx.Node):
     """Channels-first spatial ops: batch and channel pass through, spatial axes are new."""

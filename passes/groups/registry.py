@@ -47,6 +47,7 @@ class Context:
         self.sites: list[tuple] = []
         self.modules = dict(gm.named_modules())
         self.saved = set(gm.state_dict())  # learned tensors; the others are inputs the model computes for itself
+        self.tied = _tied(gm)
 
     # ----- reading
     def dims_of(self, arg) -> Any:
@@ -77,11 +78,23 @@ class Context:
                 self.params[name].roles = list(roles)
             return
         self.params[name] = ParamBinding(name, list(dims), list(roles or ["out"] * len(dims)))
+        for other in self.tied.get(name, ()):  # one tensor under two names: its uses are one space too
+            if other in self.params:
+                for old, new in zip(self.params[other].dims, dims):
+                    self.table.unify(old, new, f"{name} is {other}")
 
     def fix_inputs(self, node: fx.Node, reason: str) -> None:
         for arg in node.all_input_nodes:
             for dim in leaves(self.dims_of(arg)):
                 self.table.fix(dim, reason)
+
+
+def _tied(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Names of one tensor held by several modules (tied input and output embeddings): name -> the others."""
+    names: dict[int, list[str]] = {}
+    for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(name)
+    return {name: [o for o in group if o != name] for group in names.values() if len(group) > 1 for name in group}
 
 
 def leaves(dims) -> list:

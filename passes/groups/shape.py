@@ -71,13 +71,16 @@ def _record_shape_literals(ctx: Context, node: fx.Node, out: list) -> None:
     become the merged width.  -1 stays -1.
     """
     shape_args = node.args[1:] if isinstance(node.target, str) else node.args[1:2]
+    original = [ctx.table.size(d) for d in out]
+    if len(shape_args) == 1 and isinstance(shape_args[0], fx.Node):  # a shape computed in the graph
+        ctx.node_rewrites[node.name] = lambda n, size: _computed_shape(n, out, original, size)
+        return
     if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
         shape_args, packed = tuple(shape_args[0]), True
     else:
         packed = False
     if len(shape_args) != len(out):
         return
-    original = [ctx.table.size(d) for d in out]
 
     def rewrite(n: fx.Node, size: Size) -> None:
         values = list(n.args[1] if packed else n.args[1:])
@@ -87,6 +90,24 @@ def _record_shape_literals(ctx: Context, node: fx.Node, out: list) -> None:
         n.args = (n.args[0], tuple(values)) if packed else (n.args[0], *values)
 
     ctx.node_rewrites[node.name] = rewrite
+
+
+def _computed_shape(node: fx.Node, out: list, original: list[int], size: Size) -> None:
+    """A shape the graph computes (GPT-2's ``(-1,) + input_shape[1:] + (C,)``) gets the merged widths where they
+    changed, by a node that replaces those entries when it runs."""
+    widths = tuple((k, size(d)) for k, (d, n) in enumerate(zip(out, original)) if size(d) != n)
+    if widths:
+        with node.graph.inserting_before(node):
+            shape = node.graph.call_function(with_widths, (node.args[1], widths))
+        node.args = (node.args[0], shape, *node.args[2:])
+
+
+def with_widths(shape, widths: tuple[tuple[int, int], ...]) -> tuple:
+    """``shape`` (a sequence of sizes, or one size) with the entries at ``widths``' axes replaced."""
+    values = [shape] if isinstance(shape, int) else list(shape)
+    for axis, width in widths:
+        values[axis] = width
+    return tuple(values)
 
 
 @rule(torch.permute, "permute")

@@ -1,5 +1,6 @@
 """Rules for functions libraries hide from tracing: torchvision Swin's, timm's (windows, grids,
-resampling), and ``grid_offsets`` (ConViT's offsets, from ``opaque_ops``)."""
+resampling), ``grid_offsets`` (ConViT's offsets), and ``tokens_mask`` and ``attention_bias`` (transformers' padding
+and attention masks), from ``opaque_ops``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torchvision.models import swin_transformer as swin
 from pleascc.passes.groups.analysis import Size
 from pleascc.passes.groups.reductions import _pool
 from pleascc.passes.groups.registry import RULES, Context, _mixed_axis, _set_arg, rule
-from pleascc.passes.opaque_ops import grid_offsets, timm_registrations
+from pleascc.passes.opaque_ops import attention_bias, grid_offsets, timm_registrations, tokens_mask
 from pleascc.passes.spaces import Cat, Prod
 
 
@@ -96,3 +97,28 @@ for _fn in timm_registrations()[1]:
 def _token_grid(ctx: Context, node: fx.Node):
     """Offsets between token positions: axes of positions and of (dx, dy, d²), none a feature space."""
     return ctx.new_dims(ctx.shape(node), f"{node.name}: token offsets")
+
+
+@rule(attention_bias)
+def _attention_bias(ctx: Context, node: fx.Node):
+    """(N, 1, T, T) from the embeddings' batch and token count and the (N, T) padding mask: no feature axis.
+
+    Its token axes are new (a causal mask does not commute with reordering
+    tokens); the batch is the embeddings' and the padding mask's.
+    """
+    embeds, padding = ctx.dims_of(node.args[0]), ctx.dims_of(ctx.arg(node, 1, "padding"))
+    if padding is not None:
+        ctx.table.unify(embeds[0], padding[0], node.name)
+        ctx.table.fix(padding[1], f"{node.name}: padded tokens")
+    ctx.table.fix(embeds[1], f"{node.name}: tokens")
+    tokens = ctx.shape(node)[-1]
+    return [embeds[0], ctx.table.new(1), *ctx.new_dims((tokens, tokens), f"{node.name}: tokens")]
+
+
+@rule(tokens_mask)
+def _tokens_mask(ctx: Context, node: fx.Node):
+    """(N, T) over the ids' samples and tokens: the given mask's axes, which it passes through."""
+    ids, mask = ctx.dims_of(node.args[0]), ctx.dims_of(ctx.arg(node, 1, "mask"))
+    for k, dim in enumerate(mask or []):
+        ctx.table.unify(ids[k], dim, node.name)
+    return ids[:2]
