@@ -378,7 +378,7 @@ def _separate_labels(labels: str | None, heads: list[Layer], states) -> bool:
 def _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings, **settings) -> dict:
     groups = []
     for root, m in matchings.items():
-        merged_pairs = 2 * m.n - widths[root]
+        merged_pairs = min(m.n, 2 * m.n - widths[root])  # below n, every pair, in fewer clusters
         groups.append({
             "group": root, "size": m.n, "width": widths[root], "merged_pairs": merged_pairs,
             "merged_corr_mean": float(m.corr[:merged_pairs].mean()) if merged_pairs else None,

@@ -33,6 +33,8 @@ MERGE_EXAMPLES = """examples:
   pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --method zipit --zip-until layer3 -o zipped.onnx
   pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --method permute --matching weight -o rebasin.onnx
   pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --format pt -o merged.pt
+  pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --budget 0.5 -o smaller.onnx   # merge and compress
+  pleascc merge a.pt --arch timm:resnet18 --data calib/ --budget 0.5 -o compressed.onnx     # one model, compressed
 """
 
 
@@ -99,7 +101,8 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("merge", help="merge two models into one ONNX file", epilog=MERGE_EXAMPLES,
                        formatter_class=_Formatter)
     m.add_argument("model_a", help="checkpoint of model A (.pt, .pth, .safetensors)")
-    m.add_argument("model_b", help="checkpoint of model B")
+    m.add_argument("model_b", nargs="?", help="checkpoint of model B; leave it out to compress model A alone "
+                                              "(--budget below 1.0: its most similar units merged, refitted)")
     m.add_argument("-o", "--output", required=True,
                    help="where to write the merged model: an ONNX file (.onnx; weights past 1.8 GB go to "
                         "OUTPUT.data beside it), or with --format pt its state dict (.pt) and a torch.export archive "
@@ -224,6 +227,9 @@ def _merge(args) -> int:
     start = time.perf_counter()
     choices = options.from_arguments(args)  # checked, with the output paths, before anything heavy is imported
     _check_counts(args, "image_size")
+    if args.model_b is None and choices.budget > 1.0:
+        raise PleasccError(f"one checkpoint is compressed, not widened: pass --budget below 1.0 (not "
+                           f"{choices.budget:g}), or a second checkpoint to merge")
     for path, option in _merge_outputs(args):
         check_writable(path, option)
     import pleascc
@@ -236,7 +242,8 @@ def _merge(args) -> int:
     if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         choices = dataclasses.replace(choices, device=distributed.init_from_environment(choices.device))
     usable_device(choices.device)
-    model_a, model_b = _load(args, args.model_a), _load(args, args.model_b)
+    model_a = _load(args, args.model_a)
+    model_b = model_a if args.model_b is None else _load(args, args.model_b)
     data = _calibration(args, model_a)
     result = pleascc.merge(model_a, model_b, data, choices, progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
