@@ -105,7 +105,7 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
     widths = {root: m.n for root, m in matchings.items()}
     touching = _touching(analysis, matchings, costs)
     current = flops(analysis, costs, widths)
-    if current > limit * (1 + 1e-12):
+    if budget < 1.0 and current > limit * (1 + 1e-12):  # from 1.0 up, never below full merging (two heads)
         return _narrow(analysis, matchings, costs, touching, widths, budget)
     steps = {root: max(1, m.n // 32) for root, m in matchings.items()}
     while True:
@@ -188,7 +188,7 @@ def uniform_widths(analysis: Analysis, matchings: dict[int, Matching], costs: li
                 for root, m in matchings.items()}
 
     limit, low, high = budget * base_flops(analysis, costs), 0.0, 1.0
-    if flops(analysis, costs, at(0.0)) > limit * (1 + 1e-12):
+    if budget < 1.0 and flops(analysis, costs, at(0.0)) > limit * (1 + 1e-12):
         return _narrow_uniformly(analysis, matchings, costs, budget)
     if flops(analysis, costs, at(high)) <= limit * (1 + 1e-12):
         return at(high)
@@ -222,7 +222,7 @@ def stage_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list
     Below one model's FLOPs, as ``uniform``: no space is kept apart."""
     limit = budget * base_flops(analysis, costs) * (1 + 1e-12)
     widths = {root: m.n for root, m in matchings.items()}
-    if flops(analysis, costs, widths) > limit:
+    if budget < 1.0 and flops(analysis, costs, widths) > limit:
         return _narrow_uniformly(analysis, matchings, costs, budget)
     for root in sorted(widths, key=_depths(analysis).get, reverse=True):
         if root in analysis.table.keep_width:

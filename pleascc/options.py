@@ -15,7 +15,7 @@ from pleascc.passes.errors import PleasccError
 
 # method -> (matcher, how layers are refitted: PLeaS least squares, RegMean, or not at all)
 METHODS = {"pleas": ("hungarian", "least-squares"), "permute": ("hungarian", None), "average": ("identity", None),
-           "zipit": ("zipit", None), "regmean": ("identity", "regmean")}
+           "zipit": ("zipit", None), "regmean": ("identity", "regmean"), "prune": ("l1", None)}
 LABELS = ("shared", "separate")
 MATCHINGS = ("activation", "weight")
 WIDTH_SEARCHES = ("greedy", "uniform", "stages")  # see passes.budget.WIDTHS
@@ -41,7 +41,8 @@ class MergeOptions:
     method: str = _option(
         "pleas", "`pleas`; `permute` (Git Re-Basin activation matching + averaging); `average`; `zipit` (ZipIt!: "
                  "greedy merging within and across the models); `regmean` (RegMean: no permutation, closed-form merge "
-                 "of each layer; for models from one base)", choices=tuple(METHODS))
+                 "of each layer; for models from one base); `prune` (L1-norm channel pruning of model A, for "
+                 "budgets below 1.0: the baseline of compression by merging)", choices=tuple(METHODS))
     matching: str = _option(
         "activation", "pleas, permute: pair units by their features on the data, or by their weights alone "
                       "(Git Re-Basin weight matching, data-free)", choices=MATCHINGS)

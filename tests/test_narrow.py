@@ -114,3 +114,18 @@ def test_one_checkpoint_is_compressed_alone(files, tmp_path, capsys):
     assert "budget 0.5: 0.4" in capsys.readouterr().out
     assert "one checkpoint is compressed" in cli_error(capsys, ["merge", files["a"], *ARCH, "--data",
                                                                files["calib"], "--budget", "1.5", "-o", str(out)])
+
+
+def test_pruning_drops_the_units_of_least_l1_norm(tmp_path):
+    """L1-norm pruning (the baseline): units no weight writes are the first dropped, and the model is unchanged."""
+    model = duplicated_mlp()
+    for layer in (model[0], model[2]):
+        layer.weight.data[6:] = 0
+        layer.bias.data[6:] = 0
+    x = torch.randn(64, 8)
+    budget = halved_budget(model, x)
+    result = pleascc.merge(model, model, x, budget=budget, method="prune", width_search="uniform", progress=False)
+    assert result.report["relative_flops"] == pytest.approx(budget)
+    (got,) = predict_through_onnx(result.model, x[:16], tmp_path)
+    with torch.no_grad():
+        assert relative_error(got, model(x[:16])) < 1e-5
