@@ -68,9 +68,37 @@ class Zipping(Matching):
     alpha: float = 0.3
     beta: float = 0.125
 
+    @property
+    def narrowest(self) -> int:
+        return max(1, math.ceil(self.n * MIN_SHARE))
+
     def selections(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        clusters, _ = zip_units(self.joint, width, self.alpha, self.beta)
+        """Zipped to ``width`` (from n up); below n, zipped to n and those clusters merged further
+        (``pair_merges``)."""
+        if width >= self.n:
+            clusters, _ = zip_units(self.joint, width, self.alpha, self.beta)
+        else:
+            zipped = zip_units(self.joint, self.n, self.alpha, self.beta)[0]
+            merges, _ = self.pair_merges()
+            clusters = [[u for k in group for u in zipped[k]] for group in replay(self.n, merges[:self.n - width])]
         return selections_from_clusters(self.n, clusters)
+
+    def pair_merges(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """Below n: the n clusters of zipping to n merged further, the most similar first; two clusters are as
+        similar as their least similar units (ZipIt!'s joint correlation)."""
+        if self._clustering is None:
+            zipped = zip_units(self.joint, self.n, self.alpha, self.beta)[0]
+            joint = torch.nan_to_num(self.joint.double(), nan=0.0)
+            members = torch.full((self.n, max(map(len, zipped))), -1)
+            for k, cluster in enumerate(zipped):
+                members[k, :len(cluster)] = torch.tensor(cluster)
+            least = torch.full((self.n, self.n), torch.inf, dtype=torch.float64)
+            for a in members.T:  # one member slot of each cluster against one of every other: n×n at a time
+                for b in members.T:
+                    pair = joint[a.clamp(min=0)][:, b.clamp(min=0)]
+                    least = torch.minimum(least, pair.masked_fill((a < 0)[:, None] | (b < 0)[None], torch.inf))
+            self._clustering = agglomerate(least, self.narrowest)
+        return self._clustering
 
 
 def hungarian(corr: torch.Tensor) -> Matching:

@@ -61,7 +61,7 @@ CASES = {"mlp": (duplicated_mlp, lambda n: torch.randn(n, 8)),
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("method", ["pleas", "permute"])
+@pytest.mark.parametrize("method", ["pleas", "permute", "zipit"])
 def test_duplicated_units_merge_away_exactly(name, method, tmp_path):
     """At the budget of half the units, a model merged with itself, or with a permuted copy, computes what it
     did: the duplicates are the most similar units, so they merge first, and a merged input column sums both."""
