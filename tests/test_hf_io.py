@@ -50,6 +50,8 @@ def test_a_sharded_model_directory_merges_from_token_ids_and_runs_in_onnx(hf, tm
     x = torch.from_numpy(np.load(hf["ids"])["input_ids"][:4])
     (logits,) = onnx_predict(str(out), x)
     assert logits.shape == (4, TOKENS, VOCAB) and np.isfinite(logits).all()
+    (shorter,) = onnx_predict(str(out), x[:, :7])  # any length: a causal model's first 7 logits are the same
+    np.testing.assert_allclose(shorter, logits[:, :7], rtol=1e-4, atol=1e-5)
 
 
 def test_text_is_cut_into_chunks_by_model_a_s_tokenizer_and_saved_as_a_directory(hf, tmp_path):
