@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 import torch
 
 matplotlib.use("Agg")
