@@ -1,14 +1,15 @@
 """Widths per space from a compute budget, counted on the layers the emitter will produce.
 
-A merged space of n units at width w has k = 2n − w merged units, n − k
-A-only and n − k B-only.  The emitter never computes the cross blocks
-(A-only outputs from B-only inputs and back), so a dense layer with n_out
-outputs and n_in inputs per position costs
+A merged space of n units at width w ≥ n has k = 2n − w merged units,
+n − k A-only and n − k B-only; below n (a budget under 1.0) all w are
+merged, each a cluster of pairs.  Each model's computation covers
+a = min(w, n) of them.  The emitter never computes the cross blocks (A-only
+outputs from B-only inputs and back), so a dense layer costs
 
-    2·n_out·n_in − k_out·k_in   multiply-accumulates × kernel size,
+    2·a_out·a_in − k_out·k_in   multiply-accumulates × kernel size,
 
-which is n_out·n_in fully merged and twice that fully apart (the two models
-side by side).  Separate heads each read their own model's n_in units.
+which is n_out·n_in fully merged, twice that fully apart (the two models
+side by side) and w_out·w_in below.  Separate heads each read their own model's n_in units.
 Depthwise and grouped convolutions and norms cost their emitted size, and
 products of two activations (attention's q·kᵀ and ·v) theirs: whole heads.
 
@@ -16,7 +17,9 @@ Widths, three ways (``WIDTHS``): "greedy" starts fully merged and un-merges,
 a step at a time, where it gives the most lost correlation back per FLOP
 added, while within budget; "uniform" un-merges the same share of every
 space; "stages" keeps the deepest spaces apart first (merge early layers,
-keep late ones separate: the PLeaS code's schedule).
+keep late ones separate: the PLeaS code's schedule).  Below 1.0, "greedy"
+merges clusters of pairs where that loses the least similarity per FLOP
+saved, and the others narrow every space by the same share.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 from pleascc.passes.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer
-from pleascc.passes.match import Matching
+from pleascc.passes.match import MIN_SHARE, Matching
 from pleascc.passes.spaces import Dim
 
 
@@ -67,16 +70,20 @@ def cost_of(analysis: Analysis, c: Cost, widths: dict[int, int]) -> int:
         return c.positions * math.prod(table.size(d, widths) for d in c.dims)
     out, inp, *kernel = c.dims
     per_unit = c.positions * math.prod(table.size(d) for d in kernel)
-    n_out, n_in = table.size(out), table.size(inp)
+    a_out, a_in = (_units(analysis, d, widths, lambda n, w: min(w, n)) for d in (out, inp))
     if c.kind == "heads":
-        return per_unit * 2 * n_out * n_in
-    return per_unit * (2 * n_out * n_in - merged_units(analysis, out, widths) * merged_units(analysis, inp, widths))
+        return per_unit * 2 * a_out * a_in
+    return per_unit * (2 * a_out * a_in - merged_units(analysis, out, widths) * merged_units(analysis, inp, widths))
 
 
 def merged_units(analysis: Analysis, dim: Dim, widths: dict[int, int]) -> int:
     """Units of ``dim`` that both models feed (all of a fixed space's)."""
-    merged = {root: 2 * analysis.root_size(root) - w for root, w in widths.items()}
-    return analysis.table.size(dim, merged)
+    return _units(analysis, dim, widths, lambda n, w: min(w, 2 * n - w))
+
+
+def _units(analysis: Analysis, dim: Dim, widths: dict[int, int], count) -> int:
+    """``dim``'s size with each free space at ``count(its units, its width)``."""
+    return analysis.table.size(dim, {root: count(analysis.root_size(root), w) for root, w in widths.items()})
 
 
 def flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int]) -> int:
@@ -91,15 +98,15 @@ def base_flops(analysis: Analysis, costs: list[Cost]) -> int:
 
 def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
                   budget: float) -> dict[int, int]:
-    """Widths meeting ``flops(merged) <= budget × flops(one model)`` (never below full merging)."""
+    """Widths meeting ``flops(merged) <= budget × flops(one model)``: un-merging pairs above 1.0, merging
+    clusters of pairs below it (``_narrow``)."""
     table = analysis.table
     limit = budget * base_flops(analysis, costs)
     widths = {root: m.n for root, m in matchings.items()}
-    touching: dict[int, list[Cost]] = {root: [] for root in matchings}  # the costs a space's width changes
-    for c in costs:
-        for root in {a.id for d in c.dims for a in table.atoms(d)} & touching.keys():
-            touching[root].append(c)
+    touching = _touching(analysis, matchings, costs)
     current = flops(analysis, costs, widths)
+    if budget < 1.0 and current > limit * (1 + 1e-12):  # from 1.0 up, never below full merging (two heads)
+        return _narrow(analysis, matchings, costs, touching, widths, budget)
     steps = {root: max(1, m.n // 32) for root, m in matchings.items()}
     while True:
         best, best_score, best_delta = None, -1.0, 0
@@ -122,18 +129,67 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
         current += best_delta
 
 
+def _touching(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost]) -> dict[int, list[Cost]]:
+    """The costs each space's width changes."""
+    touching: dict[int, list[Cost]] = {root: [] for root in matchings}
+    for c in costs:
+        for root in {a.id for d in c.dims for a in analysis.table.atoms(d)} & touching.keys():
+            touching[root].append(c)
+    return touching
+
+
+def _narrowable(analysis: Analysis, matchings: dict[int, Matching]) -> dict[int, Matching]:
+    return {root: m for root, m in matchings.items() if m.narrowest < m.n and root not in analysis.table.keep_width}
+
+
+def _narrow(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost], touching: dict[int, list[Cost]],
+            widths: dict[int, int], budget: float) -> dict[int, int]:
+    """Below one model's FLOPs: merge clusters of pairs, a step at a time where it loses the least similarity
+    per FLOP saved, until within budget."""
+    limit = budget * base_flops(analysis, costs) * (1 + 1e-12)
+    current = flops(analysis, costs, widths)
+    narrowable = _narrowable(analysis, matchings)
+    while current > limit:
+        best, best_score, best_delta = None, math.inf, 0
+        for root, m in narrowable.items():
+            done = m.n - widths[root]  # merges of pairs made so far
+            step = min(max(1, m.n // 32), widths[root] - m.narrowest)
+            if step <= 0:
+                continue
+            trial = {**widths, root: widths[root] - step}
+            saved = sum(cost_of(analysis, c, widths) - cost_of(analysis, c, trial) for c in touching[root])
+            loss = float((1 - m.pair_merges()[1][done:done + step]).sum())
+            if saved > 0 and loss / saved < best_score:
+                best, best_score, best_delta = root, loss / saved, saved
+        if best is None:
+            _unreachable(analysis, costs, widths, budget)
+        widths[best] -= min(max(1, matchings[best].n // 32), widths[best] - matchings[best].narrowest)
+        current -= best_delta
+    return widths
+
+
+def _unreachable(analysis: Analysis, costs: list[Cost], widths: dict[int, int], budget: float):
+    least = relative_flops(analysis, costs, widths)
+    raise PleasccError(f"budget {budget:g} is below the {least:.2f} of one model's FLOPs that merging units "
+                       f"reaches here (each group down to {MIN_SHARE:.3g} of its units; heads and fixed spaces "
+                       f"keep theirs): pass --budget {math.ceil(least * 100) / 100:g} or more")
+
+
 def relative_flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int]) -> float:
     return flops(analysis, costs, widths) / base_flops(analysis, costs)
 
 
 def uniform_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
                    budget: float) -> dict[int, int]:
-    """The largest share r of every space's units kept apart (width n + ⌊r·n⌋) within budget."""
+    """The largest share r of every space's units kept apart (width n + ⌊r·n⌋) within budget; below one
+    model's FLOPs, the least share of every space's pairs merged into clusters (``_narrow_uniformly``)."""
     def at(share: float) -> dict[int, int]:
         return {root: m.n + (0 if root in analysis.table.keep_width else int(share * m.n))
                 for root, m in matchings.items()}
 
     limit, low, high = budget * base_flops(analysis, costs), 0.0, 1.0
+    if budget < 1.0 and flops(analysis, costs, at(0.0)) > limit * (1 + 1e-12):
+        return _narrow_uniformly(analysis, matchings, costs, budget)
     if flops(analysis, costs, at(high)) <= limit * (1 + 1e-12):
         return at(high)
     for _ in range(30):  # bisection on the share
@@ -142,11 +198,32 @@ def uniform_widths(analysis: Analysis, matchings: dict[int, Matching], costs: li
     return at(low)
 
 
+def _narrow_uniformly(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
+                      budget: float) -> dict[int, int]:
+    """Every narrowable space's width n − ⌈r·(n − narrowest)⌉, for the least share r within budget."""
+    narrowable = _narrowable(analysis, matchings)
+
+    def at(share: float) -> dict[int, int]:
+        return {root: m.n - (math.ceil(share * (m.n - m.narrowest)) if root in narrowable else 0)
+                for root, m in matchings.items()}
+
+    limit, low, high = budget * base_flops(analysis, costs) * (1 + 1e-12), 0.0, 1.0
+    if flops(analysis, costs, at(high)) > limit:
+        _unreachable(analysis, costs, at(high), budget)
+    for _ in range(30):
+        mid = (low + high) / 2
+        low, high = (low, mid) if flops(analysis, costs, at(mid)) <= limit else (mid, high)
+    return at(high)
+
+
 def stage_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
                  budget: float) -> dict[int, int]:
-    """Spaces kept apart whole, deepest first, while within budget; the first that does not fit, in part."""
+    """Spaces kept apart whole, deepest first, while within budget; the first that does not fit, in part.
+    Below one model's FLOPs, as ``uniform``: no space is kept apart."""
     limit = budget * base_flops(analysis, costs) * (1 + 1e-12)
     widths = {root: m.n for root, m in matchings.items()}
+    if budget < 1.0 and flops(analysis, costs, widths) > limit:
+        return _narrow_uniformly(analysis, matchings, costs, budget)
     for root in sorted(widths, key=_depths(analysis).get, reverse=True):
         if root in analysis.table.keep_width:
             continue

@@ -1,8 +1,10 @@
-"""Matching: pair A's units with B's units per space, best pairs first."""
+"""Matching: pair A's units with B's units per space, best pairs first; below one model's width, merge the pairs
+themselves into clusters, most similar first."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,14 +21,43 @@ class Matching:
     pairs_b: torch.Tensor
     corr: torch.Tensor
     within: torch.Tensor | None = None  # per-head spaces: row i = B's unit for each of A's, inside A's head i's pair
+    cross: torch.Tensor | None = None  # A×B similarity of the units (n×n): what merges pairs below width n
+    _clustering: tuple | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
         return len(self.pairs_a)
 
+    @property
+    def narrowest(self) -> int:
+        """The least width ``selections`` gives: n, or with ``cross`` a share ``MIN_SHARE`` of it."""
+        return self.n if self.cross is None or self.within is not None else max(1, math.ceil(self.n * MIN_SHARE))
+
     def selections(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_A, P_B) at ``width``: the best pairs merged, the rest kept apart."""
-        return selections_from_pairs(self.n, self.pairs_a, self.pairs_b, width)
+        """(P_A, P_B) at ``width``: the best pairs merged, the rest kept apart; below n, every pair merged and
+        the pairs merged into ``width`` clusters (``pair_merges``)."""
+        if width >= self.n:
+            return selections_from_pairs(self.n, self.pairs_a, self.pairs_b, width)
+        merges, _ = self.pair_merges()
+        clusters = replay(self.n, merges[: self.n - width])
+        p_a = torch.zeros(width, self.n, dtype=torch.float64)
+        p_b = torch.zeros(width, self.n, dtype=torch.float64)
+        for row, cluster in enumerate(clusters):
+            p_a[row, self.pairs_a[cluster]] = 1
+            p_b[row, self.pairs_b[cluster]] = 1
+        return p_a, p_b
+
+    def pair_merges(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """The merges of pairs into clusters down to ``narrowest``, most similar first, and each one's similarity.
+
+        Pairs p and q are as similar as their units across the models:
+        (corr(A_p, B_q) + corr(A_q, B_p)) / 2, known from the A×B correlation
+        (for a model merged with itself, its own units' correlation).
+        """
+        if self._clustering is None:
+            corr = torch.nan_to_num(self.cross.double(), nan=0.0)[self.pairs_a][:, self.pairs_b]
+            self._clustering = agglomerate((corr + corr.T) / 2, self.narrowest)
+        return self._clustering
 
 
 @dataclass
@@ -37,9 +68,37 @@ class Zipping(Matching):
     alpha: float = 0.3
     beta: float = 0.125
 
+    @property
+    def narrowest(self) -> int:
+        return max(1, math.ceil(self.n * MIN_SHARE))
+
     def selections(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        clusters, _ = zip_units(self.joint, width, self.alpha, self.beta)
+        """Zipped to ``width`` (from n up); below n, zipped to n and those clusters merged further
+        (``pair_merges``)."""
+        if width >= self.n:
+            clusters, _ = zip_units(self.joint, width, self.alpha, self.beta)
+        else:
+            zipped = zip_units(self.joint, self.n, self.alpha, self.beta)[0]
+            merges, _ = self.pair_merges()
+            clusters = [[u for k in group for u in zipped[k]] for group in replay(self.n, merges[:self.n - width])]
         return selections_from_clusters(self.n, clusters)
+
+    def pair_merges(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """Below n: the n clusters of zipping to n merged further, the most similar first; two clusters are as
+        similar as their least similar units (ZipIt!'s joint correlation)."""
+        if self._clustering is None:
+            zipped = zip_units(self.joint, self.n, self.alpha, self.beta)[0]
+            joint = torch.nan_to_num(self.joint.double(), nan=0.0)
+            members = torch.full((self.n, max(map(len, zipped))), -1)
+            for k, cluster in enumerate(zipped):
+                members[k, :len(cluster)] = torch.tensor(cluster)
+            least = torch.full((self.n, self.n), torch.inf, dtype=torch.float64)
+            for a in members.T:  # one member slot of each cluster against one of every other: n×n at a time
+                for b in members.T:
+                    pair = joint[a.clamp(min=0)][:, b.clamp(min=0)]
+                    least = torch.minimum(least, pair.masked_fill((a < 0)[:, None] | (b < 0)[None], torch.inf))
+            self._clustering = agglomerate(least, self.narrowest)
+        return self._clustering
 
 
 def hungarian(corr: torch.Tensor) -> Matching:
@@ -58,7 +117,37 @@ def identity(corr: torch.Tensor) -> Matching:
 def _sorted(rows: torch.Tensor, cols: torch.Tensor, corr: torch.Tensor) -> Matching:
     values = torch.nan_to_num(corr[rows, cols].double(), nan=0.0)
     order = torch.argsort(values, descending=True, stable=True)
-    return Matching(rows[order], cols[order], values[order])
+    return Matching(rows[order], cols[order], values[order], cross=corr)
+
+
+MIN_SHARE = 1 / 8  # the narrowest a space is merged to below one model's width, as a share of its units
+
+
+def agglomerate(similarity: torch.Tensor, width: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Merge n items into ``width`` clusters, the two most similar clusters at a time; a cluster is as similar to
+    another as its least similar member (complete linkage), so clusters stay tight.  Returns the merges (a
+    cluster is named by its first item) and their similarities, in order."""
+    sims = similarity.clone()
+    sims.fill_diagonal_(-torch.inf)
+    merges, values = [], []
+    for _ in range(similarity.shape[0] - width):
+        i, j = sorted(divmod(int(torch.argmax(sims)), sims.shape[0]))
+        merges.append((i, j))
+        values.append(float(sims[i, j]))
+        merged = torch.minimum(sims[i], sims[j])
+        sims[i], sims[:, i] = merged, merged
+        sims[j], sims[:, j] = -torch.inf, -torch.inf
+        sims[i, i] = -torch.inf
+    return merges, torch.tensor(values, dtype=torch.float64)
+
+
+def replay(n: int, merges: list[tuple[int, int]]) -> list[list[int]]:
+    """The clusters of n items after ``merges`` (``agglomerate``'s), ordered by their first item."""
+    clusters: list[list[int] | None] = [[i] for i in range(n)]
+    for i, j in merges:
+        clusters[i] = clusters[i] + clusters[j]
+        clusters[j] = None
+    return [c for c in clusters if c is not None]
 
 
 MATCHERS = {"hungarian": hungarian, "identity": identity}

@@ -33,6 +33,7 @@ from pleascc.passes.fused_norms import fuse_norms, norm_producers
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
 from pleascc.passes.matching_stats import feature_moments
 from pleascc.passes.merge_maps import MergeMaps
+from pleascc.passes.pruning import l1_pruning
 from pleascc.passes.rows import NpyRows, read_rows
 from pleascc.passes.solve import block_slice, layer_levels, merge_param, own_weights, regmean
 from pleascc.passes.stats import Problem, gram_moments
@@ -98,7 +99,12 @@ class _Plan:
     def matches_every_sample(self) -> bool:
         """Whether the matching pass reads every sample (so it can record the first segment's outputs)."""
         opts = self.options
-        return opts.matching != "weight" and (opts.match_samples is None or opts.match_samples >= len(self.x))
+        return not self.data_free and (opts.match_samples is None or opts.match_samples >= len(self.x))
+
+    @property
+    def data_free(self) -> bool:
+        """Whether units are matched (or ranked, for pruning) from the weights alone."""
+        return self.options.matching == "weight" or self.matcher == "l1"
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.Tensor | str,
@@ -175,7 +181,7 @@ def _matching_statistics(plan: _Plan, outputs: LayerOutputs | None, timings: dic
     """The matching pass's correlations (None where matching reads the weights alone); reading every sample, it
     also records A's and B's outputs for the first segment of sequential least squares."""
     opts = plan.options
-    if opts.matching == "weight":
+    if plan.data_free:
         return None
     clock = time.perf_counter()
     everything = plan.matches_every_sample
@@ -190,6 +196,8 @@ def _matching_statistics(plan: _Plan, outputs: LayerOutputs | None, timings: dic
 def _match(plan: _Plan, correlations: dict | None) -> dict:
     """Every free space's matching: from the features' correlations, or the weights alone (data-free)."""
     opts = plan.options
+    if plan.matcher == "l1":
+        return l1_pruning(plan.analysis, plan.states[0])
     if correlations is None:
         return weight_matching(plan.analysis, plan.states, seed=opts.seed)
     return match_features(plan.analysis, correlations, plan.states, plan.matcher,
@@ -378,7 +386,7 @@ def _separate_labels(labels: str | None, heads: list[Layer], states) -> bool:
 def _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings, **settings) -> dict:
     groups = []
     for root, m in matchings.items():
-        merged_pairs = 2 * m.n - widths[root]
+        merged_pairs = min(m.n, 2 * m.n - widths[root])  # below n, every pair, in fewer clusters
         groups.append({
             "group": root, "size": m.n, "width": widths[root], "merged_pairs": merged_pairs,
             "merged_corr_mean": float(m.corr[:merged_pairs].mean()) if merged_pairs else None,

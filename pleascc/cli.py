@@ -33,13 +33,16 @@ MERGE_EXAMPLES = """examples:
   pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --method zipit --zip-until layer3 -o zipped.onnx
   pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --method permute --matching weight -o rebasin.onnx
   pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --format pt -o merged.pt
+  pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --budget 0.5 -o smaller.onnx   # merge and compress
+  pleascc merge a.pt --arch timm:resnet18 --data calib/ --budget 0.5 -o compressed.onnx     # one model, compressed
 """
 
 
 DATA_FORMATS = ("a folder of images (.jpg .jpeg .png .bmp .gif .webp .tif .tiff .ppm .pgm) in one subfolder per "
                 "class, or all at its top level (unlabeled); a .npz, .pt or .pth file holding a float array x (N, ...) "
-                "of preprocessed inputs and optional integer labels y; or a .npy of x alone, read from disk batch by "
-                "batch")
+                "of preprocessed inputs (or int64 token ids, N×tokens, as x or input_ids) and optional integer labels y; "
+                "a .npy of x alone, read from disk batch by batch; or a text file (.txt, .md) cut into --seq-len "
+                "tokens by --tokenizer")
 DATA_HELP = {  # command -> what its --data is for, its --seed, and where images' preprocessing comes from
     "merge": ("calibration inputs (labels are not used)", options.help_of("seed"), "the timm model's own, else "),
     "eval": ("test data, labeled for accuracies (y, or the class subfolders; unlabeled: latency only)",
@@ -82,6 +85,9 @@ def _data_options(p: argparse.ArgumentParser, command: str) -> None:
                    help=f"images: per-channel mean, e.g. 0.485,0.456,0.406 (default: {own}ImageNet's)")
     p.add_argument("--std", type=_floats, default=None,
                    help=f"images: per-channel std, e.g. 0.229,0.224,0.225 (default: {own}ImageNet's)")
+    p.add_argument("--tokenizer", default=None, help="text: a local tokenizer directory (default: model A's "
+                   "directory when it holds one)")
+    p.add_argument("--seq-len", type=int, default=128, help="text: tokens per calibration sample")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,14 +104,17 @@ def _parser() -> argparse.ArgumentParser:
 def _merge_parser(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("merge", help="merge two models into one ONNX file", epilog=MERGE_EXAMPLES,
                        formatter_class=_Formatter)
-    m.add_argument("model_a", help="checkpoint of model A (.pt, .pth, .safetensors)")
-    m.add_argument("model_b", help="checkpoint of model B")
+    m.add_argument("model_a", help="checkpoint of model A (.pt, .pth, .safetensors), or a Hugging Face model "
+                                   "directory (config.json and safetensors weights)")
+    m.add_argument("model_b", nargs="?", help="checkpoint of model B, as A; leave it out to compress model A alone "
+                                              "(--budget below 1.0: its most similar units merged, refitted)")
     m.add_argument("-o", "--output", required=True,
                    help="where to write the merged model: an ONNX file (.onnx; weights past 1.8 GB go to "
                         "OUTPUT.data beside it), or with --format pt its state dict (.pt) and a torch.export archive "
-                        "beside it (same name, .pt2)")
-    m.add_argument("--format", choices=("onnx", "pt"), default="onnx",
-                   help="onnx, or pt for work in PyTorch (see -o)")
+                        "beside it (same name, .pt2), or with --format hf a Hugging Face model directory")
+    m.add_argument("--format", choices=("onnx", "pt", "hf"), default="onnx",
+                   help="onnx, pt for work in PyTorch, or hf: save_pretrained's directory, for Hugging Face "
+                        "models whose merged widths their config holds (budget 1.0) (see -o)")
     m.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="precision of the written model's weights and input (merging itself is float32; "
                         "bfloat16 with --format pt only)")
@@ -216,14 +225,29 @@ def _load(args, path: str):
 def _calibration(args, model):
     from pleascc.data import load_data
 
+    from pleascc.hf_io import is_model_directory, tokenizer_of
+
+    model_a = getattr(args, "model_a", "")
+    tokenizer = args.tokenizer or (tokenizer_of(model_a) if is_model_directory(model_a) else None)
     return load_data(args.data, samples=args.samples, image_size=args.image_size, mean=args.mean, std=args.std,
-                     model=model, seed=args.seed)
+                     model=model, seed=args.seed, tokenizer=tokenizer, seq_len=args.seq_len)
 
 
 def _merge(args) -> int:
     start = time.perf_counter()
     choices = options.from_arguments(args)  # checked, with the output paths, before anything heavy is imported
-    _check_counts(args, "image_size")
+    _check_counts(args, "image_size", "seq_len")
+    if args.model_b is None and choices.budget > 1.0:
+        raise PleasccError(f"one checkpoint is compressed, not widened: pass --budget below 1.0 (not "
+                           f"{choices.budget:g}), or a second checkpoint to merge")
+    if args.format == "hf" and not os.path.isdir(args.model_a):
+        raise PleasccError("--format hf writes Hugging Face models: model A is not a model directory; pass "
+                           "--format onnx or pt")
+    if args.format == "hf" and choices.budget != 1.0:
+        raise PleasccError(f"--format hf writes the config's widths, budget 1.0; budget {choices.budget:g} makes "
+                           "others: pass --format onnx or pt")
+    if args.format == "hf" and os.path.exists(args.output):
+        raise PleasccError(f"cannot write {args.output}: it exists; pass a new directory to -o for --format hf")
     for path, option in _merge_outputs(args):
         check_writable(path, option)
     import pleascc
@@ -236,7 +260,8 @@ def _merge(args) -> int:
     if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         choices = dataclasses.replace(choices, device=distributed.init_from_environment(choices.device))
     usable_device(choices.device)
-    model_a, model_b = _load(args, args.model_a), _load(args, args.model_b)
+    model_a = _load(args, args.model_a)
+    model_b = model_a if args.model_b is None else _load(args, args.model_b)
     data = _calibration(args, model_a)
     result = pleascc.merge(model_a, model_b, data, choices, progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
@@ -247,6 +272,10 @@ def _merge(args) -> int:
         from pleascc.export import export_torch
 
         check = {"torch": export_torch(result.model, example, args.output, dtype=dtype)}
+    elif args.format == "hf":
+        from pleascc.hf_io import save_directory
+
+        check = {"hf": save_directory(result.model, model_a, args.output, example)}
     else:
         check = {"onnx": pleascc.export_onnx(result.model, example, args.output, dtype=dtype)}
     result.report["timings_s"]["export"] = time.perf_counter() - exporting
@@ -303,6 +332,10 @@ def summary(report: dict) -> str:
         saved = report["torch"]
         lines.append(f"wrote {saved['path']} (state dict) and {saved['archive']} (torch.export archive; reloaded vs "
                      f"merged: max abs diff {saved['max_abs_diff']:.2e})")
+    if "hf" in report:
+        saved = report["hf"]
+        lines.append(f"wrote {saved['path']} ({saved['class']}, save_pretrained; from_pretrained vs merged: max abs "
+                     f"diff {saved['max_abs_diff']:.2e})")
     return "\n".join(lines)
 
 
@@ -315,7 +348,7 @@ def _write_json(path: str, value: dict) -> None:
 
 
 def _eval(args) -> int:
-    _check_counts(args, "samples", "image_size", "batch_size")
+    _check_counts(args, "samples", "image_size", "batch_size", "seq_len")
     if args.report:
         check_writable(args.report, "--report")
     from pleascc.evaluate import evaluate_onnx, parse_head_classes

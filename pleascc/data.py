@@ -1,4 +1,4 @@
-"""Calibration inputs for PLeaS: a preprocessed float tensor (and optional labels) from user files.
+"""Calibration inputs for PLeaS: preprocessed float inputs or token ids (and optional labels) from user files.
 
 The merge only needs activations, so the data is read once, validated up front, and every
 problem a user can cause becomes a one-line PleasccError naming the cause and the fix.
@@ -20,6 +20,8 @@ from pleascc.passes.rows import NpyRows, read_rows
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TENSOR_EXTENSIONS = (".npz", ".pt", ".pth")
+TEXT_EXTENSIONS = (".txt", ".md", ".text")
+TOKEN_DTYPES = (torch.int64, torch.int32)  # token ids; other integers (uint8 images) still need preprocessing
 STREAMED_EXTENSIONS = (".npy",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,7 +30,8 @@ DEFAULT_IMAGE_SIZE = 224
 
 @dataclass
 class CalibrationData:
-    """Inputs x (float32, N×…; or ``NpyRows``, read batch by batch) and, when known, integer labels y (int64, N)."""
+    """Inputs x (float32, N×…; token ids, int64 N×T; or ``NpyRows``, read batch by batch) and, when known, integer
+    labels y (int64, N)."""
 
     x: torch.Tensor | NpyRows
     y: torch.Tensor | None = None
@@ -147,18 +150,38 @@ def _read_arrays(path: Path) -> dict:
     return obj
 
 
-def _check_x(path: Path, x: object) -> torch.Tensor:
+def _check_x(path: Path, x: object, name: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise PleasccError(f"'x' in {path} is a {type(x).__name__}: store x as a float tensor or array")
+        raise PleasccError(f"'{name}' in {path} is a {type(x).__name__}: store {name} as a tensor or array")
+    if x.dtype in TOKEN_DTYPES:
+        if x.ndim != 2 or x.shape[0] == 0 or (x < 0).any():
+            raise PleasccError(f"'{name}' in {path} has shape {_shape(x)}{' and negative ids' if x.ndim == 2 else ''}"
+                               ": store token ids as (N, tokens) integers ≥ 0")
+        return x.long()
     if not x.is_floating_point():
         raise PleasccError(
-            f"'x' in {path} has dtype {x.dtype}: store already-preprocessed float inputs (convert and normalize first)"
+            f"'{name}' in {path} has dtype {x.dtype}: store already-preprocessed float inputs (convert and normalize "
+            "first), or token ids as int64"
         )
     if x.ndim < 2 or x.shape[0] == 0:
-        raise PleasccError(f"'x' in {path} has shape {_shape(x)}: expected N ≥ 1 samples stacked as (N, ...)")
+        raise PleasccError(f"'{name}' in {path} has shape {_shape(x)}: expected N ≥ 1 samples stacked as (N, ...)")
     if not torch.isfinite(x).all():
-        raise PleasccError(f"'x' in {path} contains NaN or Inf: clean the inputs before saving")
+        raise PleasccError(f"'{name}' in {path} contains NaN or Inf: clean the inputs before saving")
     return x.float()
+
+
+def _check_mask(path: Path, mask: object, ids: torch.Tensor) -> None:
+    """A padding mask must cover the token ids; with padding in it, it is refused, not dropped: statistics
+    must never read padded positions, and calibration takes unpadded chunks (a text file cut by --seq-len)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        shape = _shape(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise PleasccError(f"'attention_mask' in {path} has shape {shape}, input_ids {_shape(ids)}: store one 0/1 "
+                           "per token")
+    if not bool((mask == 1).all()):
+        raise PleasccError(f"'attention_mask' in {path} marks padded tokens: calibrate on unpadded sequences "
+                           "(cut the text into full chunks, e.g. a text file with --tokenizer and --seq-len)")
 
 
 def _check_y(path: Path, y: object, n: int) -> torch.Tensor | None:
@@ -174,13 +197,24 @@ def _check_y(path: Path, y: object, n: int) -> torch.Tensor | None:
 
 def _load_tensor_file(path: Path, samples: int | None, seed: int) -> CalibrationData:
     arrays = _read_arrays(path)
-    if "x" not in arrays:
+    name = "input_ids" if "input_ids" in arrays and "x" not in arrays else "x"
+    if name not in arrays:
         keys = ", ".join(map(str, arrays)) or "none"
-        raise PleasccError(f"{path} has no 'x' (keys: {keys}): save the inputs under the name x")
-    x = _check_x(path, arrays["x"])
-    y = _check_y(path, arrays.get("y"), x.shape[0])
+        raise PleasccError(f"{path} has no 'x' or 'input_ids' (keys: {keys}): save the inputs under the name x, "
+                           "or token ids under input_ids")
+    x = _check_x(path, arrays[name], name)
+    if name == "input_ids":
+        _check_mask(path, arrays.get("attention_mask"), x)
+    y = _check_y(path, arrays.get("y", arrays.get("labels")), x.shape[0])
     idx = _subset(x.shape[0], samples, seed)
     return CalibrationData(x[idx].contiguous(), None if y is None else y[idx])
+
+
+def _load_text(path: Path, samples: int | None, seed: int, tokenizer: str | None, seq_len: int) -> CalibrationData:
+    from pleascc.hf_io import text_tokens
+
+    x = text_tokens(path, tokenizer, seq_len)
+    return CalibrationData(x[_subset(len(x), samples, seed)].contiguous())
 
 
 # ---------------------------------------------------------------------------- public API
@@ -195,8 +229,11 @@ def load_data(
     std: tuple | None = None,
     model: nn.Module | None = None,
     seed: int = 0,
+    tokenizer: str | None = None,
+    seq_len: int = 128,
 ) -> CalibrationData:
-    """Load calibration inputs from an image folder, a .npz/.pt file, or a .npy file (read batch by batch).
+    """Load calibration inputs from an image folder, a .npz/.pt file (float x, or token ids), a .npy file (read
+    batch by batch), or a text file cut into ``seq_len`` tokens by a local ``tokenizer`` directory.
 
     ``samples`` takes a seeded subset.
     """
@@ -207,12 +244,15 @@ def load_data(
         return _load_image_folder(p, samples, image_size, mean, std, model, seed)
     if p.suffix.lower() in TENSOR_EXTENSIONS:
         return _load_tensor_file(p, samples, seed)
+    if p.suffix.lower() in TEXT_EXTENSIONS:
+        return _load_text(p, samples, seed, tokenizer, seq_len)
     if p.suffix.lower() in STREAMED_EXTENSIONS:
         x = NpyRows(p)
         return CalibrationData(x[_subset(len(x), samples, seed).tolist()] if samples else x)
     raise PleasccError(
         f"calibration data {path} has unsupported type '{p.suffix or os.path.basename(path)}': "
-        f"pass a folder of images in class subfolders, a .npz/.pt file with x (and y), or a .npy of x alone"
+        f"pass a folder of images in class subfolders, a .npz/.pt file with x (and y) or input_ids, a .npy of x "
+        f"alone, or a .txt with --tokenizer"
     )
 
 

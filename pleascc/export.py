@@ -46,7 +46,8 @@ def _cast(model: nn.Module, example: torch.Tensor, dtype: torch.dtype) -> tuple[
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, verify: bool = True,
                 tolerance: float | None = None, external_data: bool | None = None,
                 dtype: torch.dtype = torch.float32) -> dict:
-    """Export ``model`` to ``path`` with a dynamic batch axis; verify with ONNX Runtime.
+    """Export ``model`` to ``path`` with a dynamic batch axis (and token axis: ``_with_dynamic_axes``); verify
+    with ONNX Runtime.
 
     ``dtype`` float16 writes half-precision weights and input, checked against
     the float32 model (bfloat16 has no ONNX Runtime CPU kernels, so it is for
@@ -82,7 +83,7 @@ def export_torch(model: nn.Module, example: torch.Tensor, path: str, tolerance: 
     """Save the merged model for PyTorch: its state dict at ``path`` and a torch.export archive (``.pt2``) beside it.
 
     The archive runs without pleascc (``torch.export.load(p).module()``), with
-    a dynamic batch axis, in ``dtype``; it is reloaded and checked against the
+    a dynamic batch axis (and token axis), in ``dtype``; it is reloaded and checked against the
     float32 model before anything is moved into place.
     """
     archive = beside(path, ".pt2")
@@ -98,7 +99,8 @@ def export_torch(model: nn.Module, example: torch.Tensor, path: str, tolerance: 
     with tempfile.TemporaryDirectory(dir=folder, prefix=".pleascc-") as tmp_folder:
         tmp_state, tmp_archive = os.path.join(tmp_folder, "state.pt"), os.path.join(tmp_folder, "model.pt2")
         try:
-            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            program = _with_dynamic_axes(example, lambda axes: torch.export.export(model, (example,),
+                                                                                   dynamic_shapes=(axes,)))
             torch.export.save(program, tmp_archive)
             with torch.no_grad():
                 got = flat_outputs(torch.export.load(tmp_archive).module()(example))
@@ -116,14 +118,25 @@ def export_torch(model: nn.Module, example: torch.Tensor, path: str, tolerance: 
     return {"path": path, "archive": archive, "max_abs_diff": diff}
 
 
+def _with_dynamic_axes(example: torch.Tensor, export):
+    """``export(axes)`` with the batch axis dynamic, and for token ids (N, tokens) the token axis too, where the
+    model allows it (learned positions and RoPE do, up to their table; a model fixed to one length does not)."""
+    batch = {0: torch.export.Dim("batch", min=1)}
+    if example.dim() == 2 and not example.is_floating_point():
+        try:
+            return export({**batch, 1: torch.export.Dim("tokens", min=1)})
+        except Exception:  # fixed to the example's length: export it at that length
+            pass
+    return export(batch)
+
+
 def _export(model: nn.Module, example: torch.Tensor, path: str, names: list[str], external_data: bool) -> None:
-    batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, (example,), path, dynamo=True, input_names=["input"], output_names=names,
-                              dynamic_shapes=({0: batch},), external_data=external_data, optimize=True,
-                              verbose=False)
+            _with_dynamic_axes(example, lambda axes: torch.onnx.export(
+                model, (example,), path, dynamo=True, input_names=["input"], output_names=names,
+                dynamic_shapes=(axes,), external_data=external_data, optimize=True, verbose=False))
         except Exception as err:  # report the exporter's own reason in one line
             first = first_line(err)
             raise PleasccError(f"ONNX export failed: {first}; the merged model is still available "

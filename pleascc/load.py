@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from pleascc import hf, hf_io
 from pleascc.passes.errors import PleasccError
 
 # Keys under which training scripts commonly nest the state dict, most specific first.
@@ -265,9 +266,11 @@ def _torch_load(path: str, trusted: bool) -> object:
 def load_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, torch.Tensor] | nn.Module:
     """Read a checkpoint file into a clean state dict (or a whole module when trust_pickle)."""
     if not os.path.exists(path):
-        raise PleasccError(f"checkpoint {path} not found: check the path")
+        raise hf_io.hub_id_error(path) if hf_io.is_hub_id(path) else PleasccError(
+            f"checkpoint {path} not found: check the path")
     if os.path.isdir(path):
-        raise PleasccError(f"checkpoint {path} is a directory: pass the checkpoint file inside it")
+        raise PleasccError(f"checkpoint {path} is a directory without config.json: pass the checkpoint file "
+                           "inside it, or a Hugging Face model directory")
     if path.endswith(".safetensors"):
         return _unwrap(path, _load_safetensors(path))
     return _unwrap(path, _torch_load(path, trusted=trust_pickle))
@@ -312,7 +315,12 @@ def load_model(
     arch_kwargs: dict | None = None,
     trust_pickle: bool = False,
 ) -> nn.Module:
-    """Load one trained network as an eval-mode float32 CPU model, ready for tracing."""
+    """Load one trained network as an eval-mode float32 CPU model, ready for tracing.
+
+    A Hugging Face model directory brings its architecture in its config.json: ``arch`` is not needed.
+    """
+    if hf_io.is_model_directory(path):
+        return hf_io.load_directory(path, trust_pickle)
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     if isinstance(ckpt, nn.Module) and arch is None:
         model = ckpt
@@ -332,9 +340,12 @@ def check_same_architecture(
 ) -> None:
     """Refuse to merge two models whose parameters and buffers do not line up one to one.
 
-    Parameters named in ``heads`` (classifier heads) may differ in their number of outputs.
+    Parameters named in ``heads`` (classifier heads) may differ in their number of outputs; transformers
+    models' configs must describe the same network.
     """
     na, nb = names
+    if hf.is_transformers_model(a) and hf.is_transformers_model(b):
+        hf_io.check_same_config(a, b, names)
     sa, sb = a.state_dict(), b.state_dict()
     for (ka, ta), (kb, tb) in zip(sa.items(), sb.items()):
         if ka != kb:

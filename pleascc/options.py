@@ -15,7 +15,7 @@ from pleascc.passes.errors import PleasccError
 
 # method -> (matcher, how layers are refitted: PLeaS least squares, RegMean, or not at all)
 METHODS = {"pleas": ("hungarian", "least-squares"), "permute": ("hungarian", None), "average": ("identity", None),
-           "zipit": ("zipit", None), "regmean": ("identity", "regmean")}
+           "zipit": ("zipit", None), "regmean": ("identity", "regmean"), "prune": ("l1", None)}
 LABELS = ("shared", "separate")
 MATCHINGS = ("activation", "weight")
 WIDTH_SEARCHES = ("greedy", "uniform", "stages")  # see passes.budget.WIDTHS
@@ -33,14 +33,16 @@ def _option(default, help: str, flag: str | None = "", choices: tuple | None = N
 class MergeOptions:
     """How ``pleascc.merge`` merges: every choice, checked when made (``PleasccError`` naming the fix)."""
 
-    budget: float = _option(1.0, "merged FLOPs ÷ one model's, 1.0 (every matched pair merged) to 2.0 (side by side)")
+    budget: float = _option(1.0, "merged FLOPs ÷ one model's: 1.0 every matched pair merged, 2.0 side by side, "
+                                 "below 1.0 merged pairs merged further (merge and compress)")
     labels: str | None = _option(
         None, "one head for both models' classes (`shared`, fit to the mean logits) or one per model (`separate`; "
               "outputs `logits_0`, `logits_1`); default: separate when the heads differ in size", choices=LABELS)
     method: str = _option(
         "pleas", "`pleas`; `permute` (Git Re-Basin activation matching + averaging); `average`; `zipit` (ZipIt!: "
                  "greedy merging within and across the models); `regmean` (RegMean: no permutation, closed-form merge "
-                 "of each layer; for models from one base)", choices=tuple(METHODS))
+                 "of each layer; for models from one base); `prune` (L1-norm channel pruning of model A, for "
+                 "budgets below 1.0: the baseline of compression by merging)", choices=tuple(METHODS))
     matching: str = _option(
         "activation", "pleas, permute: pair units by their features on the data, or by their weights alone "
                       "(Git Re-Basin weight matching, data-free)", choices=MATCHINGS)
@@ -103,8 +105,9 @@ class MergeOptions:
         if self.zip_until is not None and self.budget != 1.0:
             raise PleasccError("--zip-until sets the widths itself (merged up to that layer, apart after it); "
                                "leave --budget at 1.0")
-        if not 1.0 <= self.budget <= 2.0:
-            raise PleasccError(f"budget {self.budget} is outside [1, 2]: it is the merged model's FLOPs ÷ one model's")
+        if not 0.0 < self.budget <= 2.0:
+            raise PleasccError(f"budget {self.budget} is outside (0, 2]: it is the merged model's FLOPs ÷ one "
+                               "model's")
         for name in ("positions", "match_samples", "batch_size", "samples"):
             check_positive(name, getattr(self, name))
         if self.reset_bn and self.refit == "least-squares":

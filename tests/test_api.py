@@ -74,7 +74,7 @@ def test_shared_labels_give_one_head_fit_to_the_mean_logits():
         assert (result.model(x) - want).abs().max() / want.abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("bad", [dict(budget=0.5), dict(budget=2.5), dict(method="zipper"), dict(labels="both"),
+@pytest.mark.parametrize("bad", [dict(budget=0.0), dict(budget=2.5), dict(method="zipper"), dict(labels="both"),
                                  dict(matching="weights"),
                                  dict(method="zipit", matching="weight"),
                                  dict(least_squares="twice"), dict(match_samples=0)])
