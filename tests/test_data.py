@@ -194,7 +194,7 @@ def test_pt_does_not_unpickle_code(tmp_path):
 @pytest.mark.parametrize(
     "arrays, match",
     [
-        ({"inputs": np.zeros((2, 3), np.float32)}, "has no 'x' (keys: inputs)"),
+        ({"inputs": np.zeros((2, 3), np.float32)}, "has no 'x' or 'input_ids' (keys: inputs)"),
         ({"x": np.zeros((2, 3), np.uint8)}, "dtype torch.uint8"),
         ({"x": np.zeros((2, 3), np.float32), "y": np.zeros(3, np.int64)}, "x has 2 samples"),
         ({"x": np.zeros((2, 3), np.float32), "y": np.zeros(2, np.float32)}, "integer class labels"),
