@@ -90,7 +90,8 @@ def train(args) -> None:
         text, _ = domain_texts(domain)
         model = build(seed).train()
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
+                                                       pct_start=max(0.05, 3 / args.steps))
         start = time.perf_counter()
         for step in tqdm(range(args.steps), desc=f"train {name} on {domain}"):
             x = chunks(text, args.batch, seed=seed * 1_000_003 + step)
@@ -220,7 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train")
-    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--models", type=Path, default=MODELS, help="where to save A and B")
