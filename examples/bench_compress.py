@@ -5,7 +5,10 @@ Model A of the committed CIFAR-10 ResNet-20 pair (classes 0-4), calibrated on
 2048 unlabeled training images, scored on its five classes' test images
 through ONNX Runtime.  Pruning is shown with its BatchNorm statistics
 recomputed on the same images (as pleascc runs every method that refits no
-layer) and as Li et al. evaluate it without retraining (statistics kept).
+layer) and as Li et al. evaluate it without retraining (statistics kept);
+its widths by the greedy search (the units of least L1 norm across all
+groups, per FLOP saved: the same FLOPs as PLeaS) and uniform (one share of
+every group, as Li et al. prune each layer).
 Needs ../shared/data.  Writes examples/results/NAME.{json,md,png}.
 
     python examples/bench_compress.py          # budgets 0.5 and 0.75
@@ -34,9 +37,10 @@ from provenance import code_version, cpu_name, peak_rss_mb  # noqa: E402
 import pleascc  # noqa: E402
 from pleascc.export import onnx_predict  # noqa: E402
 
-VARIANTS = {"pleas": {"method": "pleas"},
-            "prune (L1, reset BN)": {"method": "prune", "width_search": "uniform", "reset_bn": True},
-            "prune (L1)": {"method": "prune", "width_search": "uniform", "reset_bn": False}}
+VARIANTS = {"pleas": {"method": "pleas"},  # the greedy width search: within a unit of the budget, as pruning's
+            "prune (L1, reset BN)": {"method": "prune", "reset_bn": True},
+            "prune (L1, uniform, reset BN)": {"method": "prune", "width_search": "uniform", "reset_bn": True},
+            "prune (L1)": {"method": "prune", "reset_bn": False}}
 
 
 def accuracy(path_or_model, x: torch.Tensor, y: torch.Tensor) -> float:
