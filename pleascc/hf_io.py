@@ -42,8 +42,10 @@ def is_model_directory(path: str) -> bool:
 
 
 def is_hub_id(path: str) -> bool:
-    """``owner/name`` that is not a local path: what ``from_pretrained`` would download."""
-    return not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+    """``owner/name`` that is not a local path, nor a missing file's (``runs/a.pt``): what ``from_pretrained``
+    would download."""
+    return (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+            and re.search(r"\.(pt|pth|bin|ckpt|safetensors|json)$", path) is None)
 
 
 def hub_id_error(path: str) -> PleasccError:

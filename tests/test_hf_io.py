@@ -81,6 +81,8 @@ def test_a_self_merge_saved_as_a_directory_is_the_model(hf, tmp_path):
 @pytest.mark.parametrize("case, expected", [
     (lambda hf, out: ["merge", "openai/gpt2", hf["b"], "--data", hf["ids"], "-o", out],
      "not a local directory and pleascc works offline: download it first"),
+    (lambda hf, out: ["merge", "runs/missing.pt", hf["b"], "--data", hf["ids"], "-o", out],
+     "checkpoint runs/missing.pt not found: check the path"),
     (lambda hf, out: ["merge", hf["a"], hf["b"], "--data", hf["padded"], "-o", out],
      "marks padded tokens: calibrate on unpadded sequences"),
     (lambda hf, out: ["merge", hf["a"], hf["b"], "--data", hf["text"], "--tokenizer", hf["b"], "-o", out],
