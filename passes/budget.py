@@ -139,7 +139,12 @@ def _touching(analysis: Analysis, matchings: dict[int, Matching], costs: list[Co
 
 
 def _narrowable(analysis: Analysis, matchings: dict[int, Matching]) -> dict[int, Matching]:
-    return {root: m for root, m in matchings.items() if m.narrowest < m.n and root not in analysis.table.keep_width}
+    """The groups whose pairs may merge into clusters: not fixed in width, and not attention's heads or head dims
+    (the spaces of its activation products), whose units a merged head could not stand for."""
+    attention = {atom.id for dims in analysis.products for dim in dims for atom in analysis.table.atoms(dim)}
+    attention |= set(analysis.per_head) | set(analysis.per_head.values())
+    return {root: m for root, m in matchings.items()
+            if m.narrowest < m.n and root not in analysis.table.keep_width | attention}
 
 
 def _narrow(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost], touching: dict[int, list[Cost]],

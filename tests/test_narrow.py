@@ -129,3 +129,26 @@ def test_pruning_drops_the_units_of_least_l1_norm(tmp_path):
     (got,) = predict_through_onnx(result.model, x[:16], tmp_path)
     with torch.no_grad():
         assert relative_error(got, model(x[:16])) < 1e-5
+
+
+def test_attention_heads_and_head_dims_keep_their_width_below_one(tmp_path):
+    """A merged unit stands for a cluster; a merged head could not stand for several heads' dims, so below 1.0
+    a transformer narrows its residual stream and MLPs only, and still computes what its export does."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    from vit_cifar import vit_cifar
+
+    torch.manual_seed(0)
+    a = vit_cifar(num_classes=5, dim=64, depth=2, heads=4).eval()
+    x = torch.randn(64, 3, 32, 32)
+    result = pleascc.merge(a, permuted_copy(a, x), x, budget=0.6, progress=False)
+    analysis = analyze(trace(a), (x[:2],))
+    attention = {atom.id for dims in analysis.products for dim in dims for atom in analysis.table.atoms(dim)}
+    widths = {g["group"]: (g["size"], g["width"]) for g in result.report["groups"]}
+    assert attention and all(widths[root][0] == widths[root][1] for root in attention if root in widths)
+    assert result.report["relative_flops"] <= 0.6 and any(w < n for n, w in widths.values())
+    (got,) = predict_through_onnx(result.model, x[:8], tmp_path)
+    with torch.no_grad():
+        assert relative_error(got, result.model(x[:8])) < 1e-4
