@@ -155,7 +155,7 @@ def _narrow(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost
     current = flops(analysis, costs, widths)
     narrowable = _narrowable(analysis, matchings)
     while current > limit:
-        best, best_score, best_delta = None, math.inf, 0
+        best, best_score, best_step, best_delta = None, math.inf, 0, 0
         for root, m in narrowable.items():
             done = m.n - widths[root]  # merges of pairs made so far
             step = min(max(1, m.n // 32), widths[root] - m.narrowest)
@@ -165,10 +165,10 @@ def _narrow(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost
             saved = sum(cost_of(analysis, c, widths) - cost_of(analysis, c, trial) for c in touching[root])
             loss = float((1 - m.pair_merges()[1][done:done + step]).sum())
             if saved > 0 and loss / saved < best_score:
-                best, best_score, best_delta = root, loss / saved, saved
+                best, best_score, best_step, best_delta = root, loss / saved, step, saved
         if best is None:
             _unreachable(analysis, costs, widths, budget)
-        widths[best] -= min(max(1, matchings[best].n // 32), widths[best] - matchings[best].narrowest)
+        widths[best] -= best_step
         current -= best_delta
     return widths
 

@@ -29,9 +29,14 @@ class Matching:
         return len(self.pairs_a)
 
     @property
+    def narrows(self) -> bool:
+        """Whether ``selections`` goes below width n (``pair_merges``): with ``cross``, outside heads."""
+        return self.cross is not None and self.within is None
+
+    @property
     def narrowest(self) -> int:
-        """The least width ``selections`` gives: n, or with ``cross`` a share ``MIN_SHARE`` of it."""
-        return self.n if self.cross is None or self.within is not None else max(1, math.ceil(self.n * MIN_SHARE))
+        """The least width ``selections`` gives: a share ``MIN_SHARE`` of n where it ``narrows``, else n."""
+        return max(1, math.ceil(self.n * MIN_SHARE)) if self.narrows else self.n
 
     def selections(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_A, P_B) at ``width``: the best pairs merged, the rest kept apart; below n, every pair merged and
@@ -67,27 +72,33 @@ class Zipping(Matching):
     joint: torch.Tensor | None = None
     alpha: float = 0.3
     beta: float = 0.125
+    zipped: list[list[int]] | None = field(default=None, repr=False)  # the clusters of zipping to width n
 
     @property
-    def narrowest(self) -> int:
-        return max(1, math.ceil(self.n * MIN_SHARE))
+    def narrows(self) -> bool:
+        return True
 
     def selections(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Zipped to ``width`` (from n up); below n, zipped to n and those clusters merged further
         (``pair_merges``)."""
-        if width >= self.n:
+        if width > self.n:
             clusters, _ = zip_units(self.joint, width, self.alpha, self.beta)
         else:
-            zipped = zip_units(self.joint, self.n, self.alpha, self.beta)[0]
-            merges, _ = self.pair_merges()
+            merges, _ = self.pair_merges() if width < self.n else ([], None)
+            zipped = self._zipped_to_n()
             clusters = [[u for k in group for u in zipped[k]] for group in replay(self.n, merges[:self.n - width])]
         return selections_from_clusters(self.n, clusters)
+
+    def _zipped_to_n(self) -> list[list[int]]:
+        if self.zipped is None:
+            self.zipped = zip_units(self.joint, self.n, self.alpha, self.beta)[0]
+        return self.zipped
 
     def pair_merges(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
         """Below n: the n clusters of zipping to n merged further, the most similar first; two clusters are as
         similar as their least similar units (ZipIt!'s joint correlation)."""
         if self._clustering is None:
-            zipped = zip_units(self.joint, self.n, self.alpha, self.beta)[0]
+            zipped = self._zipped_to_n()
             joint = torch.nan_to_num(self.joint.double(), nan=0.0)
             members = torch.full((self.n, max(map(len, zipped))), -1)
             for k, cluster in enumerate(zipped):
@@ -212,10 +223,10 @@ def zipit(joint: torch.Tensor, alpha: float = 0.3, beta: float = 0.125) -> Zippi
     to the chosen width (the same-model cap depends on it).
     """
     n = joint.shape[0] // 2
-    _, values = zip_units(joint, n, alpha, beta)
+    clusters, values = zip_units(joint, n, alpha, beta)
     index = torch.arange(n)
     return Zipping(index, index, torch.tensor(values, dtype=torch.float64).sort(descending=True).values,
-                   joint=joint, alpha=alpha, beta=beta)
+                   joint=joint, alpha=alpha, beta=beta, zipped=clusters)
 
 
 def match_all(scores: dict[int, torch.Tensor], sizes: dict[int, int], matcher: str) -> dict[int, Matching]:

@@ -10,13 +10,12 @@ the group's total norm as what each step loses.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from pleascc.passes.groups import Analysis
-from pleascc.passes.match import MIN_SHARE, Matching
+from pleascc.passes.match import Matching
 from pleascc.passes.matching_stats import observe
 
 State = dict[str, torch.Tensor]
@@ -27,8 +26,8 @@ class Pruning(Matching):
     """One group's units by importance (each unit paired with itself, most important first)."""
 
     @property
-    def narrowest(self) -> int:
-        return max(1, math.ceil(self.n * MIN_SHARE))
+    def narrows(self) -> bool:
+        return True
 
     def selections(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Below n, one row per kept unit, the dropped units in no row; from n up, as any matching."""

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from pleascc.allocator import reuse_freed_memory
 from pleascc.channels_last import statistics_copies
-from pleascc.data import CalibrationData, check_data_fits, load_data
+from pleascc.data import TOKEN_DTYPES, CalibrationData, check_data_fits, load_data
 from pleascc.export import export_onnx
 from pleascc.least_squares import LeastSquares, add_time, check_samples, layer_weights, make_problems, plan_outputs
 from pleascc.load import check_same_architecture
@@ -315,7 +315,8 @@ def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int) 
     if isinstance(data, str):
         data = load_data(data, samples=samples, model=model, seed=seed)
     x = data.x if isinstance(data, CalibrationData) else data
-    if not isinstance(x, NpyRows) and (not isinstance(x, torch.Tensor) or x.dtype not in _INPUT_DTYPES):
+    if not isinstance(x, NpyRows) and (not isinstance(x, torch.Tensor) or not (x.is_floating_point()
+                                                                              or x.dtype in TOKEN_DTYPES)):
         raise PleasccError("calibration data must be a float tensor of preprocessed inputs (N, ...) or an "
                            "integer tensor of token ids (N, tokens)")
     x = x[:samples] if samples else x
@@ -326,10 +327,6 @@ def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int) 
     if not torch.isfinite(x).all():
         raise PleasccError("calibration data contains NaN or Inf: check its preprocessing")
     return x.float()
-
-
-# floats (images, features) or token ids; the statistics are per sample and position either way
-_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
 
 
 def reset_batch_norm(model: nn.Module, x: torch.Tensor, batch_size: int = 64, progress: bool = False) -> None:

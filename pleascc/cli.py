@@ -224,7 +224,6 @@ def _load(args, path: str):
 
 def _calibration(args, model):
     from pleascc.data import load_data
-
     from pleascc.hf_io import is_model_directory, tokenizer_of
 
     model_a = getattr(args, "model_a", "")
@@ -240,14 +239,8 @@ def _merge(args) -> int:
     if args.model_b is None and choices.budget > 1.0:
         raise PleasccError(f"one checkpoint is compressed, not widened: pass --budget below 1.0 (not "
                            f"{choices.budget:g}), or a second checkpoint to merge")
-    if args.format == "hf" and not os.path.isdir(args.model_a):
-        raise PleasccError("--format hf writes Hugging Face models: model A is not a model directory; pass "
-                           "--format onnx or pt")
-    if args.format == "hf" and choices.budget != 1.0:
-        raise PleasccError(f"--format hf writes the config's widths, budget 1.0; budget {choices.budget:g} makes "
-                           "others: pass --format onnx or pt")
-    if args.format == "hf" and os.path.exists(args.output):
-        raise PleasccError(f"cannot write {args.output}: it exists; pass a new directory to -o for --format hf")
+    if args.format == "hf":
+        _check_hf_output(args, choices.budget)
     for path, option in _merge_outputs(args):
         check_writable(path, option)
     import pleascc
@@ -287,6 +280,18 @@ def _merge(args) -> int:
         draw_report(report, beside(args.report, ".png"))
     print(summary(report))
     return 0
+
+
+def _check_hf_output(args, budget: float) -> None:
+    """--format hf writes a Hugging Face model at its config's widths, into a directory of its own."""
+    if not os.path.isdir(args.model_a):
+        raise PleasccError("--format hf writes Hugging Face models: model A is not a model directory; pass "
+                           "--format onnx or pt")
+    if budget != 1.0:
+        raise PleasccError(f"--format hf writes the config's widths, budget 1.0; budget {budget:g} makes "
+                           "others: pass --format onnx or pt")
+    if os.path.exists(args.output):
+        raise PleasccError(f"cannot write {args.output}: it exists; pass a new directory to -o for --format hf")
 
 
 def _check_counts(args, *names: str) -> None:

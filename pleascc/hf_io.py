@@ -106,13 +106,13 @@ def save_directory(merged: nn.Module, like: nn.Module, path: str, example: torch
     made differ are saved untied.  The directory appears whole or not at all.
     """
     state = merged.state_dict()
-    config = like.config.__class__.from_dict(like.config.to_dict())
-    expected = like.__class__(config).state_dict()
+    expected = like.state_dict()  # the shapes its config makes
     differ = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if differ:
-        raise PleasccError(f"the merged model's widths do not fit {type(config).__name__}: {differ[0]} is "
+        raise PleasccError(f"the merged model's widths do not fit {type(like.config).__name__}: {differ[0]} is "
                            f"{tuple(state[differ[0]].shape)}, the config makes {tuple(expected[differ[0]].shape)}; "
                            "pass --format onnx or pt for budgets other than 1.0")
+    config = like.config.__class__.from_dict(like.config.to_dict())
     if getattr(config, "tie_word_embeddings", False) and _tied_differ(like, state):
         config.tie_word_embeddings = False
     model = like.__class__(config)
