@@ -120,6 +120,8 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
         p.tt, p.rr = distributed.total(p.tt), distributed.total(p.rr)
         if p.fused:
             p.fused.total(distributed.total)
+        if not merged and not _finite_sums(p):  # one pass: its reads are checked summed (``_mapped_reads``)
+            _name_non_finite(gms, data, batch_size, p.layer)
 
 
 def layer_outputs(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
@@ -161,11 +163,17 @@ class ProblemRead(NamedTuple):
 def _mapped_reads(gms, maps: MergeMaps, x: torch.Tensor, layers: dict[str, Layer], positions: int | None
                   ) -> Iterator[LayerRead]:
     """One pass: each layer's merged input is A's and B's inputs mapped to the merged layout, layer by layer
-    as the models run (``lockstep``)."""
+    as the models run (``lockstep``).
+
+    Unchecked: the matching pass checked these models on these data, at the
+    sites it reads, and NaN or Inf anywhere else reaches the sums, checked
+    once per layer after the pass (``_check_finite_sums``); checking every
+    read again cost a twentieth of a one-pass merge.
+    """
     for node, values in lockstep(gms, x, {node: (layer.source, node) for node, layer in layers.items()}):
         layer = layers[node]
         merged_input = _merged_input(layer, values[layer.source], values[node][0], maps, positions)
-        yield node, merged_input, {node: _read_outputs(layer, values[node], positions)}
+        yield node, merged_input, {node: [layer.read_value(v, positions) for v in values[node]]}
 
 
 def _read_outputs(layer: Layer, values: list[torch.Tensor], positions: int | None) -> list[torch.Tensor]:
@@ -207,9 +215,27 @@ def _merged_input(layer: Layer, inputs: list[torch.Tensor], output: torch.Tensor
     """
     units = [(layer.unit_axis, layer.in_dim)]
     if layer.merges_first(inputs[0], output, positions):
-        return layer.read_input(maps.merge(checked(inputs, layer.source), units), positions)
-    read = checked([layer.read_input(v, positions) for v in inputs], layer.source)
-    return maps.merge(read, units)
+        return layer.read_input(maps.merge(inputs, units), positions)
+    return maps.merge([layer.read_input(v, positions) for v in inputs], units)
+
+
+def _finite_sums(p: Problem) -> bool:
+    """Whether NaN or Inf stayed out of what a problem read: its inputs' Gram and its targets' moments."""
+    return bool(torch.isfinite(p.xx).all() and torch.isfinite(p.rx).all())
+
+
+def _name_non_finite(gms: tuple[fx.GraphModule, fx.GraphModule], data: torch.Tensor, batch_size: int,
+                     layer: Layer) -> None:
+    """Raise naming the model and node (the layer's input or output) that gave NaN or Inf: a pass of its own,
+    on the error's path only."""
+    reads = (layer.source, layer.node)
+    with torch.no_grad():
+        for x in batches(data, batch_size, "", False, device_of(gms[0])):
+            for _, values in lockstep(gms, x, {layer.node: reads}):
+                for node in reads:
+                    checked(values[node], node)
+    raise PleasccError(f"least squares' statistics at {layer.node} overflow float32 on the calibration data; "
+                       "check the checkpoints' weights and the data's preprocessing")
 
 
 def _merged_model_reads(merged: MergedReads, batch: int, x: torch.Tensor, layers: dict[str, Layer],
