@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from pleascc.passes import distributed
 from pleascc.passes.executor import peak_live_bytes
 from pleascc.passes.groups import Analysis, Layer
-from pleascc.passes.rows import NpyRows, read_rows
+from pleascc.passes.reads import valid_tokens
+from pleascc.passes.rows import NpyRows, PaddedTokens, read_rows
 
 
 STREAMED_BYTES = 2**29  # the activations one batch may hold in the statistics passes (all models together):
@@ -50,8 +51,9 @@ def _rows_bytes(layer: Layer, shapes: dict[str, tuple | None], positions: int | 
 FIRST_BATCH = 2  # samples in a statistics pass's first batch (``batches``)
 
 
-def batches(x: torch.Tensor | NpyRows, batch_size: int, desc: str, progress: bool,
-            device: torch.device | None = None, small_first: bool = True) -> Iterator[torch.Tensor]:
+def batches(x: torch.Tensor | NpyRows | PaddedTokens, batch_size: int, desc: str, progress: bool,
+            device: torch.device | None = None, small_first: bool = True
+            ) -> Iterator[torch.Tensor | PaddedTokens]:
     """The data in batches, each read from disk only now if it is ``NpyRows``, and moved to ``device``.
 
     With ``small_first`` the first batch holds ``FIRST_BATCH`` samples.  A
@@ -62,12 +64,15 @@ def batches(x: torch.Tensor | NpyRows, batch_size: int, desc: str, progress: boo
     vit_small merge's peak with and without a small first batch).  The statistics
     are sums over samples, so how the samples are batched does not change
     them; callers whose result depends on the batches (BatchNorm's average
-    of batch moments) pass False.
+    of batch moments) pass False.  While the caller holds a batch of
+    ``PaddedTokens``, reads skip its padded tokens (``reads.valid_tokens``).
     """
     starts = _batch_starts(len(x), batch_size, small_first)
     for start, stop in tqdm(zip(starts, [*starts[1:], len(x)]), total=len(starts), desc=desc,
                             disable=not progress or distributed.rank() > 0, leave=False, unit="batch"):
-        yield read_rows(x[start:stop]).to(device)
+        batch = read_rows(x[start:stop]).to(device)
+        with valid_tokens(batch.mask if isinstance(batch, PaddedTokens) else None):
+            yield batch
 
 
 def batch_count(samples: int, batch_size: int) -> int:

@@ -24,12 +24,13 @@ import torch
 import torch.fx as fx
 
 from pleascc.passes.in_place import in_place_twin
+from pleascc.passes.rows import model_inputs
 
 
 class NodeRunner(fx.Interpreter):
     """One traced model run a node at a time on the batch ``x``, holding the values in ``env`` (keyed by node).
 
-    The model is called with ``x`` alone (``placeholder``).  ``env``: values to start from (the nodes
+    The model is called with ``x``'s inputs (``placeholder``).  ``env``: values to start from (the nodes
     they belong to are not run).  ``last_uses``: per node, the values to drop
     once it has run and been read (``free``), as ``garbage_collect_values``
     does, but after the caller's reads.  ``in_place``: per node, its op
@@ -43,7 +44,7 @@ class NodeRunner(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
         self.x, self.env = x, env if env is not None else {}
         self.last_uses, self.in_place = last_uses or {}, in_place or {}
-        self.input = next((n.target for n in self.graph.nodes if n.op == "placeholder"), None)
+        self.inputs = [n.target for n in self.graph.nodes if n.op == "placeholder"]
 
     def step(self, node: fx.Node) -> None:
         """Run ``node`` on the values in ``env`` and hold its value there."""
@@ -67,8 +68,10 @@ class NodeRunner(fx.Interpreter):
         return getattr(self, n.op)(n.target, args, kwargs)
 
     def placeholder(self, target: str, args: tuple, kwargs: dict) -> Any:
-        """The batch for the first placeholder; a later one's default (None without one)."""
-        return self.x if target == self.input else (args[0] if args else None)
+        """The batch's inputs (``rows.model_inputs``: one tensor, or token ids and their padding mask) for the
+        first placeholders; a later one's default (None without one)."""
+        given, k = model_inputs(self.x), self.inputs.index(target)
+        return given[k] if k < len(given) else (args[0] if args else None)
 
     def _may_overwrite(self, node: fx.Node, args: tuple, kwargs: dict) -> bool:
         """Whether ``node``'s first argument's value (``args[0]``) is a tensor no other live value shares memory
@@ -92,7 +95,7 @@ def lockstep(gms: tuple[fx.GraphModule, ...], x: torch.Tensor, reads: dict[str, 
 
     Once a node named in ``reads`` has run in every model, yield its name and
     the values of the nodes it reads, one per model; readers check what they
-    read of them (``checked``).  A value is dropped as soon
+    read of them (``checked``), or its sums.  A value is dropped as soon
     as no later node or read needs it, so a batch holds about one forward's
     live activations per model, not every value read (what lets batches be
     large), and the models stop after the last read.

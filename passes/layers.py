@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
-from pleascc.passes.reads import at_positions, at_tokens, im2col_patches, pair
+from pleascc.passes.reads import at_positions, at_tokens, check_unpadded, im2col_patches, pair
 from pleascc.passes.spaces import Dim
 
 if TYPE_CHECKING:
@@ -187,7 +187,10 @@ class LinearLayer(Layer):
 
     def read_value(self, v: torch.Tensor, positions: int | None) -> torch.Tensor:
         """At sampled tokens where the analysis knows its batch axis (units stay last), else all of it."""
-        return v if self.batch_axis is None else at_tokens(v, self.batch_axis, (-1,), positions)
+        if self.batch_axis is None:
+            check_unpadded(self.node)
+            return v
+        return at_tokens(v, self.batch_axis, (-1,), positions)
 
     @property
     def unit_axis(self) -> int:

@@ -22,7 +22,7 @@ from pleascc.passes.batching import batches, device_of
 from pleascc.passes.executor import lockstep
 from pleascc.passes.frontier import LayerOutputs
 from pleascc.passes.groups import Analysis
-from pleascc.passes.reads import at_positions, at_tokens
+from pleascc.passes.reads import at_positions, at_tokens, check_unpadded, padded
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
 from pleascc.passes.stats import checked, record_output
 
@@ -181,7 +181,7 @@ def _add_site(analysis: Analysis, moments: dict[tuple, CrossMoments], site: int,
               batch_axis: int | None, values: list[torch.Tensor], within: bool, positions: int | None) -> None:
     """One batch's A and B features at one observation site, added to its spaces' moments."""
     name, axes, dims = where
-    observed = [_observed_positions(v, axes, batch_axis, positions) for v in values]
+    observed = [_observed_positions(v, name, axes, batch_axis, positions) for v in values]
     checked([value for value, _ in observed], name)
     pairs = zip(*(observe(analysis.table, v, read_axes, dims) for v, read_axes in observed))
     for k, ((root, fa), (_, fb)) in enumerate(pairs):
@@ -191,13 +191,17 @@ def _add_site(analysis: Analysis, moments: dict[tuple, CrossMoments], site: int,
         moments[key].add(fa, fb)
 
 
-def _observed_positions(value: torch.Tensor, axes: tuple[int, ...], batch_axis: int | None,
+def _observed_positions(value: torch.Tensor, name: str, axes: tuple[int, ...], batch_axis: int | None,
                         positions: int | None) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """A value and its unit axes as observed: an (N, C, H, W) map along C at ``sampled_positions``;
-    a value whose samples are on ``batch_axis`` at sampled tokens (``at_tokens``); others whole."""
-    if value.dim() == 4 and tuple(axes) == (1,):
+    """A value (of node ``name``) and its unit axes as observed: an (N, C, H, W) map along C at
+    ``sampled_positions``; a value whose samples are on ``batch_axis`` at sampled tokens, less padded ones
+    (``at_tokens``); others whole."""
+    if value.dim() == 4 and tuple(axes) == (1,) and not padded():
         return at_positions(value, positions), axes
-    if batch_axis is None or positions is None:
+    if batch_axis is None:
+        check_unpadded(name)
+        return value, axes
+    if positions is None and not padded():
         return value, axes
     tokens = at_tokens(value, batch_axis, axes, positions)
     return tokens, tuple(range(2, tokens.dim()))

@@ -11,7 +11,10 @@ through it; which of these a layer's fit reads, its class says
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from contextvars import ContextVar
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,19 +41,60 @@ def sampled_positions(length: int, most: int | None) -> torch.Tensor | None:
 
 def at_positions(x: torch.Tensor, positions: int | None) -> torch.Tensor:
     """A channels-first (N, C, *spatial) tensor as (N, C, positions read): ``sampled_positions`` of its spatial ones."""
+    if padded():
+        raise PleasccError("cannot tell the padded tokens of a convolution's channels-first map: calibrate on "
+                           "unpadded sequences")
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     keep = sampled_positions(flat.shape[2], positions)
     return flat if keep is None else take(flat, 2, keep.to(flat.device))
 
 
+_VALID_TOKENS: ContextVar[torch.Tensor | None] = ContextVar("valid_tokens", default=None)
+
+
+@contextlib.contextmanager
+def valid_tokens(mask: torch.Tensor | None) -> Iterator[None]:
+    """Within it, ``at_tokens`` reads only the tokens ``mask`` (N, T) marks 1: a padded batch's real ones."""
+    token = _VALID_TOKENS.set(None if mask is None else mask.to(torch.bool))
+    try:
+        yield
+    finally:
+        _VALID_TOKENS.reset(token)
+
+
+def padded() -> bool:
+    """Whether the batch being read has padded tokens to skip (``valid_tokens``)."""
+    return _VALID_TOKENS.get() is not None
+
+
 def at_tokens(x: torch.Tensor, batch_axis: int, unit_axes: tuple[int, ...], positions: int | None) -> torch.Tensor:
     """``x`` as (N, tokens read, *units): its samples first, its units last, the axes between (tokens,
-    within one sample) flattened and read at ``sampled_positions``."""
+    within one sample) flattened and read at ``sampled_positions``.
+
+    Within ``valid_tokens``, padded tokens are dropped: the real tokens read
+    of every sample become one row of tokens, (1, real tokens read, *units).
+    A value with one position per sample (a pooled output) has no padding.
+    """
     unit_axes = tuple(a % x.dim() for a in unit_axes)
     x = torch.movedim(x, (batch_axis, *unit_axes), (0, *range(-len(unit_axes), 0)))
     flat = x.reshape(x.shape[0], -1, *x.shape[x.dim() - len(unit_axes):])
     keep = sampled_positions(flat.shape[1], positions)
-    return flat if keep is None else flat.index_select(1, keep.to(flat.device))
+    read = flat if keep is None else flat.index_select(1, keep.to(flat.device))
+    valid = _VALID_TOKENS.get()
+    if valid is None or flat.shape[1] == 1:
+        return read
+    if flat.shape[1] != valid.shape[1]:
+        raise PleasccError(f"cannot tell the padded tokens of a value with {flat.shape[1]} positions per sample "
+                           f"(the padding mask has {valid.shape[1]}): calibrate on unpadded sequences")
+    valid = valid if keep is None else valid.index_select(1, keep.to(valid.device))
+    return read[valid].unsqueeze(0)
+
+
+def check_unpadded(node: str) -> None:
+    """A value read whole, where its tokens are unknown, must not hold padding: else fail, naming it."""
+    if padded():
+        raise PleasccError(f"cannot tell the padded tokens of {node} (its batch axis is unknown): calibrate on "
+                           "unpadded sequences")
 
 
 def im2col_patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Calibration samples on disk, read a batch at a time: ``NpyRows``, and ``read_rows`` for a batch of either kind.
+"""Calibration samples the passes read a batch at a time: ``NpyRows`` on disk, ``PaddedTokens`` with their
+padding mask, and ``read_rows`` for a batch of any kind.
 
 The driver's ``load_data`` makes an ``NpyRows`` of a float ``.npy`` file; the
 statistics passes read its batches as they go, so memory stays flat however
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,42 @@ def _run_length(rows, k: int) -> int:
     return n
 
 
-def read_rows(x: torch.Tensor | NpyRows) -> torch.Tensor:
-    """A batch as a tensor, read from disk if need be."""
+@dataclass(frozen=True)
+class PaddedTokens:
+    """Token ids (N, T) and their padding mask (1: a real token, 0: padding), indexed together.
+
+    A batch feeds a traced model's two inputs (``executor.NodeRunner``), and
+    while a pass holds it, every read of a value skips its padded tokens
+    (``batching.batches``, ``reads.valid_tokens``): padding never enters the
+    statistics.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.ids.shape
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ids, self.mask
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index) -> PaddedTokens:
+        return PaddedTokens(self.ids[index], self.mask[index])
+
+    def to(self, device: torch.device | None) -> PaddedTokens:
+        return PaddedTokens(self.ids.to(device), self.mask.to(device))
+
+
+def read_rows(x: torch.Tensor | NpyRows | PaddedTokens) -> torch.Tensor | PaddedTokens:
+    """A batch as tensors, read from disk if need be."""
     return x.read() if isinstance(x, NpyRows) else x
+
+
+def model_inputs(x: torch.Tensor | PaddedTokens) -> tuple[torch.Tensor, ...]:
+    """A batch as a model's positional inputs: token ids and their padding mask, or the one tensor."""
+    return x.inputs if isinstance(x, PaddedTokens) else (x,)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn as nn
 
 from pleascc.allocator import reuse_freed_memory
 from pleascc.channels_last import statistics_copies
-from pleascc.data import TOKEN_DTYPES, CalibrationData, check_data_fits, load_data
+from pleascc.data import TOKEN_DTYPES, CalibrationData, check_data_fits, load_data, token_inputs
 from pleascc.export import export_onnx
 from pleascc.least_squares import LeastSquares, add_time, check_samples, layer_weights, make_problems, plan_outputs
 from pleascc.load import check_same_architecture
@@ -34,7 +35,7 @@ from pleascc.passes.groups import Analysis, Layer, analyze, coverage
 from pleascc.passes.matching_stats import feature_moments
 from pleascc.passes.merge_maps import MergeMaps
 from pleascc.passes.pruning import l1_pruning
-from pleascc.passes.rows import NpyRows, read_rows
+from pleascc.passes.rows import NpyRows, PaddedTokens, model_inputs, read_rows
 from pleascc.passes.solve import block_slice, layer_levels, merge_param, own_weights, regmean
 from pleascc.passes.stats import Problem, gram_moments
 from pleascc.passes.store import ActivationStore
@@ -107,12 +108,13 @@ class _Plan:
         return self.options.matching == "weight" or self.matcher == "l1"
 
 
-def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.Tensor | str,
+def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.Tensor | Mapping | str,
           options: MergeOptions | None = None, **choices) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` × the FLOPs of one.
 
-    ``data``: calibration inputs (a tensor N×…, a ``CalibrationData``, or a path
-    ``load_data`` reads).  ``options``: a ``MergeOptions``, or its fields as
+    ``data``: calibration inputs (a tensor N×…, a ``CalibrationData``, a path
+    ``load_data`` reads, or a tokenizer's ``input_ids`` and ``attention_mask``,
+    whose padded tokens no statistic reads).  ``options``: a ``MergeOptions``, or its fields as
     keywords (``budget=1.5, method="zipit"``, …; each field's help says what it
     does), checked before any work.  After ``permute``, ``average`` and ``zipit``
     the merged BatchNorms' running statistics are recomputed on the data, as
@@ -273,7 +275,7 @@ def _trace_pair(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor):
     """Trace both models, analyse A's graph, and check B has the same graph and parameters."""
     check_data_fits(model_a, CalibrationData(x))
     gm_a = trace(model_a, "model A")
-    analysis = analyze(gm_a, (read_rows(x[:2]),))
+    analysis = analyze(gm_a, model_inputs(read_rows(x[:2])))
     heads = head_layers(analysis)
     check_same_architecture(model_a, model_b, heads=frozenset(n for h in heads for n in (h.weight, h.bias) if n))
     gm_b = trace(model_b, "model B")
@@ -310,19 +312,23 @@ def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
                                             *gm.named_buffers(remove_duplicate=False))}
 
 
-def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int) -> torch.Tensor | NpyRows:
-    """The calibration inputs, checked; a ``NpyRows`` stays on disk (its batches are checked as they are read)."""
+def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int
+                        ) -> torch.Tensor | NpyRows | PaddedTokens:
+    """The calibration inputs, checked; a ``NpyRows`` stays on disk (its batches are checked as they are read).
+    A mapping with ``input_ids`` and ``attention_mask`` (a tokenizer's output) is token ids with their padding."""
     if isinstance(data, str):
         data = load_data(data, samples=samples, model=model, seed=seed)
     x = data.x if isinstance(data, CalibrationData) else data
-    if not isinstance(x, NpyRows) and (not isinstance(x, torch.Tensor) or not (x.is_floating_point()
-                                                                              or x.dtype in TOKEN_DTYPES)):
-        raise PleasccError("calibration data must be a float tensor of preprocessed inputs (N, ...) or an "
-                           "integer tensor of token ids (N, tokens)")
+    if isinstance(x, Mapping) and "input_ids" in x:
+        x = token_inputs(x["input_ids"], x.get("attention_mask"), "the calibration data")
+    if not isinstance(x, (NpyRows, PaddedTokens)) and (not isinstance(x, torch.Tensor) or not (
+            x.is_floating_point() or x.dtype in TOKEN_DTYPES)):
+        raise PleasccError("calibration data must be a float tensor of preprocessed inputs (N, ...), an "
+                           "integer tensor of token ids (N, tokens), or a tokenizer's input_ids and attention_mask")
     x = x[:samples] if samples else x
     if len(x) < 2:
         raise PleasccError(f"calibration data has {len(x)} sample(s); matching needs at least 2: pass more data")
-    if isinstance(x, NpyRows) or not x.is_floating_point():
+    if isinstance(x, (NpyRows, PaddedTokens)) or not x.is_floating_point():
         return x
     if not torch.isfinite(x).all():
         raise PleasccError("calibration data contains NaN or Inf: check its preprocessing")

@@ -8,8 +8,10 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
+from pleascc.passes.rows import PaddedTokens, model_inputs
 
-def statistics_copies(gms: tuple[fx.GraphModule, ...], device: torch.device, example: torch.Tensor
+
+def statistics_copies(gms: tuple[fx.GraphModule, ...], device: torch.device, example: torch.Tensor | PaddedTokens
                       ) -> tuple[fx.GraphModule, ...]:
     """The graphs the statistics passes run: ``gms`` on ``device``, channels-last on the CPU where that holds.
 
@@ -42,9 +44,9 @@ def _channels_last(gm: fx.GraphModule) -> fx.GraphModule:
 def _same_outputs(reference: fx.GraphModule, candidate: fx.GraphModule, example: torch.Tensor) -> bool:
     """Whether ``candidate`` runs on ``example`` and gives ``reference``'s outputs, up to rounding."""
     with torch.no_grad():
-        expected = [t for t in tree_leaves(reference(example)) if isinstance(t, torch.Tensor)]
+        expected = [t for t in tree_leaves(reference(*model_inputs(example))) if isinstance(t, torch.Tensor)]
         try:
-            got = [t for t in tree_leaves(candidate(example)) if isinstance(t, torch.Tensor)]
+            got = [t for t in tree_leaves(candidate(*model_inputs(example))) if isinstance(t, torch.Tensor)]
         except RuntimeError:  # a .view of a map that is no longer contiguous
             return False
     return len(got) == len(expected) and all(g.shape == e.shape and _close(g.float(), e.float())

@@ -247,7 +247,7 @@ def _merge(args) -> int:
     from pleascc.api import usable_device
     from pleascc.export import output_dtype
     from pleascc.passes import distributed
-    from pleascc.passes.rows import read_rows
+    from pleascc.passes.rows import model_inputs, read_rows
 
     dtype = output_dtype(args.dtype, args.format)
     if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -259,7 +259,7 @@ def _merge(args) -> int:
     result = pleascc.merge(model_a, model_b, data, choices, progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0
-    example = read_rows(data.x[: min(len(data.x), 8)])
+    example = model_inputs(read_rows(data.x[: min(len(data.x), 8)]))[0]  # token ids: the padding mask stays out
     exporting = time.perf_counter()
     if args.format == "pt":
         from pleascc.export import export_torch
@@ -381,7 +381,7 @@ def _groups(args) -> int:
     import torch
 
     from pleascc.passes.groups import analyze, coverage, permutation_groups
-    from pleascc.passes.rows import read_rows
+    from pleascc.passes.rows import model_inputs, read_rows
     from pleascc.trace import trace
 
     if args.model == "none":
@@ -391,7 +391,7 @@ def _groups(args) -> int:
     else:
         model = _load(args, args.model)
     if args.data:
-        example = read_rows(_calibration(args, model).x[:2])
+        example = model_inputs(read_rows(_calibration(args, model).x[:2]))[0]
     else:
         example = torch.randn(2, *(args.input_shape or _default_input_shape(model)))
     _check_fits(model, example, "check --data" if args.data else "pass --input-shape (e.g. 3,224,224) or --data")

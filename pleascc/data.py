@@ -6,6 +6,7 @@ problem a user can cause becomes a one-line PleasccError naming the cause and th
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from pleascc.passes.errors import PleasccError, first_line
-from pleascc.passes.rows import NpyRows, read_rows
+from pleascc.passes.rows import NpyRows, PaddedTokens, read_rows
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TENSOR_EXTENSIONS = (".npz", ".pt", ".pth")
@@ -30,10 +31,10 @@ DEFAULT_IMAGE_SIZE = 224
 
 @dataclass
 class CalibrationData:
-    """Inputs x (float32, N×…; token ids, int64 N×T; or ``NpyRows``, read batch by batch) and, when known, integer
-    labels y (int64, N)."""
+    """Inputs x (float32, N×…; token ids, int64 N×T, with their padding mask as ``PaddedTokens`` where it pads;
+    or ``NpyRows``, read batch by batch) and, when known, integer labels y (int64, N)."""
 
-    x: torch.Tensor | NpyRows
+    x: torch.Tensor | NpyRows | PaddedTokens
     y: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -170,18 +171,21 @@ def _check_x(path: Path, x: object, name: str = "x") -> torch.Tensor:
     return x.float()
 
 
-def _check_mask(path: Path, mask: object, ids: torch.Tensor) -> None:
-    """A padding mask must cover the token ids; with padding in it, it is refused, not dropped: statistics
-    must never read padded positions, and calibration takes unpadded chunks (a text file cut by --seq-len)."""
+def token_inputs(ids: torch.Tensor, mask: object, where: str) -> torch.Tensor | PaddedTokens:
+    """Token ids with their padding mask (``where`` names them in messages), as the passes read them: the
+    ids alone where every token is real, else ``PaddedTokens``, whose padded tokens no statistic reads."""
     if mask is None:
-        return
+        return ids
     if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
         shape = _shape(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise PleasccError(f"'attention_mask' in {path} has shape {shape}, input_ids {_shape(ids)}: store one 0/1 "
+        raise PleasccError(f"'attention_mask' in {where} has shape {shape}, input_ids {_shape(ids)}: store one 0/1 "
                            "per token")
-    if not bool((mask == 1).all()):
-        raise PleasccError(f"'attention_mask' in {path} marks padded tokens: calibrate on unpadded sequences "
-                           "(cut the text into full chunks, e.g. a text file with --tokenizer and --seq-len)")
+    if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise PleasccError(f"'attention_mask' in {where} holds values other than 0 and 1: store 1 for a real "
+                           "token, 0 for padding")
+    if not bool(mask.any(dim=1).all()):
+        raise PleasccError(f"'attention_mask' in {where} has samples with no real token: drop them")
+    return ids if bool(mask.all()) else PaddedTokens(ids, mask.long())
 
 
 def _check_y(path: Path, y: object, n: int) -> torch.Tensor | None:
@@ -204,10 +208,10 @@ def _load_tensor_file(path: Path, samples: int | None, seed: int) -> Calibration
                            "or token ids under input_ids")
     x = _check_x(path, arrays[name], name)
     if name == "input_ids":
-        _check_mask(path, arrays.get("attention_mask"), x)
+        x = token_inputs(x, arrays.get("attention_mask"), str(path))
     y = _check_y(path, arrays.get("y", arrays.get("labels")), x.shape[0])
     idx = _subset(x.shape[0], samples, seed)
-    return CalibrationData(x[idx].contiguous(), None if y is None else y[idx])
+    return CalibrationData(x[idx], None if y is None else y[idx])
 
 
 def _load_text(path: Path, samples: int | None, seed: int, tokenizer: str | None, seq_len: int) -> CalibrationData:
@@ -258,9 +262,13 @@ def load_data(
 
 def check_data_fits(model: nn.Module, data: CalibrationData) -> None:
     """Fail fast, before the expensive passes, when the inputs do not match the model's input layout."""
+    if isinstance(data.x, PaddedTokens) and "attention_mask" not in inspect.signature(model.forward).parameters:
+        raise PleasccError("the calibration tokens are padded (attention_mask has zeros) but the model's forward "
+                           "takes no attention_mask: calibrate on unpadded sequences")
     try:
         with torch.no_grad():
-            model(read_rows(data.x[:2]))
+            x = read_rows(data.x[:2])
+            model(x.ids, attention_mask=x.mask) if isinstance(x, PaddedTokens) else model(x)
     except Exception as exc:
         raise PleasccError(
             f"calibration data of shape {_shape(data.x)} does not fit the model: {first_line(exc)}; "

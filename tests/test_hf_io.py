@@ -28,13 +28,14 @@ def _gpt2(seed: int) -> "transformers.GPT2LMHeadModel":
 def hf(tmp_path_factory) -> dict[str, str]:
     """Two GPT-2 directories from different seeds (A sharded, with a byte tokenizer), token ids and text."""
     root = tmp_path_factory.mktemp("hf")
-    files = {name: str(root / name) for name in ("a", "b", "ids", "padded", "text")}
+    files = {name: str(root / name) for name in ("a", "b", "ids", "padded", "bad_mask", "text")}
     _gpt2(0).save_pretrained(files["a"], max_shard_size="50KB")
     _gpt2(1).save_pretrained(files["b"])
     transformers.ByT5Tokenizer().save_pretrained(files["a"])
     ids = np.random.default_rng(0).integers(0, VOCAB, (48, TOKENS))
     files["ids"] = save_npz(root / "ids.npz", input_ids=ids, attention_mask=np.ones_like(ids))
     files["padded"] = save_npz(root / "padded.npz", input_ids=ids, attention_mask=np.tril(np.ones_like(ids))[:48])
+    files["bad_mask"] = save_npz(root / "bad_mask.npz", input_ids=ids, attention_mask=2 * np.ones_like(ids))
     files["text"] = str(root / "text.txt")
     with open(files["text"], "w") as f:
         f.write("Merging two language models from different seeds. " * 40)
@@ -52,6 +53,14 @@ def test_a_sharded_model_directory_merges_from_token_ids_and_runs_in_onnx(hf, tm
     assert logits.shape == (4, TOKENS, VOCAB) and np.isfinite(logits).all()
     (shorter,) = onnx_predict(str(out), x[:, :7])  # any length: a causal model's first 7 logits are the same
     np.testing.assert_allclose(shorter, logits[:, :7], rtol=1e-4, atol=1e-5)
+
+
+def test_padded_token_ids_merge_and_their_padding_is_not_read(hf, tmp_path):
+    """Sample k holds k + 1 real tokens, the rest padding (``tests/test_padding.py``: no statistic reads it)."""
+    out = tmp_path / "m.onnx"
+    assert main(["merge", hf["a"], hf["b"], "--data", hf["padded"], "-o", str(out), "--no-progress"]) == 0
+    (logits,) = onnx_predict(str(out), torch.from_numpy(np.load(hf["padded"])["input_ids"][:2]))
+    assert logits.shape == (2, TOKENS, VOCAB) and np.isfinite(logits).all()
 
 
 def test_text_is_cut_into_chunks_by_model_a_s_tokenizer_and_saved_as_a_directory(hf, tmp_path):
@@ -83,8 +92,8 @@ def test_a_self_merge_saved_as_a_directory_is_the_model(hf, tmp_path):
      "not a local directory and pleascc works offline: download it first"),
     (lambda hf, out: ["merge", "runs/missing.pt", hf["b"], "--data", hf["ids"], "-o", out],
      "checkpoint runs/missing.pt not found: check the path"),
-    (lambda hf, out: ["merge", hf["a"], hf["b"], "--data", hf["padded"], "-o", out],
-     "marks padded tokens: calibrate on unpadded sequences"),
+    (lambda hf, out: ["merge", hf["a"], hf["b"], "--data", hf["bad_mask"], "-o", out],
+     "holds values other than 0 and 1: store 1 for a real token, 0 for padding"),
     (lambda hf, out: ["merge", hf["a"], hf["b"], "--data", hf["text"], "--tokenizer", hf["b"], "-o", out],
      "holds no tokenizer"),
     (lambda hf, out: ["merge", hf["b"], hf["a"], "--data", hf["text"], "-o", out],
