@@ -1,13 +1,13 @@
-"""How merged units relate to the two models' units, and how to apply that to tensors.
+"""How merged units relate to the models' units, and how to apply that to tensors.
 
-For every free space a merge keeps two 0/1 selection matrices ``P_A``, ``P_B``
-(width × n): row k says which unit of A and of B feed merged unit k.  A
-merged pair has a 1 in both; an A-only unit only in ``P_A``.  Fixed spaces
-use the identity for both.  A head dim matched inside each pair of heads has
-one such pair of matrices per merged head (heads × width × n).  Everything
-else follows:
+For every free space a merge keeps one 0/1 selection matrix per model,
+``P_A``, ``P_B`` for two (width × n): row k says which unit of each model
+feeds merged unit k.  A merged pair has a 1 in both; an A-only unit only in
+``P_A``.  Fixed spaces use the identity for every model.  A head dim matched
+inside each pair of heads has one such matrix per model and merged head
+(heads × width × n).  Everything else follows:
 
-- merged features  = (P_A·x_A + P_B·x_B) / (number of models feeding each unit)
+- merged features  = (P_A·x_A + P_B·x_B + …) / (number of models feeding each unit)
 - a weight's input columns gather with the same P (a merged input stands for
   each unit it came from), its output rows average like features.
 
@@ -17,6 +17,8 @@ through ``SpaceTable.apply``.
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -27,13 +29,14 @@ from pleascc.passes.spaces import Atom, Dim, SpaceTable
 @dataclass
 class MergeMaps:
     table: SpaceTable
-    selections: dict[int, tuple[torch.Tensor, torch.Tensor]]  # root -> (P_A, P_B)
+    selections: dict[int, tuple[torch.Tensor, ...]]  # root -> (P_A, P_B, …): one per model
+    models: int = 2
     _participation: dict = field(default_factory=dict, repr=False)  # (dim, model) -> vector, per batch reused
     _gathers: dict = field(default_factory=dict, repr=False)  # (root, model) -> Gather, or the matrix itself
 
     @property
     def widths(self) -> dict[int, int]:
-        return {root: p_a.shape[-2] for root, (p_a, _) in self.selections.items()}
+        return {root: matrices[0].shape[-2] for root, matrices in self.selections.items()}
 
     def size(self, dim: Dim) -> int:
         """Width of ``dim`` in the merged model."""
@@ -41,18 +44,18 @@ class MergeMaps:
 
     def _matrix(self, model: int):
         def select(atom: Atom) -> torch.Tensor | Gather | None:
-            pair = self.selections.get(atom.id)
-            if pair is None:
+            matrices = self.selections.get(atom.id)
+            if matrices is None:
                 return None
             key = (atom.id, model)
             if key not in self._gathers:
-                self._gathers[key] = Gather.of(pair[model]) or pair[model]
+                self._gathers[key] = Gather.of(matrices[model]) or matrices[model]
             return self._gathers[key]
 
         return select
 
     def participation(self, dim: Dim, model: int) -> torch.Tensor:
-        """1 for merged units that model ``model`` (0 = A, 1 = B) feeds, else 0."""
+        """1 for merged units that model ``model`` (0 = A, 1 = B, …) feeds, else 0."""
         key = (dim, model)
         if key not in self._participation:
             ones = torch.ones(self.table.size(dim), dtype=torch.float64)
@@ -65,29 +68,26 @@ class MergeMaps:
             x = self.table.apply(x, axis, dim, self._matrix(model))
         return x
 
-    def merge(self, tensors: tuple[torch.Tensor, torch.Tensor], axes: list[tuple[int, Dim]],
+    def merge(self, tensors: tuple[torch.Tensor, ...], axes: list[tuple[int, Dim]],
               averaged: list[tuple[int, Dim]] | None = None) -> torch.Tensor:
-        """Merge A's and B's tensor along ``axes``; average over the ``averaged`` ones.
+        """Merge the models' tensors (one each) along ``axes``; average over the ``averaged`` ones.
 
         Features: every axis is averaged.  Weights: output axes are averaged,
         input axes only gathered.
         """
         averaged = axes if averaged is None else averaged
-        total = self.gather(tensors[0], 0, axes) + self.gather(tensors[1], 1, axes)
-        count = self._count(total, averaged)
+        total = functools.reduce(operator.add, (self.gather(t, model, axes) for model, t in enumerate(tensors)))
+        count = functools.reduce(operator.add, (self._count(total, averaged, model) for model in range(len(tensors))))
         return total / count.clamp(min=1).to(total)
 
-    def _count(self, like: torch.Tensor, averaged: list[tuple[int, Dim]]) -> torch.Tensor:
-        """How many models feed each merged position (product over averaged axes)."""
-        counts = []
-        for model in (0, 1):
-            c = torch.ones([1] * like.dim(), dtype=torch.float64)
-            for axis, dim in averaged:
-                shape = [1] * like.dim()
-                shape[axis % like.dim()] = -1
-                c = c * self.participation(dim, model).reshape(shape)
-            counts.append(c)
-        return counts[0] + counts[1]
+    def _count(self, like: torch.Tensor, averaged: list[tuple[int, Dim]], model: int) -> torch.Tensor:
+        """Whether ``model`` feeds each merged position (the product over the averaged axes)."""
+        count = torch.ones([1] * like.dim(), dtype=torch.float64)
+        for axis, dim in averaged:
+            shape = [1] * like.dim()
+            shape[axis % like.dim()] = -1
+            count = count * self.participation(dim, model).reshape(shape)
+        return count
 
 
 @dataclass(frozen=True)
@@ -209,19 +209,22 @@ class Block:
 
 
 def row_blocks(maps: MergeMaps, out_dim: Dim, in_dim: Dim, model: int | None = None) -> list[Block]:
-    """Split a dense layer's outputs into [both models | A-only | B-only] blocks.
+    """Split a dense layer's outputs by the models that feed them: [every model | A only | B only] for two.
 
-    ``model`` 0 or 1: a separate head of that model, which reads only its model's units.
+    Rows that some models feed read only the inputs those models feed, so the
+    blocks between the others are neither fitted nor computed.  ``model``: a
+    separate head of that model, which reads only its model's units.
     """
-    in_a, in_b = maps.participation(in_dim, 0) > 0, maps.participation(in_dim, 1) > 0
+    fed_in = [maps.participation(in_dim, m) > 0 for m in range(maps.models)]
     if model is not None:
-        return [Block(None, _subset((in_a, in_b)[model]))]
-    out_a, out_b = maps.participation(out_dim, 0) > 0, maps.participation(out_dim, 1) > 0
-    blocks = [
-        Block(_subset(~(out_a ^ out_b)), None),
-        Block(_subset(out_a & ~out_b), _subset(in_a)),
-        Block(_subset(out_b & ~out_a), _subset(in_b)),
-    ]
+        return [Block(None, _subset(fed_in[model]))]
+    fed_out = torch.stack([maps.participation(out_dim, m) > 0 for m in range(maps.models)], dim=1)  # rows × models
+    everyone = fed_out.all(1) | ~fed_out.any(1)
+    blocks = [Block(_subset(everyone), None)]
+    for pattern in sorted({tuple(row) for row in fed_out[~everyone].tolist()}, reverse=True):  # A's before B's
+        rows = (fed_out == torch.tensor(pattern)).all(1)
+        cols = functools.reduce(operator.or_, (fed for fed, feeds in zip(fed_in, pattern) if feeds))
+        blocks.append(Block(_subset(rows), _subset(cols)))
     return [b for b in blocks if b.rows is None or len(b.rows)]
 
 

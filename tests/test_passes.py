@@ -113,6 +113,29 @@ def test_merge_averages_merged_units_and_blocks_skip_cross_terms():
     assert [b.rows.tolist() if b.rows is not None else None for b in rows] == [[0, 1], [2], [3]]
 
 
+def test_three_models_merge_by_who_feeds_each_unit():
+    """Merged unit 0 stands for a unit of all three models, unit 1 for one of A and C, units 2 and 3 for B's own:
+    each is the mean of the units feeding it, and each block of rows reads only its models' inputs."""
+    table = SpaceTable()
+    inp, out = table.new(2), table.new(2)
+    one = torch.eye(2, dtype=torch.float64)
+    p_a, p_b, p_c = (torch.zeros(4, 2, dtype=torch.float64) for _ in range(3))
+    p_a[0, 0] = p_b[0, 1] = p_c[0, 1] = 1
+    p_a[1, 1] = p_c[1, 0] = 1
+    p_b[2, 0] = 1
+    p_b[3, 1] = 1  # B-only, as unit 2
+    maps = MergeMaps(table, {inp.id: (p_a, p_b, p_c), out.id: (one, one, one)}, models=3)
+    a, b, c = (torch.tensor([[1.0, 2.0]], dtype=torch.float64) * scale for scale in (1, 10, 100))
+    assert maps.merge((a, b, c), [(1, inp)]).tolist() == [[(1 + 20 + 200) / 3, (2 + 100) / 2, 10.0, 20.0]]
+    blocks = row_blocks(maps, inp, out)
+    assert [(b.rows.tolist(), b.cols) for b in blocks] == [([0], None), ([1], None), ([2, 3], None)]
+    blocks = row_blocks(maps, out, inp)
+    assert len(blocks) == 1 and blocks[0].rows is None
+    both = MergeMaps(table, {inp.id: (p_a, p_b, p_c), out.id: (p_a, p_b, p_c)}, models=3)
+    blocks = row_blocks(both, out, inp)  # A's and C's row reads what A or C feeds; B's rows what B feeds
+    assert [(b.rows.tolist(), b.cols.tolist()) for b in blocks[1:]] == [([1], [0, 1]), ([2, 3], [0, 2, 3])]
+
+
 @pytest.mark.parametrize("positions", [1, 64])  # 9 patch values per channel from 4² positions: read, then merge;
 def test_merged_patches_are_the_patches_merged(positions):  # 9·4 from 4²: merge the maps, then read
     """One-pass least squares merges a convolution's input maps before reading patches where that is less
