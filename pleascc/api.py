@@ -22,7 +22,7 @@ from pleascc.data import TOKEN_DTYPES, CalibrationData, check_data_fits, load_da
 from pleascc.export import export_onnx
 from pleascc.least_squares import LeastSquares, add_time, check_samples, layer_weights, make_problems, plan_outputs
 from pleascc.load import check_same_architecture
-from pleascc.options import METHODS, MergeOptions
+from pleascc.options import METHODS, MergeOptions, read_positions
 from pleascc.passes import budget as budget_pass
 from pleascc.passes import distributed
 from pleascc.passes.batching import batch_size_for, batches
@@ -128,6 +128,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
     clock = time.perf_counter()
     reuse_freed_memory()  # else every batch page-faults its activations back in
     plan = _plan(model_a, model_b, data, opts)
+    opts = plan.options  # with the positions read (``read_positions``)
     clock = add_time(timings, "trace_and_analyze", clock)
     with ActivationStore(opts.cache_gb * 2**30, opts.work_dir) as store:
         outputs = LayerOutputs(store, {n for n, level in plan.levels.items() if level in plan.segments[0]},
@@ -163,6 +164,8 @@ def _plan(model_a: nn.Module, model_b: nn.Module, data, opts: MergeOptions) -> _
     before its heavy work comes from here."""
     target = usable_device(opts.device)
     x = _calibration_tensor(data, opts.samples, model_a, opts.seed)
+    token_ids = isinstance(x, PaddedTokens) or (isinstance(x, torch.Tensor) and x.dtype in TOKEN_DTYPES)
+    opts = dataclasses.replace(opts, positions=read_positions(opts.positions, token_ids))
     gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
     runs = statistics_copies(gms, target, read_rows(x[:2]))
     batch_size = opts.batch_size or batch_size_for(analysis, gms[0].graph, opts.positions)

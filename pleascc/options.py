@@ -20,6 +20,8 @@ LABELS = ("shared", "separate")
 MATCHINGS = ("activation", "weight")
 WIDTH_SEARCHES = ("greedy", "uniform", "stages")  # see passes.budget.WIDTHS
 LEAST_SQUARES = ("sequential", "one-pass")  # fit inputs: the merged model's own, or the originals' features
+AUTO = "auto"  # positions by input: ``read_positions``
+AUTO_POSITIONS = 64  # what ``auto`` reads of an image's feature maps
 SHARED_FLAGS = ("samples", "seed")  # options whose flags every command has (``pleascc.cli``'s data flags)
 
 
@@ -54,10 +56,11 @@ class MergeOptions:
         "sequential", "pleas: fit each layer on the merged model's own inputs, one pass over the data per level of "
                       "layers (more accurate), or on the originals' features in a single pass (faster)",
         choices=LEAST_SQUARES)
-    positions: int | None = _option(
-        64, "the most spatial positions (or tokens) per sample the statistics read from a feature map (0 or None: "
-            "all): a fixed random subset, the same for every sample and rank, as a layer's fit has far more rows "
-            "than unknowns and matching's correlations need no more")
+    positions: int | str | None = _option(
+        "auto", "the most spatial positions (or tokens) per sample the statistics read from a feature map (0 or "
+                "None: all): a fixed random subset, the same for every sample and rank, as a layer's fit has far "
+                "more rows than unknowns and matching's correlations need no more; `auto`: 64 for images, every "
+                "token of token ids (each token carries more than a neighbouring pixel)")
     match_samples: int | None = _option(
         None, "matching's statistics read only the first N calibration samples (default: all); least squares still "
               "reads all of them, and the matching pass costs N/samples of a forward", metavar="N")
@@ -94,6 +97,9 @@ class MergeOptions:
     def __post_init__(self) -> None:
         if self.positions == 0:
             object.__setattr__(self, "positions", None)  # 0: every position, as on the command line
+        if isinstance(self.positions, str) and self.positions != AUTO:
+            raise PleasccError(f"positions {self.positions!r} is neither a count nor {AUTO!r}: pass --positions N "
+                               f"(0: all) or leave it out")
         for name in ("labels", "method", "matching", "width_search", "least_squares"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices and not (name == "labels" and self.labels is None):
@@ -108,8 +114,10 @@ class MergeOptions:
         if not 0.0 < self.budget <= 2.0:
             raise PleasccError(f"budget {self.budget} is outside (0, 2]: it is the merged model's FLOPs ÷ one "
                                "model's")
-        for name in ("positions", "match_samples", "batch_size", "samples"):
+        for name in ("match_samples", "batch_size", "samples"):
             check_positive(name, getattr(self, name))
+        if self.positions != AUTO:
+            check_positive("positions", self.positions)
         if self.reset_bn and self.refit == "least-squares":
             raise PleasccError("--reset-bn recomputes a baseline's BatchNorm statistics; pleas fits its BatchNorms "
                                "by least squares: drop --reset-bn")
@@ -161,9 +169,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag(f), dest=f.name, default=f.default, action=argparse.BooleanOptionalAction,
                                 help=help)
             continue
-        kind = {"float": float, "int | None": int}.get(f.type)
+        kind = {"float": float, "int | None": int, "int | str | None": _count_or_auto}.get(f.type)
         parser.add_argument(flag(f), dest=f.name, default=f.default, type=kind, choices=f.metadata["choices"],
                             metavar=f.metadata["metavar"], help=help)
+
+
+def _count_or_auto(text: str) -> int | str:
+    return text if text == AUTO else int(text)
+
+
+def read_positions(positions: int | str | None, token_ids: bool) -> int | None:
+    """The positions the statistics read per sample (None: all): ``auto`` reads every token of token ids and
+    ``AUTO_POSITIONS`` of an image's feature maps."""
+    if positions == AUTO:
+        return None if token_ids else AUTO_POSITIONS
+    return positions
 
 
 def from_arguments(args) -> MergeOptions:

@@ -386,6 +386,31 @@ def test_statistics_read_a_fixed_subset_of_tokens(method):
     assert errors[8] != errors[None] and errors[8] <= 1.2 * errors[None]
 
 
+class _Embedded(torch.nn.Module):
+    """Token ids, embedded, one linear layer, pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc, self.head = torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.embed(ids))).mean(1))
+
+
+def test_by_default_images_are_read_at_64_positions_and_token_ids_at_every_token():
+    from conftest import raises
+
+    from pleascc.options import MergeOptions
+
+    a, b = _pair()
+    images = pleascc.merge(a, b, torch.randn(100, 1, 8, 8), method="permute", progress=False)
+    torch.manual_seed(0)
+    tokens = pleascc.merge(_Embedded(), _Embedded(), torch.randint(0, 10, (100, 6)), method="permute",
+                           progress=False)
+    assert images.report["positions"] == 64 and tokens.report["positions"] is None
+    raises("is neither a count nor 'auto'", MergeOptions, positions="all")
+
+
 def test_blocks_of_a_layer_read_one_shared_gram(monkeypatch):
     """A-only and B-only blocks take their Grams out of the layer's one Gram: the merge of separate Grams."""
     from pleascc.passes import stats
