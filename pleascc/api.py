@@ -353,7 +353,7 @@ def reset_batch_norm(model: nn.Module, x: torch.Tensor, batch_size: int = 64, pr
     model.train()
     with torch.no_grad():
         for batch in batches(x, batch_size, "BatchNorm statistics", progress, small_first=False):
-            model(batch)
+            model(*model_inputs(batch))
     model.eval()
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum  # as the user's model had it, should they train the merged one
