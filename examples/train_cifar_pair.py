@@ -1,10 +1,12 @@
-"""Train two models on disjoint CIFAR-10 halves from different seeds.
+"""Train models on disjoint parts of CIFAR-10 from different seeds: a pair, or five.
 
 Two settings (the PLeaS paper's): ``labels`` (default) gives A classes 0-4 and B
 classes 5-9, each with a 5-way head; ``images`` gives each model half of the
-training images, all 10 classes, one shared label space.
+training images, all 10 classes, one shared label space.  ``tasks5`` trains
+five models, model k on classes 2k and 2k + 1 with a 2-way head (merges of
+more than two models).
 Usage: python examples/train_cifar_pair.py --out runs/cifar_resnet20 [--arch resnet20|vit] [--width 1]
-       [--setting labels|images] [--epochs E] [--seeds 0 1] [--bf16]
+       [--setting labels|images|tasks5] [--epochs E] [--seeds 0 1 ...] [--bf16]
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from resnet20 import resnet20  # noqa: E402
 from vit_cifar import vit_cifar  # noqa: E402
 from provenance import cpu_name  # noqa: E402
 
-TASKS = {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]}
+TASKS = {"labels": {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]},  # setting -> model's name -> its classes
+         "images": {"a": list(range(10)), "b": list(range(10))},
+         "tasks5": {str(k): [2 * k, 2 * k + 1] for k in range(5)}}
 BATCH = 128
 EPOCHS = {"resnet20": 8, "vit": 15}  # ~80 s (ResNet-20) / ~100 s (ViT) per epoch per model on 2 CPU cores
 
@@ -85,10 +89,11 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.o
 
 
 def task_data(name: str, setting: str, data: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    """Model ``name``'s training and test split: its five classes (``labels``) or its half of the images."""
+    """Model ``name``'s training and test split: its classes (``labels``, ``tasks5``) or its half of the images."""
     x_tr, y_tr, x_te, y_te = data
-    if setting == "labels":
-        return (*select_classes(x_tr, y_tr, TASKS[name]), *select_classes(x_te, y_te, TASKS[name]))
+    if setting != "images":
+        classes = TASKS[setting][name]
+        return (*select_classes(x_tr, y_tr, classes), *select_classes(x_te, y_te, classes))
     half = np.random.default_rng(0).permutation(len(x_tr)).reshape(2, -1)["ab".index(name)]
     return x_tr[half], y_tr[half], x_te, y_te
 
@@ -98,7 +103,7 @@ def train_one(name: str, seed: int, arch: str, width: int, epochs: int, setting:
     """Train one model on its part of the data and measure its test accuracy there."""
     xa, ya, xt, yt = task_data(name, setting, data)
     xa, ya, xt, yt = to_tensor(xa), torch.from_numpy(ya), to_tensor(xt), torch.from_numpy(yt)
-    classes = TASKS[name] if setting == "labels" else list(range(10))
+    classes = TASKS[setting][name]
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -119,13 +124,15 @@ def train_one(name: str, seed: int, arch: str, width: int, epochs: int, setting:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True, help="output directory for model_a.pt, model_b.pt, train.json")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory for model_a.pt, model_b.pt (tasks5: model_0.pt … model_4.pt), train.json")
     p.add_argument("--arch", choices=sorted(EPOCHS), default="resnet20")
     p.add_argument("--width", type=int, default=1, help="channel multiplier (ResNet-20: of 16/32/64; ViT: of 128)")
-    p.add_argument("--setting", choices=("labels", "images"), default="labels",
-                   help="disjoint label sets (A: classes 0-4, B: 5-9) or disjoint halves of the images, 10 classes")
+    p.add_argument("--setting", choices=tuple(TASKS), default="labels",
+                   help="disjoint label sets (A: classes 0-4, B: 5-9), disjoint halves of the images (10 classes), "
+                        "or five models of two classes each (model k: classes 2k, 2k + 1)")
     p.add_argument("--epochs", type=int, help=f"epochs per model (default {EPOCHS})")
-    p.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("SEED_A", "SEED_B"))
+    p.add_argument("--seeds", type=int, nargs="+", help="one per model (default 0, 1, ...)")
     p.add_argument("--bf16", action="store_true",
                    help="train under bfloat16 autocast (weights stay float32): several times faster on a CPU "
                         "with AMX")
@@ -140,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     epochs = args.epochs or EPOCHS[args.arch]
     report: dict = {"arch": args.arch, "width": args.width, "setting": args.setting, "epochs": epochs, "batch": BATCH,
                     "autocast": "bfloat16" if args.bf16 else None, "cpu": cpu_name()}
-    for name, seed in zip(TASKS, args.seeds):
+    names = list(TASKS[args.setting])
+    seeds = args.seeds or list(range(len(names)))
+    if len(seeds) != len(names):
+        raise SystemExit(f"--seeds: {len(names)} models in --setting {args.setting}, {len(seeds)} seeds given")
+    for name, seed in zip(names, seeds):
         model, info = train_one(name, seed, args.arch, args.width, epochs, args.setting, data, args.bf16)
         torch.save(model.to(memory_format=torch.contiguous_format).state_dict(), args.out / f"model_{name}.pt")
         report[f"model_{name}"] = info
