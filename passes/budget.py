@@ -10,6 +10,8 @@ outputs from B-only inputs and back), so a dense layer costs
 
 which is n_out·n_in fully merged, twice that fully apart (the two models
 side by side) and w_out·w_in below.  Separate heads each read their own model's n_in units.
+N aligned models (``align``: a merged unit is fed by all of them or by one)
+cost N·a_out·a_in − (N − 1)·k_out·k_in, with k = (N·n − w) / (N − 1).
 Depthwise and grouped convolutions and norms cost their emitted size, and
 products of two activations (attention's q·kᵀ and ·v) theirs: whole heads.
 
@@ -37,9 +39,10 @@ from pleascc.passes.spaces import Dim
 class Cost:
     """One layer's cost as a function of widths."""
 
-    kind: str  # "blocked" (dense layer, cross blocks skipped), "heads" (two separate heads), "plain"
+    kind: str  # "blocked" (dense layer, cross blocks skipped), "heads" (separate heads), "plain"
     dims: list  # blocked/heads: [out, in, *kernel]; plain: every dim the cost is a product of
     positions: float
+    models: int = 2
 
 
 def positions(analysis: Analysis, layer: Layer) -> int:
@@ -48,19 +51,19 @@ def positions(analysis: Analysis, layer: Layer) -> int:
     return math.prod(s for k, s in enumerate(shape) if k not in (0, layer.out_axis % len(shape)))
 
 
-def layer_costs(analysis: Analysis, separate_heads: set[str]) -> list[Cost]:
+def layer_costs(analysis: Analysis, separate_heads: set[str], models: int = 2) -> list[Cost]:
     costs = []
     for layer in analysis.layers:
         where = positions(analysis, layer)
         dims = analysis.params[layer.weight].dims
         if layer.node in separate_heads:
-            costs.append(Cost("heads", dims, where))
+            costs.append(Cost("heads", dims, where, models))
         elif layer.blocked:
-            costs.append(Cost("blocked", dims, where))
+            costs.append(Cost("blocked", dims, where, models))
         else:
-            costs.append(Cost("plain", dims, where))  # grouped convolutions, norms (one axis): as emitted
+            costs.append(Cost("plain", dims, where, models))  # grouped convolutions, norms (one axis): as emitted
     per_sample = 1 / analysis.example_batch
-    costs += [Cost("plain", dims, per_sample) for dims in analysis.products]  # attention: scores, then ·v
+    costs += [Cost("plain", dims, per_sample, models) for dims in analysis.products]  # attention: scores, ·v
     return costs
 
 
@@ -72,13 +75,14 @@ def cost_of(analysis: Analysis, c: Cost, widths: dict[int, int]) -> int:
     per_unit = c.positions * math.prod(table.size(d) for d in kernel)
     a_out, a_in = (_units(analysis, d, widths, lambda n, w: min(w, n)) for d in (out, inp))
     if c.kind == "heads":
-        return per_unit * 2 * a_out * a_in
-    return per_unit * (2 * a_out * a_in - merged_units(analysis, out, widths) * merged_units(analysis, inp, widths))
+        return per_unit * c.models * a_out * a_in
+    merged = (merged_units(analysis, d, widths, c.models) for d in (out, inp))
+    return per_unit * (c.models * a_out * a_in - (c.models - 1) * math.prod(merged))
 
 
-def merged_units(analysis: Analysis, dim: Dim, widths: dict[int, int]) -> int:
-    """Units of ``dim`` that both models feed (all of a fixed space's)."""
-    return _units(analysis, dim, widths, lambda n, w: min(w, 2 * n - w))
+def merged_units(analysis: Analysis, dim: Dim, widths: dict[int, int], models: int = 2) -> int:
+    """Units of ``dim`` that every model feeds (all of a fixed space's)."""
+    return _units(analysis, dim, widths, lambda n, w: min(w, (models * n - w) // (models - 1)))
 
 
 def _units(analysis: Analysis, dim: Dim, widths: dict[int, int], count) -> int:
@@ -92,7 +96,7 @@ def flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int]) -> int:
 
 def base_flops(analysis: Analysis, costs: list[Cost]) -> int:
     """One input model's FLOPs (one head)."""
-    single = [Cost("blocked" if c.kind == "heads" else c.kind, c.dims, c.positions) for c in costs]
+    single = [Cost("blocked" if c.kind == "heads" else c.kind, c.dims, c.positions, c.models) for c in costs]
     return flops(analysis, single, {})
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import functools
+import operator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pleascc.passes.errors import model_name
 from pleascc.passes.groups import Analysis, FeatureNorm, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps
 
@@ -23,9 +26,9 @@ def emit(gm: fx.GraphModule, analysis: Analysis, maps: MergeMaps, state: State,
     """A copy of ``gm`` (A's graph) carrying the merged weights, resized to the merged widths.
 
     ``layer_weights[(node, model)]`` holds each layer's solved blocks; a layer
-    fitted per model (``model`` 0 and 1: separate heads) is duplicated, with
-    everything from it to the output, and the model returns
-    ``(outputs from A's heads, outputs from B's heads)``.
+    fitted per model (``model`` 0, 1, …: separate heads) is copied for every
+    model past the first, with everything from it to the output, and the model
+    returns ``(outputs from A's heads, outputs from B's heads, …)``.
     """
     shared = {id(t): t for t in (*gm.parameters(), *gm.buffers())}  # each replaced below: copy the rest only
     merged = copy.deepcopy(gm, memo=shared)
@@ -39,13 +42,14 @@ def emit(gm: fx.GraphModule, analysis: Analysis, maps: MergeMaps, state: State,
         rewrite(nodes[name], maps.size)
     for norm in analysis.feature_norms:
         _split_feature_norm(merged, nodes[norm.node], norm, maps)
+    models = sorted({model for _, model in layer_weights if model})
     heads = {node for node, model in layer_weights if model == 1}
-    copies = _duplicate_heads(merged, heads) if heads else {}
+    copies = _duplicate_heads(merged, heads, models) if heads else {}
     for layer in analysis.layers:
-        for model in (None, 0, 1):
+        for model in (None, 0, *models):
             blocks = layer_weights.get((layer.node, model))
             if blocks:
-                node = copies[layer.node] if model == 1 else nodes[layer.node]
+                node = copies[model][layer.node] if model else nodes[layer.node]
                 _emit_layer(merged, node, layer, blocks)
     merged.graph.lint()
     merged.delete_all_unused_submodules()  # the layers replaced by their blocks
@@ -126,24 +130,27 @@ def _block_module(gm: fx.GraphModule, node: fx.Node, layer: Layer, params: State
 class ViewwiseNorm(nn.Module):
     """A LayerNorm/RMSNorm over a merged axis, taken over each model's units apart.
 
-    Model A's view is the units A feeds (merged and A-only), B's likewise;
-    each is normalized as its own model would, and a merged unit gets the
-    mean of its two normalizations.  At full merging it is the plain norm; with
-    nothing merged, the two models' norms side by side.
+    Model A's view is the units A feeds (merged and A-only), B's likewise, and
+    so on; each is normalized as its own model would, and a merged unit gets
+    the mean of its models' normalizations (``back``: per model, each unit's
+    place in its view, or in its first model's where it feeds none: exact where
+    every unit is fed by one model or by all).  At full merging it is the plain
+    norm; with nothing merged, the models' norms side by side.
     """
 
-    def __init__(self, kind: str, eps: float | None, views: tuple[torch.Tensor, torch.Tensor],
-                 back: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def __init__(self, kind: str, eps: float | None, views: tuple[torch.Tensor, ...],
+                 back: tuple[torch.Tensor, ...]) -> None:
         super().__init__()
         self.kind, self.eps = kind, eps
-        self.register_buffer("view_a", views[0])
-        self.register_buffer("view_b", views[1])
-        self.register_buffer("back_a", back[0])
-        self.register_buffer("back_b", back[1])
+        self.names = [model_name(m).lower() for m in range(len(views))]
+        for name, view in zip(self.names, views):
+            self.register_buffer(f"view_{name}", view)
+        for name, places in zip(self.names, back):
+            self.register_buffer(f"back_{name}", places)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         outs = []
-        for view in (self.view_a, self.view_b):
+        for view in (getattr(self, f"view_{name}") for name in self.names):
             w = weight.index_select(0, view) if weight is not None else None
             shape = (view.shape[0],)
             if self.kind == "rms":
@@ -152,20 +159,24 @@ class ViewwiseNorm(nn.Module):
                 b = bias.index_select(0, view) if bias is not None else None
                 outs.append(F.layer_norm(x.index_select(-1, view), shape, w, b, self.eps))
         y = torch.cat(outs, -1)
-        return (y.index_select(-1, self.back_a) + y.index_select(-1, self.back_b)) * 0.5
+        backs = (y.index_select(-1, getattr(self, f"back_{name}")) for name in self.names)
+        return functools.reduce(operator.add, backs) * (1 / len(self.names))
 
 
 def _split_feature_norm(gm: fx.GraphModule, node: fx.Node, norm: FeatureNorm, maps: MergeMaps) -> None:
     """Replace a norm whose axis holds units of one model only by its ``ViewwiseNorm``."""
-    in_a, in_b = maps.participation(norm.dim, 0) > 0, maps.participation(norm.dim, 1) > 0
-    if bool((in_a & in_b).all()):
+    fed = [maps.participation(norm.dim, m) > 0 for m in range(maps.models)]
+    if bool(functools.reduce(operator.and_, fed).all()):
         return
-    view_a, view_b = in_a.nonzero().flatten(), in_b.nonzero().flatten()
-    position_a, position_b = torch.cumsum(in_a, 0) - 1, torch.cumsum(in_b, 0) - 1 + len(view_a)  # in cat(A's, B's)
-    back_a = torch.where(in_a, position_a, position_b)  # a one-model unit reads its own view twice
-    back_b = torch.where(in_b, position_b, position_a)
+    views = [f.nonzero().flatten() for f in fed]
+    starts = torch.cumsum(torch.tensor([0, *map(len, views[:-1])]), 0)
+    places = [torch.cumsum(f, 0) - 1 + start for f, start in zip(fed, starts)]  # in cat(A's view, B's, …)
+    first = places[-1]
+    for f, place in zip(reversed(fed), reversed(places)):
+        first = torch.where(f, place, first)  # each unit's place in its first model's view
+    back = [torch.where(f, place, first) for f, place in zip(fed, places)]  # a model feeding none reads the first's
     name = f"{node.name}_viewwise"
-    gm.add_submodule(name, ViewwiseNorm(norm.kind, norm.eps, (view_a, view_b), (back_a, back_b)))
+    gm.add_submodule(name, ViewwiseNorm(norm.kind, norm.eps, tuple(views), tuple(back)))
     graph = gm.graph
     with graph.inserting_before(node):
         params = [graph.get_attr(p) if p is not None else None for p in (norm.weight, norm.bias)]
@@ -191,24 +202,27 @@ def _constant(gm: fx.GraphModule, value: torch.Tensor) -> fx.Node:
     return gm.graph.get_attr(name)
 
 
-def _duplicate_heads(gm: fx.GraphModule, heads: set[str]) -> dict[str, fx.Node]:
-    """Copy every node from the head layers to the output; return original name -> copy."""
+def _duplicate_heads(gm: fx.GraphModule, heads: set[str], models: list[int]) -> dict[int, dict[str, fx.Node]]:
+    """Copy every node from the head layers to the output once per model in ``models`` (B, C, …); the output
+    becomes (A's, B's, …); return model -> original name -> its copy."""
     nodes = list(gm.graph.nodes)
     output = nodes[-1]
     downstream = _reachable({n for n in nodes if n.name in heads}, forward=True)
     upstream = _reachable({output}, forward=False)
-    env: dict[fx.Node, fx.Node] = {}
-    with gm.graph.inserting_before(output):
-        for node in nodes:
-            if node in downstream and node in upstream and node is not output:
-                new = gm.graph.node_copy(node, lambda n: env.get(n, n))
-                if node.op == "call_module":
-                    new.target = node.target.replace(".", "_") + "_b"
-                    gm.add_submodule(new.target, copy.deepcopy(gm.get_submodule(node.target)))
-                env[node] = new
-    value = output.args[0]
-    output.args = ((value, fx.node.map_arg(value, lambda n: env.get(n, n))),)
-    return {node.name: new for node, new in env.items()}
+    value, copies = output.args[0], {}
+    for model in models:
+        env: dict[fx.Node, fx.Node] = {}
+        with gm.graph.inserting_before(output):
+            for node in nodes:
+                if node in downstream and node in upstream and node is not output:
+                    new = gm.graph.node_copy(node, lambda n: env.get(n, n))
+                    if node.op == "call_module":
+                        new.target = node.target.replace(".", "_") + "_" + model_name(model).lower()
+                        gm.add_submodule(new.target, copy.deepcopy(gm.get_submodule(node.target)))
+                    env[node] = new
+        copies[model] = env
+    output.args = ((value, *(fx.node.map_arg(value, lambda n, env=env: env.get(n, n)) for env in copies.values())),)
+    return {model: {node.name: new for node, new in env.items()} for model, env in copies.items()}
 
 
 def _reachable(start: set[fx.Node], forward: bool) -> set[fx.Node]:

@@ -52,7 +52,44 @@ def _match_products(analysis: Analysis, correlations: dict, sizes: dict, matchin
                 if root in sizes and root not in done:
                     matchings[root] = m
             done.update(r for r in key if r in sizes)
+    _match_grouped_heads(analysis, correlations, sizes, matchings)
     return done
+
+
+def _match_grouped_heads(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> None:
+    """Heads whose per-head units share their axis with further factors (grouped-query attention's kv heads ×
+    queries per kv head × head dim): the queries of each pair of kv heads paired on their own.
+
+    ``match_product`` gives each factor one permutation, the same in every kv
+    head; the queries may be ordered differently in each.  With the other
+    factors' matchings fixed, each axis' correlation is taken along them
+    (``_along``), and ``match_heads`` pairs the kv heads and, inside each pair,
+    their queries."""
+    grouped: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for key, corr in correlations.items():
+        if isinstance(key, tuple):
+            for k, (outer, inner) in enumerate(zip(key, key[1:])):
+                if analysis.per_head.get(inner) == outer and inner in sizes and outer in sizes \
+                        and matchings[inner].within is None:
+                    grouped.setdefault((outer, inner), []).append(_along(analysis, corr, key, (k, k + 1), matchings))
+    for (outer, inner), blocks in grouped.items():  # one space read at several sites: their mean correlation
+        matchings[outer], (matchings[inner],) = match_heads([torch.stack(blocks).mean(0)], sizes[outer])
+
+
+def _along(analysis: Analysis, corr: torch.Tensor, key: tuple, kept: tuple[int, int], matchings: dict) -> torch.Tensor:
+    """The A×B correlation of a product axis over the factors ``kept`` only: every other factor's units
+    paired as its matching pairs them (a fixed factor's with themselves) and averaged."""
+    shape = [analysis.root_size(r) for r in key]
+    c = corr.double().reshape(*shape, *shape)
+    for k in reversed(range(len(key))):
+        if k in kept:
+            continue
+        root = key[k]
+        partner = _partner_of(matchings[root]) if root in matchings else torch.arange(shape[k])
+        c = c.index_select(c.dim() // 2 + k, partner)  # B's axis k in A's order
+        c = torch.diagonal(c, dim1=k, dim2=c.dim() // 2 + k).mean(-1)
+    side = shape[kept[0]] * shape[kept[1]]
+    return c.reshape(side, side)
 
 
 def _match_heads(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> set[int]:

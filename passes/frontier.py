@@ -163,13 +163,13 @@ def _is_cheap(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, object]) -> 
 
 
 def level_output_bytes(analysis: Analysis, levels: dict[str, int], samples: int,
-                       positions: int | None) -> dict[int, int]:
-    """Per level, the float32 bytes of A's and B's outputs its layers' fits read, over ``samples`` samples
+                       positions: int | None, models: int = 2) -> dict[int, int]:
+    """Per level, the float32 bytes of the ``models``' outputs its layers' fits read, over ``samples`` samples
     (from the shapes ShapeProp found on the example batch)."""
     per_level: dict[int, int] = {}
     for layer in analysis.layers:
         shape = analysis.shapes.get(layer.node)
-        size = 2 * samples * (layer.read_bytes(shape, positions) if shape else 0) // analysis.example_batch
+        size = models * samples * (layer.read_bytes(shape, positions) if shape else 0) // analysis.example_batch
         per_level[levels[layer.node]] = per_level.get(levels[layer.node], 0) + size
     return dict(sorted(per_level.items()))
 

@@ -155,7 +155,7 @@ class Layer:
 
     # weights (``solve``)
 
-    def warm_start(self, analysis: Analysis, maps: MergeMaps, states: tuple[State, State],
+    def warm_start(self, analysis: Analysis, maps: MergeMaps, states: tuple[State, ...],
                    merged: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """Its warm-start weights as (groups, outputs per group, inputs per group + 1), from its parameters
         each in the merged layout (``merged``: ``solve.merge_param``)."""
@@ -335,15 +335,15 @@ class NormLayer(Layer):
         """A norm reading a convolution: its moments are quadratic forms of the convolution's."""
         return isinstance(producer, ConvLayer)
 
-    def warm_start(self, analysis: Analysis, maps: MergeMaps, states: tuple[State, State],
+    def warm_start(self, analysis: Analysis, maps: MergeMaps, states: tuple[State, ...],
                    merged: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """Each model's scale and shift on its running statistics, merged as the channels are: (C, 1, 2)."""
         mean_name, var_name, eps = self.running
-        scale = [states[k][self.weight] / (states[k][var_name] + eps).sqrt() for k in (0, 1)]
-        shift = [states[k][self.bias] - states[k][mean_name] * scale[k] for k in (0, 1)]
-        both = [torch.stack([scale[k], shift[k]], dim=1).double() for k in (0, 1)]
+        scale = [s[self.weight] / (s[var_name] + eps).sqrt() for s in states]
+        shift = [s[self.bias] - s[mean_name] * k for s, k in zip(states, scale)]
+        every = [torch.stack([k, b], dim=1).double() for k, b in zip(scale, shift)]
         dim = analysis.params[self.weight].dims[0]
-        return maps.merge(tuple(both), [(0, dim)]).unsqueeze(1)
+        return maps.merge(tuple(every), [(0, dim)]).unsqueeze(1)
 
     def params(self, w: torch.Tensor, like: State) -> State:
         """The fitted scale and shift as γ and β, on running statistics of 0 and 1."""

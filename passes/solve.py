@@ -14,6 +14,9 @@ directions the calibration data never excites keep the warm start's weights
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -24,28 +27,31 @@ from pleascc.passes.stats import Problem
 State = dict[str, torch.Tensor]
 
 
-def merge_param(analysis: Analysis, maps: MergeMaps, name: str, a: torch.Tensor, b: torch.Tensor,
+def merge_param(analysis: Analysis, maps: MergeMaps, name: str, values: tuple[torch.Tensor, ...],
                 model: int | None = None) -> torch.Tensor:
-    """One parameter in the merged layout; ``model`` 0/1 keeps that model's own (head) values."""
+    """One parameter, given each model's ``values`` of it, in the merged layout; ``model`` keeps that model's own
+    (head) values."""
+    a = values[0]
     if not a.is_floating_point():
         return a.clone()
     binding = analysis.params.get(name)
     if binding is None:
-        return ((a.double() + b.double()) / 2).to(a.dtype) if model is None else (a, b)[model].clone()
+        return (functools.reduce(operator.add, (v.double() for v in values)) / len(values)).to(a.dtype) \
+            if model is None else values[model].clone()
     axes = list(enumerate(binding.dims))
     averaged = [(k, d) for k, d in axes if binding.roles[k] == "out"]
     if model is not None:
         in_axes = [(k, d) for k, d in axes if binding.roles[k] == "in"]
-        return maps.gather((a, b)[model].double(), model, in_axes).to(a.dtype)
-    return maps.merge((a.double(), b.double()), axes, averaged).to(a.dtype)
+        return maps.gather(values[model].double(), model, in_axes).to(a.dtype)
+    return maps.merge(tuple(v.double() for v in values), axes, averaged).to(a.dtype)
 
 
-def warm_start(analysis: Analysis, maps: MergeMaps, layer: Layer, states: tuple[State, State],
+def warm_start(analysis: Analysis, maps: MergeMaps, layer: Layer, states: tuple[State, ...],
                model: int | None) -> torch.Tensor:
     """The layer's warm-start weights as (groups, outputs per group, inputs per group + 1): its kind's
     (``Layer.warm_start``), from its parameters merged (``merge_param``)."""
     def merged(name: str) -> torch.Tensor:
-        return merge_param(analysis, maps, name, states[0][name], states[1][name], model).double()
+        return merge_param(analysis, maps, name, tuple(s[name] for s in states), model).double()
 
     return layer.warm_start(analysis, maps, states, merged)
 

@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 
 from pleascc.passes import distributed
 from pleascc.passes.batching import batches, device_of
-from pleascc.passes.errors import PleasccError
+from pleascc.passes.errors import PleasccError, model_name
 from pleascc.passes.executor import lockstep
 from pleascc.passes.frontier import Frontier, LayerOutputs
 from pleascc.passes.gram import GramSum, mirror_upper
@@ -48,10 +48,10 @@ class Problem:
     """One least-squares fit: a layer and how to build its target from A's and B's outputs."""
 
     layer: Layer
-    target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    target: Callable[..., torch.Tensor]  # the models' outputs -> the fit's target
     name: str
     w0: torch.Tensor  # warm start, (groups, out/groups, d+1); the fit solves for W − W0
-    model: int | None = None  # a separate head of model 0 or 1; None: the merged layer
+    model: int | None = None  # a separate head of model 0, 1, …; None: the merged layer
     block: Block = field(default_factory=Block)  # which output rows, from which input units
     xx: torch.Tensor | None = None  # (groups, d+1, d+1): merged inputs (+1 for the bias)
     rx: torch.Tensor | None = None  # (groups, out/groups, d+1): residual T − W0·X against inputs
@@ -182,15 +182,15 @@ def _read_outputs(layer: Layer, values: list[torch.Tensor], positions: int | Non
 
 
 def checked(values: list[torch.Tensor], node: str) -> list[torch.Tensor]:
-    """What a pass reads of ``node``'s value in A and in B, checked for NaN and Inf (``_check_finite``).
+    """What a pass reads of ``node``'s value in each model, checked for NaN and Inf (``_check_finite``).
 
     Checked as read, after sampling, not as computed: the statistics see
     only what is read, and checking whole activations costs a pass over the
     memory of every value read.  A NaN off the sampled positions spreads to
     later layers' and is found there.
     """
-    for value, model in zip(values, "AB"):
-        _check_finite(value, model, node)
+    for model, value in enumerate(values):
+        _check_finite(value, model_name(model), node)
     return values
 
 
@@ -326,7 +326,7 @@ def gram_moments(gms: tuple[fx.GraphModule, fx.GraphModule], maps: MergeMaps, pr
                         if key not in added:
                             axis = layer.unit_axis
                             x_in = layer.read_input(values[source][model], positions)
-                            _check_finite(x_in, "AB"[model], source)
+                            _check_finite(x_in, model_name(model), source)
                             x_in = maps.gather(x_in, model, [(axis, layer.in_dim)])
                             x_in = x_in if cols is None else take(x_in, axis, cols.to(x_in.device))
                             layer.add_gram(grams.setdefault(key, GramSum()), layer.rows(x_in, maps))
@@ -345,9 +345,9 @@ def _feeding(maps: MergeMaps, p: Problem) -> list[int]:
     """The models whose units a block's output rows stand for."""
     if p.model is not None:
         return [p.model]
-    fed = [maps.participation(p.layer.out_dim, m) > 0 for m in (0, 1)]
+    fed = [maps.participation(p.layer.out_dim, m) > 0 for m in range(maps.models)]
     rows = p.block.rows
-    return [m for m in (0, 1) if bool((fed[m] if rows is None else fed[m][rows]).any())]
+    return [m for m in range(maps.models) if bool((fed[m] if rows is None else fed[m][rows]).any())]
 
 
 def _accumulate(p: Problem, inputs: torch.Tensor, target: torch.Tensor, prediction: torch.Tensor) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from pleascc.align import aligned_copy, aligned_maps, alignment
 from pleascc.allocator import reuse_freed_memory
 from pleascc.channels_last import statistics_copies
 from pleascc.data import TOKEN_DTYPES, CalibrationData, check_data_fits, load_data, token_inputs
@@ -27,7 +28,7 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes import distributed
 from pleascc.passes.batching import batch_size_for, batches
 from pleascc.passes.emit import emit
-from pleascc.passes.errors import PleasccError
+from pleascc.passes.errors import PleasccError, model_name
 from pleascc.passes.feature_matching import match_features, selections
 from pleascc.passes.frontier import LayerOutputs
 from pleascc.passes.fused_norms import fuse_norms, norm_producers
@@ -49,7 +50,7 @@ __all__ = ["merge", "export_onnx", "MergeResult", "METHODS"]
 
 
 class MergeResult:
-    """The merged model (a GraphModule; with separate labels it returns (logits_A, logits_B))."""
+    """The merged model (a GraphModule; with separate labels it returns (logits_A, logits_B, …))."""
 
     model: fx.GraphModule
     report: dict
@@ -66,11 +67,11 @@ class _Plan:
     options: MergeOptions
     x: torch.Tensor | NpyRows  # every calibration sample
     local: torch.Tensor | NpyRows  # this process's share of them
-    gms: tuple[fx.GraphModule, fx.GraphModule]
-    runs: tuple[fx.GraphModule, fx.GraphModule]  # the copies the statistics passes run (``statistics_copies``)
+    gms: tuple[fx.GraphModule, ...]  # one per model
+    runs: tuple[fx.GraphModule, ...]  # the copies the statistics passes run (``statistics_copies``)
     analysis: Analysis
     heads: list[Layer]
-    states: tuple[dict, dict]
+    states: tuple[dict, ...]
     batch_size: int
     separate: bool
     fused: dict[str, str] = field(default_factory=dict)  # sequential: norms fitted in their convolution's pass
@@ -78,6 +79,10 @@ class _Plan:
     segments: list[list[int]] = field(default_factory=list)  # sequential: runs of levels recorded together
     outputs_memory: float = 0.0  # sequential: memory the recorded outputs may take
     underdetermined: list[str] = field(default_factory=list)  # least squares: fits with fewer rows than unknowns
+
+    @property
+    def models(self) -> int:
+        return len(self.gms)
 
     @property
     def matcher(self) -> str:
@@ -98,9 +103,11 @@ class _Plan:
 
     @property
     def matches_every_sample(self) -> bool:
-        """Whether the matching pass reads every sample (so it can record the first segment's outputs)."""
+        """Whether the matching pass reads every sample (so it can record the first segment's outputs): of a
+        pair; more models are aligned pair by pair (``align``), and least squares records their outputs."""
         opts = self.options
-        return not self.data_free and (opts.match_samples is None or opts.match_samples >= len(self.x))
+        return not self.data_free and (opts.match_samples is None or opts.match_samples >= len(self.x)) \
+            and self.models == 2
 
     @property
     def data_free(self) -> bool:
@@ -108,13 +115,15 @@ class _Plan:
         return self.options.matching == "weight" or self.matcher == "l1"
 
 
-def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.Tensor | Mapping | str,
-          options: MergeOptions | None = None, **choices) -> MergeResult:
-    """Merge two models of one architecture into one of ``budget`` × the FLOPs of one.
+def merge(models: nn.Module | Sequence[nn.Module], *args, **choices) -> MergeResult:
+    """Merge models of one architecture into one of ``budget`` × the FLOPs of one:
+    ``merge(model_a, model_b, data[, options])``, or ``merge([model_1, …, model_N], data[, options])``.
 
-    ``data``: calibration inputs (a tensor N×…, a ``CalibrationData``, a path
-    ``load_data`` reads, or a tokenizer's ``input_ids`` and ``attention_mask``,
-    whose padded tokens no statistic reads).  ``options``: a ``MergeOptions``, or its fields as
+    More than two models are merged at budget 1.0 (unit k of every model,
+    once each is permuted into the first's layout: ``align``) or N (side by
+    side).  ``data``: calibration inputs (a tensor N×…, a ``CalibrationData``,
+    a path ``load_data`` reads, or a tokenizer's ``input_ids`` and
+    ``attention_mask``, whose padded tokens no statistic reads).  ``options``: a ``MergeOptions``, or its fields as
     keywords (``budget=1.5, method="zipit"``, …; each field's help says what it
     does), checked before any work.  After ``permute``, ``average`` and ``zipit``
     the merged BatchNorms' running statistics are recomputed on the data, as
@@ -123,21 +132,28 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
     on (``allocator.reuse_freed_memory``): the passes free and reallocate the
     same activations every batch.
     """
+    models, data, options = _arguments(models, args, choices)
     opts = dataclasses.replace(options or MergeOptions(), **choices)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     reuse_freed_memory()  # else every batch page-faults its activations back in
-    plan = _plan(model_a, model_b, data, opts)
+    plan = _plan(models, data, opts)
     opts = plan.options  # with the positions read (``read_positions``)
     clock = add_time(timings, "trace_and_analyze", clock)
     with ActivationStore(opts.cache_gb * 2**30, opts.work_dir) as store:
         outputs = LayerOutputs(store, {n for n, level in plan.levels.items() if level in plan.segments[0]},
                                plan.outputs_memory) if plan.sequential else None
-        correlations = _matching_statistics(plan, outputs, timings)
-        clock = time.perf_counter()
-        matchings = _match(plan, correlations)
-        costs, widths = _widths(plan, matchings)
-        maps = MergeMaps(plan.analysis.table, selections(plan.analysis, matchings, widths))
+        if plan.models == 2:
+            correlations = _matching_statistics(plan, outputs, timings)
+            clock = time.perf_counter()
+            matchings = _match(plan, correlations)
+            costs, widths = _widths(plan, matchings)
+            maps = MergeMaps(plan.analysis.table, selections(plan.analysis, matchings, widths))
+        else:
+            plan = _aligned(plan, timings)
+            clock = time.perf_counter()
+            costs = budget_pass.layer_costs(plan.analysis, plan.separate_heads, plan.models)
+            matchings, widths, maps = aligned_maps(plan.analysis, plan.models, opts.budget)
         clock = add_time(timings, "match_and_budget", clock)
         fits, emit_with = _warm_start(plan, maps)
         residuals, passes, underdetermined = _refit(plan, maps, fits, emit_with, store, outputs, timings)
@@ -146,8 +162,9 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
                 "least_squares_spilled_mb": store.spilled_bytes / 2**20}
     add_time(timings, "solve", clock)
     merged = _emit(plan, fits, emit_with, timings)
-    report = _report(plan.analysis, model_a, merged, matchings, widths, costs, residuals, timings,
-                     method=opts.method, budget=opts.budget, separate=plan.separate, samples=len(plan.x),
+    report = _report(plan.analysis, models[0], merged, matchings, widths, costs, residuals, timings,
+                     method=opts.method, budget=opts.budget, models=plan.models, separate=plan.separate,
+                     samples=len(plan.x),
                      reset_bn=opts.resets_batch_norm,
                      batch_size=plan.batch_size,
                      match_samples=None if opts.matching == "weight" else min(len(plan.x), opts.match_samples
@@ -159,14 +176,31 @@ def merge(model_a: nn.Module, model_b: nn.Module, data: CalibrationData | torch.
     return MergeResult(merged.eval(), report, plan.analysis)
 
 
-def _plan(model_a: nn.Module, model_b: nn.Module, data, opts: MergeOptions) -> _Plan:
-    """Check the inputs, trace and analyse both models, and plan the passes: every error a merge can raise
+def _arguments(models, args: tuple, choices: dict) -> tuple[list[nn.Module], object, MergeOptions | None]:
+    """``merge``'s models, data and options, from either of its two forms."""
+    if isinstance(models, nn.Module):
+        if not args or not isinstance(args[0], nn.Module):
+            raise PleasccError("merge takes two models and the data, or a list of models and the data: "
+                               "pleascc.merge(model_a, model_b, data) or pleascc.merge([m1, m2, m3], data)")
+        models, args = [models, args[0]], args[1:]
+    models = list(models)
+    if not args:
+        raise PleasccError("merge needs the calibration data after the models")
+    if len(models) < 2:
+        raise PleasccError(f"merge takes 2 or more models, not {len(models)}: to compress one, pass it twice "
+                           "with a budget below 1.0")
+    return models, args[0], args[1] if len(args) > 1 else choices.pop("options", None)
+
+
+def _plan(models: list[nn.Module], data, opts: MergeOptions) -> _Plan:
+    """Check the inputs, trace and analyse the models, and plan the passes: every error a merge can raise
     before its heavy work comes from here."""
     target = usable_device(opts.device)
-    x = _calibration_tensor(data, opts.samples, model_a, opts.seed)
+    opts.check_models(len(models))
+    x = _calibration_tensor(data, opts.samples, models[0], opts.seed)
     token_ids = isinstance(x, PaddedTokens) or (isinstance(x, torch.Tensor) and x.dtype in TOKEN_DTYPES)
     opts = dataclasses.replace(opts, positions=read_positions(opts.positions, token_ids))
-    gms, analysis, heads, states = _trace_pair(model_a, model_b, x)
+    gms, analysis, heads, states = _trace_all(models, x)
     runs = statistics_copies(gms, target, read_rows(x[:2]))
     batch_size = opts.batch_size or batch_size_for(analysis, gms[0].graph, opts.positions)
     local = _shard(x)  # this process's samples; all of them unless run under torch.distributed
@@ -178,7 +212,7 @@ def _plan(model_a: nn.Module, model_b: nn.Module, data, opts: MergeOptions) -> _
         plan.fused = norm_producers(analysis, plan.separate_heads)
         plan.levels = layer_levels(gms[0], analysis, plan.fused)
         plan.segments, plan.outputs_memory = plan_outputs(gms[0], analysis, plan.levels, len(local), opts.positions,
-                                                          opts.cache_gb * 2**30, opts.work_dir)
+                                                          opts.cache_gb * 2**30, opts.work_dir, len(models))
     return plan
 
 
@@ -196,6 +230,21 @@ def _matching_statistics(plan: _Plan, outputs: LayerOutputs | None, timings: dic
                                    outputs=outputs if everything else None)
     add_time(timings, "matching_statistics", clock)
     return correlations
+
+
+def _aligned(plan: _Plan, timings: dict[str, float]) -> _Plan:
+    """More than two models: each past the first permuted into A's layout (``align``), matched to A as a pair
+    is (``average`` merges them as they are)."""
+    if plan.matcher == "identity":
+        return plan
+    gms, states = list(plan.gms), list(plan.states)
+    for k in range(1, plan.models):
+        pair = dataclasses.replace(plan, gms=(gms[0], gms[k]), runs=(plan.runs[0], plan.runs[k]),
+                                   states=(states[0], states[k]))
+        matchings = _match(pair, _matching_statistics(pair, None, timings))
+        gms[k], states[k] = aligned_copy(gms[k], plan.analysis, states[k], alignment(matchings))
+    runs = statistics_copies(tuple(gms), usable_device(plan.options.device), read_rows(plan.x[:2]))
+    return dataclasses.replace(plan, gms=tuple(gms), runs=runs, states=tuple(states))
 
 
 def _match(plan: _Plan, correlations: dict | None) -> dict:
@@ -224,7 +273,7 @@ def _warm_start(plan: _Plan, maps: MergeMaps):
     fits = make_problems(plan.analysis, maps, plan.states, plan.separate_heads)
     fuse_norms(fits, plan.fused)
     own = {n for layer in plan.heads if layer.node in plan.separate_heads for n in (layer.weight, layer.bias)}
-    state = {name: merge_param(plan.analysis, maps, name, plan.states[0][name], plan.states[1][name])
+    state = {name: merge_param(plan.analysis, maps, name, tuple(s[name] for s in plan.states))
              for name in plan.states[0] if name not in own}  # separate heads: from their own fits
     return fits, functools.partial(emit, plan.gms[0], plan.analysis, maps, state)
 
@@ -274,23 +323,26 @@ def _emit(plan: _Plan, fits: list[Problem], emit_with, timings: dict[str, float]
     return merged
 
 
-def _trace_pair(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor):
-    """Trace both models, analyse A's graph, and check B has the same graph and parameters."""
-    check_data_fits(model_a, CalibrationData(x))
-    gm_a = trace(model_a, "model A")
+def _trace_all(models: list[nn.Module], x: torch.Tensor):
+    """Trace every model, analyse A's graph, and check the others have the same graph and parameters."""
+    check_data_fits(models[0], CalibrationData(x))
+    gm_a = trace(models[0], "model A")
     analysis = analyze(gm_a, model_inputs(read_rows(x[:2])))
     heads = head_layers(analysis)
-    check_same_architecture(model_a, model_b, heads=frozenset(n for h in heads for n in (h.weight, h.bias) if n))
-    gm_b = trace(model_b, "model B")
-    check_same_graph(gm_a, gm_b)
-    states = (_tensors(gm_a), _tensors(gm_b))
+    own = frozenset(n for h in heads for n in (h.weight, h.bias) if n)
+    gms = [gm_a]
+    for k, model in enumerate(models[1:], 1):
+        check_same_architecture(models[0], model, ("A", model_name(k)), heads=own)
+        gms.append(trace(model, f"model {model_name(k)}"))
+        check_same_graph(gm_a, gms[-1], model_name(k))
+    states = tuple(_tensors(gm) for gm in gms)
     _check_finite_weights(states)
-    return (gm_a, gm_b), analysis, heads, states
+    return tuple(gms), analysis, heads, states
 
 
-def _check_finite_weights(states: tuple[dict, dict]) -> None:
+def _check_finite_weights(states: tuple[dict, ...]) -> None:
     """A weight that is NaN or Inf (a diverged run) would reach every statistic and every fit: name it first."""
-    for model, state in zip("AB", states):
+    for model, state in zip(map(model_name, range(len(states))), states):
         broken = next((name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()), None)
         if broken is not None:
             raise PleasccError(f"model {model}'s {broken} holds NaN or Inf: the checkpoint is broken (from a "
@@ -380,7 +432,7 @@ def head_layers(analysis: Analysis) -> list[Layer]:
 
 
 def _separate_labels(labels: str | None, heads: list[Layer], states) -> bool:
-    differ = any(states[0][layer.weight].shape != states[1][layer.weight].shape for layer in heads)
+    differ = any(s[layer.weight].shape != states[0][layer.weight].shape for layer in heads for s in states[1:])
     if labels == "shared" and differ:
         raise PleasccError("the models' heads differ in size, so they cannot share labels: use --labels separate")
     if labels == "separate" and not heads:
@@ -391,8 +443,9 @@ def _separate_labels(labels: str | None, heads: list[Layer], states) -> bool:
 
 def _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings, **settings) -> dict:
     groups = []
+    models = settings["models"]
     for root, m in matchings.items():
-        merged_pairs = min(m.n, 2 * m.n - widths[root])  # below n, every pair, in fewer clusters
+        merged_pairs = min(m.n, (models * m.n - widths[root]) // (models - 1))  # below n, all, in fewer clusters
         groups.append({
             "group": root, "size": m.n, "width": widths[root], "merged_pairs": merged_pairs,
             "merged_corr_mean": float(m.corr[:merged_pairs].mean()) if merged_pairs else None,

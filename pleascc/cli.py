@@ -35,6 +35,7 @@ MERGE_EXAMPLES = """examples:
   pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --format pt -o merged.pt
   pleascc merge a.pt b.pt --arch timm:resnet18 --data calib/ --budget 0.5 -o smaller.onnx   # merge and compress
   pleascc merge a.pt --arch timm:resnet18 --data calib/ --budget 0.5 -o compressed.onnx     # one model, compressed
+  pleascc merge a.pt b.pt c.pt --arch timm:resnet18 --data calib/ -o merged3.onnx            # three into one
 """
 
 
@@ -102,12 +103,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _merge_parser(sub: argparse._SubParsersAction) -> None:
-    m = sub.add_parser("merge", help="merge two models into one ONNX file", epilog=MERGE_EXAMPLES,
+    m = sub.add_parser("merge", help="merge models into one ONNX file", epilog=MERGE_EXAMPLES,
                        formatter_class=_Formatter)
     m.add_argument("model_a", help="checkpoint of model A (.pt, .pth, .safetensors), or a Hugging Face model "
                                    "directory (config.json and safetensors weights)")
-    m.add_argument("model_b", nargs="?", help="checkpoint of model B, as A; leave it out to compress model A alone "
-                                              "(--budget below 1.0: its most similar units merged, refitted)")
+    m.add_argument("others", nargs="*", metavar="MODEL", help="checkpoints of models B, C, … as A, merged with it; "
+                   "none: model A alone is compressed (--budget below 1.0: its most similar units merged, refitted)")
     m.add_argument("-o", "--output", required=True,
                    help="where to write the merged model: an ONNX file (.onnx; weights past 1.8 GB go to "
                         "OUTPUT.data beside it), or with --format pt its state dict (.pt) and a torch.export archive "
@@ -236,7 +237,8 @@ def _merge(args) -> int:
     start = time.perf_counter()
     choices = options.from_arguments(args)  # checked, with the output paths, before anything heavy is imported
     _check_counts(args, "image_size", "seq_len")
-    if args.model_b is None and choices.budget > 1.0:
+    choices.check_models(1 + len(args.others) if args.others else 2)
+    if not args.others and choices.budget > 1.0:
         raise PleasccError(f"one checkpoint is compressed, not widened: pass --budget below 1.0 (not "
                            f"{choices.budget:g}), or a second checkpoint to merge")
     if args.format == "hf":
@@ -254,9 +256,9 @@ def _merge(args) -> int:
         choices = dataclasses.replace(choices, device=distributed.init_from_environment(choices.device))
     usable_device(choices.device)
     model_a = _load(args, args.model_a)
-    model_b = model_a if args.model_b is None else _load(args, args.model_b)
+    models = [model_a, *(_load(args, path) for path in args.others)] if args.others else [model_a, model_a]
     data = _calibration(args, model_a)
-    result = pleascc.merge(model_a, model_b, data, choices, progress=not args.no_progress)
+    result = pleascc.merge(models, data, choices, progress=not args.no_progress)
     if distributed.rank() > 0:  # every rank holds the same merged model; rank 0 writes it
         return 0
     example = model_inputs(read_rows(data.x[: min(len(data.x), 8)]))[0]  # token ids: the padding mask stays out

@@ -28,7 +28,7 @@ from pleascc.passes import budget as budget_pass
 from pleascc.passes import distributed
 from pleascc.passes.batching import batch_count
 from pleascc.passes.emit import layer_inputs
-from pleascc.passes.errors import PleasccError
+from pleascc.passes.errors import PleasccError, model_name
 from pleascc.passes.frontier import Frontier, LayerOutputs, frontier_bytes, level_output_bytes, output_segments
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps, row_blocks
@@ -46,7 +46,7 @@ class LeastSquares:
     """What every least-squares pass of one merge shares: the models' statistics copies, the analysis and merge
     maps, this process's calibration samples, and the time spent per phase (``timings``)."""
 
-    runs: tuple[fx.GraphModule, fx.GraphModule]
+    runs: tuple[fx.GraphModule, ...]
     analysis: Analysis
     maps: MergeMaps
     x: torch.Tensor
@@ -127,11 +127,12 @@ class LeastSquares:
 
 
 def plan_outputs(gm: fx.GraphModule, analysis: Analysis, levels: dict[str, int], samples: int,
-                 positions: int | None, memory: float, work_dir: str | None) -> tuple[list[list[int]], float]:
+                 positions: int | None, memory: float, work_dir: str | None,
+                 models: int = 2) -> tuple[list[list[int]], float]:
     """Before any heavy work, where sequential least squares keeps what it reads: the runs of levels whose
     recorded outputs fit memory and disk together (``output_segments``), and how much of the memory the
     outputs may take (when not all fits, what the frontier's bound leaves; the rest goes to disk)."""
-    level_bytes = level_output_bytes(analysis, levels, samples, positions)
+    level_bytes = level_output_bytes(analysis, levels, samples, positions, models)
     frontier = frontier_bytes(gm, analysis, samples)
     if sum(level_bytes.values()) + frontier <= memory:
         return [list(level_bytes)], memory
@@ -155,24 +156,25 @@ def make_problems(analysis: Analysis, maps: MergeMaps, states, separate_heads: s
     """One fit per block of every layer; a separate head is fitted once per model."""
     problems = []
     for layer in (layer for layer in analysis.layers if layer.refit):
-        for model in (0, 1) if layer.node in separate_heads else (None,):
+        for model in range(len(states)) if layer.node in separate_heads else (None,):
             w0 = warm_start(analysis, maps, layer, states, model)
             target = _own_output(model) if model is not None else functools.partial(_merged_output, maps, layer)
             blocks = row_blocks(maps, layer.out_dim, layer.in_dim, model) if layer.blocked else [Block()]
             for k, block in enumerate(blocks):
-                name = layer.node + ("" if model is None else f"[{'AB'[model]}]")
+                name = layer.node + ("" if model is None else f"[{model_name(model)}]")
                 name += f"#{k}" if len(blocks) > 1 else ""
                 problems.append(Problem(layer, target, name, block_slice(w0, block, maps.size(layer.in_dim)),
                                         model, block))
     return problems
 
 
-def _merged_output(maps: MergeMaps, layer: Layer, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
-    return maps.merge((y_a, y_b), [(layer.out_axis, layer.out_dim)])
+def _merged_output(maps: MergeMaps, layer: Layer, *outputs: torch.Tensor) -> torch.Tensor:
+    return maps.merge(outputs, [(layer.out_axis, layer.out_dim)])
 
 
 def _own_output(model: int):
-    return lambda y_a, y_b: (y_a, y_b)[model]
+    return lambda *outputs: outputs[model]
+
 
 
 def check_samples(analysis: Analysis, separate_heads: set[str], samples: int, positions: int | None) -> list[str]:

@@ -16,6 +16,7 @@ from pleascc.passes.errors import PleasccError
 # method -> (matcher, how layers are refitted: PLeaS least squares, RegMean, or not at all)
 METHODS = {"pleas": ("hungarian", "least-squares"), "permute": ("hungarian", None), "average": ("identity", None),
            "zipit": ("zipit", None), "regmean": ("identity", "regmean"), "prune": ("l1", None)}
+N_WAY_METHODS = ("pleas", "permute", "average")  # those that merge more than two models
 LABELS = ("shared", "separate")
 MATCHINGS = ("activation", "weight")
 WIDTH_SEARCHES = ("greedy", "uniform", "stages")  # see passes.budget.WIDTHS
@@ -36,7 +37,8 @@ class MergeOptions:
     """How ``pleascc.merge`` merges: every choice, checked when made (``PleasccError`` naming the fix)."""
 
     budget: float = _option(1.0, "merged FLOPs ÷ one model's: 1.0 every matched pair merged, 2.0 side by side, "
-                                 "below 1.0 merged pairs merged further (merge and compress)")
+                                 "below 1.0 merged pairs merged further (merge and compress); N models: 1.0 or "
+                                 "N (side by side)")
     labels: str | None = _option(
         None, "one head for both models' classes (`shared`, fit to the mean logits) or one per model (`separate`; "
               "outputs `logits_0`, `logits_1`); default: separate when the heads differ in size", choices=LABELS)
@@ -111,8 +113,8 @@ class MergeOptions:
         if self.zip_until is not None and self.budget != 1.0:
             raise PleasccError("--zip-until sets the widths itself (merged up to that layer, apart after it); "
                                "leave --budget at 1.0")
-        if not 0.0 < self.budget <= 2.0:
-            raise PleasccError(f"budget {self.budget} is outside (0, 2]: it is the merged model's FLOPs ÷ one "
+        if not self.budget > 0.0:
+            raise PleasccError(f"budget {self.budget} is not positive: it is the merged model's FLOPs ÷ one "
                                "model's")
         for name in ("match_samples", "batch_size", "samples"):
             check_positive(name, getattr(self, name))
@@ -121,6 +123,22 @@ class MergeOptions:
         if self.reset_bn and self.refit == "least-squares":
             raise PleasccError("--reset-bn recomputes a baseline's BatchNorm statistics; pleas fits its BatchNorms "
                                "by least squares: drop --reset-bn")
+
+    def check_models(self, models: int) -> None:
+        """The budgets ``models`` models merge at, and what a merge of more than two supports (``align``)."""
+        if models == 2:
+            if self.budget > 2.0:
+                raise PleasccError(f"budget {self.budget:g} is above 2.0: two models side by side are 2.0 (the "
+                                   "budget is the merged model's FLOPs ÷ one model's)")
+            return
+        if self.method not in N_WAY_METHODS:
+            raise PleasccError(f"--method {self.method} merges two models; {models} models merge with "
+                               f"{', '.join(N_WAY_METHODS)}")
+        if self.budget not in (1.0, float(models)):
+            raise PleasccError(f"{models} models merge at budget 1.0 (unit k of every model merged) or {models} "
+                               f"(side by side), not {self.budget:g}")
+        if self.zip_until is not None:
+            raise PleasccError("--zip-until merges two models")
 
     @property
     def refit(self) -> str | None:

@@ -441,19 +441,19 @@ def _make_out_of_place(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def check_same_graph(a: fx.GraphModule, b: fx.GraphModule) -> None:
-    """Both models must trace to the same graph: the passes analyse A's and apply to both."""
+def check_same_graph(a: fx.GraphModule, b: fx.GraphModule, name: str = "B") -> None:
+    """Both models (A and ``name``) must trace to the same graph: the passes analyse A's and apply to both."""
     for na, nb in zip(a.graph.nodes, b.graph.nodes):
         if (na.op, str(na.target)) != (nb.op, str(nb.target)):
-            raise PleasccError(f"models A and B trace to different graphs at node {na.name} "
-                               f"({na.op} {na.target} vs {nb.op} {nb.target}); pleascc merges two models "
+            raise PleasccError(f"models A and {name} trace to different graphs at node {na.name} "
+                               f"({na.op} {na.target} vs {nb.op} {nb.target}); pleascc merges models "
                                "of the same architecture")
     if len(a.graph.nodes) != len(b.graph.nodes):
-        raise PleasccError("models A and B trace to graphs of different length; pleascc merges two models "
+        raise PleasccError(f"models A and {name} trace to graphs of different length; pleascc merges models "
                            "of the same architecture")
     shapes = [_output_structure(gm) for gm in (a, b)]
     if shapes[0] != shapes[1]:
-        raise PleasccError(f"models A and B return differently structured outputs ({shapes[0]} vs {shapes[1]}); "
+        raise PleasccError(f"models A and {name} return differently structured outputs ({shapes[0]} vs {shapes[1]}); "
                            "make both forward methods return the same tensors, tuples and dicts")
 
 

@@ -55,7 +55,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(files, tmp_
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--budget", "5"], ["budget 5.0", "(0, 2]"]),
+    (["--budget", "5"], ["budget 5 is above 2.0", "two models side by side are 2.0"]),
     (["--samples", "0"], ["samples 0", "--samples 1 or more"]),
     (["--image-size", "0"], ["image size 0", "--image-size"]),
     (["--method", "pleas", "--reset-bn"], ["drop --reset-bn"]),

@@ -1,0 +1,95 @@
+"""More than two models: a model with permuted copies merges back to it, N models at budget N are side by side,
+through ONNX Runtime, for a CNN and transformers; and what N-way merging refuses."""
+
+import json
+
+import pytest
+import torch
+from conftest import ARCH, predict_through_onnx, raises, relative_error
+from test_hf import _first, _model
+
+import pleascc
+from pleascc.cli import main
+from pleascc.demo import digits_cnn
+from pleascc.export import onnx_predict
+from pleascc.verify import permuted_copy
+
+pytest.importorskip("transformers")
+
+
+def _digits(seed: int = 0):
+    torch.manual_seed(seed)
+    return digits_cnn(5, width=8).eval(), lambda n: torch.randn(n, 1, 8, 8)
+
+
+def _factory(name: str):
+    return _digits if name == "digits_cnn" else lambda seed=0: _model(name, seed)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "llama-gqa", "vit"])
+def test_a_model_and_permuted_copies_merge_back_to_it(name, tmp_path):
+    """Each copy is aligned to the first (queries of each kv head apart in Llama's grouped-query attention,
+    head dims of each head apart in ViT's), so at 1.0 the merge is the model."""
+    model, inputs = _factory(name)()
+    torch.manual_seed(0)
+    x, x_test = inputs(300 if name == "digits_cnn" else 64), inputs(8)
+    copies = [model, permuted_copy(model, x, seed=3), permuted_copy(model, x, seed=4)]
+    result = pleascc.merge(copies, x, progress=False)
+    assert result.report["models"] == 3 and result.report["relative_flops"] == pytest.approx(1.0)
+    (got,) = predict_through_onnx(result.model, x_test, tmp_path)
+    with torch.no_grad():
+        assert relative_error(got, _first(model(x_test))) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "bert"])
+def test_n_models_at_budget_n_are_side_by_side(name, tmp_path):
+    models = [_factory(name)(seed)[0] for seed in range(3)]
+    inputs = _factory(name)()[1]
+    torch.manual_seed(0)
+    x, x_test = inputs(300 if name == "digits_cnn" else 64), inputs(8)
+    result = pleascc.merge(models, x, budget=3.0, labels="separate", progress=False)
+    assert result.report["relative_flops"] == pytest.approx(3.0)
+    outputs = predict_through_onnx(result.model, x_test, tmp_path)
+    assert len(outputs) == 3
+    with torch.no_grad():
+        for got, model in zip(outputs, models):
+            assert relative_error(got, _first(model(x_test))) < 1e-4
+
+
+def test_grouped_query_heads_pair_their_queries_per_kv_head():
+    """Two models: a copy whose queries are ordered differently in each kv head merges back exactly."""
+    model, inputs = _model("llama-gqa")
+    torch.manual_seed(0)
+    x, x_test = inputs(64), inputs(8)
+    twin = permuted_copy(model, x, seed=3)  # kv head 0's queries in place, kv head 1's swapped
+    result = pleascc.merge(model, twin, x, progress=False)
+    with torch.no_grad():
+        want = _first(model(x_test))
+        assert (result.model(x_test) - want).norm() / want.norm() < 1e-5
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"method": "zipit"}, "--method zipit merges two models; 3 models merge with pleas, permute, average"),
+    ({"budget": 2.0}, "3 models merge at budget 1.0 (unit k of every model merged) or 3 (side by side), not 2"),
+])
+def test_what_n_way_merging_refuses_is_named(options, expected):
+    models = [_digits(seed)[0] for seed in range(3)]
+    raises(expected, pleascc.merge, models, torch.randn(100, 1, 8, 8), progress=False, **options)
+
+
+def test_one_model_or_two_side_by_side_past_two_are_refused():
+    a, b = _digits(0)[0], _digits(1)[0]
+    x = torch.randn(100, 1, 8, 8)
+    raises("merge takes 2 or more models, not 1", pleascc.merge, [a], x)
+    raises("budget 2.5 is above 2.0: two models side by side are 2.0", pleascc.merge, a, b, x, budget=2.5)
+
+
+def test_three_checkpoints_merge_from_the_command_line(files, tmp_path):
+    torch.manual_seed(2)
+    third = tmp_path / "c.pt"
+    torch.save(digits_cnn(num_classes=5, width=8).state_dict(), third)
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    assert main(["merge", files["a"], files["b"], str(third), *ARCH, "--data", files["calib"], "--budget", "3",
+                 "--labels", "separate", "-o", str(out), "--report", str(report), "--no-progress"]) == 0
+    assert json.loads(report.read_text())["onnx"]["outputs"] == ["logits_0", "logits_1", "logits_2"]
+    assert len(onnx_predict(str(out), torch.randn(2, 1, 8, 8))) == 3
