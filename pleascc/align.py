@@ -40,11 +40,18 @@ def aligned_copy(gm: fx.GraphModule, analysis: Analysis, state: dict[str, torch.
     """A copy of a model's graph with its weights permuted by ``perms`` (the same function), and those weights."""
     permuted = permute_state(analysis, state, perms)
     aligned = copy.deepcopy(gm)  # the caller's model shares its tensors with ``gm``: write into a copy only
-    tensors = dict((*aligned.named_parameters(remove_duplicate=False), *aligned.named_buffers(remove_duplicate=False)))
+    tensors = graph_tensors(aligned)
     with torch.no_grad():
         for name, value in permuted.items():
             tensors[name].copy_(value)
-    return aligned, {name: t.detach() for name, t in tensors.items()}
+    return aligned, tensors
+
+
+def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Parameters and every buffer, non-persistent ones too (EVA's zero k-bias is resized like the rest); a tensor
+    several modules hold (tied embeddings) under each name, each merged on its own."""
+    return {name: t.detach() for name, t in (*gm.named_parameters(remove_duplicate=False),
+                                            *gm.named_buffers(remove_duplicate=False))}
 
 
 def _block(n: int, model: int, models: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from pleascc.align import aligned_copy, aligned_maps, alignment
+from pleascc.align import aligned_copy, aligned_maps, alignment, graph_tensors
 from pleascc.allocator import reuse_freed_memory
 from pleascc.channels_last import statistics_copies
 from pleascc.data import TOKEN_DTYPES, CalibrationData, check_data_fits, load_data, token_inputs
@@ -335,7 +335,7 @@ def _trace_all(models: list[nn.Module], x: torch.Tensor):
         check_same_architecture(models[0], model, ("A", model_name(k)), heads=own)
         gms.append(trace(model, f"model {model_name(k)}"))
         check_same_graph(gm_a, gms[-1], model_name(k))
-    states = tuple(_tensors(gm) for gm in gms)
+    states = tuple(graph_tensors(gm) for gm in gms)
     _check_finite_weights(states)
     return tuple(gms), analysis, heads, states
 
@@ -358,13 +358,6 @@ def usable_device(device: str) -> torch.device:
         raise PleasccError(f"device {device!r} is not usable here ({str(exc).splitlines()[0]}): "
                            "pass --device cpu, or cuda on a machine with a GPU") from exc
     return target
-
-
-def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Parameters and every buffer, non-persistent ones too (EVA's zero k-bias is resized like the rest); a tensor
-    several modules hold (tied embeddings) under each name, each merged on its own."""
-    return {name: t.detach() for name, t in (*gm.named_parameters(remove_duplicate=False),
-                                            *gm.named_buffers(remove_duplicate=False))}
 
 
 def _calibration_tensor(data, samples: int | None, model: nn.Module, seed: int
