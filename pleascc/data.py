@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pleascc.load import check_checksums, check_layouts
 from pleascc.passes.errors import PleasccError, first_line
 from pleascc.passes.rows import NpyRows, PaddedTokens, read_rows
 
@@ -136,18 +137,22 @@ def _read_arrays(path: Path) -> dict:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 return {k: torch.from_numpy(npz[k]) for k in npz.files}
+        check_checksums(str(path))
         obj = torch.load(path, weights_only=True, map_location="cpu")
+    except PleasccError:
+        raise
     except Exception as exc:
         raise PleasccError(
             f"cannot read {path} ({first_line(exc)}): save plain arrays with "
             f"numpy.savez(path, x=..., y=...) or torch.save({{'x': x, 'y': y}}, path)"
         ) from exc
     if isinstance(obj, torch.Tensor):
-        return {"x": obj}
+        obj = {"x": obj}
     if not isinstance(obj, dict):
         raise PleasccError(
             f"{path} holds a {type(obj).__name__}: save a dict with torch.save({{'x': x, 'y': y}}, path)"
         )
+    check_layouts(str(path), obj)
     return obj
 
 

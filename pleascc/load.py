@@ -239,9 +239,47 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise _not_a_checkpoint(path, f"unreadable .safetensors: {_first_line(exc)}") from exc
 
 
+def check_checksums(path: str) -> None:
+    """Refuse a torch.save archive whose bytes no longer match their CRC-32s.
+
+    ``torch.load`` does not check them, so one damaged byte in a tensor's shape or strides would otherwise load
+    a tensor that silently reads the wrong elements.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        damaged = f"its archive ({_first_line(exc)})"
+    if damaged is not None:
+        raise PleasccError(f"{path} is corrupted: {damaged} does not match its checksum; save or copy it again")
+
+
+def _overlapping(tensor: torch.Tensor) -> bool:
+    """Whether two indices of ``tensor`` address one element (a stride too small for the axes inside it)."""
+    span = 0
+    axes = sorted((t, s) for s, t in zip(tensor.shape, tensor.stride()) if s > 1)
+    for stride, size in axes:
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def check_layouts(path: str, tensors: Mapping[str, object]) -> None:
+    """Refuse tensors whose strides overlap: a checkpoint of the legacy format (no checksums) can be damaged
+    into one, and the model would load repeated elements."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and _overlapping(value):
+            raise PleasccError(f"{path} is corrupted: {name}'s strides {tuple(value.stride())} repeat elements "
+                               f"of its shape {_fmt_shape(value.shape)}; save it again")
+
+
 def _torch_load(path: str, trusted: bool) -> object:
     """``torch.load``, unpickling code only when ``trusted``; a pickled object it refuses, or whose class cannot
     be imported, gets a line of its own, anything else is not a checkpoint."""
+    check_checksums(path)
     try:
         return torch.load(path, weights_only=not trusted, map_location="cpu")
     except pickle.UnpicklingError as exc:
@@ -273,7 +311,9 @@ def load_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, torch.Te
                            "inside it, or a Hugging Face model directory")
     if path.endswith(".safetensors"):
         return _unwrap(path, _load_safetensors(path))
-    return _unwrap(path, _torch_load(path, trusted=trust_pickle))
+    ckpt = _unwrap(path, _torch_load(path, trusted=trust_pickle))
+    check_layouts(path, ckpt.state_dict() if isinstance(ckpt, nn.Module) else ckpt)
+    return ckpt
 
 
 # ---------------------------------------------------------------------------- models

@@ -101,3 +101,34 @@ def test_the_uncorrupted_files_load(tmp_path, suffix):
     path = tmp_path / ("f" + (".pt" if suffix == ".data.pt" else suffix))
     path.write_bytes(VALID[suffix])
     assert _changed_elements(_loaded_tensors(_load(str(path), suffix), suffix), ORIGINALS[suffix]) == 0
+
+
+def test_a_damaged_stride_is_refused_by_its_checksum(tmp_path):
+    """One byte turns 0.weight's strides (9, 9, 3, 1) into (9, 9, 0, 1) (or x's (64, 64, 8, 1) into (64, 64, 0, 1)):
+    torch.load takes it and repeats rows; the archive's CRC-32 does not match, so the loader refuses the file."""
+    stride = b"K\tK\tK\x03K\x01t"
+    assert VALID[".pt"].count(stride) == 1
+    path = tmp_path / "f.pt"
+    path.write_bytes(VALID[".pt"].replace(stride, stride.replace(b"\x03", b"\x00")))
+    with pytest.raises(PleasccError, match=r"f\.pt is corrupted: .*data\.pkl does not match its checksum"):
+        load_model(str(path), *ARCH)
+    data, stride = tmp_path / "x.pt", b"K@K@K\x08K\x01t"
+    assert VALID[".data.pt"].count(stride) == 1
+    data.write_bytes(VALID[".data.pt"].replace(stride, stride.replace(b"\x08", b"\x00")))
+    with pytest.raises(PleasccError, match=r"x\.pt is corrupted"):
+        load_data(str(data))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".data.pt"])
+def test_overlapping_strides_are_refused_without_a_checksum(tmp_path, suffix):
+    """The legacy format has no checksums: a tensor whose strides repeat elements is named instead."""
+    path = tmp_path / "f.pt"
+    repeated = torch.zeros(8, 1, 3, 1).expand(8, 1, 3, 3)
+    if suffix == ".pt":
+        torch.save({**ORIGINALS[".pt"], "0.weight": repeated}, path, _use_new_zipfile_serialization=False)
+        load = lambda: load_model(str(path), *ARCH)  # noqa: E731
+    else:
+        torch.save({"x": repeated}, path, _use_new_zipfile_serialization=False)
+        load = lambda: load_data(str(path))  # noqa: E731
+    with pytest.raises(PleasccError, match=r"is corrupted: (0\.weight|x)'s strides \(3, 3, 1, 0\) repeat elements"):
+        load()
