@@ -7,8 +7,8 @@ heads, calibrated on 2048 unlabeled CIFAR-10 training images of all classes,
 and scored through ONNX Runtime on the test images of their 2N classes: the mean
 of the tasks' accuracies (each head on its two classes) and the joint accuracy
 (the argmax over all heads), against the N models side by side (the ensemble).
-More than two models merge at budget 1.0 (``pleascc/align.py``); two also at
-0.5, and with ZipIt!.  Needs ../shared/data.  Writes
+Budgets 0.5, 1.0, 2.0 and N (``pleascc/align.py`` for N > 2); ZipIt! merges
+two.  Needs ../shared/data.  Writes
 examples/results/more_models.{json,md,png}.
 
     python examples/bench_more_models.py
@@ -65,10 +65,10 @@ def test_split(count: int) -> tuple[torch.Tensor, np.ndarray, list[range]]:
     return to_tensor(x_test[keep]), y_test[keep], [range(2 * k, 2 * k + 2) for k in range(count)]
 
 
-def budgets(count: int) -> list[float]:
-    """Merged into one model's size (two also into half of it); N side by side is the ensemble (tests check the
-    merge at budget N equals it exactly)."""
-    return [0.5, 1.0] if count == 2 else [1.0]
+def budgets(count: int, variant: str) -> list[float]:
+    """Half a model, one, two, and N side by side (which equals the ensemble: ``tests/test_more_models.py``); the
+    choice of reference at 1.0 only."""
+    return [1.0] if variant in MORE_ONLY else sorted({0.5, 1.0, 2.0, float(count)})
 
 
 def run(counts: list[int], samples: int) -> list[dict]:
@@ -83,7 +83,7 @@ def run(counts: list[int], samples: int) -> list[dict]:
                      **accuracies(logits, y, classes)})
         print(_line(rows[-1]), flush=True)
         for variant, options in VARIANTS.items():
-            for budget in budgets(count):
+            for budget in budgets(count, variant):
                 if (variant in TWO_ONLY and count > 2) or (variant in MORE_ONLY and count == 2):
                     continue
                 order = models[::-1] if variant in MORE_ONLY else models

@@ -1,12 +1,13 @@
-"""Train models on disjoint parts of CIFAR-10 from different seeds: a pair, or five.
+"""Train models on disjoint parts of CIFAR-10 from different seeds: a pair, three, or five.
 
 Two settings (the PLeaS paper's): ``labels`` (default) gives A classes 0-4 and B
 classes 5-9, each with a 5-way head; ``images`` gives each model half of the
 training images, all 10 classes, one shared label space.  ``tasks5`` trains
-five models, model k on classes 2k and 2k + 1 with a 2-way head (merges of
-more than two models).
+five models, model k on classes 2k and 2k + 1 with a 2-way head, and
+``labels3`` three, on classes 0-2, 3-5 and 6-9 (merges of more than two
+models).
 Usage: python examples/train_cifar_pair.py --out runs/cifar_resnet20 [--arch resnet20|vit] [--width 1]
-       [--setting labels|images|tasks5] [--epochs E] [--seeds 0 1 ...] [--bf16]
+       [--setting labels|images|labels3|tasks5] [--epochs E] [--seeds 0 1 ...] [--bf16]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from provenance import cpu_name  # noqa: E402
 
 TASKS = {"labels": {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]},  # setting -> model's name -> its classes
          "images": {"a": list(range(10)), "b": list(range(10))},
+         "labels3": {"0": [0, 1, 2], "1": [3, 4, 5], "2": [6, 7, 8, 9]},
          "tasks5": {str(k): [2 * k, 2 * k + 1] for k in range(5)}}
 BATCH = 128
 EPOCHS = {"resnet20": 8, "vit": 15}  # ~80 s (ResNet-20) / ~100 s (ViT) per epoch per model on 2 CPU cores
@@ -89,7 +91,8 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.o
 
 
 def task_data(name: str, setting: str, data: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    """Model ``name``'s training and test split: its classes (``labels``, ``tasks5``) or its half of the images."""
+    """Model ``name``'s training and test split: its classes (``labels``, ``labels3``, ``tasks5``) or its half of
+    the images."""
     x_tr, y_tr, x_te, y_te = data
     if setting != "images":
         classes = TASKS[setting][name]
@@ -125,7 +128,8 @@ def train_one(name: str, seed: int, arch: str, width: int, epochs: int, setting:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True,
-                   help="output directory for model_a.pt, model_b.pt (tasks5: model_0.pt … model_4.pt), train.json")
+                   help="output directory for model_a.pt, model_b.pt (labels3, tasks5: model_0.pt, model_1.pt, …), "
+                   "train.json")
     p.add_argument("--arch", choices=sorted(EPOCHS), default="resnet20")
     p.add_argument("--width", type=int, default=1, help="channel multiplier (ResNet-20: of 16/32/64; ViT: of 128)")
     p.add_argument("--setting", choices=tuple(TASKS), default="labels",

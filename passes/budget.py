@@ -2,7 +2,8 @@
 
 A merged space of n units at width w ≥ n has k = 2n − w merged units,
 n − k A-only and n − k B-only; below n (a budget under 1.0) all w are
-merged, each a cluster of pairs.  Each model's computation covers
+merged, each a cluster of pairs.  N aligned models (``aligned_matching``)
+un-merge whole tuples, N − 1 units wider each.  Each model's computation covers
 a = min(w, n) of them.  The emitter never computes the cross blocks (A-only
 outputs from B-only inputs and back), so a dense layer costs
 
@@ -113,23 +114,23 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
         return _narrow(analysis, matchings, costs, touching, widths, budget)
     steps = {root: max(1, m.n // 32) for root, m in matchings.items()}
     while True:
-        best, best_score, best_delta = None, -1.0, 0
+        best, best_score, best_delta, best_step = None, -1.0, 0, 0
         for root, m in matchings.items():
-            unmerged = widths[root] - m.n  # pairs already un-merged, worst first
+            unmerged = (widths[root] - m.n) // (m.models - 1)  # pairs (tuples) already un-merged, worst first
             step = 0 if root in table.keep_width else min(steps[root], m.n - unmerged)
             if step <= 0:
                 continue
-            trial = {**widths, root: widths[root] + step}
+            trial = {**widths, root: widths[root] + step * (m.models - 1)}
             delta = sum(cost_of(analysis, c, trial) - cost_of(analysis, c, widths) for c in touching[root])
             if current + delta > limit * (1 + 1e-12):
                 continue
             gain = float((1 - m.corr[m.n - unmerged - step:m.n - unmerged]).sum())
             score = gain / max(delta, 1)
             if score > best_score:
-                best, best_score, best_delta = root, score, delta
+                best, best_score, best_delta, best_step = root, score, delta, step
         if best is None:
             return widths
-        widths[best] += min(steps[best], 2 * matchings[best].n - widths[best])
+        widths[best] += best_step * (matchings[best].models - 1)
         current += best_delta
 
 
@@ -190,10 +191,10 @@ def relative_flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int]
 
 def uniform_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
                    budget: float) -> dict[int, int]:
-    """The largest share r of every space's units kept apart (width n + ⌊r·n⌋) within budget; below one
-    model's FLOPs, the least share of every space's pairs merged into clusters (``_narrow_uniformly``)."""
+    """The largest share r of every space's pairs kept apart (width n + ⌊r·n⌋·(models − 1)) within budget;
+    below one model's FLOPs, the least share of every space's pairs merged into clusters (``_narrow_uniformly``)."""
     def at(share: float) -> dict[int, int]:
-        return {root: m.n + (0 if root in analysis.table.keep_width else int(share * m.n))
+        return {root: m.n + (0 if root in analysis.table.keep_width else int(share * m.n) * (m.models - 1))
                 for root, m in matchings.items()}
 
     limit, low, high = budget * base_flops(analysis, costs), 0.0, 1.0
@@ -236,8 +237,9 @@ def stage_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list
     for root in sorted(widths, key=_depths(analysis).get, reverse=True):
         if root in analysis.table.keep_width:
             continue
-        full = 2 * matchings[root].n
-        widths[root] = next((w for w in range(full, widths[root], -1)  # the widest that fits
+        m = matchings[root]
+        full = m.models * m.n
+        widths[root] = next((w for w in range(full, widths[root], 1 - m.models)  # the widest that fits
                              if flops(analysis, costs, {**widths, root: w}) <= limit), widths[root])
         if widths[root] < full:
             return widths

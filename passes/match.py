@@ -22,6 +22,7 @@ class Matching:
     corr: torch.Tensor
     within: torch.Tensor | None = None  # per-head spaces: row i = B's unit for each of A's, inside A's head i's pair
     cross: torch.Tensor | None = None  # A×B similarity of the units (n×n): what merges pairs below width n
+    models: int = 2  # models whose units it pairs: keeping one pair apart widens its space by models − 1
     _clustering: tuple | None = field(default=None, repr=False)
 
     @property

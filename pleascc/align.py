@@ -1,24 +1,27 @@
 """More than two models: each one past the first permuted into the first's layout, then unit k of every model
-merged (budget 1.0) or all kept side by side (budget N).
+merged, kept apart, or merged with other units, as the budget says.
 
 Model A is the reference: every other model is matched to it as a pair is
 (the matching pass on the two, Hungarian per space, heads with their dims),
 and its weights are permuted by that matching (``alignment``), which leaves
-its function unchanged.  Once aligned, the N models share one layout, and the
-merge maps every model's unit k to merged unit k (``aligned_maps``); least
-squares then fits each layer to the mean of the N models' outputs.
+its function unchanged.  Once aligned, the N models share one layout: unit k
+of every model is a tuple (``aligned_matchings``), merged whole at budget
+1.0, kept apart whole where the budget allows more (the least coherent
+first), and merged with other tuples below 1.0; least squares then fits
+each layer to the mean of the N models' outputs.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
 
+from pleascc.passes.aligned_matching import Tuples, tuples
 from pleascc.passes.groups import Analysis, permute_state
-from pleascc.passes.match import Matching, identity
-from pleascc.passes.merge_maps import MergeMaps
+from pleascc.passes.match import Matching
 
 
 def alignment(matchings: dict[int, Matching]) -> dict[int, torch.Tensor]:
@@ -54,24 +57,26 @@ def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
                                             *gm.named_buffers(remove_duplicate=False))}
 
 
-def _block(n: int, model: int, models: int) -> torch.Tensor:
-    """The selection of ``model``'s n units into the model'th block of a width of ``models`` blocks."""
-    selection = torch.zeros(models * n, n, dtype=torch.float64)
-    selection[model * n:(model + 1) * n] = torch.eye(n, dtype=torch.float64)
-    return selection
-
-
-def aligned_maps(analysis: Analysis, models: int, budget: float) -> tuple[dict[int, Matching], dict[int, int],
-                                                                          MergeMaps]:
-    """Identity matchings of aligned models, their widths and maps: every model's unit k in merged unit k at
-    budget 1.0; at budget ``models``, each model's units in a block of their own (heads kept whole, their dims
-    and per-group axes at their width, as a pair's side-by-side merge keeps them)."""
-    matchings, widths, selections = {}, {}, {}
+def aligned_matchings(analysis: Analysis, pairs: list[dict[int, Matching]], models: int) -> dict[int, Tuples]:
+    """Every free space's tuples of aligned units (``aligned_matching.tuples``) from each other model's matching to
+    A.  Head dims matched inside each pair of heads (``Matching.within``), and every space where the models
+    were not matched (``average``), keep A's order: identity tuples; the former are never widened
+    (``aligned_widths``)."""
+    out = {}
     for root in analysis.free_roots():
-        n = analysis.root_size(root)
-        matchings[root] = identity(torch.zeros(n, n))
-        apart = budget > 1.0 and root not in analysis.per_head and root not in analysis.table.keep_width
-        widths[root] = n * (models if apart else 1)
-        selections[root] = tuple(_block(n, m, models) if apart else torch.eye(n, dtype=torch.float64)
-                                 for m in range(models))
-    return matchings, widths, MergeMaps(analysis.table, selections, models)
+        found = [pair[root] for pair in pairs]
+        if found and all(m.within is None for m in found):
+            out[root] = tuples(found, [alignment({root: m})[root] for m in found])
+        else:
+            n = analysis.root_size(root)
+            out[root] = Tuples(torch.arange(n), torch.arange(n), torch.zeros(n, dtype=torch.float64), models=models)
+    return out
+
+
+def aligned_widths(analysis: Analysis, matchings: dict[int, Tuples], costs: list, budget: float,
+                   search: Callable) -> dict[int, int]:
+    """The width ``search`` (``budget.WIDTHS``) gives each space; a head dim stays at its width whether its head
+    is merged or kept apart, as a pair's per-head dims do."""
+    held = {root for root in matchings if root in analysis.per_head}
+    widths = search(analysis, {root: m for root, m in matchings.items() if root not in held}, costs, budget)
+    return {**widths, **{root: matchings[root].n for root in held}}

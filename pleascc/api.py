@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from pleascc.align import aligned_copy, aligned_maps, alignment, graph_tensors
+from pleascc.align import aligned_copy, aligned_matchings, aligned_widths, alignment, graph_tensors
 from pleascc.allocator import reuse_freed_memory
 from pleascc.channels_last import statistics_copies
 from pleascc.data import TOKEN_DTYPES, CalibrationData, check_data_fits, load_data, token_inputs
@@ -147,13 +147,11 @@ def merge(models: nn.Module | Sequence[nn.Module], *args, **choices) -> MergeRes
             correlations = _matching_statistics(plan, outputs, timings)
             clock = time.perf_counter()
             matchings = _match(plan, correlations)
-            costs, widths = _widths(plan, matchings)
-            maps = MergeMaps(plan.analysis.table, selections(plan.analysis, matchings, widths))
         else:
-            plan = _aligned(plan, timings)
+            plan, matchings = _aligned(plan, timings)
             clock = time.perf_counter()
-            costs = budget_pass.layer_costs(plan.analysis, plan.separate_heads, plan.models)
-            matchings, widths, maps = aligned_maps(plan.analysis, plan.models, opts.budget)
+        costs, widths = _widths(plan, matchings)
+        maps = MergeMaps(plan.analysis.table, selections(plan.analysis, matchings, widths), plan.models)
         clock = add_time(timings, "match_and_budget", clock)
         fits, emit_with = _warm_start(plan, maps)
         residuals, passes, underdetermined = _refit(plan, maps, fits, emit_with, store, outputs, timings)
@@ -232,19 +230,20 @@ def _matching_statistics(plan: _Plan, outputs: LayerOutputs | None, timings: dic
     return correlations
 
 
-def _aligned(plan: _Plan, timings: dict[str, float]) -> _Plan:
+def _aligned(plan: _Plan, timings: dict[str, float]) -> tuple[_Plan, dict]:
     """More than two models: each past the first permuted into A's layout (``align``), matched to A as a pair
-    is (``average`` merges them as they are)."""
+    is (``average`` merges them as they are), and the tuples of aligned units that the budget merges."""
     if plan.matcher == "identity":
-        return plan
-    gms, states = list(plan.gms), list(plan.states)
+        return plan, aligned_matchings(plan.analysis, [], plan.models)
+    gms, states, pairs = list(plan.gms), list(plan.states), []
     for k in range(1, plan.models):
         pair = dataclasses.replace(plan, gms=(gms[0], gms[k]), runs=(plan.runs[0], plan.runs[k]),
                                    states=(states[0], states[k]))
-        matchings = _match(pair, _matching_statistics(pair, None, timings))
-        gms[k], states[k] = aligned_copy(gms[k], plan.analysis, states[k], alignment(matchings))
+        pairs.append(_match(pair, _matching_statistics(pair, None, timings)))
+        gms[k], states[k] = aligned_copy(gms[k], plan.analysis, states[k], alignment(pairs[-1]))
     runs = statistics_copies(tuple(gms), usable_device(plan.options.device), read_rows(plan.x[:2]))
-    return dataclasses.replace(plan, gms=tuple(gms), runs=runs, states=tuple(states))
+    plan = dataclasses.replace(plan, gms=tuple(gms), runs=runs, states=tuple(states))
+    return plan, aligned_matchings(plan.analysis, pairs, plan.models)
 
 
 def _match(plan: _Plan, correlations: dict | None) -> dict:
@@ -261,10 +260,13 @@ def _match(plan: _Plan, correlations: dict | None) -> dict:
 def _widths(plan: _Plan, matchings: dict) -> tuple[list, dict]:
     """Each layer's cost, and each free space's merged width under the budget (or ZipIt!'s stopping rule)."""
     opts = plan.options
-    costs = budget_pass.layer_costs(plan.analysis, plan.separate_heads)
+    costs = budget_pass.layer_costs(plan.analysis, plan.separate_heads, plan.models)
     if opts.zip_until is not None:
         return costs, budget_pass.zip_until_widths(plan.analysis, matchings, opts.zip_until)
-    return costs, budget_pass.WIDTHS[opts.width_search](plan.analysis, matchings, costs, opts.budget)
+    search = budget_pass.WIDTHS[opts.width_search]
+    if plan.models > 2:
+        return costs, aligned_widths(plan.analysis, matchings, costs, opts.budget, search)
+    return costs, search(plan.analysis, matchings, costs, opts.budget)
 
 
 def _warm_start(plan: _Plan, maps: MergeMaps):

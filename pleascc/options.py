@@ -37,8 +37,8 @@ class MergeOptions:
     """How ``pleascc.merge`` merges: every choice, checked when made (``PleasccError`` naming the fix)."""
 
     budget: float = _option(1.0, "merged FLOPs ÷ one model's: 1.0 every matched pair merged, 2.0 side by side, "
-                                 "below 1.0 merged pairs merged further (merge and compress); N models: 1.0 or "
-                                 "N (side by side)")
+                                 "below 1.0 merged pairs merged further (merge and compress); N models: up to N "
+                                 "(side by side; average: 1.0 or N)")
     labels: str | None = _option(
         None, "one head for both models' classes (`shared`, fit to the mean logits) or one per model (`separate`; "
               "outputs `logits_0`, `logits_1`); default: separate when the heads differ in size", choices=LABELS)
@@ -126,17 +126,19 @@ class MergeOptions:
 
     def check_models(self, models: int) -> None:
         """The budgets ``models`` models merge at, and what a merge of more than two supports (``align``)."""
+        if self.budget > models:
+            count = "two" if models == 2 else str(models)
+            raise PleasccError(f"budget {self.budget:g} is above {models:.1f}: {count} models side by side are "
+                               f"{models:.1f} (the budget is the merged model's FLOPs ÷ one model's)")
         if models == 2:
-            if self.budget > 2.0:
-                raise PleasccError(f"budget {self.budget:g} is above 2.0: two models side by side are 2.0 (the "
-                                   "budget is the merged model's FLOPs ÷ one model's)")
             return
         if self.method not in N_WAY_METHODS:
             raise PleasccError(f"--method {self.method} merges two models; {models} models merge with "
                                f"{', '.join(N_WAY_METHODS)}")
-        if self.budget not in (1.0, float(models)):
-            raise PleasccError(f"{models} models merge at budget 1.0 (unit k of every model merged) or {models} "
-                               f"(side by side), not {self.budget:g}")
+        if self.method == "average" and self.budget not in (1.0, float(models)):
+            raise PleasccError(f"average merges {models} models at budget 1.0 or {models} (side by side), not "
+                               f"{self.budget:g}: other budgets choose which units to merge by matching; use "
+                               "--method pleas or permute")
         if self.zip_until is not None:
             raise PleasccError("--zip-until merges two models")
 

@@ -26,16 +26,19 @@ def _factory(name: str):
     return _digits if name == "digits_cnn" else lambda seed=0: _model(name, seed)
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "llama-gqa", "vit"])
-def test_a_model_and_permuted_copies_merge_back_to_it(name, tmp_path):
+@pytest.mark.parametrize("name, budget", [("digits_cnn", 1.0), ("llama-gqa", 1.0), ("vit", 1.0),
+                                          ("digits_cnn", 2.0), ("vit", 1.6)])
+def test_a_model_and_permuted_copies_merge_back_to_it(name, budget, tmp_path):
     """Each copy is aligned to the first (queries of each kv head apart in Llama's grouped-query attention,
-    head dims of each head apart in ViT's), so at 1.0 the merge is the model."""
+    head dims of each head apart in ViT's), so at 1.0 the merge is the model; above 1.0, some of the copies'
+    units are kept apart, each computing what A's does."""
     model, inputs = _factory(name)()
     torch.manual_seed(0)
     x, x_test = inputs(300 if name == "digits_cnn" else 64), inputs(8)
     copies = [model, permuted_copy(model, x, seed=3), permuted_copy(model, x, seed=4)]
-    result = pleascc.merge(copies, x, progress=False)
-    assert result.report["models"] == 3 and result.report["relative_flops"] == pytest.approx(1.0)
+    result = pleascc.merge(copies, x, budget=budget, progress=False)
+    assert result.report["models"] == 3 and budget - 0.1 < result.report["relative_flops"] <= budget + 1e-9
+    assert (budget > 1.0) == any(g["width"] > g["size"] for g in result.report["groups"])
     (got,) = predict_through_onnx(result.model, x_test, tmp_path)
     with torch.no_grad():
         assert relative_error(got, _first(model(x_test))) < 1e-4
@@ -68,9 +71,26 @@ def test_grouped_query_heads_pair_their_queries_per_kv_head():
         assert (result.model(x_test) - want).norm() / want.norm() < 1e-5
 
 
+@pytest.mark.parametrize("budget", [0.5, 2.0])
+def test_three_models_merge_into_any_budget(budget, tmp_path):
+    """Below 1.0 the tuples of aligned units merge into clusters, above it the least coherent are kept apart:
+    the merged model costs the budget (within a step of the width search) and runs through ONNX Runtime."""
+    models = [_digits(seed)[0] for seed in range(3)]
+    torch.manual_seed(0)
+    x, x_test = torch.randn(300, 1, 8, 8), torch.randn(8, 1, 8, 8)
+    result = pleascc.merge(models, x, budget=budget, progress=False)
+    assert budget - 0.1 < result.report["relative_flops"] <= budget + 1e-9
+    widths = [(g["width"], g["size"]) for g in result.report["groups"]]
+    assert all(w <= n if budget < 1 else (w - n) % 2 == 0 for w, n in widths)  # tuples of 3: 2 units each apart
+    (got,) = predict_through_onnx(result.model, x_test, tmp_path)
+    assert relative_error(got, result.model(x_test).detach()) < 1e-4
+
+
 @pytest.mark.parametrize("options, expected", [
     ({"method": "zipit"}, "--method zipit merges two models; 3 models merge with pleas, permute, average"),
-    ({"budget": 2.0}, "3 models merge at budget 1.0 (unit k of every model merged) or 3 (side by side), not 2"),
+    ({"budget": 3.5}, "budget 3.5 is above 3.0: 3 models side by side are 3.0"),
+    ({"method": "average", "budget": 2.0}, "average merges 3 models at budget 1.0 or 3 (side by side), not 2: "
+                                           "other budgets choose which units to merge by matching"),
 ])
 def test_what_n_way_merging_refuses_is_named(options, expected):
     models = [_digits(seed)[0] for seed in range(3)]
