@@ -7,8 +7,8 @@ heads, calibrated on 2048 unlabeled CIFAR-10 training images of all classes,
 and scored through ONNX Runtime on the test images of their 2N classes: the mean
 of the tasks' accuracies (each head on its two classes) and the joint accuracy
 (the argmax over all heads), against the N models side by side (the ensemble).
-Budgets 0.5, 1.0, 2.0 and N (``pleascc/align.py`` for N > 2); ZipIt! merges
-two.  Needs ../shared/data.  Writes
+Budgets 0.5, 1.0, 2.0 and N (``pleascc/align.py`` for N > 2).  Needs
+../shared/data.  Writes
 examples/results/more_models.{json,md,png}.
 
     python examples/bench_more_models.py
@@ -45,7 +45,6 @@ VARIANTS = {"pleas": {"method": "pleas"},  # the baselines as Git Re-Basin and Z
             "pleas, last model as reference": {"method": "pleas"},  # the models in reverse order: A is the last
             "permute (reset BN)": {"method": "permute", "reset_bn": True},
             "zipit (reset BN)": {"method": "zipit", "reset_bn": True}}
-TWO_ONLY = {"zipit (reset BN)"}
 MORE_ONLY = {"pleas, last model as reference"}  # how much the choice of reference moves an N-way merge
 
 
@@ -84,7 +83,7 @@ def run(counts: list[int], samples: int) -> list[dict]:
         print(_line(rows[-1]), flush=True)
         for variant, options in VARIANTS.items():
             for budget in budgets(count, variant):
-                if (variant in TWO_ONLY and count > 2) or (variant in MORE_ONLY and count == 2):
+                if variant in MORE_ONLY and count == 2:
                     continue
                 order = models[::-1] if variant in MORE_ONLY else models
                 start = time.perf_counter()

@@ -5,7 +5,7 @@ driver's ``align``), unit k of each is A's unit k's partner.  A tuple is as
 coherent as its members agree with A's unit (the mean of the pairs'
 correlations), which is all the pairwise matching passes measured.  Above
 budget 1.0 the least coherent tuples are kept apart, one unit per model
-(each adds N − 1 units: ``Matching.models``); below it the tuples merge into
+(each adds N − 1 units: ``Matching.split_width``); below it the tuples merge into
 clusters, the most similar first, every model feeding every merged unit.
 For two models this is a pair's matching, with A's unit order kept.
 """

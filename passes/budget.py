@@ -3,7 +3,7 @@
 A merged space of n units at width w ≥ n has k = 2n − w merged units,
 n − k A-only and n − k B-only; below n (a budget under 1.0) all w are
 merged, each a cluster of pairs.  N aligned models (``aligned_matching``)
-un-merge whole tuples, N − 1 units wider each.  Each model's computation covers
+un-merge whole tuples, N − 1 units wider each (``Matching.split_width``).  Each model's computation covers
 a = min(w, n) of them.  The emitter never computes the cross blocks (A-only
 outputs from B-only inputs and back), so a dense layer costs
 
@@ -116,21 +116,22 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
     while True:
         best, best_score, best_delta, best_step = None, -1.0, 0, 0
         for root, m in matchings.items():
-            unmerged = (widths[root] - m.n) // (m.models - 1)  # pairs (tuples) already un-merged, worst first
-            step = 0 if root in table.keep_width else min(steps[root], m.n - unmerged)
+            unmerged = (widths[root] - m.n) // m.split_width  # pairs (or merges) already undone, worst first
+            left = len(m.corr) - unmerged
+            step = 0 if root in table.keep_width else min(steps[root], left)
             if step <= 0:
                 continue
-            trial = {**widths, root: widths[root] + step * (m.models - 1)}
+            trial = {**widths, root: widths[root] + step * m.split_width}
             delta = sum(cost_of(analysis, c, trial) - cost_of(analysis, c, widths) for c in touching[root])
             if current + delta > limit * (1 + 1e-12):
                 continue
-            gain = float((1 - m.corr[m.n - unmerged - step:m.n - unmerged]).sum())
+            gain = float((1 - m.corr[left - step:left]).sum())
             score = gain / max(delta, 1)
             if score > best_score:
                 best, best_score, best_delta, best_step = root, score, delta, step
         if best is None:
             return widths
-        widths[best] += best_step * (matchings[best].models - 1)
+        widths[best] += best_step * matchings[best].split_width
         current += best_delta
 
 
@@ -191,10 +192,10 @@ def relative_flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int]
 
 def uniform_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
                    budget: float) -> dict[int, int]:
-    """The largest share r of every space's pairs kept apart (width n + ⌊r·n⌋·(models − 1)) within budget;
+    """The largest share r of every space's pairs kept apart (width n + ⌊r·n⌋ · ``split_width``) within budget;
     below one model's FLOPs, the least share of every space's pairs merged into clusters (``_narrow_uniformly``)."""
     def at(share: float) -> dict[int, int]:
-        return {root: m.n + (0 if root in analysis.table.keep_width else int(share * m.n) * (m.models - 1))
+        return {root: m.n + (0 if root in analysis.table.keep_width else int(share * len(m.corr)) * m.split_width)
                 for root, m in matchings.items()}
 
     limit, low, high = budget * base_flops(analysis, costs), 0.0, 1.0
@@ -238,8 +239,8 @@ def stage_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list
         if root in analysis.table.keep_width:
             continue
         m = matchings[root]
-        full = m.models * m.n
-        widths[root] = next((w for w in range(full, widths[root], 1 - m.models)  # the widest that fits
+        full = m.n + len(m.corr) * m.split_width
+        widths[root] = next((w for w in range(full, widths[root], -m.split_width)  # the widest that fits
                              if flops(analysis, costs, {**widths, root: w}) <= limit), widths[root])
         if widths[root] < full:
             return widths

@@ -36,9 +36,24 @@ def match_features(analysis: Analysis, correlations: dict, states, matcher: str,
         return matchings
     done = _match_products(analysis, correlations, sizes, matchings)
     if matcher == "zipit":
-        matchings.update({root: zipit(joint, **zip_options) for root, joint in joints.items()
-                          if root not in done and root not in analysis.table.keep_width})
+        matchings.update(zip_spaces(analysis, joints, done, zip_options))
     return matchings
+
+
+def zip_spaces(analysis: Analysis, correlations: dict, held: set[int], zip_options: dict, models: int = 2) -> dict:
+    """ZipIt! of every space whose correlation is joint (of all ``models`` models' units:
+    ``feature_moments(within=True)``), but those ``held`` (matched jointly, as heads and product factors are)
+    and per-group axes."""
+    sizes = {root: analysis.root_size(root) for root in analysis.free_roots()}
+    return {root: zipit(joint, models=models, **zip_options) for root, joint in correlations.items()
+            if root in sizes and joint.shape[0] == models * sizes[root] and root not in held
+            and root not in analysis.table.keep_width}
+
+
+def jointly_matched(analysis: Analysis, correlations: dict) -> set[int]:
+    """The spaces matched jointly with others: factors of product axes, heads and the dims inside them."""
+    return ({root for key in correlations if isinstance(key, tuple) for root in key}
+            | set(analysis.per_head) | set(analysis.per_head.values()))
 
 
 def _match_products(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> set[int]:

@@ -22,12 +22,18 @@ class Matching:
     corr: torch.Tensor
     within: torch.Tensor | None = None  # per-head spaces: row i = B's unit for each of A's, inside A's head i's pair
     cross: torch.Tensor | None = None  # A×B similarity of the units (n×n): what merges pairs below width n
-    models: int = 2  # models whose units it pairs: keeping one pair apart widens its space by models − 1
+    models: int = 2  # models whose units it pairs
     _clustering: tuple | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
         return len(self.pairs_a)
+
+    @property
+    def split_width(self) -> int:
+        """Units one un-merge adds (the width search's step, one per ``corr`` entry): a pair, or a tuple of
+        every model's unit (``aligned_matching``), kept apart adds models − 1."""
+        return self.models - 1
 
     @property
     def narrows(self) -> bool:
@@ -79,20 +85,25 @@ class Zipping(Matching):
     def narrows(self) -> bool:
         return True
 
-    def selections(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def split_width(self) -> int:
+        """Each merge undone adds one unit."""
+        return 1
+
+    def selections(self, width: int) -> tuple[torch.Tensor, ...]:
         """Zipped to ``width`` (from n up); below n, zipped to n and those clusters merged further
         (``pair_merges``)."""
         if width > self.n:
-            clusters, _ = zip_units(self.joint, width, self.alpha, self.beta)
+            clusters, _ = zip_units(self.joint, width, self.alpha, self.beta, self.models)
         else:
             merges, _ = self.pair_merges() if width < self.n else ([], None)
             zipped = self._zipped_to_n()
             clusters = [[u for k in group for u in zipped[k]] for group in replay(self.n, merges[:self.n - width])]
-        return selections_from_clusters(self.n, clusters)
+        return selections_from_clusters(self.n, clusters, self.models)
 
     def _zipped_to_n(self) -> list[list[int]]:
         if self.zipped is None:
-            self.zipped = zip_units(self.joint, self.n, self.alpha, self.beta)[0]
+            self.zipped = zip_units(self.joint, self.n, self.alpha, self.beta, self.models)[0]
         return self.zipped
 
     def pair_merges(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
@@ -165,44 +176,49 @@ def replay(n: int, merges: list[tuple[int, int]]) -> list[list[int]]:
 MATCHERS = {"hungarian": hungarian, "identity": identity}
 
 
-def zip_units(joint: torch.Tensor, width: int, alpha: float = 0.3, beta: float = 0.125
+def zip_units(joint: torch.Tensor, width: int, alpha: float = 0.3, beta: float = 0.125, models: int = 2
               ) -> tuple[list[list[int]], list[float]]:
-    """ZipIt!'s greedy merging of A's and B's 2n units into ``width`` clusters (Stoica et al., 2024).
+    """ZipIt!'s greedy merging of the models' N·n units into ``width`` clusters (Stoica et al., 2024).
 
-    ``joint``: the 2n×2n correlation of [A's units, B's units].  The most
+    ``joint``: the N·n×N·n correlation of [A's units, B's units, …].  The most
     correlated pair of clusters merges, within a model or across; a new
     cluster's similarity to the others is the least of its parts', times
     ``alpha`` (≤ 0: a pair is final), so clusters do not snowball.  Merges
-    inside one model are capped at ``beta`` × half the merges, per model (a
+    inside one model are capped at ``beta`` × the merges ÷ N, per model (a
     cluster counts as the model of its first unit); past the cap, that model's
-    clusters merge only across.  Returns the clusters (unit indices, B's offset
-    by n) and each merge's similarity, in order.
+    clusters merge only across; where the cap leaves no merge at all (more
+    than two models, whose clusters count as one model each), it is lifted.
+    Returns the clusters (unit indices, model k's offset by k·n) and each
+    merge's similarity, in order.
     """
     size = joint.shape[0]
-    n = size // 2
+    n = size // models
     if not n <= width <= size:
         raise ValueError(f"width {width} outside [{n}, {size}]")
     sims = torch.nan_to_num(joint.double(), nan=0.0).clone()
     sims.fill_diagonal_(-torch.inf)
     clusters: list[list[int] | None] = [[i] for i in range(size)]
-    model = torch.arange(size) >= n  # False: A
+    model = torch.arange(size) // n
     merges = size - width
-    left = [int(merges // 2 * beta)] * 2  # same-model merges each model may still make
-    for m in (0, 1):
+    uncapped = sims.clone()  # the same similarities, no merge closed: where the cap leaves none
+    left = [int(merges // models * beta)] * models  # same-model merges each model may still make
+    for m in range(models):
         if left[m] <= 0:
             _close_model(sims, model, m, clusters)
     values = []
     for _ in range(merges):
-        flat = int(torch.argmax(sims))
-        i, j = sorted(divmod(flat, size))
-        values.append(float(sims[i, j]))
+        i, j = sorted(divmod(int(torch.argmax(sims)), size))
+        if sims[i, j] == -torch.inf:
+            i, j = sorted(divmod(int(torch.argmax(uncapped)), size))
+        values.append(float(uncapped[i, j]))
         same = bool(model[i] == model[j])
         clusters[i] = clusters[i] + clusters[j]
         clusters[j] = None
-        merged = torch.minimum(sims[i], sims[j]) * alpha if alpha > 0 else torch.full_like(sims[i], -torch.inf)
-        sims[i], sims[:, i] = merged, merged
-        sims[j], sims[:, j] = -torch.inf, -torch.inf
-        sims[i, i] = -torch.inf
+        for s in (sims, uncapped):
+            merged = torch.minimum(s[i], s[j]) * alpha if alpha > 0 else torch.full_like(s[i], -torch.inf)
+            s[i], s[:, i] = merged, merged
+            s[j], s[:, j] = -torch.inf, -torch.inf
+            s[i, i] = -torch.inf
         if same:
             m = int(model[i])
             left[m] -= 1
@@ -213,21 +229,22 @@ def zip_units(joint: torch.Tensor, width: int, alpha: float = 0.3, beta: float =
 
 def _close_model(sims: torch.Tensor, model: torch.Tensor, m: int, clusters: list) -> None:
     """No more merges between two clusters of model ``m``."""
-    mine = (model == bool(m)) & torch.tensor([c is not None for c in clusters])
+    mine = (model == m) & torch.tensor([c is not None for c in clusters])
     sims[mine[:, None] & mine[None, :]] = -torch.inf
 
 
-def zipit(joint: torch.Tensor, alpha: float = 0.3, beta: float = 0.125) -> Zipping:
-    """One space's ZipIt! matching; ``corr`` holds the merge similarities of zipping all the way, best first.
+def zipit(joint: torch.Tensor, alpha: float = 0.3, beta: float = 0.125, models: int = 2) -> Zipping:
+    """One space's ZipIt! matching of ``models`` models; ``corr`` holds the merge similarities of zipping all the
+    way, best first ((N − 1)·n of them: the un-merges the width search may undo, a unit each).
 
     The budget pass reads ``corr`` to choose widths; ``selections`` then zips
     to the chosen width (the same-model cap depends on it).
     """
-    n = joint.shape[0] // 2
-    clusters, values = zip_units(joint, n, alpha, beta)
+    n = joint.shape[0] // models
+    clusters, values = zip_units(joint, n, alpha, beta, models)
     index = torch.arange(n)
     return Zipping(index, index, torch.tensor(values, dtype=torch.float64).sort(descending=True).values,
-                   joint=joint, alpha=alpha, beta=beta, zipped=clusters)
+                   models=models, joint=joint, alpha=alpha, beta=beta, zipped=clusters)
 
 
 def match_all(scores: dict[int, torch.Tensor], sizes: dict[int, int], matcher: str) -> dict[int, Matching]:

@@ -71,21 +71,22 @@ class CrossMoments:
     Sums are taken around the first batch's means (a shifted algorithm), so
     small variances on top of large means do not cancel away.  ``within``:
     also A×A and B×B (ZipIt! merges units of one model too), as one joint
-    correlation of [A's units, B's units].
+    correlation of [A's units, B's units, …] of every model given.
     """
 
     n: int
     within: bool = False
     count: float = 0.0
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """One batch: products in float32 (the bulk of the work, on centred values), sums in float64."""
-        z = torch.cat([a, b], dim=1).float()
+    def add(self, *features: torch.Tensor) -> None:
+        """One batch of each model's units (two, unless ``within``): products in float32 (the bulk of the work,
+        on centred values), sums in float64."""
+        z = torch.cat(features, dim=1).float()
         if not self.count:
             self.shift = z.mean(0, dtype=torch.float64)
-            self.sum = torch.zeros(2 * self.n, dtype=torch.float64, device=z.device)
+            self.sum = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
             self.sq = torch.zeros_like(self.sum)
-            side = 2 * self.n if self.within else self.n
+            side = z.shape[1] if self.within else self.n
             self.cross = torch.zeros(side, side, dtype=torch.float64, device=z.device)
         z = z - self.shift.float()
         self.count += z.shape[0]
@@ -107,7 +108,7 @@ class CrossMoments:
         self.sum, self.count, self.shift = distributed.total(self.sum + n * d), distributed.total(n), common
 
     def correlation(self) -> torch.Tensor:
-        """A×B, or with ``within`` the joint (2n × 2n) correlation."""
+        """A×B, or with ``within`` the joint (N·n × N·n) correlation."""
         mean = self.sum / self.count
         std = (self.sq / self.count - mean**2).clamp(min=0).sqrt()
         rows, cols = (slice(None), slice(None)) if self.within else (slice(0, self.n), slice(self.n, None))
@@ -142,14 +143,14 @@ def weight_similarity(analysis: Analysis, states: tuple[dict, dict]) -> dict[int
     return out
 
 
-def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
+def feature_moments(gms: tuple[fx.GraphModule, ...], analysis: Analysis, data: torch.Tensor,
                     batch_size: int = 64, progress: bool = True, within: bool = False,
                     positions: int | None = None, outputs: LayerOutputs | None = None) -> dict[int, torch.Tensor]:
     """Per free space, the A×B correlation of its units, averaged over the sites that read it.
 
     Keys are root ids, and tuples of root ids for whole product axes (see
     ``observe``).  ``within``: spaces keyed by a root get the joint correlation
-    of [A's units, B's units] instead.  ``positions``: a channels-first 2-D
+    of [A's units, B's units, …] of all of ``gms`` instead (else two models).  ``positions``: a channels-first 2-D
     feature map is read at that many positions per sample (``sampled_positions``),
     a value whose batch axis is known at that many tokens (``at_tokens``).
     ``outputs``: also record the outputs of its layers there, for sequential least squares.
@@ -179,16 +180,17 @@ def feature_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analys
 
 def _add_site(analysis: Analysis, moments: dict[tuple, CrossMoments], site: int, where: tuple,
               batch_axis: int | None, values: list[torch.Tensor], within: bool, positions: int | None) -> None:
-    """One batch's A and B features at one observation site, added to its spaces' moments."""
+    """One batch's features of every model at one observation site, added to its spaces' moments."""
     name, axes, dims = where
     observed = [_observed_positions(v, name, axes, batch_axis, positions) for v in values]
     checked([value for value, _ in observed], name)
-    pairs = zip(*(observe(analysis.table, v, read_axes, dims) for v, read_axes in observed))
-    for k, ((root, fa), (_, fb)) in enumerate(pairs):
+    spaces = zip(*(observe(analysis.table, v, read_axes, dims) for v, read_axes in observed))
+    for k, per_model in enumerate(spaces):
+        root, features = per_model[0][0], [f for _, f in per_model]
         key = (site, k, root)
         if key not in moments:
-            moments[key] = CrossMoments(fa.shape[1], within=within and isinstance(root, int))
-        moments[key].add(fa, fb)
+            moments[key] = CrossMoments(features[0].shape[1], within=within and isinstance(root, int))
+        moments[key].add(*features)
 
 
 def _observed_positions(value: torch.Tensor, name: str, axes: tuple[int, ...], batch_axis: int | None,

@@ -166,18 +166,17 @@ def selections_from_pairs(n: int, pairs_a: torch.Tensor, pairs_b: torch.Tensor, 
     return p_a, p_b
 
 
-def selections_from_clusters(n: int, clusters: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selections for merged units that each stand for a cluster of units (B's offset by ``n``).
+def selections_from_clusters(n: int, clusters: list[list[int]], models: int = 2) -> tuple[torch.Tensor, ...]:
+    """Selections for merged units that each stand for a cluster of units (model k's offset by k·``n``).
 
     A cluster may hold several units of one model (ZipIt!): its merged feature
     is their mean, and a next layer's input column is the sum of theirs.
     """
-    p_a = torch.zeros(len(clusters), n, dtype=torch.float64)
-    p_b = torch.zeros(len(clusters), n, dtype=torch.float64)
+    out = tuple(torch.zeros(len(clusters), n, dtype=torch.float64) for _ in range(models))
     for row, cluster in enumerate(sorted(clusters, key=min)):
         for unit in cluster:
-            (p_a if unit < n else p_b)[row, unit % n] = 1
-    return p_a, p_b
+            out[unit // n][row, unit % n] = 1
+    return out
 
 
 def per_head_selections(heads: tuple[torch.Tensor, torch.Tensor], within: torch.Tensor):

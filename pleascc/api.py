@@ -29,7 +29,7 @@ from pleascc.passes import distributed
 from pleascc.passes.batching import batch_size_for, batches
 from pleascc.passes.emit import emit
 from pleascc.passes.errors import PleasccError, model_name
-from pleascc.passes.feature_matching import match_features, selections
+from pleascc.passes.feature_matching import jointly_matched, match_features, selections, zip_spaces
 from pleascc.passes.frontier import LayerOutputs
 from pleascc.passes.fused_norms import fuse_norms, norm_producers
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
@@ -232,18 +232,26 @@ def _matching_statistics(plan: _Plan, outputs: LayerOutputs | None, timings: dic
 
 def _aligned(plan: _Plan, timings: dict[str, float]) -> tuple[_Plan, dict]:
     """More than two models: each past the first permuted into A's layout (``align``), matched to A as a pair
-    is (``average`` merges them as they are), and the tuples of aligned units that the budget merges."""
+    is by Hungarian matching (``average`` merges them as they are), and the tuples of aligned units that the
+    budget merges; ZipIt! zips the plain spaces of all of them from one more, joint, pass."""
     if plan.matcher == "identity":
         return plan, aligned_matchings(plan.analysis, [], plan.models)
     gms, states, pairs = list(plan.gms), list(plan.states), []
+    paired = dataclasses.replace(plan.options, method="permute") if plan.matcher == "zipit" else plan.options
     for k in range(1, plan.models):
-        pair = dataclasses.replace(plan, gms=(gms[0], gms[k]), runs=(plan.runs[0], plan.runs[k]),
+        pair = dataclasses.replace(plan, options=paired, gms=(gms[0], gms[k]), runs=(plan.runs[0], plan.runs[k]),
                                    states=(states[0], states[k]))
         pairs.append(_match(pair, _matching_statistics(pair, None, timings)))
         gms[k], states[k] = aligned_copy(gms[k], plan.analysis, states[k], alignment(pairs[-1]))
     runs = statistics_copies(tuple(gms), usable_device(plan.options.device), read_rows(plan.x[:2]))
     plan = dataclasses.replace(plan, gms=tuple(gms), runs=runs, states=tuple(states))
-    return plan, aligned_matchings(plan.analysis, pairs, plan.models)
+    matchings = aligned_matchings(plan.analysis, pairs, plan.models)
+    if plan.matcher == "zipit":  # the plain spaces zipped across every model at once, heads kept aligned
+        joint = _matching_statistics(plan, None, timings)
+        opts = plan.options
+        matchings.update(zip_spaces(plan.analysis, joint, jointly_matched(plan.analysis, joint),
+                                    {"alpha": opts.zip_alpha, "beta": opts.zip_beta}, plan.models))
+    return plan, matchings
 
 
 def _match(plan: _Plan, correlations: dict | None) -> dict:

@@ -16,7 +16,7 @@ from pleascc.passes.errors import PleasccError
 # method -> (matcher, how layers are refitted: PLeaS least squares, RegMean, or not at all)
 METHODS = {"pleas": ("hungarian", "least-squares"), "permute": ("hungarian", None), "average": ("identity", None),
            "zipit": ("zipit", None), "regmean": ("identity", "regmean"), "prune": ("l1", None)}
-N_WAY_METHODS = ("pleas", "permute", "average")  # those that merge more than two models
+N_WAY_METHODS = ("pleas", "permute", "average", "zipit")  # those that merge more than two models
 LABELS = ("shared", "separate")
 MATCHINGS = ("activation", "weight")
 WIDTH_SEARCHES = ("greedy", "uniform", "stages")  # see passes.budget.WIDTHS
@@ -139,6 +139,9 @@ class MergeOptions:
             raise PleasccError(f"average merges {models} models at budget 1.0 or {models} (side by side), not "
                                f"{self.budget:g}: other budgets choose which units to merge by matching; use "
                                "--method pleas or permute")
+        if self.method == "zipit" and self.zip_alpha <= 0:
+            raise PleasccError(f"--zip-alpha {self.zip_alpha:g} zips pairs only, and {models} models need clusters "
+                               "of more: pass a positive --zip-alpha (default 0.3)")
         if self.zip_until is not None:
             raise PleasccError("--zip-until merges two models")
 

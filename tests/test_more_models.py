@@ -12,6 +12,7 @@ import pleascc
 from pleascc.cli import main
 from pleascc.demo import digits_cnn
 from pleascc.export import onnx_predict
+from pleascc.passes.match import zip_units
 from pleascc.verify import permuted_copy
 
 pytest.importorskip("transformers")
@@ -71,23 +72,40 @@ def test_grouped_query_heads_pair_their_queries_per_kv_head():
         assert (result.model(x_test) - want).norm() / want.norm() < 1e-5
 
 
-@pytest.mark.parametrize("budget", [0.5, 2.0])
-def test_three_models_merge_into_any_budget(budget, tmp_path):
-    """Below 1.0 the tuples of aligned units merge into clusters, above it the least coherent are kept apart:
-    the merged model costs the budget (within a step of the width search) and runs through ONNX Runtime."""
+@pytest.mark.parametrize("method, budget", [("pleas", 0.5), ("pleas", 2.0), ("zipit", 0.5), ("zipit", 1.0),
+                                            ("zipit", 2.0)])
+def test_three_models_merge_into_any_budget(method, budget, tmp_path):
+    """Below 1.0 the tuples of aligned units merge into clusters, above it the least coherent are kept apart;
+    ZipIt! zips all three models' units at once: the merged model costs the budget (within a step of the
+    width search) and runs through ONNX Runtime."""
     models = [_digits(seed)[0] for seed in range(3)]
     torch.manual_seed(0)
     x, x_test = torch.randn(300, 1, 8, 8), torch.randn(8, 1, 8, 8)
-    result = pleascc.merge(models, x, budget=budget, progress=False)
+    result = pleascc.merge(models, x, budget=budget, method=method, progress=False)
     assert budget - 0.1 < result.report["relative_flops"] <= budget + 1e-9
-    widths = [(g["width"], g["size"]) for g in result.report["groups"]]
-    assert all(w <= n if budget < 1 else (w - n) % 2 == 0 for w, n in widths)  # tuples of 3: 2 units each apart
+    if method == "pleas":  # tuples of 3: 2 units wider each one kept apart
+        assert all(g["width"] <= g["size"] if budget < 1 else (g["width"] - g["size"]) % 2 == 0
+                   for g in result.report["groups"])
     (got,) = predict_through_onnx(result.model, x_test, tmp_path)
-    assert relative_error(got, result.model(x_test).detach()) < 1e-4
+    with torch.no_grad():
+        assert relative_error(got, result.model(x_test)) < 1e-4
+
+
+def test_zipping_three_models_reaches_every_width():
+    """ZipIt!'s cap on merges inside one model closes similarities, and a merged cluster's are the least of its
+    parts': with three models that can leave no merge allowed before the width is reached (here at width 6 of
+    random units), and the cap is then lifted."""
+    torch.manual_seed(0)
+    joint = torch.corrcoef(torch.randn(50, 18).T)
+    for width in range(6, 19):
+        clusters, values = zip_units(joint, width, models=3)
+        assert len(clusters) == width and sorted(u for c in clusters for u in c) == list(range(18))
+        assert len(values) == 18 - width and all(v > -1 for v in values)
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({"method": "zipit"}, "--method zipit merges two models; 3 models merge with pleas, permute, average"),
+    ({"method": "regmean"}, "--method regmean merges two models; 3 models merge with pleas, permute, average, zipit"),
+    ({"method": "zipit", "zip_alpha": 0.0}, "--zip-alpha 0 zips pairs only, and 3 models need clusters of more"),
     ({"budget": 3.5}, "budget 3.5 is above 3.0: 3 models side by side are 3.0"),
     ({"method": "average", "budget": 2.0}, "average merges 3 models at budget 1.0 or 3 (side by side), not 2: "
                                            "other budgets choose which units to merge by matching"),
