@@ -188,7 +188,7 @@ class LinearLayer(Layer):
     def read_value(self, v: torch.Tensor, positions: int | None) -> torch.Tensor:
         """At sampled tokens where the analysis knows its batch axis (units stay last), else all of it."""
         if self.batch_axis is None:
-            check_unpadded(self.node)
+            check_unpadded(f"{self.node} (its batch axis is unknown)")
             return v
         return at_tokens(v, self.batch_axis, (-1,), positions)
 

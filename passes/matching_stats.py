@@ -201,7 +201,7 @@ def _observed_positions(value: torch.Tensor, name: str, axes: tuple[int, ...], b
     if value.dim() == 4 and tuple(axes) == (1,) and not padded():
         return at_positions(value, positions), axes
     if batch_axis is None:
-        check_unpadded(name)
+        check_unpadded(f"{name} (its batch axis is unknown)")
         return value, axes
     if positions is None and not padded():
         return value, axes

@@ -41,9 +41,7 @@ def sampled_positions(length: int, most: int | None) -> torch.Tensor | None:
 
 def at_positions(x: torch.Tensor, positions: int | None) -> torch.Tensor:
     """A channels-first (N, C, *spatial) tensor as (N, C, positions read): ``sampled_positions`` of its spatial ones."""
-    if padded():
-        raise PleasccError("cannot tell the padded tokens of a convolution's channels-first map: calibrate on "
-                           "unpadded sequences")
+    check_unpadded("a convolution's channels-first map")
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     keep = sampled_positions(flat.shape[2], positions)
     return flat if keep is None else take(flat, 2, keep.to(flat.device))
@@ -84,17 +82,16 @@ def at_tokens(x: torch.Tensor, batch_axis: int, unit_axes: tuple[int, ...], posi
     if valid is None or flat.shape[1] == 1:
         return read
     if flat.shape[1] != valid.shape[1]:
-        raise PleasccError(f"cannot tell the padded tokens of a value with {flat.shape[1]} positions per sample "
-                           f"(the padding mask has {valid.shape[1]}): calibrate on unpadded sequences")
+        check_unpadded(f"a value with {flat.shape[1]} positions per sample (the padding mask has "
+                       f"{valid.shape[1]})")
     valid = valid if keep is None else valid.index_select(1, keep.to(valid.device))
     return read[valid].unsqueeze(0)
 
 
-def check_unpadded(node: str) -> None:
-    """A value read whole, where its tokens are unknown, must not hold padding: else fail, naming it."""
+def check_unpadded(value: str) -> None:
+    """A value whose tokens cannot be told apart must not hold padding: else fail, naming it (``value``)."""
     if padded():
-        raise PleasccError(f"cannot tell the padded tokens of {node} (its batch axis is unknown): calibrate on "
-                           "unpadded sequences")
+        raise PleasccError(f"cannot tell the padded tokens of {value}: calibrate on unpadded sequences")
 
 
 def im2col_patches(x: torch.Tensor, conv: dict, positions: int | None) -> torch.Tensor:
