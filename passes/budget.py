@@ -3,8 +3,8 @@
 A merged space of n units at width w ≥ n has k = 2n − w merged units,
 n − k A-only and n − k B-only; below n (a budget under 1.0) all w are
 merged, each a cluster of pairs.  N aligned models (``aligned_matching``)
-un-merge whole tuples, N − 1 units wider each (``Matching.split_width``).  Each model's computation covers
-a = min(w, n) of them.  The emitter never computes the cross blocks (A-only
+un-merge whole tuples, N − 1 units wider each (``Matching.split_width``).
+Each model's computation covers a = min(w, n) of them.  The emitter never computes the cross blocks (A-only
 outputs from B-only inputs and back), so a dense layer costs
 
     2·a_out·a_in − k_out·k_in   multiply-accumulates × kernel size,

@@ -16,7 +16,7 @@ from pleascc.passes.errors import PleasccError
 # method -> (matcher, how layers are refitted: PLeaS least squares, RegMean, or not at all)
 METHODS = {"pleas": ("hungarian", "least-squares"), "permute": ("hungarian", None), "average": ("identity", None),
            "zipit": ("zipit", None), "regmean": ("identity", "regmean"), "prune": ("l1", None)}
-N_WAY_METHODS = ("pleas", "permute", "average", "zipit")  # those that merge more than two models
+N_WAY_METHODS = ("pleas", "permute", "average", "zipit", "regmean")  # those that merge more than two models
 LABELS = ("shared", "separate")
 MATCHINGS = ("activation", "weight")
 WIDTH_SEARCHES = ("greedy", "uniform", "stages")  # see passes.budget.WIDTHS
@@ -38,7 +38,7 @@ class MergeOptions:
 
     budget: float = _option(1.0, "merged FLOPs ÷ one model's: 1.0 every matched pair merged, 2.0 side by side, "
                                  "below 1.0 merged pairs merged further (merge and compress); N models: up to N "
-                                 "(side by side; average: 1.0 or N)")
+                                 "(side by side; average and regmean: 1.0 or N)")
     labels: str | None = _option(
         None, "one head for both models' classes (`shared`, fit to the mean logits) or one per model (`separate`; "
               "outputs `logits_0`, `logits_1`); default: separate when the heads differ in size", choices=LABELS)
@@ -135,10 +135,10 @@ class MergeOptions:
         if self.method not in N_WAY_METHODS:
             raise PleasccError(f"--method {self.method} merges two models; {models} models merge with "
                                f"{', '.join(N_WAY_METHODS)}")
-        if self.method == "average" and self.budget not in (1.0, float(models)):
-            raise PleasccError(f"average merges {models} models at budget 1.0 or {models} (side by side), not "
+        if METHODS[self.method][0] == "identity" and self.budget not in (1.0, float(models)):
+            raise PleasccError(f"{self.method} merges {models} models at budget 1.0 or {models} (side by side), not "
                                f"{self.budget:g}: other budgets choose which units to merge by matching; use "
-                               "--method pleas or permute")
+                               "--method pleas, permute or zipit")
         if self.method == "zipit" and self.zip_alpha <= 0:
             raise PleasccError(f"--zip-alpha {self.zip_alpha:g} zips pairs only, and {models} models need clusters "
                                "of more: pass a positive --zip-alpha (default 0.3)")

@@ -91,6 +91,23 @@ def test_three_models_merge_into_any_budget(method, budget, tmp_path):
         assert relative_error(got, result.model(x_test)) < 1e-4
 
 
+def test_regmean_merges_three_models_as_it_merges_two(tmp_path):
+    """RegMean's closed form sums every model's Grams: three copies of one model merge back to it, and three
+    models merge through ONNX Runtime (RegMean does not permute: for models from one base)."""
+    model = _digits(0)[0]
+    torch.manual_seed(0)
+    x, x_test = torch.randn(300, 1, 8, 8), torch.randn(8, 1, 8, 8)
+    result = pleascc.merge([model, model, model], x, method="regmean", progress=False)
+    with torch.no_grad():
+        assert relative_error(result.model(x_test).numpy(), model(x_test)) < 1e-5
+    models = [_digits(seed)[0] for seed in range(3)]
+    result = pleascc.merge(models, x, method="regmean", progress=False)
+    (got,) = predict_through_onnx(result.model, x_test, tmp_path)
+    with torch.no_grad():
+        assert result.report["relative_flops"] == pytest.approx(1.0)
+        assert relative_error(got, result.model(x_test)) < 1e-4
+
+
 def test_zipping_three_models_reaches_every_width():
     """ZipIt!'s cap on merges inside one model closes similarities, and a merged cluster's are the least of its
     parts': with three models that can leave no merge allowed before the width is reached (here at width 6 of
@@ -104,11 +121,13 @@ def test_zipping_three_models_reaches_every_width():
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({"method": "regmean"}, "--method regmean merges two models; 3 models merge with pleas, permute, average, zipit"),
+    ({"method": "prune"}, "--method prune merges two models; 3 models merge with pleas, permute, average, zipit, "
+                          "regmean"),
     ({"method": "zipit", "zip_alpha": 0.0}, "--zip-alpha 0 zips pairs only, and 3 models need clusters of more"),
     ({"budget": 3.5}, "budget 3.5 is above 3.0: 3 models side by side are 3.0"),
     ({"method": "average", "budget": 2.0}, "average merges 3 models at budget 1.0 or 3 (side by side), not 2: "
                                            "other budgets choose which units to merge by matching"),
+    ({"method": "regmean", "budget": 0.5}, "regmean merges 3 models at budget 1.0 or 3 (side by side), not 0.5"),
 ])
 def test_what_n_way_merging_refuses_is_named(options, expected):
     models = [_digits(seed)[0] for seed in range(3)]
