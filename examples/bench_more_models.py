@@ -134,7 +134,8 @@ def plot(rows: list[dict], path: Path, arch: str, command: str) -> None:
                 ax.plot(*zip(*sorted(points)), marker="o", label=method)
         ax.set(title=f"{count} {ARCH_NAMES[arch]}, one task each", xlabel="FLOPs ÷ one model's",
                ylabel="mean per-task accuracy")
-    np.atleast_1d(axes)[0].legend(fontsize=8)
+    for ax in np.atleast_1d(axes):
+        ax.legend(fontsize=7)
     fig.suptitle(f"CIFAR-10 tasks merged: python {command}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
