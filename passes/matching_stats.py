@@ -187,9 +187,12 @@ def _add_site(analysis: Analysis, moments: dict[tuple, CrossMoments], site: int,
     spaces = zip(*(observe(analysis.table, v, read_axes, dims) for v, read_axes in observed))
     for k, per_model in enumerate(spaces):
         root, features = per_model[0][0], [f for _, f in per_model]
+        joint = within and isinstance(root, int)
+        if len(features) > 2 and not joint:
+            continue  # more than two models: only joint correlations (product axes are matched pair by pair)
         key = (site, k, root)
         if key not in moments:
-            moments[key] = CrossMoments(features[0].shape[1], within=within and isinstance(root, int))
+            moments[key] = CrossMoments(features[0].shape[1], within=joint)
         moments[key].add(*features)
 
 

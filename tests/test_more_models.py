@@ -91,6 +91,18 @@ def test_three_models_merge_into_any_budget(method, budget, tmp_path):
         assert relative_error(got, result.model(x_test)) < 1e-4
 
 
+def test_zipit_zips_three_transformers(tmp_path):
+    """ZipIt!'s joint pass over three ViTs gathers only the joint correlations (heads are aligned pair by pair)."""
+    models = [_model("vit", seed)[0] for seed in range(3)]
+    torch.manual_seed(0)
+    x = _model("vit")[1](72)
+    result = pleascc.merge(models, x[:64], budget=1.5, method="zipit", progress=False)
+    assert 1.4 < result.report["relative_flops"] <= 1.5 + 1e-9
+    (got,) = predict_through_onnx(result.model, x[64:], tmp_path)
+    with torch.no_grad():
+        assert relative_error(got, _first(result.model(x[64:]))) < 1e-4
+
+
 def test_regmean_merges_three_models_as_it_merges_two(tmp_path):
     """RegMean's closed form sums every model's Grams: three copies of one model merge back to it, and three
     models merge through ONNX Runtime (RegMean does not permute: for models from one base)."""
