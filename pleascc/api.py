@@ -248,9 +248,8 @@ def _aligned(plan: _Plan, timings: dict[str, float]) -> tuple[_Plan, dict]:
     matchings = aligned_matchings(plan.analysis, pairs, plan.models)
     if plan.matcher == "zipit":  # the plain spaces zipped across every model at once, heads kept aligned
         joint = _matching_statistics(plan, None, timings)
-        opts = plan.options
         matchings.update(zip_spaces(plan.analysis, joint, jointly_matched(plan.analysis, joint),
-                                    {"alpha": opts.zip_alpha, "beta": opts.zip_beta}, plan.models))
+                                    plan.options.zip_options, plan.models))
     return plan, matchings
 
 
@@ -261,8 +260,7 @@ def _match(plan: _Plan, correlations: dict | None) -> dict:
         return l1_pruning(plan.analysis, plan.states[0])
     if correlations is None:
         return weight_matching(plan.analysis, plan.states, seed=opts.seed)
-    return match_features(plan.analysis, correlations, plan.states, plan.matcher,
-                          {"alpha": opts.zip_alpha, "beta": opts.zip_beta})
+    return match_features(plan.analysis, correlations, plan.states, plan.matcher, opts.zip_options)
 
 
 def _widths(plan: _Plan, matchings: dict) -> tuple[list, dict]:

@@ -146,6 +146,11 @@ class MergeOptions:
             raise PleasccError("--zip-until merges two models")
 
     @property
+    def zip_options(self) -> dict[str, float]:
+        """ZipIt!'s parameters, as ``match.zipit`` takes them."""
+        return {"alpha": self.zip_alpha, "beta": self.zip_beta}
+
+    @property
     def refit(self) -> str | None:
         """How the method refits layers after matching: PLeaS least squares, RegMean, or not at all (None)."""
         return METHODS[self.method][1]
