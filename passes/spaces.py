@@ -278,6 +278,13 @@ class SpaceTable:
             y = self.apply(y, axis + k, factor, matrix, outer_axis=axis + k - 1 if k else None)
         return y.reshape(*y.shape[:axis], -1, *y.shape[axis + len(sizes) :])
 
+    def permutes(self, dim: Dim, perms: dict[int, torch.Tensor]) -> bool:
+        """Whether ``perms`` holds a permutation of any atom of ``dim``."""
+        dim = self.resolve(dim)
+        if isinstance(dim, Atom):
+            return dim.id in perms
+        return any(self.permutes(c, perms) for c in _children(dim))
+
     def index(self, dim: Dim, perms: dict[int, torch.Tensor]) -> torch.Tensor:
         """The gather index that permutes an axis laid out as ``dim``.
 

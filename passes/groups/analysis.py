@@ -170,13 +170,15 @@ def random_permutations(analysis: Analysis, generator: torch.Generator) -> dict[
 
 
 def permute_state(analysis: Analysis, state: dict[str, torch.Tensor], perms: dict[int, torch.Tensor]) -> dict:
-    """Apply ``perms`` to every bound parameter and buffer in ``state``."""
+    """Apply ``perms`` to every bound parameter and buffer in ``state``.  Axes no permutation moves stay as
+    they are: a separate head's classes may differ in number from model A's, whose analysis this is."""
     out = dict(state)
     for name, binding in analysis.params.items():
         if name not in out:
             continue
         t = out[name]
         for axis, dim in enumerate(binding.dims):
-            t = t.index_select(axis, analysis.table.index(dim, perms))
+            if analysis.table.permutes(dim, perms):
+                t = t.index_select(axis, analysis.table.index(dim, perms))
         out[name] = t
     return out
