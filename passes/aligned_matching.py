@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from pleascc.passes.match import Matching
+from pleascc.passes.merge_maps import selections_from_tuples
 
 
 @dataclass
@@ -26,21 +27,12 @@ class Tuples(Matching):
     def selections(self, width: int) -> tuple[torch.Tensor, ...]:
         """Every model's selection at ``width``: from n up, the most coherent tuples merged and the rest apart,
         one block per model ([merged | A's | B's | …], each in A's unit order); below n, clusters of tuples."""
-        n, models = self.n, self.models
-        if width < n:
+        if width < self.n:
             merged, _ = super().selections(width)  # aligned: one selection serves every model
-            return tuple(merged.clone() for _ in range(models))
-        if not n <= width <= models * n or (models * n - width) % (models - 1):
-            raise ValueError(f"width {width} is not n + a multiple of {models - 1} in [{n}, {models * n}]")
-        count = (models * n - width) // (models - 1)
-        merged, apart = self.pairs_a[:count].sort().values, self.pairs_a[count:].sort().values
-        out = []
-        for model in range(models):
-            selection = torch.zeros(width, n, dtype=torch.float64)
-            selection[torch.arange(count), merged] = 1
-            selection[count + model * len(apart) + torch.arange(len(apart)), apart] = 1
-            out.append(selection)
-        return tuple(out)
+            return tuple(merged.clone() for _ in range(self.models))
+        count = (self.models * self.n - width) // (self.models - 1)  # tuples merged (checked by the builder)
+        order = torch.cat([self.pairs_a[:count].sort().values, self.pairs_a[count:].sort().values])
+        return selections_from_tuples(self.n, [order] * self.models, width)
 
 
 def tuples(pairs: list[Matching], perms: list[torch.Tensor]) -> Tuples:

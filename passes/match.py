@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from pleascc.passes.merge_maps import selections_from_clusters, selections_from_pairs
+from pleascc.passes.merge_maps import selections_from_clusters, selections_from_tuples
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Matching:
         """(P_A, P_B) at ``width``: the best pairs merged, the rest kept apart; below n, every pair merged and
         the pairs merged into ``width`` clusters (``pair_merges``)."""
         if width >= self.n:
-            return selections_from_pairs(self.n, self.pairs_a, self.pairs_b, width)
+            return selections_from_tuples(self.n, (self.pairs_a, self.pairs_b), width)
         merges, _ = self.pair_merges()
         clusters = replay(self.n, merges[: self.n - width])
         p_a = torch.zeros(width, self.n, dtype=torch.float64)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -146,24 +147,25 @@ def _take_stored(x: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tenso
     return x.gather(-1, index.expand(*x.shape[:-1], -1))
 
 
-def selections_from_pairs(n: int, pairs_a: torch.Tensor, pairs_b: torch.Tensor, width: int):
-    """Selections for width ``width``: merge the first ``2n - width`` pairs, keep the rest apart.
+def selections_from_tuples(n: int, members: Sequence[torch.Tensor], width: int) -> tuple[torch.Tensor, ...]:
+    """Selections for width ``width``: the first tuples merged, the rest kept apart, one unit per model each
+    (every tuple kept apart adds N − 1 units).
 
-    ``pairs_a[i]``, ``pairs_b[i]`` is the i-th pair, best first.  Layout:
-    [merged | A-only | B-only].
+    ``members[k][i]``: model k's unit in the i-th tuple, best first (two models: pairs).
+    Layout: [merged | model 0's | model 1's | …].
     """
-    if not n <= width <= 2 * n:
-        raise ValueError(f"width {width} outside [{n}, {2 * n}]")
-    merged = 2 * n - width
-    p_a = torch.zeros(width, n, dtype=torch.float64)
-    p_b = torch.zeros(width, n, dtype=torch.float64)
-    rows = torch.arange(merged)
-    p_a[rows, pairs_a[:merged]] = 1
-    p_b[rows, pairs_b[:merged]] = 1
-    solo = n - merged
-    p_a[merged + torch.arange(solo), pairs_a[merged:]] = 1
-    p_b[merged + solo + torch.arange(solo), pairs_b[merged:]] = 1
-    return p_a, p_b
+    models = len(members)
+    if not n <= width <= models * n or (models * n - width) % (models - 1):
+        raise ValueError(f"width {width} is not {n} + a multiple of {models - 1} in [{n}, {models * n}]")
+    merged = (models * n - width) // (models - 1)
+    apart = n - merged
+    out = []
+    for model, units in enumerate(members):
+        selection = torch.zeros(width, n, dtype=torch.float64)
+        selection[torch.arange(merged), units[:merged]] = 1
+        selection[merged + model * apart + torch.arange(apart), units[merged:]] = 1
+        out.append(selection)
+    return tuple(out)
 
 
 def selections_from_clusters(n: int, clusters: list[list[int]], models: int = 2) -> tuple[torch.Tensor, ...]:

@@ -57,16 +57,17 @@ def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
                                             *gm.named_buffers(remove_duplicate=False))}
 
 
-def aligned_matchings(analysis: Analysis, pairs: list[dict[int, Matching]], models: int) -> dict[int, Tuples]:
+def aligned_matchings(analysis: Analysis, pairs: list[dict[int, Matching]], perms: list[dict[int, torch.Tensor]],
+                      models: int) -> dict[int, Tuples]:
     """Every free space's tuples of aligned units (``aligned_matching.tuples``) from each other model's matching to
-    A.  Head dims matched inside each pair of heads (``Matching.within``), and every space where the models
+    A and the ``alignment`` it gave.  Head dims matched inside each pair of heads (``Matching.within``), and every space where the models
     were not matched (``average``), keep A's order: identity tuples; the former are never widened
     (``aligned_widths``)."""
     out = {}
     for root in analysis.free_roots():
         found = [pair[root] for pair in pairs]
         if found and all(m.within is None for m in found):
-            out[root] = tuples(found, [alignment({root: m})[root] for m in found])
+            out[root] = tuples(found, [perm[root] for perm in perms])
         else:
             n = analysis.root_size(root)
             out[root] = Tuples(torch.arange(n), torch.arange(n), torch.zeros(n, dtype=torch.float64), models=models)

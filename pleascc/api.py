@@ -235,17 +235,18 @@ def _aligned(plan: _Plan, timings: dict[str, float]) -> tuple[_Plan, dict]:
     is by Hungarian matching (``average`` merges them as they are), and the tuples of aligned units that the
     budget merges; ZipIt! zips the plain spaces of all of them from one more, joint, pass."""
     if plan.matcher == "identity":
-        return plan, aligned_matchings(plan.analysis, [], plan.models)
-    gms, states, pairs = list(plan.gms), list(plan.states), []
+        return plan, aligned_matchings(plan.analysis, [], [], plan.models)
+    gms, states, pairs, perms = list(plan.gms), list(plan.states), [], []
     paired = dataclasses.replace(plan.options, method="permute") if plan.matcher == "zipit" else plan.options
     for k in range(1, plan.models):
         pair = dataclasses.replace(plan, options=paired, gms=(gms[0], gms[k]), runs=(plan.runs[0], plan.runs[k]),
                                    states=(states[0], states[k]))
         pairs.append(_match(pair, _matching_statistics(pair, None, timings)))
-        gms[k], states[k] = aligned_copy(gms[k], plan.analysis, states[k], alignment(pairs[-1]))
+        perms.append(alignment(pairs[-1]))
+        gms[k], states[k] = aligned_copy(gms[k], plan.analysis, states[k], perms[-1])
     runs = statistics_copies(tuple(gms), usable_device(plan.options.device), read_rows(plan.x[:2]))
     plan = dataclasses.replace(plan, gms=tuple(gms), runs=runs, states=tuple(states))
-    matchings = aligned_matchings(plan.analysis, pairs, plan.models)
+    matchings = aligned_matchings(plan.analysis, pairs, perms, plan.models)
     if plan.matcher == "zipit":  # the plain spaces zipped across every model at once, heads kept aligned
         joint = _matching_statistics(plan, None, timings)
         matchings.update(zip_spaces(plan.analysis, joint, jointly_matched(plan.analysis, joint),

@@ -13,7 +13,7 @@ from pleascc.passes.groups import analyze, permutation_groups
 from pleascc.passes.layers import ConvLayer, Layer, LinearLayer, NormLayer
 from pleascc.passes.match import hungarian, identity, match_heads, zip_units
 from pleascc.passes.matching_stats import CrossMoments, feature_moments
-from pleascc.passes.merge_maps import Gather, MergeMaps, row_blocks, selections_from_clusters, selections_from_pairs
+from pleascc.passes.merge_maps import Gather, MergeMaps, row_blocks, selections_from_clusters, selections_from_tuples
 from pleascc.passes.stats import Problem, _accumulate
 from pleascc.passes.solve import ridge_fit
 from pleascc.passes.spaces import SpaceTable
@@ -65,7 +65,7 @@ def test_correlation_is_one_for_identical_features_and_hungarian_recovers_a_perm
 
 
 def test_partial_selections_layout():
-    p_a, p_b = selections_from_pairs(3, torch.tensor([2, 0, 1]), torch.tensor([0, 1, 2]), width=4)
+    p_a, p_b = selections_from_tuples(3, (torch.tensor([2, 0, 1]), torch.tensor([0, 1, 2])), width=4)
     # width 4 = 2 merged pairs, (2,0) and (0,1); then A-only unit 1, then B-only unit 2
     assert p_a.argmax(1).tolist()[:3] == [2, 0, 1] and p_a[3].sum() == 0
     assert p_b.argmax(1).tolist()[:2] == [0, 1] and p_b[2].sum() == 0 and p_b[3, 2] == 1
@@ -74,7 +74,7 @@ def test_partial_selections_layout():
 @pytest.mark.parametrize("width", [5, 7, 10])
 def test_gather_is_the_selection_product(width):
     """Pair selections are applied as gathers; clusters (several units of a model in one row) stay products."""
-    p_a, p_b = selections_from_pairs(5, torch.randperm(5), torch.randperm(5), width)
+    p_a, p_b = selections_from_tuples(5, (torch.randperm(5), torch.randperm(5)), width)
     x = torch.randn(2, 5, 3, 4, dtype=torch.float64)
     for p in (p_a, p_b):
         want = torch.movedim(torch.tensordot(x, p, dims=([1], [1])), -1, 1)
@@ -102,8 +102,8 @@ def test_merge_averages_merged_units_and_blocks_skip_cross_terms():
     table = SpaceTable()
     inp, out = table.new(3), table.new(2)
     maps = MergeMaps(table, {
-        inp.id: selections_from_pairs(3, torch.arange(3), torch.arange(3), 4),  # one pair apart
-        out.id: selections_from_pairs(2, torch.arange(2), torch.arange(2), 2),  # all merged
+        inp.id: selections_from_tuples(3, (torch.arange(3), torch.arange(3)), 4),  # one pair apart
+        out.id: selections_from_tuples(2, (torch.arange(2), torch.arange(2)), 2),  # all merged
     })
     a, b = torch.ones(1, 3), 3 * torch.ones(1, 3)
     assert maps.merge((a, b), [(1, inp)]).tolist() == [[2.0, 2.0, 1.0, 3.0]]
@@ -148,7 +148,7 @@ def test_merged_patches_are_the_patches_merged(positions):  # 9·4 from 4²: mer
     analysis = analyze(gm, (torch.randn(2, 3, 4, 4),))
     layer = next(layer for layer in analysis.layers if isinstance(layer, ConvLayer) and analysis.table.size(layer.in_dim) == 6)
     root = analysis.table.resolve(layer.in_dim).id
-    maps = MergeMaps(analysis.table, {root: selections_from_pairs(6, torch.randperm(6), torch.randperm(6), 9)})
+    maps = MergeMaps(analysis.table, {root: selections_from_tuples(6, (torch.randperm(6), torch.randperm(6)), 9)})
     inputs = [torch.randn(2, 6, 4, 4) for _ in range(2)]
     output = model[2](inputs[0])
     want = maps.merge([layer.read_input(v, positions) for v in inputs], [(1, layer.in_dim)])
