@@ -4,7 +4,7 @@ Sequential least squares fits the layers level by level, each on the merged
 model's own inputs, so it runs one pass over the data per level.  Two things
 make the passes together cost about one forward of the merged model:
 
-- ``LayerOutputs``: A's and B's layer outputs, as the fits read them (at the
+- ``LayerReads``: A's and B's layer outputs, as the fits read them (at the
   sampled positions), recorded once, in the matching pass, which runs both
   models over the data anyway.  A and B never run again.
 - ``Frontier``: the merged model's values that later levels still read, per
@@ -37,29 +37,33 @@ EXPENSIVE = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, torch.c
              F.scaled_dot_product_attention, "matmul", "bmm", "mm", "einsum"}
 
 
-class LayerOutputs:
-    """A's and B's output at some layers, as their fits read them, recorded batch by batch in a store.
+class LayerReads:
+    """A's and B's outputs at some layers, as their fits read them, recorded batch by batch in a store; for
+    one-pass least squares their inputs too, before the models' are merged (``stats.record_input``).
 
     ``nodes``: the layers recorded now (``output_segments``: those of a run
     of levels whose outputs fit the store).  ``memory_bytes``: the most of
     the store's memory they may take; the rest goes to disk, leaving memory
     to the frontier, whose values are read more than once.
-    Each layer's outputs are read by one level's pass, then dropped.
+    Each layer's reads are read by one pass, then dropped.
     """
 
-    def __init__(self, store: ActivationStore, nodes: set[str], memory_bytes: float) -> None:
-        self.store, self.nodes, self.memory_bytes = store, nodes, memory_bytes
+    def __init__(self, store: ActivationStore, nodes: set[str], memory_bytes: float, inputs: bool = False) -> None:
+        self.store, self.nodes, self.memory_bytes, self.inputs = store, nodes, memory_bytes, inputs
+        self.shared: dict[str, str] = {}  # a layer -> the layer whose recorded outputs are its inputs as read
 
-    def add(self, node: str, batch: int, values: list[torch.Tensor]) -> None:
-        self.store.put(("output", node, batch), values, memory_limit=self.memory_bytes)
+    def add(self, kind: str, node: str, batch: int, value: object) -> None:
+        """Keep one batch's ``kind`` ("output" or "input") of a layer."""
+        self.store.put((kind, node, batch), value, memory_limit=self.memory_bytes)
 
-    def read_ahead(self, nodes: list[str], batch: int) -> None:
-        self.store.read_ahead([("output", node, batch) for node in nodes])
+    def read_ahead(self, keys: list[tuple[str, str, int]]) -> None:
+        """Start reading those of (kind, node, batch) ``keys`` that went to disk, in that order."""
+        self.store.read_ahead(keys)
 
-    def pop(self, node: str, batch: int) -> list[torch.Tensor]:
-        values = self.store.get(("output", node, batch))
-        self.store.drop(("output", node, batch))
-        return values
+    def pop(self, kind: str, node: str, batch: int) -> object:
+        value = self.store.get((kind, node, batch))
+        self.store.drop((kind, node, batch))
+        return value
 
 
 class Frontier:

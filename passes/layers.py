@@ -78,9 +78,21 @@ class Layer:
         """Whether its fit reads at most ``positions`` positions (or tokens) per sample, not all of them."""
         return True
 
-    def merges_first(self, x: torch.Tensor, output: torch.Tensor, positions: int | None) -> bool:
-        """Whether merging the models' inputs ``x`` before reading them is less work than reading first."""
+    def merges_first(self, source: tuple, output: tuple, positions: int | None) -> bool:
+        """Whether merging the models' inputs (of shape ``source``; its output's ``output``) before reading
+        them is less work than reading first."""
         return False
+
+    def input_bytes(self, source: tuple, output: tuple, positions: int | None) -> int:
+        """Float32 bytes of one model's input of shape ``source`` as kept before the models' are merged: read
+        (``read_input``), or whole where merging first reads less (``merges_first``)."""
+        return self.read_bytes(source, positions)
+
+    def reads_input_as(self, producer: Layer) -> bool:
+        """Whether its fit reads its input, ``producer``'s output, as ``producer``'s fit reads it (a norm after
+        a convolution: both at the sampled positions), so one recording serves both (``stats.record_input``)."""
+        return (type(self).read_input is Layer.read_input and type(self).read_value is type(producer).read_value
+                and self.batch_axis == producer.batch_axis and self.source == producer.node)
 
     def rows_bytes(self, source: tuple, output: tuple, positions: int | None) -> int:
         """Its least-squares rows on the example (input shape ``source``, output ``output``): up to twice
@@ -261,12 +273,18 @@ class ConvLayer(Layer):
         """Its kernel's size."""
         return math.prod(pair(self.conv["kernel_size"]))
 
-    def merges_first(self, x: torch.Tensor, output: torch.Tensor, positions: int | None) -> bool:
+    def merges_first(self, source: tuple, output: tuple, positions: int | None) -> bool:
         """Where its patches hold more values per channel than its input map (ResNet-50's last stages: 9·64
         from 14² or 7²), merging the maps first reads patches once."""
-        outputs = math.prod(output.shape[2:])
-        patch_values = self.kernel_positions * (outputs if positions is None else min(outputs, positions))
-        return patch_values >= math.prod(x.shape[2:])
+        return self._patch_values(output, positions) >= math.prod(source[2:])
+
+    def input_bytes(self, source: tuple, output: tuple, positions: int | None) -> int:
+        return 4 * source[0] * source[1] * min(self._patch_values(output, positions), math.prod(source[2:]))
+
+    def _patch_values(self, output: tuple, positions: int | None) -> int:
+        """Values per input channel its patches hold, per sample."""
+        outputs = math.prod(output[2:])
+        return self.kernel_positions * (outputs if positions is None else min(outputs, positions))
 
     def groups(self, maps: MergeMaps) -> int:
         return maps.size(self.groups_dim) if self.groups_dim is not None else 1

@@ -20,11 +20,11 @@ import torch.fx as fx
 from pleascc.passes import distributed
 from pleascc.passes.batching import batches, device_of
 from pleascc.passes.executor import lockstep
-from pleascc.passes.frontier import LayerOutputs
+from pleascc.passes.frontier import LayerReads
 from pleascc.passes.groups import Analysis
 from pleascc.passes.reads import at_positions, at_tokens, check_unpadded, padded
 from pleascc.passes.spaces import Atom, Cat, Dim, Prod, SpaceTable
-from pleascc.passes.stats import checked, record_output
+from pleascc.passes.stats import checked, record_input, record_output
 
 
 JOINT_LIMIT = 4096  # widest product axis whose full correlation is kept for joint matching
@@ -145,7 +145,7 @@ def weight_similarity(analysis: Analysis, states: tuple[dict, dict]) -> dict[int
 
 def feature_moments(gms: tuple[fx.GraphModule, ...], analysis: Analysis, data: torch.Tensor,
                     batch_size: int = 64, progress: bool = True, within: bool = False,
-                    positions: int | None = None, outputs: LayerOutputs | None = None) -> dict[int, torch.Tensor]:
+                    positions: int | None = None, outputs: LayerReads | None = None) -> dict[int, torch.Tensor]:
     """Per free space, the A×B correlation of its units, averaged over the sites that read it.
 
     Keys are root ids, and tuples of root ids for whole product axes (see
@@ -153,7 +153,8 @@ def feature_moments(gms: tuple[fx.GraphModule, ...], analysis: Analysis, data: t
     of [A's units, B's units, …] of all of ``gms`` instead (else two models).  ``positions``: a channels-first 2-D
     feature map is read at that many positions per sample (``sampled_positions``),
     a value whose batch axis is known at that many tokens (``at_tokens``).
-    ``outputs``: also record the outputs of its layers there, for sequential least squares.
+    ``outputs``: also record the outputs of its layers there, for sequential least squares, and their inputs
+    where it says (``LayerReads.inputs``), for one-pass least squares.
     """
     sites = _observation_sites(analysis)
     batch_axes = {name: analysis.batch_axis(name) for name, _, _ in sites}  # once, not per batch
@@ -161,15 +162,21 @@ def feature_moments(gms: tuple[fx.GraphModule, ...], analysis: Analysis, data: t
     for site, (name, _, _) in enumerate(sites):
         at_node.setdefault(name, []).append(site)
     layers = {layer.node: layer for layer in analysis.layers if layer.node in outputs.nodes} if outputs else {}
+    reads = {name: (name,) for name in at_node}
+    reads.update({name: (layer.source, name) if outputs.inputs else (name,) for name, layer in layers.items()})
     moments: dict[tuple, CrossMoments] = {}
     with torch.no_grad():
         for batch, x in enumerate(batches(data, batch_size, "matching statistics", progress, device_of(gms[0]))):
-            for name, values in lockstep(gms, x, {name: (name,) for name in [*at_node, *layers]}):
+            for name, values in lockstep(gms, x, reads):
                 for site in at_node.get(name, ()):
                     _add_site(analysis, moments, site, sites[site], batch_axes[name], values[name], within,
                               positions)
                 if name in layers:
                     record_output(outputs, layers[name], batch, values[name], positions)
+                    if outputs.inputs:
+                        layer = layers[name]
+                        record_input(outputs, layer, batch, values[layer.source], values[name][0], positions,
+                                     layers.get(layer.source))
     by_root: dict[int | tuple, list[torch.Tensor]] = {}
     for m in moments.values():  # the same keys in the same order on every rank
         m.reduce()

@@ -11,7 +11,10 @@ and dropped once nothing later reads it:
 
 Two passes instead of one because the second needs the matching: gathering
 the joint (2n·k²)² im2col moments of both models in one pass would cost
-quadratically more memory and time than the merged-layout moments.
+quadratically more memory and time than the merged-layout moments.  Where
+what the second reads fits memory and disk, the first pass records it (each
+layer's inputs before the merge, and its outputs: ``record_input``), and the
+second runs no model (``_recorded_reads``).
 Sums over the data are float64; products within a batch are float32 (least
 squares' widest Grams sum a few batches in float32 first: ``GramSum``).
 
@@ -23,6 +26,7 @@ the first, matching's, is ``matching_stats``.  Both run the models with
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
@@ -34,7 +38,7 @@ from pleascc.passes import distributed
 from pleascc.passes.batching import batches, device_of
 from pleascc.passes.errors import PleasccError, model_name
 from pleascc.passes.executor import lockstep
-from pleascc.passes.frontier import Frontier, LayerOutputs
+from pleascc.passes.frontier import Frontier, LayerReads
 from pleascc.passes.gram import GramSum, mirror_upper
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps, take
@@ -66,23 +70,25 @@ class Problem:
 @dataclass
 class MergedReads:
     """What sequential least squares reads in a pass: the merged model's own inputs at the layers, resumed
-    from ``frontier``, and A's and B's outputs there, recorded in the matching pass (``LayerOutputs``).
+    from ``frontier``, and A's and B's outputs there, recorded in the matching pass (``LayerReads``).
     ``tick``: called after each batch (the whole phase's progress bar)."""
 
     model: fx.GraphModule
     inputs: dict[str, str]  # layer node -> the merged model's node that feeds it (``emit.layer_inputs``)
     frontier: Frontier
-    outputs: LayerOutputs
+    outputs: LayerReads
     tick: Callable[[], None] = lambda: None
 
 
 def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, maps: MergeMaps,
                   problems: list[Problem], data: torch.Tensor, batch_size: int = 64,
-                  progress: bool = True, merged: MergedReads | None = None, positions: int | None = None) -> None:
+                  progress: bool = True, merged: MergedReads | None = None, positions: int | None = None,
+                  recorded: LayerReads | None = None) -> None:
     """Accumulate each problem's input and target moments, in the merged layout (in place).
 
-    Inputs are A's and B's features mapped to the merged layout (one pass), or,
-    given ``merged``, the merged model's own features (the sequential variant).
+    Inputs are A's and B's features mapped to the merged layout (one pass; from
+    what the matching pass recorded, given ``recorded``), or, given ``merged``,
+    the merged model's own features (the sequential variant).
     ``positions``: convolutions and normalizations read at most that many
     spatial positions per sample (``sampled_positions``), linear layers that
     many tokens (``at_tokens``).
@@ -102,8 +108,9 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
     with torch.no_grad(), threadpool_limits(torch.get_num_threads(), user_api="blas"):  # syrk's threads too
         for batch, x in enumerate(batches(data, batch_size, "least-squares statistics", progress and not merged,
                                           device)):
-            reads = (_merged_model_reads(merged, batch, x, layers, fused, positions)
-                     if merged else _mapped_reads(gms, maps, x, layers, positions))
+            reads = (_merged_model_reads(merged, batch, x, layers, fused, positions) if merged
+                     else _recorded_reads(recorded, batch, layers, maps, positions) if recorded
+                     else _mapped_reads(gms, maps, x, layers, positions))
             for node, x_merged, outputs in reads:  # one layer's merged input and rows alive at a time
                 _add_layer(by_node[node], x_merged, outputs, maps, grams)
             if merged:
@@ -125,7 +132,7 @@ def layer_moments(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
 
 
 def layer_outputs(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis, data: torch.Tensor,
-                  outputs: LayerOutputs, batch_size: int = 64, positions: int | None = None,
+                  outputs: LayerReads, batch_size: int = 64, positions: int | None = None,
                   tick: Callable[[], None] = lambda: None) -> None:
     """Record A's and B's outputs at ``outputs.nodes`` as their fits read them, in a pass of their own (the
     matching pass records the first ones: ``feature_moments``); it stops after the last of them."""
@@ -137,13 +144,30 @@ def layer_outputs(gms: tuple[fx.GraphModule, fx.GraphModule], analysis: Analysis
             tick()
 
 
-def record_output(outputs: LayerOutputs, layer: Layer, batch: int, values: list[torch.Tensor],
-                   positions: int | None) -> None:
-    """A layer's outputs as its fit reads them, copied where the read shares the value's memory: the pass
-    goes on, and may overwrite the value in place (``lockstep``'s in-place twins)."""
-    reads = _read_outputs(layer, values, positions)
-    outputs.add(layer.node, batch, [r.clone() if r.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-                                    else r for r, v in zip(reads, values)])
+def record_output(outputs: LayerReads, layer: Layer, batch: int, values: list[torch.Tensor],
+                  positions: int | None) -> None:
+    """A layer's outputs as its fit reads them, checked (``checked``); for one-pass least squares
+    (``LayerReads.inputs``) unchecked, as ``_mapped_reads`` leaves them, and its inputs too (``record_input``)."""
+    reads = [layer.read_value(v, positions) for v in values]
+    outputs.add("output", layer.node, batch, _owned(reads if outputs.inputs else checked(reads, layer.node), values))
+
+
+def record_input(outputs: LayerReads, layer: Layer, batch: int, inputs: list[torch.Tensor], output: torch.Tensor,
+                 positions: int | None, producer: Layer | None) -> None:
+    """A layer's inputs as one-pass least squares will merge them (``unmerged_reads``); not again where they
+    are its ``producer``'s outputs as recorded (``Layer.reads_input_as``: a convolution's, read by its norm)."""
+    if producer is not None and producer.node in outputs.nodes and layer.reads_input_as(producer):
+        outputs.shared[layer.node] = producer.node
+        return
+    whole, reads = unmerged_reads(layer, inputs, output, positions)
+    outputs.add("input", layer.node, batch, (whole, _owned(reads, inputs)))
+
+
+def _owned(reads: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Reads of the pass's values, copied where they share a value's memory: the pass goes on, and may
+    overwrite the value in place (``lockstep``'s in-place twins)."""
+    return [r.clone() if r.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() else r
+            for r, v in zip(reads, values)]
 
 
 # a layer's node, its merged input, and A's and B's outputs read at it (and at the norms fused into it)
@@ -176,11 +200,6 @@ def _mapped_reads(gms, maps: MergeMaps, x: torch.Tensor, layers: dict[str, Layer
         yield node, merged_input, {node: [layer.read_value(v, positions) for v in values[node]]}
 
 
-def _read_outputs(layer: Layer, values: list[torch.Tensor], positions: int | None) -> list[torch.Tensor]:
-    """A's and B's outputs of a layer as its fit reads them (``Layer.read_value``), checked (``checked``)."""
-    return checked([layer.read_value(v, positions) for v in values], layer.node)
-
-
 def checked(values: list[torch.Tensor], node: str) -> list[torch.Tensor]:
     """What a pass reads of ``node``'s value in each model, checked for NaN and Inf (``_check_finite``).
 
@@ -205,18 +224,30 @@ def _check_finite(value: torch.Tensor, model: str, node: str) -> None:
 
 def _merged_input(layer: Layer, inputs: list[torch.Tensor], output: torch.Tensor, maps: MergeMaps,
                   positions: int | None) -> torch.Tensor:
-    """A layer's merged input as its fit reads it (``Layer.read_input``), from A's and B's inputs.
+    """A layer's merged input as its fit reads it (``Layer.read_input``), from A's and B's inputs."""
+    return merged_reads(layer, *unmerged_reads(layer, inputs, output, positions), maps, positions)
+
+
+def unmerged_reads(layer: Layer, inputs: list[torch.Tensor], output: torch.Tensor, positions: int | None
+                   ) -> tuple[bool, list[torch.Tensor]]:
+    """What of A's and B's inputs the merge reads: whole (True) or as the fit reads them (``read_input``).
 
     The merge maps units one by one, so it commutes with reading patches or
     positions.  Where reading holds more values than the inputs (a
     convolution's patches: ``ConvLayer.merges_first``) the inputs are merged
-    first and read once; otherwise read first, so the merge touches only
+    whole, then read once; otherwise read first, so the merge touches only
     what is read.
     """
-    units = [(layer.unit_axis, layer.in_dim)]
-    if layer.merges_first(inputs[0], output, positions):
-        return layer.read_input(maps.merge(inputs, units), positions)
-    return maps.merge([layer.read_input(v, positions) for v in inputs], units)
+    if layer.merges_first(tuple(inputs[0].shape), tuple(output.shape), positions):
+        return True, inputs
+    return False, [layer.read_input(v, positions) for v in inputs]
+
+
+def merged_reads(layer: Layer, whole: bool, reads: list[torch.Tensor], maps: MergeMaps, positions: int | None
+                 ) -> torch.Tensor:
+    """``unmerged_reads``' result merged, and read if it was whole: the layer's merged input as its fit reads it."""
+    merged = maps.merge(reads, [(layer.unit_axis, layer.in_dim)])
+    return layer.read_input(merged, positions) if whole else merged
 
 
 def _finite_sums(p: Problem) -> bool:
@@ -243,13 +274,38 @@ def _merged_model_reads(merged: MergedReads, batch: int, x: torch.Tensor, layers
     """Sequential: each layer's merged input is the merged model's own, resumed from the frontier.
     ``fused``: each layer's norms fitted in its pass, whose outputs are read with its own."""
     merged.frontier.read_ahead(batch + 1)  # read from disk while this batch computes
-    merged.outputs.read_ahead([n for node in layers for n in (node, *fused[node])], batch + 1)
+    merged.outputs.read_ahead([("output", n, batch + 1) for node in layers for n in (node, *fused[node])])
     inputs = merged.frontier.run(batch, x)
     for node, layer in layers.items():
         source = merged.inputs[node]
         read = layer.read_input(inputs[source], positions)
         _check_finite(read, "merged", source)
-        yield node, read, {n: merged.outputs.pop(n, batch) for n in (node, *fused[node])}
+        yield node, read, {n: merged.outputs.pop("output", n, batch) for n in (node, *fused[node])}
+
+
+def _recorded_reads(recorded: LayerReads, batch: int, layers: dict[str, Layer], maps: MergeMaps,
+                    positions: int | None) -> Iterator[LayerRead]:
+    """One pass, recorded: each layer's merged input from A's and B's inputs as the matching pass recorded them
+    (``record_input``), and their outputs; no model runs.  What is read next is read ahead from disk."""
+    order = [(kind, node, b) for b in (batch, batch + 1) for node in layers for kind in ("input", "output")
+             if kind == "output" or node not in recorded.shared]
+    readers = Counter([*layers, *(recorded.shared[node] for node in layers if node in recorded.shared)])
+    kept: dict[str, list[torch.Tensor]] = {}  # outputs a layer still to come reads as its input
+
+    def output(node: str) -> list[torch.Tensor]:
+        value = kept.pop(node) if node in kept else recorded.pop("output", node, batch)
+        readers[node] -= 1
+        if readers[node]:
+            kept[node] = value
+        return value
+
+    done = 0
+    for node, layer in layers.items():
+        recorded.read_ahead(order[done:])
+        shared = recorded.shared.get(node)
+        whole, reads = (False, output(shared)) if shared else recorded.pop("input", node, batch)
+        done += 1 if shared else 2
+        yield node, merged_reads(layer, whole, reads, maps, positions), {node: output(node)}
 
 
 def _add_layer(group: list[ProblemRead], x_merged: torch.Tensor,

@@ -21,7 +21,8 @@ from pleascc.allocator import reuse_freed_memory
 from pleascc.channels_last import statistics_copies
 from pleascc.data import TOKEN_DTYPES, CalibrationData, check_data_fits, load_data, token_inputs
 from pleascc.export import export_onnx
-from pleascc.least_squares import LeastSquares, add_time, check_samples, layer_weights, make_problems, plan_outputs
+from pleascc.least_squares import (LeastSquares, add_time, check_samples, layer_weights, make_problems, plan_outputs,
+                                   records_reads)
 from pleascc.load import check_same_architecture
 from pleascc.options import METHODS, MergeOptions, read_positions
 from pleascc.passes import budget as budget_pass
@@ -30,7 +31,7 @@ from pleascc.passes.batching import batch_size_for, batches
 from pleascc.passes.emit import emit
 from pleascc.passes.errors import PleasccError, model_name
 from pleascc.passes.feature_matching import jointly_matched, match_features, selections, zip_spaces
-from pleascc.passes.frontier import LayerOutputs
+from pleascc.passes.frontier import LayerReads
 from pleascc.passes.fused_norms import fuse_norms, norm_producers
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
 from pleascc.passes.matching_stats import feature_moments
@@ -78,6 +79,7 @@ class _Plan:
     levels: dict[str, int] = field(default_factory=dict)  # sequential: each layer's level
     segments: list[list[int]] = field(default_factory=list)  # sequential: runs of levels recorded together
     outputs_memory: float = 0.0  # sequential: memory the recorded outputs may take
+    records_reads: bool = False  # one-pass: the matching pass records what least squares reads (``records_reads``)
     underdetermined: list[str] = field(default_factory=list)  # least squares: fits with fewer rows than unknowns
 
     @property
@@ -141,8 +143,7 @@ def merge(models: nn.Module | Sequence[nn.Module], *args, **choices) -> MergeRes
     opts = plan.options  # with the positions read (``read_positions``)
     clock = add_time(timings, "trace_and_analyze", clock)
     with ActivationStore(opts.cache_gb * 2**30, opts.work_dir) as store:
-        outputs = LayerOutputs(store, {n for n, level in plan.levels.items() if level in plan.segments[0]},
-                               plan.outputs_memory) if plan.sequential else None
+        outputs = _recorded(plan, store)
         if plan.models == 2:
             correlations = _matching_statistics(plan, outputs, timings)
             clock = time.perf_counter()
@@ -172,6 +173,18 @@ def merge(models: nn.Module | Sequence[nn.Module], *args, **choices) -> MergeRes
                      positions=opts.positions, least_squares_passes=passes, **kept, device=str(opts.device),
                      underdetermined_layers=underdetermined)
     return MergeResult(merged.eval(), report, plan.analysis)
+
+
+def _recorded(plan: _Plan, store: ActivationStore) -> LayerReads | None:
+    """What the matching pass records for least squares: sequential, the first segment's outputs; one-pass,
+    where ``records_reads``, every layer's inputs and outputs."""
+    if plan.sequential:
+        return LayerReads(store, {n for n, level in plan.levels.items() if level in plan.segments[0]},
+                          plan.outputs_memory)
+    if plan.records_reads:
+        return LayerReads(store, {layer.node for layer in plan.analysis.layers if layer.refit}, store.limit,
+                          inputs=True)
+    return None
 
 
 def _arguments(models, args: tuple, choices: dict) -> tuple[list[nn.Module], object, MergeOptions | None]:
@@ -211,12 +224,15 @@ def _plan(models: list[nn.Module], data, opts: MergeOptions) -> _Plan:
         plan.levels = layer_levels(gms[0], analysis, plan.fused)
         plan.segments, plan.outputs_memory = plan_outputs(gms[0], analysis, plan.levels, len(local), opts.positions,
                                                           opts.cache_gb * 2**30, opts.work_dir, len(models))
+    elif plan.refit == "least-squares" and plan.matches_every_sample:
+        plan.records_reads = records_reads(analysis, len(local), opts.positions, opts.cache_gb * 2**30,
+                                           opts.work_dir, len(models))
     return plan
 
 
-def _matching_statistics(plan: _Plan, outputs: LayerOutputs | None, timings: dict[str, float]) -> dict | None:
+def _matching_statistics(plan: _Plan, outputs: LayerReads | None, timings: dict[str, float]) -> dict | None:
     """The matching pass's correlations (None where matching reads the weights alone); reading every sample, it
-    also records A's and B's outputs for the first segment of sequential least squares."""
+    also records what least squares reads (``_recorded``)."""
     opts = plan.options
     if plan.data_free:
         return None
@@ -288,7 +304,7 @@ def _warm_start(plan: _Plan, maps: MergeMaps):
 
 
 def _refit(plan: _Plan, maps: MergeMaps, fits: list[Problem], emit_with, store: ActivationStore,
-           outputs: LayerOutputs | None, timings: dict[str, float]) -> tuple[dict, int, list[str]]:
+           outputs: LayerReads | None, timings: dict[str, float]) -> tuple[dict, int, list[str]]:
     """The method's refit of the warm start: least squares (one pass, or level by level), RegMean, or none;
     returns the residuals, the passes made and the underdetermined layers."""
     opts = plan.options
@@ -298,8 +314,8 @@ def _refit(plan: _Plan, maps: MergeMaps, fits: list[Problem], emit_with, store: 
         return {}, 0, []
     solver = LeastSquares(plan.runs, plan.analysis, maps, plan.local, plan.batch_size, opts.progress, opts.ridge,
                           opts.positions, timings)
-    if not plan.sequential:
-        return solver.fit(fits), 1, plan.underdetermined
+    if not plan.sequential:  # no pass of the models where the matching pass recorded what the fits read
+        return solver.fit(fits, recorded=outputs), 0 if outputs else 1, plan.underdetermined
     residuals, passes = solver.fit_in_levels(
         fits, plan.fused, plan.levels, plan.segments, outputs, store, plan.matches_every_sample,
         lambda: emit_with(layer_weights(fits, plan.states)).to(opts.device))

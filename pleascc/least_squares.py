@@ -29,7 +29,7 @@ from pleascc.passes import distributed
 from pleascc.passes.batching import batch_count
 from pleascc.passes.emit import layer_inputs
 from pleascc.passes.errors import PleasccError, model_name
-from pleascc.passes.frontier import Frontier, LayerOutputs, frontier_bytes, level_output_bytes, output_segments
+from pleascc.passes.frontier import Frontier, LayerReads, frontier_bytes, level_output_bytes, output_segments
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps, row_blocks
 from pleascc.passes.solve import block_slice, ridge_fit, warm_start
@@ -56,11 +56,13 @@ class LeastSquares:
     positions: int | None
     timings: dict[str, float]
 
-    def fit(self, problems: list[Problem], merged: MergedReads | None = None) -> dict[str, float]:
-        """One pass over the data, then each problem's least-squares fit (``p.w``); returns the residuals."""
+    def fit(self, problems: list[Problem], merged: MergedReads | None = None,
+            recorded: LayerReads | None = None) -> dict[str, float]:
+        """One pass over the data (or over what the matching pass ``recorded``), then each problem's
+        least-squares fit (``p.w``); returns the residuals."""
         clock = time.perf_counter()
         layer_moments(self.runs, self.analysis, self.maps, problems, self.x, self.batch_size, self.progress,
-                      merged, self.positions)
+                      merged, self.positions, recorded)
         clock = add_time(self.timings, "least_squares_statistics", clock)
         residuals = {}
         norms = {id(p.fused.norm): p.fused.norm for p in problems if p.fused}  # solved after their convolutions
@@ -99,7 +101,7 @@ class LeastSquares:
         return residuals
 
     def fit_in_levels(self, problems: list[Problem], fused: dict[str, str], levels: dict[str, int],
-                      segments: list[list[int]], outputs: LayerOutputs, store: ActivationStore, recorded: bool,
+                      segments: list[list[int]], outputs: LayerReads, store: ActivationStore, recorded: bool,
                       emit_current) -> tuple[dict[str, float], int]:
         """Sequential least squares under one progress bar; returns the residuals and the passes it made.
 
@@ -150,6 +152,35 @@ def plan_outputs(gm: fx.GraphModule, analysis: Analysis, levels: dict[str, int],
         raise PleasccError(f"sequential least squares needs to spill {needed / 2**30:.1f} GB of activations to "
                            f"{directory}, which has {free / 2**30:.1f} GB free: {fix}")
     return output_segments(level_bytes, room), max(memory - frontier, 0.0)
+
+
+def records_reads(analysis: Analysis, samples: int, positions: int | None, memory: float, work_dir: str | None,
+                  models: int = 2) -> bool:
+    """One-pass: whether every layer's inputs and outputs, as the fits read them (the inputs before the models'
+    are merged), fit memory and the work directory's disk.  Then the matching pass records them and least
+    squares runs no model: no second forward.  Else (or where the directory cannot be written) a second pass
+    runs the models again, as it may."""
+    refit = {layer.node: layer for layer in analysis.layers if layer.refit}
+    needed = sum(models * samples * layer_read_bytes(analysis, layer, positions, refit.get(layer.source))
+                 // analysis.example_batch for layer in refit.values())
+    if needed <= memory:
+        return True
+    directory = work_dir or tempfile.gettempdir()
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix="pleascc-", dir=directory))
+    except OSError:
+        return False
+    return needed <= memory + SPILL_SHARE * shutil.disk_usage(directory).free
+
+
+def layer_read_bytes(analysis: Analysis, layer: Layer, positions: int | None, producer: Layer | None) -> int:
+    """One model's float32 bytes of a layer's input and output as its fit reads them, on the example batch;
+    its input not counted where it is its ``producer``'s output as read (``Layer.reads_input_as``)."""
+    source, output = analysis.shapes.get(layer.source), analysis.shapes.get(layer.node)
+    if not isinstance(source, tuple) or not isinstance(output, tuple):
+        return 0
+    shared = producer is not None and layer.reads_input_as(producer)
+    return (0 if shared else layer.input_bytes(source, output, positions)) + layer.read_bytes(output, positions)
 
 
 def make_problems(analysis: Analysis, maps: MergeMaps, states, separate_heads: set[str]) -> list[Problem]:

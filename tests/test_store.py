@@ -164,6 +164,26 @@ def test_outputs_that_do_not_fit_the_disk_are_recorded_a_run_of_levels_at_a_time
     assert list(tmp_path.iterdir()) == []
 
 
+def test_one_pass_reads_what_the_matching_pass_recorded_in_memory_spilled_or_runs_again(pair, tmp_path,
+                                                                                        monkeypatch):
+    """One-pass least squares reads the layers' inputs and outputs the matching pass recorded, in memory or on
+    disk, and runs no model; where they would not fit the disk, it runs A and B again.  The same weights bit
+    for bit, and the spill directory gone."""
+    a, b, x = pair
+    options = dict(least_squares="one-pass", work_dir=str(tmp_path), progress=False)
+    in_memory = pleascc.merge(a, b, x, cache_gb=10, **options)
+    spilled = pleascc.merge(a, b, x, cache_gb=0, **options)
+    assert in_memory.report["least_squares_passes"] == spilled.report["least_squares_passes"] == 0
+    assert in_memory.report["least_squares_disk_peak_mb"] == 0 < in_memory.report["least_squares_memory_peak_mb"]
+    assert spilled.report["least_squares_memory_peak_mb"] == 0 < spilled.report["least_squares_spilled_mb"]
+    monkeypatch.setattr(pleascc.least_squares.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 0})())
+    again = pleascc.merge(a, b, x, cache_gb=0, **options)
+    assert again.report["least_squares_passes"] == 1 and again.report["least_squares_spilled_mb"] == 0
+    for result in (spilled, again):
+        assert torch.equal(_weights(in_memory.model), _weights(result.model))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_spill_directory_goes_when_a_merge_fails_or_is_interrupted(pair, tmp_path, monkeypatch):
     a, b, x = pair
     for error in (RuntimeError, KeyboardInterrupt):
