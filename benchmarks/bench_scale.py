@@ -140,6 +140,8 @@ def measure(job: dict) -> dict:
 
     if job.get("glibc_defaults"):
         api.reuse_freed_memory = lambda: False
+    if job.get("second_pass"):  # one-pass as it ran before its matching pass recorded what it reads
+        api.records_reads = lambda *args, **kwargs: False
 
     torch.set_num_threads(job["threads"])
     (model_a, shape), (model_b, _) = build(job["arch"], 0), build(job["arch"], 1)
@@ -301,8 +303,10 @@ def jobs(part: str, smoke: bool, threads: int, counts: list[int] | None = None,
 
 
 def model(row: dict) -> str:
-    """A row's model, whether glibc's malloc thresholds were left as they are, and matching's samples if fewer."""
+    """A row's model, whether glibc's malloc thresholds were left as they are, whether one-pass ran its models
+    again, and matching's samples if fewer."""
     return (row["arch"] + (" (glibc malloc defaults)" if row.get("glibc_defaults") else "")
+            + (" (second pass)" if row.get("second_pass") else "")
             + (f" (matching on {row['match_samples']})" if row.get("match_samples") else ""))
 
 
@@ -468,6 +472,8 @@ def main() -> None:
                         "as given only, or none (the merge's time, memory and spill alone)")
     p.add_argument("--glibc-defaults", action="store_true", help="leave glibc's malloc thresholds as they are "
                    "(rows of their own), to measure what reuse_freed_memory saves")
+    p.add_argument("--second-pass", action="store_true", help="one-pass: run A and B again for the least-squares "
+                   "statistics instead of reading what the matching pass recorded (rows of their own)")
     args = p.parse_args()
     name = f"scale_{args.part}{'_cuda' if args.device != 'cpu' else ''}{'_smoke' if args.smoke else ''}"
     RESULTS.mkdir(exist_ok=True)
@@ -481,7 +487,8 @@ def main() -> None:
         todo = jobs(args.part, args.smoke, args.threads, args.samples, args.least_squares, args.arch)
         work = measure_forward if args.part == "forward" else measure
         for row in pool.imap(work, [{**job, "device": args.device, "glibc_defaults": args.glibc_defaults,
-                                     "match_samples": args.match_samples, "floors": args.floors} for job in todo]):
+                                     "second_pass": args.second_pass, "match_samples": args.match_samples,
+                                     "floors": args.floors} for job in todo]):
             row.update(code=version, cpu=cpu, command=" ".join(sys.argv))
             rows = [r for r in rows if key(r) != key(row)] + [row]
             print(markdown([row]).splitlines()[-1], flush=True)
@@ -491,7 +498,7 @@ def main() -> None:
 def key(row: dict) -> tuple:
     """What a row measures; a run replaces the earlier row with the same key (rows from another CPU stay)."""
     return (row["arch"], row["samples"], row["least_squares"], row.get("glibc_defaults", False),
-            row.get("match_samples"), row.get("cpu"))
+            row.get("second_pass", False), row.get("match_samples"), row.get("cpu"))
 
 
 def previous_rows(path: Path) -> list[dict]:
