@@ -56,7 +56,9 @@ class MergeOptions:
                   "choice for transformers and for PLeaS-free)", flag="--widths", choices=WIDTH_SEARCHES)
     least_squares: str = _option(
         "sequential", "pleas: fit each layer on the merged model's own inputs, one pass over the data per level of "
-                      "layers (more accurate), or on the originals' features in a single pass (faster)",
+                      "layers (more accurate), or on the originals' features in a single pass (faster; its "
+                      "statistics read what the matching pass recorded, where that fits memory and disk, else a "
+                      "second pass runs both models)",
         choices=LEAST_SQUARES)
     positions: int | str | None = _option(
         "auto", "the most spatial positions (or tokens) per sample the statistics read from a feature map (0 or "
@@ -70,12 +72,14 @@ class MergeOptions:
         None, "samples per batch in the statistics passes (default: the most, up to 64, whose values in flight fit "
               "in 512 MB as the passes stream the models)")
     cache_gb: float = _option(
-        2.0, "sequential least squares: memory for the activations kept between its passes (A's and B's layer "
-             "outputs, the merged model's values later levels read); the rest goes to disk, in `--work-dir`")
+        2.0, "least squares: memory for the activations kept between its passes (A's and B's layer outputs, and "
+             "for one-pass their inputs; the merged model's values later levels read); the rest goes to disk, in "
+             "`--work-dir`")
     work_dir: str | None = _option(
-        None, "sequential least squares: where activations past `--cache-gb` go, in a temporary directory removed "
-              "when the merge ends, fails or is interrupted (default: the system's temporary directory, $TMPDIR); "
-              "one that cannot be written or is too small is an error before any pass", metavar="DIR")
+        None, "least squares: where activations past `--cache-gb` go, in a temporary directory removed when the "
+              "merge ends, fails or is interrupted (default: the system's temporary directory, $TMPDIR); for "
+              "sequential least squares one that cannot be written or is too small is an error before any pass "
+              "(one-pass runs its models again instead)", metavar="DIR")
     device: str = _option(
         "cpu", "where the statistics passes run and the least-squares systems are solved: `cpu` or `cuda` "
                "(matching runs on the CPU; under torchrun each rank its local GPU, NCCL for the sums)")

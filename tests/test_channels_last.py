@@ -60,8 +60,9 @@ def test_graphs_without_convolutions_or_with_a_lone_patch_embedding_run_as_given
 
 
 def test_the_merge_is_the_same_in_either_layout(monkeypatch):
-    """Only float32 rounding differs between the layouts' statistics."""
-    x = torch.randn(96, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    """Only float32 rounding differs between the layouts' statistics.  On enough samples that the fits are well
+    determined: on 96, a CPU without AVX-512 amplified the layouts' rounding to 2.6e-4 through the fits."""
+    x = torch.randn(384, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     merged = pleascc.merge(_nets(0), _nets(1), x, budget=1.5, least_squares="one-pass", progress=False).model
     monkeypatch.setattr(api, "statistics_copies", lambda gms, device, example: gms)
     given = pleascc.merge(_nets(0), _nets(1), x, budget=1.5, least_squares="one-pass", progress=False).model
