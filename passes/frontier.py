@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from pleascc.passes.executor import NodeRunner
-from pleascc.passes.groups import Analysis
+from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.store import ActivationStore, nbytes
 
 # Ops that do real work per value: never recomputed to save keeping their output.
@@ -48,9 +48,10 @@ class LayerReads:
     Each layer's reads are read by one pass, then dropped.
     """
 
-    def __init__(self, store: ActivationStore, nodes: set[str], memory_bytes: float, inputs: bool = False) -> None:
+    def __init__(self, store: ActivationStore, nodes: set[str], memory_bytes: float, inputs: bool = False,
+                 shared: dict[str, str] | None = None) -> None:
         self.store, self.nodes, self.memory_bytes, self.inputs = store, nodes, memory_bytes, inputs
-        self.shared: dict[str, str] = {}  # a layer -> the layer whose recorded outputs are its inputs as read
+        self.shared = shared or {}  # a layer -> the layer whose recorded outputs are its inputs (``shared_inputs``)
 
     def add(self, kind: str, node: str, batch: int, value: object) -> None:
         """Keep one batch's ``kind`` ("output" or "input") of a layer."""
@@ -64,6 +65,14 @@ class LayerReads:
         value = self.store.get((kind, node, batch))
         self.store.drop((kind, node, batch))
         return value
+
+
+def shared_inputs(layers: list[Layer]) -> dict[str, str]:
+    """Each layer whose fit reads its input as the layer making it reads its output (``Layer.reads_input_as``: a
+    norm after a convolution) → that layer: one recording of those reads serves both."""
+    by_node = {layer.node: layer for layer in layers}
+    return {layer.node: layer.source for layer in layers
+            if layer.source in by_node and layer.reads_input_as(by_node[layer.source])}
 
 
 class Frontier:

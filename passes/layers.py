@@ -92,7 +92,7 @@ class Layer:
         """Whether its fit reads its input, ``producer``'s output, as ``producer``'s fit reads it (a norm after
         a convolution: both at the sampled positions), so one recording serves both (``stats.record_input``)."""
         return (type(self).read_input is Layer.read_input and type(self).read_value is type(producer).read_value
-                and self.batch_axis == producer.batch_axis and self.source == producer.node)
+                and self.batch_axis == producer.batch_axis)
 
     def rows_bytes(self, source: tuple, output: tuple, positions: int | None) -> int:
         """Its least-squares rows on the example (input shape ``source``, output ``output``): up to twice

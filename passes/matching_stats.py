@@ -175,8 +175,7 @@ def feature_moments(gms: tuple[fx.GraphModule, ...], analysis: Analysis, data: t
                     record_output(outputs, layers[name], batch, values[name], positions)
                     if outputs.inputs:
                         layer = layers[name]
-                        record_input(outputs, layer, batch, values[layer.source], values[name][0], positions,
-                                     layers.get(layer.source))
+                        record_input(outputs, layer, batch, values[layer.source], values[name][0], positions)
     by_root: dict[int | tuple, list[torch.Tensor]] = {}
     for m in moments.values():  # the same keys in the same order on every rank
         m.reduce()

@@ -149,21 +149,21 @@ def record_output(outputs: LayerReads, layer: Layer, batch: int, values: list[to
     """A layer's outputs as its fit reads them, checked (``checked``); for one-pass least squares
     (``LayerReads.inputs``) unchecked, as ``_mapped_reads`` leaves them, and its inputs too (``record_input``)."""
     reads = [layer.read_value(v, positions) for v in values]
-    outputs.add("output", layer.node, batch, _owned(reads if outputs.inputs else checked(reads, layer.node), values))
+    outputs.add("output", layer.node, batch,
+                _copied_if_shared(reads if outputs.inputs else checked(reads, layer.node), values))
 
 
 def record_input(outputs: LayerReads, layer: Layer, batch: int, inputs: list[torch.Tensor], output: torch.Tensor,
-                 positions: int | None, producer: Layer | None) -> None:
+                 positions: int | None) -> None:
     """A layer's inputs as one-pass least squares will merge them (``unmerged_reads``); not again where they
-    are its ``producer``'s outputs as recorded (``Layer.reads_input_as``: a convolution's, read by its norm)."""
-    if producer is not None and producer.node in outputs.nodes and layer.reads_input_as(producer):
-        outputs.shared[layer.node] = producer.node
+    are another layer's outputs as recorded (``LayerReads.shared``: a convolution's, read by its norm)."""
+    if layer.node in outputs.shared:
         return
     whole, reads = unmerged_reads(layer, inputs, output, positions)
-    outputs.add("input", layer.node, batch, (whole, _owned(reads, inputs)))
+    outputs.add("input", layer.node, batch, (whole, _copied_if_shared(reads, inputs)))
 
 
-def _owned(reads: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
+def _copied_if_shared(reads: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
     """Reads of the pass's values, copied where they share a value's memory: the pass goes on, and may
     overwrite the value in place (``lockstep``'s in-place twins)."""
     return [r.clone() if r.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() else r

@@ -60,9 +60,9 @@ def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
 def aligned_matchings(analysis: Analysis, pairs: list[dict[int, Matching]], perms: list[dict[int, torch.Tensor]],
                       models: int) -> dict[int, Tuples]:
     """Every free space's tuples of aligned units (``aligned_matching.tuples``) from each other model's matching to
-    A and the ``alignment`` it gave.  Head dims matched inside each pair of heads (``Matching.within``), and every space where the models
-    were not matched (``average``), keep A's order: identity tuples; the former are never widened
-    (``aligned_widths``)."""
+    A and the ``alignment`` it gave.  Head dims matched inside each pair of heads (``Matching.within``), and every
+    space where the models were not matched (``average``), keep A's order: identity tuples; the former are never
+    widened (``aligned_widths``)."""
     out = {}
     for root in analysis.free_roots():
         found = [pair[root] for pair in pairs]

@@ -31,7 +31,7 @@ from pleascc.passes.batching import batch_size_for, batches
 from pleascc.passes.emit import emit
 from pleascc.passes.errors import PleasccError, model_name
 from pleascc.passes.feature_matching import jointly_matched, match_features, selections, zip_spaces
-from pleascc.passes.frontier import LayerReads
+from pleascc.passes.frontier import LayerReads, shared_inputs
 from pleascc.passes.fused_norms import fuse_norms, norm_producers
 from pleascc.passes.groups import Analysis, Layer, analyze, coverage
 from pleascc.passes.matching_stats import feature_moments
@@ -182,8 +182,9 @@ def _recorded(plan: _Plan, store: ActivationStore) -> LayerReads | None:
         return LayerReads(store, {n for n, level in plan.levels.items() if level in plan.segments[0]},
                           plan.outputs_memory)
     if plan.records_reads:
-        return LayerReads(store, {layer.node for layer in plan.analysis.layers if layer.refit}, store.limit,
-                          inputs=True)
+        layers = [layer for layer in plan.analysis.layers if layer.refit]
+        return LayerReads(store, {layer.node for layer in layers}, store.limit, inputs=True,
+                          shared=shared_inputs(layers))
     return None
 
 

@@ -29,7 +29,8 @@ from pleascc.passes import distributed
 from pleascc.passes.batching import batch_count
 from pleascc.passes.emit import layer_inputs
 from pleascc.passes.errors import PleasccError, model_name
-from pleascc.passes.frontier import Frontier, LayerReads, frontier_bytes, level_output_bytes, output_segments
+from pleascc.passes.frontier import (Frontier, LayerReads, frontier_bytes, level_output_bytes, output_segments,
+                                     shared_inputs)
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.merge_maps import Block, MergeMaps, row_blocks
 from pleascc.passes.solve import block_slice, ridge_fit, warm_start
@@ -142,11 +143,10 @@ def plan_outputs(gm: fx.GraphModule, analysis: Analysis, levels: dict[str, int],
     needed = frontier + max(level_bytes.values(), default=0) - memory
     fix = f"pass --work-dir DIR on a disk with room, or --cache-gb {math.ceil(needed / 2**30) + 1} or more"
     try:
-        shutil.rmtree(tempfile.mkdtemp(prefix="pleascc-", dir=directory))
+        free = spill_space(directory)
     except OSError as exc:
         raise PleasccError(f"sequential least squares needs to spill activations to {directory}, which cannot be "
                            f"written ({exc.strerror}): {fix}") from exc
-    free = shutil.disk_usage(directory).free
     room = memory + SPILL_SHARE * free - frontier
     if room < max(level_bytes.values(), default=0):
         raise PleasccError(f"sequential least squares needs to spill {needed / 2**30:.1f} GB of activations to "
@@ -160,26 +160,30 @@ def records_reads(analysis: Analysis, samples: int, positions: int | None, memor
     are merged), fit memory and the work directory's disk.  Then the matching pass records them and least
     squares runs no model: no second forward.  Else (or where the directory cannot be written) a second pass
     runs the models again, as it may."""
-    refit = {layer.node: layer for layer in analysis.layers if layer.refit}
-    needed = sum(models * samples * layer_read_bytes(analysis, layer, positions, refit.get(layer.source))
-                 // analysis.example_batch for layer in refit.values())
+    layers = [layer for layer in analysis.layers if layer.refit]
+    shared = shared_inputs(layers)
+    needed = sum(models * samples * layer_read_bytes(analysis, layer, positions, layer.node in shared)
+                 // analysis.example_batch for layer in layers)
     if needed <= memory:
         return True
-    directory = work_dir or tempfile.gettempdir()
     try:
-        shutil.rmtree(tempfile.mkdtemp(prefix="pleascc-", dir=directory))
+        return needed <= memory + SPILL_SHARE * spill_space(work_dir or tempfile.gettempdir())
     except OSError:
         return False
-    return needed <= memory + SPILL_SHARE * shutil.disk_usage(directory).free
 
 
-def layer_read_bytes(analysis: Analysis, layer: Layer, positions: int | None, producer: Layer | None) -> int:
+def spill_space(directory: str) -> int:
+    """The free bytes of ``directory``, once a temporary directory was made and removed in it (OSError if not)."""
+    shutil.rmtree(tempfile.mkdtemp(prefix="pleascc-", dir=directory))
+    return shutil.disk_usage(directory).free
+
+
+def layer_read_bytes(analysis: Analysis, layer: Layer, positions: int | None, shared: bool) -> int:
     """One model's float32 bytes of a layer's input and output as its fit reads them, on the example batch;
-    its input not counted where it is its ``producer``'s output as read (``Layer.reads_input_as``)."""
+    its input not counted where ``shared`` (its producer's recorded output: ``shared_inputs``)."""
     source, output = analysis.shapes.get(layer.source), analysis.shapes.get(layer.node)
     if not isinstance(source, tuple) or not isinstance(output, tuple):
         return 0
-    shared = producer is not None and layer.reads_input_as(producer)
     return (0 if shared else layer.input_bytes(source, output, positions)) + layer.read_bytes(output, positions)
 
 
