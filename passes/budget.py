@@ -2,17 +2,19 @@
 
 A merged space of n units at width w ≥ n has k = 2n − w merged units,
 n − k A-only and n − k B-only; below n (a budget under 1.0) all w are
-merged, each a cluster of pairs.  N aligned models (``aligned_matching``)
-un-merge whole tuples, N − 1 units wider each (``Matching.split_width``).
-Each model's computation covers a = min(w, n) of them.  The emitter never computes the cross blocks (A-only
-outputs from B-only inputs and back), so a dense layer costs
+merged, each a cluster of pairs.  In general each merged unit is fed by a
+set of the models (``Matching.fed_by``: all of them or one for pairs; for N
+aligned models any set holding A, as a tuple loses members one at a time).
+The emitter computes a layer's rows fed by a set S from the inputs some
+model of S feeds only (``row_blocks``: A-only outputs never read B-only
+inputs), so a dense layer costs
 
-    2·a_out·a_in − k_out·k_in   multiply-accumulates × kernel size,
+    Σ_S rows(S) · inputs meeting S   multiply-accumulates × kernel size,
 
-which is n_out·n_in fully merged, twice that fully apart (the two models
-side by side) and w_out·w_in below.  Separate heads each read their own model's n_in units.
-N aligned models (``align``: a merged unit is fed by all of them or by one)
-cost N·a_out·a_in − (N − 1)·k_out·k_in, with k = (N·n − w) / (N − 1).
+rows fed by every model reading every input.  For two models that is
+2·a_out·a_in − k_out·k_in with a = min(w, n): n_out·n_in fully merged, twice
+that fully apart (the two models side by side) and w_out·w_in below.
+Separate heads each read their own model's a_in units.
 Depthwise and grouped convolutions and norms cost their emitted size, and
 products of two activations (attention's q·kᵀ and ·v) theirs: whole heads.
 
@@ -27,13 +29,14 @@ saved, and the others narrow every space by the same share.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 from pleascc.passes.errors import PleasccError
 from pleascc.passes.groups import Analysis, Layer
 from pleascc.passes.match import MIN_SHARE, Matching
-from pleascc.passes.spaces import Dim
+from pleascc.passes.spaces import Atom, Cat, Dim, children
 
 
 @dataclass
@@ -68,37 +71,60 @@ def layer_costs(analysis: Analysis, separate_heads: set[str], models: int = 2) -
     return costs
 
 
-def cost_of(analysis: Analysis, c: Cost, widths: dict[int, int]) -> int:
+def cost_of(analysis: Analysis, c: Cost, widths: dict[int, int], matchings: dict[int, Matching]) -> int:
     table = analysis.table
     if c.kind == "plain":
         return c.positions * math.prod(table.size(d, widths) for d in c.dims)
     out, inp, *kernel = c.dims
     per_unit = c.positions * math.prod(table.size(d) for d in kernel)
-    a_out, a_in = (_units(analysis, d, widths, lambda n, w: min(w, n)) for d in (out, inp))
-    if c.kind == "heads":
-        return per_unit * c.models * a_out * a_in
-    merged = (merged_units(analysis, d, widths, c.models) for d in (out, inp))
-    return per_unit * (c.models * a_out * a_in - (c.models - 1) * math.prod(merged))
+    rows, cols = (fed_by(analysis, d, widths, matchings, c.models) for d in (out, inp))
+    if c.kind == "heads":  # each model's head reads the units it feeds
+        return per_unit * c.models * _fed_by_one(rows) * _fed_by_one(cols)
+    everyone = (1 << c.models) - 1
+    return per_unit * sum(count * sum(k for fed, k in cols.items() if pattern in (0, everyone) or fed & pattern)
+                          for pattern, count in rows.items())
 
 
-def merged_units(analysis: Analysis, dim: Dim, widths: dict[int, int], models: int = 2) -> int:
-    """Units of ``dim`` that every model feeds (all of a fixed space's)."""
-    return _units(analysis, dim, widths, lambda n, w: min(w, (models * n - w) // (models - 1)))
+def fed_by(analysis: Analysis, dim: Dim, widths: dict[int, int], matchings: dict[int, Matching],
+           models: int) -> dict[int, int]:
+    """How many of ``dim``'s merged units each set of models feeds (bit k: model k), as ``row_blocks`` sees them:
+    a fixed space's units by all, a product's by the models feeding each factor of it."""
+    table = analysis.table
+    dim = table.resolve(dim)
+    if isinstance(dim, Atom):
+        if dim.id in widths:
+            return matchings[dim.id].fed_by(widths[dim.id])
+        return {(1 << models) - 1: table.size(dim)}
+    parts = [fed_by(analysis, part, widths, matchings, models) for part in children(dim)]
+    out: dict[int, int] = {}
+    if isinstance(dim, Cat):
+        for part in parts:
+            for fed, count in part.items():
+                out[fed] = out.get(fed, 0) + count
+        return out
+    out = parts[0]
+    for part in parts[1:]:
+        product: dict[int, int] = {}
+        for (fed, count), (other, times) in itertools.product(out.items(), part.items()):
+            product[fed & other] = product.get(fed & other, 0) + count * times
+        out = product
+    return out
 
 
-def _units(analysis: Analysis, dim: Dim, widths: dict[int, int], count) -> int:
-    """``dim``'s size with each free space at ``count(its units, its width)``."""
-    return analysis.table.size(dim, {root: count(analysis.root_size(root), w) for root, w in widths.items()})
+def _fed_by_one(fed: dict[int, int]) -> int:
+    """The units model A feeds (every model feeds as many)."""
+    return sum(count for pattern, count in fed.items() if pattern & 1)
 
 
-def flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int]) -> int:
-    return sum(cost_of(analysis, c, widths) for c in costs)
+def flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int], matchings: dict[int, Matching]) -> int:
+    """The merged model's cost with each space of ``matchings`` at its width (the others as one model's)."""
+    return sum(cost_of(analysis, c, widths, matchings) for c in costs)
 
 
 def base_flops(analysis: Analysis, costs: list[Cost]) -> int:
     """One input model's FLOPs (one head)."""
     single = [Cost("blocked" if c.kind == "heads" else c.kind, c.dims, c.positions, c.models) for c in costs]
-    return flops(analysis, single, {})
+    return flops(analysis, single, {}, {})
 
 
 def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
@@ -109,7 +135,7 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
     limit = budget * base_flops(analysis, costs)
     widths = {root: m.n for root, m in matchings.items()}
     touching = _touching(analysis, matchings, costs)
-    current = flops(analysis, costs, widths)
+    current = flops(analysis, costs, widths, matchings)
     if budget < 1.0 and current > limit * (1 + 1e-12):  # from 1.0 up, never below full merging (two heads)
         return _narrow(analysis, matchings, costs, touching, widths, budget)
     steps = {root: max(1, m.n // 32) for root, m in matchings.items()}
@@ -122,7 +148,7 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
             if step <= 0:
                 continue
             trial = {**widths, root: widths[root] + step * m.split_width}
-            delta = sum(cost_of(analysis, c, trial) - cost_of(analysis, c, widths) for c in touching[root])
+            delta = _added(analysis, touching[root], trial, widths, matchings)
             if current + delta > limit * (1 + 1e-12):
                 continue
             gain = float((1 - m.corr[left - step:left]).sum())
@@ -133,6 +159,12 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
             return widths
         widths[best] += best_step * matchings[best].split_width
         current += best_delta
+
+
+def _added(analysis: Analysis, costs: list[Cost], trial: dict[int, int], widths: dict[int, int],
+           matchings: dict[int, Matching]) -> float:
+    """What ``costs`` come to at ``trial``'s widths more than at ``widths``'."""
+    return sum(cost_of(analysis, c, trial, matchings) - cost_of(analysis, c, widths, matchings) for c in costs)
 
 
 def _touching(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost]) -> dict[int, list[Cost]]:
@@ -158,7 +190,7 @@ def _narrow(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost
     """Below one model's FLOPs: merge clusters of pairs, a step at a time where it loses the least similarity
     per FLOP saved, until within budget."""
     limit = budget * base_flops(analysis, costs) * (1 + 1e-12)
-    current = flops(analysis, costs, widths)
+    current = flops(analysis, costs, widths, matchings)
     narrowable = _narrowable(analysis, matchings)
     while current > limit:
         best, best_score, best_step, best_delta = None, math.inf, 0, 0
@@ -168,26 +200,28 @@ def _narrow(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost
             if step <= 0:
                 continue
             trial = {**widths, root: widths[root] - step}
-            saved = sum(cost_of(analysis, c, widths) - cost_of(analysis, c, trial) for c in touching[root])
+            saved = -_added(analysis, touching[root], trial, widths, matchings)
             loss = float((1 - m.pair_merges()[1][done:done + step]).sum())
             if saved > 0 and loss / saved < best_score:
                 best, best_score, best_step, best_delta = root, loss / saved, step, saved
         if best is None:
-            _unreachable(analysis, costs, widths, budget)
+            _unreachable(analysis, costs, widths, matchings, budget)
         widths[best] -= best_step
         current -= best_delta
     return widths
 
 
-def _unreachable(analysis: Analysis, costs: list[Cost], widths: dict[int, int], budget: float):
-    least = relative_flops(analysis, costs, widths)
+def _unreachable(analysis: Analysis, costs: list[Cost], widths: dict[int, int], matchings: dict[int, Matching],
+                 budget: float):
+    least = relative_flops(analysis, costs, widths, matchings)
     raise PleasccError(f"budget {budget:g} is below the {least:.2f} of one model's FLOPs that merging units "
                        f"reaches here (each group down to {MIN_SHARE:.3g} of its units; heads and fixed spaces "
                        f"keep theirs): pass --budget {math.ceil(least * 100) / 100:g} or more")
 
 
-def relative_flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int]) -> float:
-    return flops(analysis, costs, widths) / base_flops(analysis, costs)
+def relative_flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int],
+                   matchings: dict[int, Matching]) -> float:
+    return flops(analysis, costs, widths, matchings) / base_flops(analysis, costs)
 
 
 def uniform_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
@@ -199,13 +233,13 @@ def uniform_widths(analysis: Analysis, matchings: dict[int, Matching], costs: li
                 for root, m in matchings.items()}
 
     limit, low, high = budget * base_flops(analysis, costs), 0.0, 1.0
-    if budget < 1.0 and flops(analysis, costs, at(0.0)) > limit * (1 + 1e-12):
+    if budget < 1.0 and flops(analysis, costs, at(0.0), matchings) > limit * (1 + 1e-12):
         return _narrow_uniformly(analysis, matchings, costs, budget)
-    if flops(analysis, costs, at(high)) <= limit * (1 + 1e-12):
+    if flops(analysis, costs, at(high), matchings) <= limit * (1 + 1e-12):
         return at(high)
     for _ in range(30):  # bisection on the share
         mid = (low + high) / 2
-        low, high = (mid, high) if flops(analysis, costs, at(mid)) <= limit * (1 + 1e-12) else (low, mid)
+        low, high = (mid, high) if flops(analysis, costs, at(mid), matchings) <= limit * (1 + 1e-12) else (low, mid)
     return at(low)
 
 
@@ -219,11 +253,11 @@ def _narrow_uniformly(analysis: Analysis, matchings: dict[int, Matching], costs:
                 for root, m in matchings.items()}
 
     limit, low, high = budget * base_flops(analysis, costs) * (1 + 1e-12), 0.0, 1.0
-    if flops(analysis, costs, at(high)) > limit:
-        _unreachable(analysis, costs, at(high), budget)
+    if flops(analysis, costs, at(high), matchings) > limit:
+        _unreachable(analysis, costs, at(high), matchings, budget)
     for _ in range(30):
         mid = (low + high) / 2
-        low, high = (low, mid) if flops(analysis, costs, at(mid)) <= limit else (mid, high)
+        low, high = (low, mid) if flops(analysis, costs, at(mid), matchings) <= limit else (mid, high)
     return at(high)
 
 
@@ -233,7 +267,7 @@ def stage_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list
     Below one model's FLOPs, as ``uniform``: no space is kept apart."""
     limit = budget * base_flops(analysis, costs) * (1 + 1e-12)
     widths = {root: m.n for root, m in matchings.items()}
-    if budget < 1.0 and flops(analysis, costs, widths) > limit:
+    if budget < 1.0 and flops(analysis, costs, widths, matchings) > limit:
         return _narrow_uniformly(analysis, matchings, costs, budget)
     for root in sorted(widths, key=_depths(analysis).get, reverse=True):
         if root in analysis.table.keep_width:
@@ -241,7 +275,7 @@ def stage_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list
         m = matchings[root]
         full = m.n + len(m.corr) * m.split_width
         widths[root] = next((w for w in range(full, widths[root], -m.split_width)  # the widest that fits
-                             if flops(analysis, costs, {**widths, root: w}) <= limit), widths[root])
+                             if flops(analysis, costs, {**widths, root: w}, matchings) <= limit), widths[root])
         if widths[root] < full:
             return widths
     return widths

@@ -130,23 +130,26 @@ def _block_module(gm: fx.GraphModule, node: fx.Node, layer: Layer, params: State
 class ViewwiseNorm(nn.Module):
     """A LayerNorm/RMSNorm over a merged axis, taken over each model's units apart.
 
-    Model A's view is the units A feeds (merged and A-only), B's likewise, and
-    so on; each is normalized as its own model would, and a merged unit gets
-    the mean of its models' normalizations (``back``: per model, each unit's
-    place in its view, or in its first model's where it feeds none: exact where
-    every unit is fed by one model or by all).  At full merging it is the plain
-    norm; with nothing merged, the models' norms side by side.
+    Model A's view is the units A feeds, B's likewise, and so on; each is
+    normalized as its own model would, and a merged unit gets the mean of the
+    normalizations of the models that feed it (``back``: per model, each
+    unit's place in its view, any place where it feeds none; ``share``: 1 ÷
+    the models feeding the unit where this one does, else 0).  At full
+    merging it is the plain norm; with nothing merged, the models' norms side
+    by side.
     """
 
-    def __init__(self, kind: str, eps: float | None, views: tuple[torch.Tensor, ...],
-                 back: tuple[torch.Tensor, ...]) -> None:
+    def __init__(self, kind: str, eps: float | None, fed: list[torch.Tensor]) -> None:
         super().__init__()
         self.kind, self.eps = kind, eps
-        self.names = [model_name(m).lower() for m in range(len(views))]
-        for name, view in zip(self.names, views):
-            self.register_buffer(f"view_{name}", view)
-        for name, places in zip(self.names, back):
-            self.register_buffer(f"back_{name}", places)
+        self.names = [model_name(m).lower() for m in range(len(fed))]
+        sizes = [int(f.sum()) for f in fed]
+        starts = torch.cumsum(torch.tensor([0, *sizes[:-1]]), 0)
+        count = functools.reduce(operator.add, (f.double() for f in fed)).clamp(min=1)
+        for name, f, start in zip(self.names, fed, starts):
+            self.register_buffer(f"view_{name}", f.nonzero().flatten())
+            self.register_buffer(f"back_{name}", torch.where(f, torch.cumsum(f, 0) - 1 + start, 0))
+            self.register_buffer(f"share_{name}", (f / count).float())
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         outs = []
@@ -159,24 +162,17 @@ class ViewwiseNorm(nn.Module):
                 b = bias.index_select(0, view) if bias is not None else None
                 outs.append(F.layer_norm(x.index_select(-1, view), shape, w, b, self.eps))
         y = torch.cat(outs, -1)
-        backs = (y.index_select(-1, getattr(self, f"back_{name}")) for name in self.names)
-        return functools.reduce(operator.add, backs) * (1 / len(self.names))
+        return functools.reduce(operator.add, (y.index_select(-1, getattr(self, f"back_{name}"))
+                                               * getattr(self, f"share_{name}") for name in self.names))
 
 
 def _split_feature_norm(gm: fx.GraphModule, node: fx.Node, norm: FeatureNorm, maps: MergeMaps) -> None:
-    """Replace a norm whose axis holds units of one model only by its ``ViewwiseNorm``."""
+    """Replace a norm whose axis holds units some model does not feed by its ``ViewwiseNorm``."""
     fed = [maps.participation(norm.dim, m) > 0 for m in range(maps.models)]
     if bool(functools.reduce(operator.and_, fed).all()):
         return
-    views = [f.nonzero().flatten() for f in fed]
-    starts = torch.cumsum(torch.tensor([0, *map(len, views[:-1])]), 0)
-    places = [torch.cumsum(f, 0) - 1 + start for f, start in zip(fed, starts)]  # in cat(A's view, B's, …)
-    first = places[-1]
-    for f, place in zip(reversed(fed), reversed(places)):
-        first = torch.where(f, place, first)  # each unit's place in its first model's view
-    back = [torch.where(f, place, first) for f, place in zip(fed, places)]  # a model feeding none reads the first's
     name = f"{node.name}_viewwise"
-    gm.add_submodule(name, ViewwiseNorm(norm.kind, norm.eps, tuple(views), tuple(back)))
+    gm.add_submodule(name, ViewwiseNorm(norm.kind, norm.eps, fed))
     graph = gm.graph
     with graph.inserting_before(node):
         params = [graph.get_attr(p) if p is not None else None for p in (norm.weight, norm.bias)]

@@ -45,6 +45,16 @@ class Matching:
         """The least width ``selections`` gives: a share ``MIN_SHARE`` of n where it ``narrows``, else n."""
         return max(1, math.ceil(self.n * MIN_SHARE)) if self.narrows else self.n
 
+    def fed_by(self, width: int) -> dict[int, int]:
+        """How many merged units each set of models feeds at ``width`` (a set is a bit mask: model k is bit k),
+        what a layer's cost is counted from (``budget.cost_of``).  Here every unit is fed by every model or by
+        one: pairs merged or kept apart (ZipIt!'s count, as if it zipped across models only)."""
+        everyone = (1 << self.models) - 1
+        if width <= self.n:
+            return {everyone: width}
+        merged = (self.models * self.n - width) // (self.models - 1)
+        return {everyone: merged, **{1 << model: self.n - merged for model in range(self.models)}}
+
     def selections(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_A, P_B) at ``width``: the best pairs merged, the rest kept apart; below n, every pair merged and
         the pairs merged into ``width`` clusters (``pair_merges``)."""

@@ -82,15 +82,14 @@ class SpaceTable:
                 return self.resolve(self._definition[root])
             return Atom(root)
         kind = type(dim)
-        children = getattr(dim, "parts" if kind is Cat else "factors")
         flat: list[Dim] = []
-        for child in children:
+        for child in children(dim):
             child = self.resolve(child)
             if kind is Prod and self.size(child) == 1 and self.is_fixed(child):
                 continue  # a broadcast axis; size-1 pieces of a split axis may still widen
-            flat.extend(_children(child) if type(child) is kind else [child])
+            flat.extend(children(child) if type(child) is kind else [child])
         if not flat:  # a product of size-1 axes
-            return self.resolve(children[0])
+            return self.resolve(children(dim)[0])
         return flat[0] if len(flat) == 1 else kind(tuple(flat))
 
     def size(self, dim: Dim, widths: dict[int, int] | None = None) -> int:
@@ -98,7 +97,7 @@ class SpaceTable:
         dim = self.resolve(dim)
         if isinstance(dim, Atom):
             return widths.get(dim.id, self._size[dim.id]) if widths else self._size[dim.id]
-        sizes = [self.size(c, widths) for c in _children(dim)]
+        sizes = [self.size(c, widths) for c in children(dim)]
         if isinstance(dim, Cat):
             return sum(sizes)
         out = 1
@@ -112,7 +111,7 @@ class SpaceTable:
         if isinstance(dim, Atom):
             yield dim
         else:
-            for child in _children(dim):
+            for child in children(dim):
                 yield from self.atoms(child)
 
     def fix(self, dim: Dim, reason: str) -> None:
@@ -238,7 +237,7 @@ class SpaceTable:
         if isinstance(dim, Atom):
             return f"s{dim.id}[{self._size[dim.id]}]" + ("!" if dim.id in self.fixed else "")
         sep = " | " if isinstance(dim, Cat) else " x "
-        return "(" + sep.join(self.describe(c) for c in _children(dim)) + ")"
+        return "(" + sep.join(self.describe(c) for c in children(dim)) + ")"
 
     def apply(
         self,
@@ -283,7 +282,7 @@ class SpaceTable:
         dim = self.resolve(dim)
         if isinstance(dim, Atom):
             return dim.id in perms
-        return any(self.permutes(c, perms) for c in _children(dim))
+        return any(self.permutes(c, perms) for c in children(dim))
 
     def index(self, dim: Dim, perms: dict[int, torch.Tensor]) -> torch.Tensor:
         """The gather index that permutes an axis laid out as ``dim``.
@@ -294,7 +293,7 @@ class SpaceTable:
         dim = self.resolve(dim)
         if isinstance(dim, Atom):
             return perms.get(dim.id, torch.arange(self._size[dim.id]))
-        parts = [self.index(c, perms) for c in _children(dim)]
+        parts = [self.index(c, perms) for c in children(dim)]
         if isinstance(dim, Cat):
             offsets, out = 0, []
             for p in parts:
@@ -317,5 +316,5 @@ def _per_unit(x: torch.Tensor, outer_axis: int | None, axis: int, m: torch.Tenso
     return torch.movedim(y, (-2, -1), (outer_axis, axis))
 
 
-def _children(dim: Dim) -> tuple:
+def children(dim: Dim) -> tuple:
     return dim.parts if isinstance(dim, Cat) else dim.factors

@@ -6,9 +6,10 @@ Model A is the reference: every other model is matched to it as a pair is
 and its weights are permuted by that matching (``alignment``), which leaves
 its function unchanged.  Once aligned, the N models share one layout: unit k
 of every model is a tuple (``aligned_matchings``), merged whole at budget
-1.0, kept apart whole where the budget allows more (the least coherent
-first), and merged with other tuples below 1.0; least squares then fits
-each layer to the mean of the N models' outputs.
+1.0, losing members where the budget allows more (those least correlated
+with their A unit first: clusters of 1 to N units), and merged with other
+tuples below 1.0; least squares then fits each layer to the mean of its
+cluster's models' outputs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from pleascc.passes.aligned_matching import Tuples, tuples
+from pleascc.passes.aligned_matching import Tuples, tuples, tuples_of
 from pleascc.passes.groups import Analysis, permute_state
 from pleascc.passes.match import Matching
 
@@ -69,8 +70,7 @@ def aligned_matchings(analysis: Analysis, pairs: list[dict[int, Matching]], perm
         if found and all(m.within is None for m in found):
             out[root] = tuples(found, [perm[root] for perm in perms])
         else:
-            n = analysis.root_size(root)
-            out[root] = Tuples(torch.arange(n), torch.arange(n), torch.zeros(n, dtype=torch.float64), models=models)
+            out[root] = tuples_of(torch.zeros(models - 1, analysis.root_size(root), dtype=torch.float64))
     return out
 
 

@@ -462,9 +462,8 @@ def _separate_labels(labels: str | None, heads: list[Layer], states) -> bool:
 
 def _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings, **settings) -> dict:
     groups = []
-    models = settings["models"]
     for root, m in matchings.items():
-        merged_pairs = min(m.n, (models * m.n - widths[root]) // (models - 1))  # below n, all, in fewer clusters
+        merged_pairs = len(m.corr) - max(0, widths[root] - m.n) // m.split_width  # the merges not undone
         groups.append({
             "group": root, "size": m.n, "width": widths[root], "merged_pairs": merged_pairs,
             "merged_corr_mean": float(m.corr[:merged_pairs].mean()) if merged_pairs else None,
@@ -475,8 +474,8 @@ def _report(analysis, model_a, merged, matchings, widths, costs, residuals, timi
     return {
         **settings,
         "flops_a": base_flops, "flops_b": base_flops,
-        "flops_merged": budget_pass.flops(analysis, costs, widths),
-        "relative_flops": budget_pass.relative_flops(analysis, costs, widths),
+        "flops_merged": budget_pass.flops(analysis, costs, widths, matchings),
+        "relative_flops": budget_pass.relative_flops(analysis, costs, widths, matchings),
         "params_a": params, "params_b": params,
         "params_merged": sum(p.numel() for p in merged.parameters()),
         "coverage": coverage(analysis, model_a),

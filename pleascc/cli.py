@@ -312,7 +312,7 @@ def summary(report: dict) -> str:
     """A short human-readable account of a merge."""
     groups = report["groups"]
     merged = sum(g["merged_pairs"] for g in groups)
-    units = sum(g["size"] for g in groups)
+    units = sum(len(g["corr"]) for g in groups)
     lines = [
         f"method {report['method']}, budget {report['budget']}: {report['relative_flops']:.3f}x the FLOPs of one "
         f"model, {report['params_merged']:,} parameters (one model: {report['params_a']:,})",

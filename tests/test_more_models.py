@@ -12,6 +12,7 @@ import pleascc
 from pleascc.cli import main
 from pleascc.demo import digits_cnn
 from pleascc.export import onnx_predict
+from pleascc.passes.aligned_matching import tuples_of
 from pleascc.passes.match import zip_units
 from pleascc.verify import permuted_copy
 
@@ -81,20 +82,40 @@ def test_grouped_query_heads_pair_their_queries_per_kv_head():
 @pytest.mark.parametrize("method, budget", [("pleas", 0.5), ("pleas", 2.0), ("zipit", 0.5), ("zipit", 1.0),
                                             ("zipit", 2.0)])
 def test_three_models_merge_into_any_budget(method, budget, tmp_path):
-    """Below 1.0 the tuples of aligned units merge into clusters, above it the least coherent are kept apart;
-    ZipIt! zips all three models' units at once: the merged model costs the budget (within a step of the
-    width search) and runs through ONNX Runtime."""
+    """Below 1.0 the tuples of aligned units merge into clusters, above it their members least correlated with A's
+    unit are kept apart; ZipIt! zips all three models' units at once: the merged model costs the budget (within a
+    step of the width search) and runs through ONNX Runtime."""
     models = [_digits(seed)[0] for seed in range(3)]
     torch.manual_seed(0)
     x, x_test = torch.randn(300, 1, 8, 8), torch.randn(8, 1, 8, 8)
     result = pleascc.merge(models, x, budget=budget, method=method, progress=False)
     assert budget - 0.1 < result.report["relative_flops"] <= budget + 1e-9
-    if method == "pleas":  # tuples of 3: 2 units wider each one kept apart
-        assert all(g["width"] <= g["size"] if budget < 1 else (g["width"] - g["size"]) % 2 == 0
-                   for g in result.report["groups"])
+    assert all(g["width"] <= g["size"] if budget < 1 else g["width"] >= g["size"] for g in result.report["groups"])
     (got,) = predict_through_onnx(result.model, x_test, tmp_path)
     with torch.no_grad():
         assert relative_error(got, result.model(x_test)) < 1e-4
+
+
+def test_tuples_keep_apart_the_members_least_correlated_with_their_a_unit():
+    """Three aligned models, four tuples: each unit wider keeps one member apart, the least correlated first, so a
+    tuple becomes a cluster of 2 units and then of 1; a selection row is a cluster, and the cost model counts which
+    models feed each."""
+    correlations = torch.tensor([[0.9, 0.2, 0.8, 0.7],    # model 1's member of A's units 0 … 3
+                                 [0.6, 0.5, 0.1, 0.95]],  # model 2's
+                                dtype=torch.float64)
+    m = tuples_of(correlations)
+    assert m.split_width == 1 and len(m.corr) == 8
+
+    def clusters(width: int) -> list[set]:
+        rows = torch.stack(m.selections(width), 1)  # width × models × units
+        return [{(model, unit) for model, unit in row.nonzero().tolist()} for row in rows]
+
+    assert clusters(4) == [{(0, u), (1, u), (2, u)} for u in range(4)]
+    assert clusters(5)[2] == {(0, 2), (1, 2)} and clusters(5)[4] == {(2, 2)}  # 0.1: model 2 leaves unit 2's tuple
+    assert clusters(6)[1] == {(0, 1), (2, 1)} and clusters(6)[4] == {(1, 1)}  # 0.2: model 1 leaves unit 1's
+    assert m.fed_by(6) == {0b111: 2, 0b101: 1, 0b011: 1, 0b010: 1, 0b100: 1}
+    assert clusters(12) == [{(model, u)} for model in range(3) for u in range(4)]
+    assert m.fed_by(12) == {0b001: 4, 0b010: 4, 0b100: 4}
 
 
 def test_zipit_zips_three_transformers(tmp_path):
@@ -168,3 +189,30 @@ def test_three_checkpoints_merge_from_the_command_line(files, tmp_path):
                  "--labels", "separate", "-o", str(out), "--report", str(report), "--no-progress"]) == 0
     assert json.loads(report.read_text())["onnx"]["outputs"] == ["logits_0", "logits_1", "logits_2"]
     assert len(onnx_predict(str(out), torch.randn(2, 1, 8, 8))) == 3
+
+
+def _mac_count(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of the linear layers a model runs, counted by PyTorch as it runs them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("models, budget", [(3, 1.5), (3, 2.0), (3, 2.6), (4, 1.25), (4, 3.0)])
+def test_the_merged_model_runs_the_flops_the_budget_counted(models, budget):
+    """The width search's cost model against the emitted graph: the merged MLP's multiply-accumulates, counted as
+    it runs, are the report's share of one model's, whatever clusters the budget made."""
+    def mlp(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, 24), torch.nn.ReLU(), torch.nn.Linear(24, 24), torch.nn.ReLU(),
+                                   torch.nn.Linear(24, 3)).eval()
+
+    nets = [mlp(seed) for seed in range(models)]
+    torch.manual_seed(0)
+    x = torch.randn(400, 6)
+    result = pleascc.merge(nets, x, budget=budget, progress=False)
+    counted = _mac_count(result.model, x[:8]) / _mac_count(nets[0], x[:8])
+    assert counted == pytest.approx(result.report["relative_flops"], rel=1e-9)
+    assert budget - 0.1 < counted <= budget + 1e-9

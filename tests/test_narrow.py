@@ -9,6 +9,7 @@ import pleascc
 from pleascc.cli import main
 from pleascc.passes import budget as budget_pass
 from pleascc.passes.groups import analyze
+from pleascc.passes.match import identity
 from pleascc.trace import trace
 from pleascc.verify import permuted_copy
 
@@ -52,8 +53,9 @@ def halved_budget(model: nn.Module, x: torch.Tensor) -> float:
     """One model's FLOPs with every free space at half its units, as a share of its own."""
     analysis = analyze(trace(model), (x[:2],))
     costs = budget_pass.layer_costs(analysis, set())
-    widths = {root: analysis.root_size(root) // 2 for root in analysis.free_roots()}
-    return budget_pass.relative_flops(analysis, costs, widths)
+    matchings = {root: identity(torch.eye(analysis.root_size(root))) for root in analysis.free_roots()}
+    widths = {root: m.n // 2 for root, m in matchings.items()}
+    return budget_pass.relative_flops(analysis, costs, widths, matchings)
 
 
 CASES = {"mlp": (duplicated_mlp, lambda n: torch.randn(n, 8)),

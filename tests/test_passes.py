@@ -8,6 +8,7 @@ from torch.overrides import TorchFunctionMode
 
 from pleascc.passes import budget as budget_pass
 from pleascc.passes.batching import FIRST_BATCH, batches
+from pleascc.passes.emit import ViewwiseNorm
 from pleascc.passes.gram import GramSum, mirror_upper
 from pleascc.passes.groups import analyze, permutation_groups
 from pleascc.passes.layers import ConvLayer, Layer, LinearLayer, NormLayer
@@ -163,7 +164,7 @@ def test_budget_endpoints_and_monotonicity(search):
     matchings = {root: hungarian(corr) for root in analysis.free_roots()}
     costs = budget_pass.layer_costs(analysis, set())
     widths = [budget_pass.WIDTHS[search](analysis, matchings, costs, b) for b in (1.0, 1.3, 1.6, 2.0)]
-    flops = [budget_pass.relative_flops(analysis, costs, w) for w in widths]
+    flops = [budget_pass.relative_flops(analysis, costs, w, matchings) for w in widths]
     assert flops[0] == 1.0 and flops[-1] == 2.0
     assert all(f <= b + 1e-9 for f, b in zip(flops, (1.0, 1.3, 1.6, 2.0)))
     assert flops == sorted(flops)
@@ -180,7 +181,7 @@ def test_uniform_widths_share_one_ratio_and_stages_keep_the_deepest_apart_first(
     assert uniform[first] == uniform[second] > 16
     stages = budget_pass.stage_widths(analysis, matchings, costs, 1.4)
     assert stages[first] == 16 and stages[second] > 16
-    assert budget_pass.relative_flops(analysis, costs, stages) <= 1.4 + 1e-9
+    assert budget_pass.relative_flops(analysis, costs, stages, matchings) <= 1.4 + 1e-9
 
 
 def test_least_squares_recovers_a_linear_map_from_the_warm_start():
@@ -795,3 +796,22 @@ def test_passes_import_nothing_from_the_driver():
             if parts[0] == "pleascc" and (len(parts) == 1 or parts[1] != "passes"):
                 found.append(f"{path.relative_to(root)}: {module}")
     assert found == []
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_a_viewwise_norm_gives_each_unit_the_mean_of_its_models_norms(kind):
+    """Units fed by any set of three models (a merged tuple, clusters of two, units of one): each model normalizes
+    the units it feeds as its own model would, and a unit is the mean over the models that feed it."""
+    fed = [torch.tensor(f, dtype=torch.bool) for f in ([1, 1, 1, 0, 0, 1], [1, 1, 0, 1, 0, 0], [1, 0, 1, 0, 1, 0])]
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(5, 6), torch.randn(6), torch.randn(6)
+    want = torch.zeros(5, 6)
+    for f in fed:
+        view = f.nonzero().flatten()
+        if kind == "rms":
+            own = F.rms_norm(x[:, view], (len(view),), weight[view], 1e-5)
+        else:
+            own = F.layer_norm(x[:, view], (len(view),), weight[view], bias[view], 1e-5)
+        want[:, view] += own / sum(g.float() for g in fed)[view]
+    got = ViewwiseNorm(kind, 1e-5, fed)(x, weight, None if kind == "rms" else bias)
+    torch.testing.assert_close(got, want)
