@@ -34,9 +34,9 @@ def match_features(analysis: Analysis, correlations: dict, states, matcher: str,
     matchings = match_all(scores, sizes, "identity" if matcher == "identity" else "hungarian")
     if matcher == "identity":
         return matchings
-    done = _match_products(analysis, correlations, sizes, matchings)
+    _match_products(analysis, correlations, sizes, matchings)
     if matcher == "zipit":
-        matchings.update(zip_spaces(analysis, joints, done, zip_options))
+        matchings.update(zip_spaces(analysis, joints, jointly_matched(analysis, correlations), zip_options))
     return matchings
 
 
@@ -56,8 +56,8 @@ def jointly_matched(analysis: Analysis, correlations: dict) -> set[int]:
             | set(analysis.per_head) | set(analysis.per_head.values()))
 
 
-def _match_products(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> set[int]:
-    """Product axes (heads × head dim): their factors are matched jointly; returns the spaces matched so."""
+def _match_products(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> None:
+    """Product axes (heads × head dim): their factors are matched jointly."""
     done = _match_heads(analysis, correlations, sizes, matchings)
     for key, corr in correlations.items():
         if isinstance(key, tuple) and not set(key) <= done:
@@ -68,7 +68,6 @@ def _match_products(analysis: Analysis, correlations: dict, sizes: dict, matchin
                     matchings[root] = m
             done.update(r for r in key if r in sizes)
     _match_grouped_heads(analysis, correlations, sizes, matchings)
-    return done
 
 
 def _match_grouped_heads(analysis: Analysis, correlations: dict, sizes: dict, matchings: dict) -> None:

@@ -169,7 +169,9 @@ def draw_report(report: dict, path: str) -> None:
     index = range(len(groups))
     axes[0].bar(index, [g["width"] for g in groups], color="tab:blue", label="merged width")
     axes[0].plot(index, [g["size"] for g in groups], "k_", markersize=12, label="one model (1.0)")
-    axes[0].plot(index, [2 * g["size"] for g in groups], "r_", markersize=12, label="side by side (2.0)")
+    models = report["models"]
+    axes[0].plot(index, [models * g["size"] for g in groups], "r_", markersize=12,
+                 label=f"side by side ({models:.1f})")
     axes[0].set(xlabel="group", ylabel="units", title=f"widths at budget {report['budget']} "
                                                         f"({report['relative_flops']:.3f}× FLOPs)")
     axes[0].legend(fontsize=7)
