@@ -34,11 +34,6 @@ class Tuples(Matching):
     members: torch.Tensor | None = None  # (N − 1)·n × 2, in the order of ``corr``
     _fed: dict = field(default_factory=dict, repr=False)  # width -> ``fed_by``'s count
 
-    @property
-    def split_width(self) -> int:
-        """Each member kept apart adds one unit."""
-        return 1
-
     def apart(self, width: int) -> torch.Tensor:
         """models × n: whether model k's unit is kept apart from its tuple at ``width`` ≥ n (A's never are)."""
         out = torch.zeros(self.models, self.n, dtype=torch.bool)

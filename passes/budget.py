@@ -142,12 +142,11 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
     while True:
         best, best_score, best_delta, best_step = None, -1.0, 0, 0
         for root, m in matchings.items():
-            unmerged = (widths[root] - m.n) // m.split_width  # pairs (or merges) already undone, worst first
-            left = len(m.corr) - unmerged
+            left = len(m.corr) - (widths[root] - m.n)  # merges not undone: one unit each, worst last
             step = 0 if root in table.keep_width else min(steps[root], left)
             if step <= 0:
                 continue
-            trial = {**widths, root: widths[root] + step * m.split_width}
+            trial = {**widths, root: widths[root] + step}
             delta = _added(analysis, touching[root], trial, widths, matchings)
             if current + delta > limit * (1 + 1e-12):
                 continue
@@ -157,7 +156,7 @@ def choose_widths(analysis: Analysis, matchings: dict[int, Matching], costs: lis
                 best, best_score, best_delta, best_step = root, score, delta, step
         if best is None:
             return widths
-        widths[best] += best_step * matchings[best].split_width
+        widths[best] += best_step
         current += best_delta
 
 
@@ -226,10 +225,10 @@ def relative_flops(analysis: Analysis, costs: list[Cost], widths: dict[int, int]
 
 def uniform_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list[Cost],
                    budget: float) -> dict[int, int]:
-    """The largest share r of every space's pairs kept apart (width n + ⌊r·n⌋ · ``split_width``) within budget;
+    """The largest share r of every space's merges undone (width n + ⌊r·len(corr)⌋) within budget;
     below one model's FLOPs, the least share of every space's pairs merged into clusters (``_narrow_uniformly``)."""
     def at(share: float) -> dict[int, int]:
-        return {root: m.n + (0 if root in analysis.table.keep_width else int(share * len(m.corr)) * m.split_width)
+        return {root: m.n + (0 if root in analysis.table.keep_width else int(share * len(m.corr)))
                 for root, m in matchings.items()}
 
     limit, low, high = budget * base_flops(analysis, costs), 0.0, 1.0
@@ -273,8 +272,8 @@ def stage_widths(analysis: Analysis, matchings: dict[int, Matching], costs: list
         if root in analysis.table.keep_width:
             continue
         m = matchings[root]
-        full = m.n + len(m.corr) * m.split_width
-        widths[root] = next((w for w in range(full, widths[root], -m.split_width)  # the widest that fits
+        full = m.n + len(m.corr)
+        widths[root] = next((w for w in range(full, widths[root], -1)  # the widest that fits
                              if flops(analysis, costs, {**widths, root: w}, matchings) <= limit), widths[root])
         if widths[root] < full:
             return widths

@@ -15,7 +15,11 @@ from pleascc.passes.merge_maps import selections_from_clusters, selections_from_
 
 @dataclass
 class Matching:
-    """A full pairing of one space's units, sorted by correlation (best first)."""
+    """A full pairing of one space's units, sorted by correlation (best first).
+
+    Every matching's ``corr`` lists, best first, the merges the width search
+    may undo above width n, each one unit wider: here a pair kept apart.
+    """
 
     pairs_a: torch.Tensor
     pairs_b: torch.Tensor
@@ -28,12 +32,6 @@ class Matching:
     @property
     def n(self) -> int:
         return len(self.pairs_a)
-
-    @property
-    def split_width(self) -> int:
-        """Units one un-merge adds (the width search's step, one per ``corr`` entry): a pair, or a tuple of
-        every model's unit (``aligned_matching``), kept apart adds models − 1."""
-        return self.models - 1
 
     @property
     def narrows(self) -> bool:
@@ -94,11 +92,6 @@ class Zipping(Matching):
     @property
     def narrows(self) -> bool:
         return True
-
-    @property
-    def split_width(self) -> int:
-        """Each merge undone adds one unit."""
-        return 1
 
     def selections(self, width: int) -> tuple[torch.Tensor, ...]:
         """Zipped to ``width`` (from n up); below n, zipped to n and those clusters merged further

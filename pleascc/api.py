@@ -463,7 +463,7 @@ def _separate_labels(labels: str | None, heads: list[Layer], states) -> bool:
 def _report(analysis, model_a, merged, matchings, widths, costs, residuals, timings, **settings) -> dict:
     groups = []
     for root, m in matchings.items():
-        merged_pairs = len(m.corr) - max(0, widths[root] - m.n) // m.split_width  # the merges not undone
+        merged_pairs = len(m.corr) - max(0, widths[root] - m.n)  # the merges not undone
         groups.append({
             "group": root, "size": m.n, "width": widths[root], "merged_pairs": merged_pairs,
             "merged_corr_mean": float(m.corr[:merged_pairs].mean()) if merged_pairs else None,
