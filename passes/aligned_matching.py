@@ -47,13 +47,10 @@ class Tuples(Matching):
             return super().fed_by(width)
         if width not in self._fed:
             apart = self.apart(width)
-            bits = (1 << torch.arange(self.models))[:, None]
-            clusters = torch.bincount((bits * ~apart).sum(0), minlength=1 << self.models)
-            fed = {pattern: int(count) for pattern, count in enumerate(clusters.tolist()) if count}
-            for model in range(1, self.models):
-                if apart[model].any():
-                    fed[1 << model] = fed.get(1 << model, 0) + int(apart[model].sum())
-            self._fed[width] = fed
+            bits = (1 << torch.arange(self.models))[:, None].expand_as(apart)
+            patterns = torch.cat([(bits * ~apart).sum(0), bits[apart]])  # each tuple's cluster, each member apart
+            counts = torch.bincount(patterns, minlength=1 << self.models).tolist()
+            self._fed[width] = {pattern: count for pattern, count in enumerate(counts) if count}
         return self._fed[width]
 
     def selections(self, width: int) -> tuple[torch.Tensor, ...]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 from pleascc.passes.errors import PleasccError
@@ -95,18 +96,14 @@ def fed_by(analysis: Analysis, dim: Dim, widths: dict[int, int], matchings: dict
         if dim.id in widths:
             return matchings[dim.id].fed_by(widths[dim.id])
         return {(1 << models) - 1: table.size(dim)}
-    parts = [fed_by(analysis, part, widths, matchings, models) for part in children(dim)]
-    out: dict[int, int] = {}
+    parts = [Counter(fed_by(analysis, part, widths, matchings, models)) for part in children(dim)]
     if isinstance(dim, Cat):
-        for part in parts:
-            for fed, count in part.items():
-                out[fed] = out.get(fed, 0) + count
-        return out
+        return sum(parts, Counter())
     out = parts[0]
     for part in parts[1:]:
-        product: dict[int, int] = {}
+        product: Counter[int] = Counter()
         for (fed, count), (other, times) in itertools.product(out.items(), part.items()):
-            product[fed & other] = product.get(fed & other, 0) + count * times
+            product[fed & other] += count * times
         out = product
     return out
 
